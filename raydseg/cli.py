@@ -1,0 +1,90 @@
+"""The `raydseg` console script: one subcommand per job, all sharing `--config FILE --set key=value`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from raydseg.config import ConfigError, load_config
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set cluster.k=30 (repeatable)")
+
+
+def run_stages(argv: list[str] | None, stages: list[str] | None, prog: str, description: str) -> int:
+    """Parse config flags, run `stages` (None = all) through the pipeline; exit code 0 on success."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from raydseg.pipeline import run_pipeline
+
+    result = run_pipeline(cfg, stages=stages)
+    print(f"MLflow parent run: {result.parent_run_id}")
+    print(f"outputs: {result.run_root}")
+    return 0
+
+
+SUBCOMMANDS = {
+    # name: (module with main(argv) -> int, help)
+    "run": ("raydseg.cli:full_run", "run the whole pipeline (skips finished stages)"),
+    "stage": ("raydseg.cli:one_stage", "run one stage: raydseg stage NAME [--set ...]"),
+    "predict": ("raydseg.predict:main", "predict label images with a trained model"),
+    "prepare-data": ("jobs_prepare_data", "ingest a dataset into Frame parquet"),
+    "compare": ("jobs_compare_runs", "compare MLflow runs of an experiment"),
+}
+
+
+def full_run(argv: list[str] | None = None) -> int:
+    return run_stages(argv, None, "raydseg run", "Run the whole raydseg pipeline.")
+
+
+def one_stage(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if not argv or argv[0].startswith("-"):
+        print("usage: raydseg stage NAME [--config FILE] [--set key=value ...]", file=sys.stderr)
+        return 2
+    from raydseg.pipeline import STAGE_ORDER
+
+    if argv[0] not in STAGE_ORDER:
+        print(f"unknown stage '{argv[0]}' (stages: {', '.join(STAGE_ORDER)})", file=sys.stderr)
+        return 2
+    return run_stages(argv[1:], [argv[0]], f"raydseg stage {argv[0]}", f"Run stage {argv[0]}.")
+
+
+def _job(name: str):
+    """Jobs that live in jobs/*.py are importable as raydseg subcommands when the repo is the working tree."""
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "jobs" / f"{name}.py"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run from a source checkout")
+    return runpy.run_path(str(path))["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: raydseg {" + ",".join(SUBCOMMANDS) + "} ...\n")
+        for name, (_, text) in SUBCOMMANDS.items():
+            print(f"  {name:14s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    target, _ = SUBCOMMANDS[argv[0]]
+    if target.startswith("jobs_"):
+        fn = _job(target[len("jobs_"):])
+    else:
+        module, func = target.split(":")
+        fn = getattr(importlib.import_module(module), func)
+    return int(fn(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Stage registry and resume logic: run the stages in order under one MLflow parent run, skip finished ones.
+
+A stage is finished when its `_manifest.json` (written last) carries the same key as now: the hash of the
+config sections it depends on plus the hashes of its inputs' manifests. A stage folder without a manifest is
+an interrupted run: it resumes (finished parts are kept) when `_started.json` has the same key, and is
+cleared otherwise so that no stale output survives.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from raydseg import storage, tracking
+from raydseg.config import Config, dump_yaml
+from raydseg.data.schema import rejects_table
+
+STAGE_ORDER = ["ingest", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
+MANIFEST = "_manifest.json"
+STARTED = "_started.json"
+# driver environment that stage tasks on other nodes need too (no secrets: nodes use their instance profile)
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@dataclass
+class StageResult:
+    """What a stage reports: counts (frames, segments...), metrics (floats), rejects ({id, reason})."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    run_root: str
+    out_dir: str
+    tracking_uri: str
+    mlflow_run_id: str = ""
+    parent_run_id: str = ""
+
+    def stage_dir(self, name: str) -> str:
+        return storage.join(self.run_root, name)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # ran | skipped
+    seconds: float
+    counts: dict[str, int]
+    metrics: dict[str, float]
+    n_rejects: int
+
+
+def run_root(cfg: Config) -> str:
+    return storage.join(cfg.run.output_root, cfg.run.name)
+
+
+def available_stages() -> list[str]:
+    """Stages whose module exists, in pipeline order."""
+    return [s for s in STAGE_ORDER if importlib.util.find_spec(f"raydseg.stages.{s}") is not None]
+
+
+def load_stage(name: str) -> ModuleType:
+    if name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
+    return importlib.import_module(f"raydseg.stages.{name}")
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stage_key(cfg: Config, stage: ModuleType, root: str) -> dict[str, Any]:
+    """What decides whether a stage's output is still valid: its config sections + its inputs' manifests."""
+    inputs = {}
+    for name in stage.INPUTS:
+        path = storage.join(root, name, MANIFEST)
+        if not storage.exists(path):
+            raise RuntimeError(f"stage '{stage.NAME}' needs stage '{name}', which has not finished ({path} missing)")
+        inputs[name] = storage.read_json(path)["hash"]
+    config_hash = cfg.section_hash(*stage.CONFIG_SECTIONS) + f"-seed{cfg.run.seed}"
+    digest = hashlib.sha256(f"{config_hash}|{sorted(inputs.items())}".encode()).hexdigest()[:16]
+    return {"hash": digest, "config_hash": config_hash, "inputs": inputs}
+
+
+def read_manifest(stage_dir: str) -> dict | None:
+    path = storage.join(stage_dir, MANIFEST)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+def init_ray(cfg: Config) -> None:
+    """Join RAY_ADDRESS / run.ray_address when set (ray job submit), else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    ray.init(address=address, include_dashboard=False if address is None else None,
+             runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
+
+
+def run_stage(cfg: Config, name: str, root: str, uri: str, parent_run_id: str,
+              log: Callable[[str], None] = print) -> StageReport:
+    stage = load_stage(name)
+    out_dir = storage.join(root, name)
+    key = stage_key(cfg, stage, root)
+    manifest = read_manifest(out_dir)
+    if manifest and manifest["hash"] == key["hash"] and name not in cfg.run.force:
+        log(f"[{name}] skipped: finished output with matching manifest in {out_dir}")
+        return StageReport(name, "skipped", 0.0, manifest.get("counts", {}), manifest.get("metrics", {}),
+                           manifest.get("n_rejects", 0))
+    started_path = storage.join(out_dir, STARTED)
+    started = storage.read_json(started_path) if storage.exists(started_path) else None
+    if manifest or (started and started["hash"] != key["hash"]) or name in cfg.run.force:
+        log(f"[{name}] config or inputs changed: clearing {out_dir}")
+        storage.rmtree(out_dir)
+    elif started:
+        log(f"[{name}] resuming an interrupted run in {out_dir}")
+    storage.makedirs(out_dir)
+    storage.write_json(started_path, key)
+    log(f"[{name}] running ...")
+    t0 = time.time()
+    with tracking.child_run(name, parent_run_id) as child_id:
+        ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir, tracking_uri=uri, mlflow_run_id=child_id,
+                           parent_run_id=parent_run_id)
+        result: StageResult = stage.run(ctx)
+        seconds = time.time() - t0
+        storage.write_table(rejects_table(result.rejects), storage.join(out_dir, "rejects.parquet"))
+        tracking.log_metrics({**result.counts, **result.metrics, "rejects": len(result.rejects),
+                              "wall_s": seconds}, prefix=f"{name}/")
+    reasons: dict[str, int] = {}
+    for r in result.rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    storage.write_json(storage.join(out_dir, MANIFEST), {
+        **key, "stage": name, "counts": result.counts, "metrics": result.metrics,
+        "n_rejects": len(result.rejects), "reject_reasons": reasons, "wall_s": round(seconds, 3),
+        "code_version": code_version(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    log(f"[{name}] done in {seconds:.1f}s: {result.counts} rejects={len(result.rejects)}")
+    return StageReport(name, "ran", seconds, result.counts, result.metrics, len(result.rejects))
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    run_root: str
+    reports: list[StageReport]
+
+
+def run_pipeline(cfg: Config, stages: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> PipelineResult:
+    """Run `stages` (default: cfg.run.stages or all available) in pipeline order under one MLflow parent run."""
+    import mlflow
+
+    wanted = stages or cfg.run.stages or available_stages()
+    for s in wanted:
+        load_stage(s)  # fail fast on unknown names
+    wanted = [s for s in STAGE_ORDER if s in wanted]
+    root = run_root(cfg)
+    uri = tracking.setup(cfg)
+    init_ray(cfg)
+    storage.makedirs(root)
+    storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
+    reports = []
+    with mlflow.start_run(run_name=cfg.run.name) as parent:
+        tracking.log_params(cfg.flat())
+        mlflow.log_text(dump_yaml(cfg), "config.yaml")
+        mlflow.set_tag("raydseg.run_root", root)
+        log(f"MLflow parent run {parent.info.run_id} ({uri}); outputs in {root}")
+        for name in wanted:
+            reports.append(run_stage(cfg, name, root, uri, parent.info.run_id, log))
+            mlflow.set_tag(f"raydseg.{name}", reports[-1].status)
+    log(summary_table(reports))
+    return PipelineResult(parent.info.run_id, root, reports)
+
+
+def summary_table(reports: list[StageReport]) -> str:
+    rows = [("stage", "status", "time_s", "rejects", "counts / metrics")]
+    for r in reports:
+        shown = {**r.counts, **{k: round(v, 4) for k, v in r.metrics.items() if isinstance(v, float)}}
+        text = ", ".join(f"{k}={v}" for k, v in list(shown.items())[:8])
+        rows.append((r.name, r.status, f"{r.seconds:.1f}", str(r.n_rejects), text))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(row[i].ljust(widths[i]) for i in range(4)) + "  " + row[4] for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+import pytest
+
+from raydseg.config import ConfigError, apply_overrides, config_from_dict, load_config, Config
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(overrides=["cluster.k=12", "data.cameras=front,left", "student.ema_momentum=1",
+                                 "student.soft_targets=false", "run.name=abc"])
+    assert cfg.cluster.k == 12 and isinstance(cfg.cluster.k, int)
+    assert cfg.data.cameras == ["front", "left"]
+    assert cfg.student.ema_momentum == 1.0 and isinstance(cfg.student.ema_momentum, float)
+    assert cfg.student.soft_targets is False
+    assert cfg.run.name == "abc"
+
+
+def test_string_fields_keep_numeric_looking_text():
+    cfg = load_config(overrides=["run.name=0123"])
+    assert cfg.run.name == "0123"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cluster.kk=3", "unknown key 'cluster.kk'"),
+    ("nosection.k=3", "unknown config section 'nosection'"),
+    ("cluster.k=abc", "cluster.k: expected an integer"),
+    ("cluster.k=1.5", "cluster.k: expected an integer"),
+    ("student.ema=maybe", "student.ema: expected true/false"),
+    ("cluster.k", "not of the form section.key=value"),
+    ("k=3", "must be section.key"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_yaml_unknown_keys_and_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster:\n  k: 10\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'cluster.bogus'"):
+        load_config(bad)
+    bad.write_text("teacher:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match="teacher.steps: expected an integer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_then_overrides_and_round_trip(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("cluster:\n  k: 10\nrun:\n  name: fromyaml\n")
+    cfg = load_config(good, ["cluster.k=11"])
+    assert (cfg.cluster.k, cfg.run.name) == (11, "fromyaml")
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert cfg.flat()["cluster.k"] == 11
+
+
+def test_section_hash_changes_only_with_its_sections():
+    a, b = Config(), apply_overrides(Config(), ["cluster.k=7"])
+    assert a.section_hash("data", "synthetic") == b.section_hash("data", "synthetic")
+    assert a.section_hash("cluster") != b.section_hash("cluster")
+
+
+def test_shipped_configs_load():
+    import pathlib
+    for path in sorted(pathlib.Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,105 @@
+"""Ingest and the pipeline's resume logic on real Ray clusters, and jobs/full_run.py as a user runs it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydseg import storage
+from raydseg.config import load_config
+from raydseg.data.schema import table_to_frames, validate_frame
+from raydseg.pipeline import run_pipeline
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["synthetic.n_sequences=2", "synthetic.frames_per_sequence=3", "synthetic.width=160",
+        "synthetic.height=80", "synthetic.eval_images_per_condition=2", "data.frames_per_part=2"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(overrides=[*TINY, f"run.output_root={tmp_path / 'out'}", "run.stages=ingest",
+                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra])
+
+
+def test_ingest_on_two_node_cluster_writes_valid_frames_and_eval_splits(ray_two_nodes, tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    result = run_pipeline(cfg, log=lambda m: None)
+    frames_dir = storage.join(result.run_root, "ingest", "frames")
+    rows = table_to_frames(storage.read_table(frames_dir))
+    assert len(rows) == 6 and len({r["frame_id"] for r in rows}) == 6
+    assert all(validate_frame(r) is None for r in rows)
+    assert len(storage.listdir(frames_dir)) == 4  # 2 sequences x ceil(3 / 2) parts
+    manifest = storage.read_json(storage.join(result.run_root, "ingest", "_manifest.json"))
+    assert manifest["counts"]["frames"] == 6 and manifest["n_rejects"] == 0
+    for cond in ("day", "night", "fog"):
+        images = list(Path(result.run_root, "ingest", "eval", cond, "leftImg8bit", "val").rglob("*_leftImg8bit.png"))
+        assert len(images) == 2
+
+
+def test_interrupted_stage_resumes_only_unfinished_shards(ray_local, tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    first = run_pipeline(cfg, log=lambda m: None)
+    ingest_dir = Path(first.run_root, "ingest")
+    before = {p.name: p.read_bytes() for p in (ingest_dir / "frames").iterdir()}
+    # simulate a crash in the middle of the stage: shard 1 unfinished, no manifest yet
+    (ingest_dir / "_manifest.json").unlink()
+    (ingest_dir / "_shards" / "00001.json").unlink()
+    for p in (ingest_dir / "frames").glob("part-00001-*"):
+        p.unlink()
+    logs = []
+    second = run_pipeline(cfg, log=logs.append)
+    assert any("resuming an interrupted run" in m for m in logs)
+    report = second.reports[0]
+    assert report.status == "ran" and report.counts["shards_resumed"] == 1 and report.counts["frames"] == 6
+    after = {p.name: p.read_bytes() for p in (ingest_dir / "frames").iterdir()}
+    assert after.keys() == before.keys()
+    assert table_to_frames(storage.read_table(str(ingest_dir / "frames"))) is not None
+    # a change of config clears the stale output instead of mixing it in
+    third = run_pipeline(tiny_cfg(tmp_path, "synthetic.frames_per_sequence=2"), log=logs.append)
+    assert any("config or inputs changed" in m for m in logs)
+    assert third.reports[0].counts["frames"] == 4
+    assert len(list((ingest_dir / "frames").iterdir())) == 2
+
+
+def test_ingest_on_s3(ray_local, tmp_path, s3_bucket):
+    cfg = tiny_cfg(tmp_path, f"run.output_root=s3://{s3_bucket}/runs", "synthetic.n_sequences=1",
+                   "synthetic.eval_conditions=day")
+    result = run_pipeline(cfg, log=lambda m: None)
+    assert result.run_root == f"s3://{s3_bucket}/runs/default"
+    rows = table_to_frames(storage.read_table(storage.join(result.run_root, "ingest", "frames")))
+    assert len(rows) == 3
+    assert storage.read_json(storage.join(result.run_root, "ingest", "_manifest.json"))["counts"]["frames"] == 3
+
+
+def _full_run(tmp_path, tracking_uri, *extra):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS")
+    args = [sys.executable, str(REPO / "jobs" / "full_run.py"), *[a for o in TINY for a in ("--set", o)],
+            "--set", f"run.output_root={tmp_path / 'out'}", "--set", "run.stages=ingest", *extra]
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_full_run_twice_second_skips_ingest(tmp_path, mlflow_server):
+    import mlflow
+
+    first = _full_run(tmp_path, mlflow_server)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[ingest] done" in first.stdout and "MLflow parent run:" in first.stdout
+    second = _full_run(tmp_path, mlflow_server)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[ingest] skipped" in second.stdout
+    run_id = second.stdout.split("MLflow parent run:")[1].split()[0]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(run_id)
+    assert run.data.params["cluster.k"] == str(load_config().cluster.k)
+    assert run.data.tags["raydseg.ingest"] == "skipped"
+    first_id = first.stdout.split("MLflow parent run:")[1].split()[0]
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{first_id}'")
+    assert [c.data.metrics["ingest/frames"] for c in children] == [6.0]
+
+
+def test_full_run_rejects_bad_config_with_clear_message(tmp_path, mlflow_server):
+    bad = _full_run(tmp_path, mlflow_server, "--set", "cluster.k=many")
+    assert bad.returncode == 2 and "cluster.k: expected an integer" in bad.stderr

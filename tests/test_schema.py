@@ -1,0 +1,79 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydseg.data.schema import (FRAME_SCHEMA, decode_image, encode_png, frames_to_table, split_valid,
+                                 table_to_frames, validate_frame)
+
+
+def make_frame(frame_id="f/0", n=50, w=32, h=16, seed=0):
+    rng = np.random.default_rng(seed)
+    pts = rng.normal(size=(n, 4)).astype(np.float32)
+    img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    K = np.array([[20.0, 0, w / 2], [0, 20.0, h / 2], [0, 0, 1]])
+    T = np.eye(4)
+    T[:3, :3] = [[0, -1, 0], [0, 0, -1], [1, 0, 0]]  # LiDAR (x fwd, y left, z up) -> OpenCV camera
+    T[:3, 3] = [0.1, -0.2, 0.3]
+    sem = rng.integers(0, 19, size=(h, w), dtype=np.uint8)
+    inst = rng.integers(0, 1000, size=(h, w)).astype(np.uint16)
+    return {"frame_id": frame_id, "sequence": "s", "timestamp_us": 7, "points": pts,
+            "ring": rng.integers(0, 32, n).astype(np.uint8), "gt_label": None, "gt_instance": None,
+            "cameras": [{"name": "front", "image": encode_png(img), "width": w, "height": h, "K": K,
+                         "T_cam_lidar": T, "timestamp_us": 8, "gt_semantic": encode_png(sem),
+                         "gt_instance": encode_png(inst)}]}
+
+
+def test_round_trip_through_parquet_with_plain_pyarrow(tmp_path):
+    rows = [make_frame("a/1", seed=1), make_frame("a/2", n=3, seed=2)]
+    pq.write_table(frames_to_table(rows), tmp_path / "f.parquet")
+    table = pq.read_table(tmp_path / "f.parquet")
+    assert table.schema.equals(FRAME_SCHEMA)
+    assert table.column("points").type == pa.large_list(pa.float32())
+    assert table.column("n_points").to_pylist() == [50, 3]
+    back = table_to_frames(table)
+    for a, b in zip(rows, back):
+        np.testing.assert_array_equal(a["points"], b["points"])
+        np.testing.assert_array_equal(a["ring"], b["ring"])
+        assert b["gt_label"] is None
+        np.testing.assert_array_equal(a["cameras"][0]["K"], b["cameras"][0]["K"])
+        np.testing.assert_array_equal(a["cameras"][0]["T_cam_lidar"], b["cameras"][0]["T_cam_lidar"])
+        assert decode_image(b["cameras"][0]["gt_instance"]).dtype == np.uint16
+        np.testing.assert_array_equal(decode_image(a["cameras"][0]["gt_semantic"]),
+                                      decode_image(b["cameras"][0]["gt_semantic"]))
+
+
+def _broken(mutate):
+    row = make_frame()
+    mutate(row)
+    return row
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda r: r["points"].__setitem__((3, 1), np.nan), "NaN/inf"),
+    (lambda r: r["points"].__setitem__((4, 0), np.inf), "NaN/inf"),
+    (lambda r: r.__setitem__("points", np.zeros((10, 3), np.float32)), "expected (N, 4)"),
+    (lambda r: r.__setitem__("points", np.zeros((0, 4), np.float32)), "empty sweep"),
+    (lambda r: r["cameras"][0].__setitem__("image", b"\x89PNG garbage"), "undecodable image"),
+    (lambda r: r["cameras"][0].__setitem__("width", 31), "image size 32x16 != declared 31x16"),
+    (lambda r: r["cameras"][0].__setitem__("K", np.diag([-1.0, 1, 1])), "not a valid pinhole matrix"),
+    (lambda r: r["cameras"][0].__setitem__("K", np.ones((3, 3))), "not a valid pinhole matrix"),
+    (lambda r: r["cameras"][0].__setitem__("T_cam_lidar", np.diag([2.0, 1, 1, 1])), "not a rigid transform"),
+    (lambda r: r["cameras"][0].__setitem__("T_cam_lidar", np.diag([-1.0, 1, 1, 1])), "not a rigid transform"),
+    (lambda r: r.__setitem__("cameras", []), "no cameras"),
+    (lambda r: r.__setitem__("ring", np.zeros(3, np.uint8)), "ring has 3 values for 50 points"),
+])
+def test_every_validator_reason(mutate, reason):
+    assert validate_frame(make_frame()) is None
+    got = validate_frame(_broken(mutate))
+    assert got is not None and reason in got, got
+
+
+def test_split_valid_rejects_duplicates_and_keeps_going():
+    rows = [make_frame("x/1"), _broken(lambda r: r["points"].__setitem__((0, 0), np.nan)), make_frame("x/1"),
+            make_frame("x/2")]
+    rows[1]["frame_id"] = "x/bad"
+    good, rejects = split_valid(rows)
+    assert [r["frame_id"] for r in good] == ["x/1", "x/2"]
+    assert [(r["id"], r["reason"].split(" (")[0]) for r in rejects] == [
+        ("x/bad", "points contain NaN/inf"), ("x/1", "duplicate frame_id")]
