@@ -111,7 +111,7 @@ class ProposalsConfig:
     # segmentation: range_image (BFS with the beta angle criterion) | dbscan (open3d baseline)
     segment_method: str = "range_image"  # range_image | dbscan
     beta_deg: float = 10.0  # join neighbours when beta > this (depth_clustering)
-    segment_max_gap: int = 1  # empty pixels bridged between neighbours
+    segment_max_gap: int = 1  # empty pixels bridged (dropout); 0 = depth_clustering, purer on dense 64-beam sweeps
     dbscan_eps_m: float = 0.5
     dbscan_min_points: int = 5
     min_points: int = 20  # segment size bounds (depth_clustering examples: 20 ... 100 000)
@@ -133,18 +133,34 @@ class FeaturesConfig:
     backbone: str = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
     weights: str = ""  # "" random init | hub | local file | s3:// URL
     descriptor: str = "crop_cls"  # crop_cls (paper) | mask_pool
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # GPUs per feature actor (bf16 autocast on GPU)
+    crop_size: int = 112  # crop_cls: side of the resized masked crop (paper: 224)
+    crop_pad: int = 0  # crop_cls: px of context around the tight box (paper: 0)
+    image_size: int = 0  # mask_pool: shorter input side in px (0 = native), rounded to patch multiples
+    min_pixels: int = 16  # segments with fewer projected pixels get no descriptor (stay unlabelled)
+    batch_size: int = 32  # crops per forward pass
+    num_actors: int = 1  # actor-pool size (each actor loads the backbone once)
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 1  # intra-op threads per actor
 
 
 @dataclass
 class ClusterConfig:
     """Distributed k-means over segment descriptors -> pseudo-classes."""
 
-    k: int = 30
-    n_iter: int = 20
-    n_restarts: int = 3
-    n_actors: int = 2
+    k: int = 12  # pseudo-classes from k-means (paper: 30; the k ablation is one override cluster.k=N)
+    n_iter: int = 20  # Lloyd iterations per restart
+    n_restarts: int = 3  # keep the restart with the lowest inertia
+    n_actors: int = 2  # shard actors
     ground_class: bool = True  # ground points form pseudo-class 0; k-means classes are 1..k
+    num_gpus: float = 0.0  # GPUs per shard actor (faiss GPU index when available)
+    use_faiss: bool = True  # false: numpy distances (reference path)
+    seed_sample: int = 20_000  # k-means++ runs on this many rows (deterministic global sample)
+    tol: float = 0.0  # stop a restart early when the relative inertia decrease is below tol (0 = never)
+    pca_dim: int = 0  # PCA before clustering (0 = off; paper: no pre-processing)
+    whiten: bool = False  # whiten the (PCA) components
+    montage_per_cluster: int = 8  # segment crops per cluster in the MLflow montage (0 = no montage)
+    montage_px: int = 64  # thumbnail side
 
 
 @dataclass
@@ -162,7 +178,7 @@ class TeacherConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 1  # intra-op threads per training worker
-    steps: int = 80  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
+    steps: int = 60  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
     batch_size: int = 8  # global batch (fixed when num_workers changes: gradient accumulation)
     micro_batch_size: int = 0  # per-worker forward batch (0 = batch_size // num_workers)
     crop_size: int = 192  # random-resized-crop side in px (paper: 512)
@@ -194,7 +210,7 @@ class StudentConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 1  # intra-op threads per training worker
-    steps: int = 60  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
+    steps: int = 40  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
     batch_size: int = 8  # global batch (fixed when num_workers changes: gradient accumulation)
     micro_batch_size: int = 0  # per-worker forward batch (0 = batch_size // num_workers)
     crop_size: int = 192  # random-resized-crop side in px (paper: 512)

@@ -110,7 +110,8 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    ray.init(address=address, include_dashboard=False if address is None else None,
+    # "local" always starts a fresh cluster instead of joining a stray `ray start` on this machine
+    ray.init(address=address or "local", include_dashboard=False if address is None else None,
              runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
 
 

@@ -139,11 +139,11 @@ def write_table(table: pa.Table, path: str) -> None:
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
-    """Read one parquet file, or every `*.parquet` directly in a folder (in name order)."""
+    """Read one parquet file, or every `part-*.parquet` directly in a folder (in name order; never rejects)."""
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.File:
         return pq.read_table(p, filesystem=fs, columns=columns)
-    names = [n for n in listdir(path) if n.endswith(".parquet")]
+    names = [n for n in listdir(path) if n.startswith("part-") and n.endswith(".parquet")]
     if not names:
         raise FileNotFoundError(f"no parquet files under {path}")
     return pa.concat_tables([pq.read_table(fs_join(p, n, path), filesystem=fs, columns=columns) for n in names])

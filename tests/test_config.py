@@ -61,6 +61,15 @@ def test_section_hash_changes_only_with_its_sections():
 
 
 def test_shipped_configs_load():
+    """default.yaml is exactly the dataclass defaults (so the two never drift); the paper configs hold its numbers."""
     import pathlib
-    for path in sorted(pathlib.Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml")):
-        load_config(path)
+    configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
+    assert {p.name for p in configs.glob("*.yaml")} >= {"default.yaml", "waymo.yaml", "nuscenes.yaml"}
+    assert load_config(configs / "default.yaml") == Config()
+    for name, source in [("waymo.yaml", "waymo"), ("nuscenes.yaml", "nuscenes")]:
+        cfg = load_config(configs / name)
+        assert cfg.data.source == source and cfg.run.output_root.startswith("s3://")
+        assert cfg.cluster.k == 30 and cfg.teacher.n_cls == 31 and cfg.features.crop_size == 224
+        assert cfg.features.backbone == cfg.teacher.backbone == "vit_small_patch16_224.dino"
+        assert cfg.teacher.crop_size == cfg.student.crop_size == 512 and cfg.student.ema_momentum == 0.999
+        assert (cfg.eval.size, cfg.eval.window, cfg.eval.stride) == (1024, 512, 128)

@@ -27,8 +27,9 @@ def test_bytes_json_table_round_trip(root):
     t = pa.table({"v": np.arange(5, dtype=np.int32)})
     storage.write_table(t, storage.join(root, "tab", "part-00000.parquet"))
     storage.write_table(t, storage.join(root, "tab", "part-00001.parquet"))
+    storage.write_table(pa.table({"reason": ["x"]}), storage.join(root, "tab", "rejects.parquet"))
     assert storage.read_table(storage.join(root, "tab")).column("v").to_pylist() == [0, 1, 2, 3, 4] * 2
-    assert storage.listdir(storage.join(root, "tab")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert storage.listdir(storage.join(root, "tab")) == ["part-00000.parquet", "part-00001.parquet", "rejects.parquet"]
     assert storage.exists(storage.join(root, "m.json")) and not storage.exists(storage.join(root, "nope"))
     storage.rmtree(storage.join(root, "tab"))
     assert storage.listdir(storage.join(root, "tab")) == []
