@@ -1,0 +1,259 @@
+"""Waymo Open Dataset v2 (per-component parquet) as a Frame source, local or s3:// through pyarrow.
+
+Layout: `<data.root>/[<data.split>/]<component>/<segment>.parquet` for the components camera_image,
+camera_calibration, lidar, lidar_calibration and optionally lidar_pose + vehicle_pose. Rows are joined on
+`key.segment_context_name` + `key.frame_timestamp_micros` (+ `key.camera_name` / `key.laser_name`). One shard per
+segment (parquet file); one frame per timestamp of the TOP LiDAR.
+
+Range image -> points (as waymo_open_dataset's range_image_utils): row i has inclination
+`beam_inclination.values` reversed (row 0 = highest beam), or when absent the uniform
+`min + (H - 1 - i + 0.5) / H * (max - min)`; column j has azimuth
+`((W - j - 0.5) / W * 2 - 1) * pi - atan2(E[1,0], E[0,0])`;
+`p_sensor = r (cos(incl) cos(az), cos(incl) sin(az), sin(incl))`, `p_vehicle = E @ p_sensor` with E the LiDAR
+extrinsic (sensor -> vehicle). With a per-pixel pose (TOP only, `[LiDARPoseComponent]`, roll pitch yaw x y z =
+vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`.
+Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`. Intensity is squashed with tanh to 0..1.
+Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic maps camera -> vehicle, so
+T_cam_lidar = C @ inv(E_cam) @ E_top with C the axis swap to OpenCV (x right, y down, z forward). Lens distortion
+(k1, k2, p1, p2, k3) is ignored.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydseg import storage
+from raydseg.config import Config
+from raydseg.data.schema import image_size
+from raydseg.data.sources.select import apply_stride_and_limit, euler_to_matrix, select_cameras, sync_reason
+
+LASERS = {"TOP": 1, "FRONT": 2, "SIDE_LEFT": 3, "SIDE_RIGHT": 4, "REAR": 5}
+CAMERAS = {"FRONT": 1, "FRONT_LEFT": 2, "FRONT_RIGHT": 3, "SIDE_LEFT": 4, "SIDE_RIGHT": 5}
+WAYMO_TO_OPENCV = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+SEG, TS, CAM, LASER = "key.segment_context_name", "key.frame_timestamp_micros", "key.camera_name", "key.laser_name"
+COLUMNS = {  # component folder -> columns this reader needs
+    "lidar": [SEG, TS, LASER, "[LiDARComponent].range_image_return1.values",
+              "[LiDARComponent].range_image_return1.shape"],
+    "lidar_calibration": [SEG, LASER, "[LiDARCalibrationComponent].extrinsic.transform",
+                          "[LiDARCalibrationComponent].beam_inclination.min",
+                          "[LiDARCalibrationComponent].beam_inclination.max"],
+    "camera_image": [SEG, TS, CAM, "[CameraImageComponent].image"],
+    "camera_calibration": [SEG, CAM, "[CameraCalibrationComponent].intrinsic.f_u",
+                           "[CameraCalibrationComponent].intrinsic.f_v", "[CameraCalibrationComponent].intrinsic.c_u",
+                           "[CameraCalibrationComponent].intrinsic.c_v",
+                           "[CameraCalibrationComponent].extrinsic.transform"],
+    "lidar_pose": [SEG, TS, LASER, "[LiDARPoseComponent].range_image_return1.values",
+                   "[LiDARPoseComponent].range_image_return1.shape"],
+    "vehicle_pose": [SEG, TS, "[VehiclePoseComponent].world_from_vehicle.transform"],
+}
+OPTIONAL = ("lidar_pose", "vehicle_pose")
+
+
+class WaymoError(ValueError):
+    """A frame or segment that cannot be read; the message is the reject reason."""
+
+
+def _base(cfg: Config) -> str:
+    root = cfg.data.root
+    return storage.join(root, cfg.data.split) if cfg.data.split else root
+
+
+def list_shards(cfg: Config) -> list[dict[str, Any]]:
+    """One shard per segment parquet file of the `lidar` component, with its TOP-LiDAR frame timestamps."""
+    base = _base(cfg)
+    shards = []
+    for name in storage.listdir(storage.join(base, "lidar")):
+        if not name.endswith(".parquet"):
+            continue
+        path = storage.join(base, "lidar", name)
+        try:
+            t = storage.read_table(path, columns=[TS, LASER])
+            ts = np.asarray(t.column(TS).to_numpy(), dtype=np.int64)[t.column(LASER).to_numpy() == LASERS["TOP"]]
+            frames = sorted(set(int(x) for x in ts))
+        except Exception as e:  # noqa: BLE001 - an unreadable file becomes a shard that rejects with the reason
+            frames, err = [0], f"unreadable lidar file {name}: {type(e).__name__}: {e}"
+            shards.append({"base": base, "segment": name[:-len(".parquet")], "frames": frames, "error": err})
+            continue
+        shards.append({"base": base, "segment": name[:-len(".parquet")], "frames": frames})
+    return apply_stride_and_limit(shards, cfg.data.frame_stride, cfg.data.max_frames)
+
+
+def _read_component(base: str, comp: str, segment: str) -> pa.Table | None:
+    path = storage.join(base, comp, f"{segment}.parquet")
+    if not storage.exists(path):
+        if comp in OPTIONAL:
+            return None
+        raise WaymoError(f"missing component file {comp}/{segment}.parquet")
+    table = storage.read_table(path)
+    missing = [c for c in COLUMNS[comp] if c not in table.column_names]
+    if missing:
+        raise WaymoError(f"{comp}/{segment}.parquet: missing parquet column(s) {', '.join(missing)}")
+    return table.filter(pc.equal(table.column(SEG), segment))
+
+
+def _index(table: pa.Table | None, *keys: str) -> dict[tuple, int]:
+    if table is None:
+        return {}
+    cols = [table.column(k).to_pylist() for k in keys]
+    return {tuple(v): i for i, v in enumerate(zip(*cols))}
+
+
+def _cell(table: pa.Table, col: str, i: int) -> Any:
+    return table.column(col)[i].as_py()
+
+
+def _array(table: pa.Table, col: str, i: int, dtype: Any) -> np.ndarray:
+    v = table.column(col)[i]
+    if not v.is_valid:
+        raise WaymoError(f"null value in column {col}")
+    return np.asarray(v.values.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _range_image(table: pa.Table, prefix: str, i: int, channels: int) -> np.ndarray:
+    vals = _array(table, f"{prefix}.values", i, np.float32)
+    shape = _array(table, f"{prefix}.shape", i, np.int64)
+    if len(shape) != 3 or shape[2] != channels or int(np.prod(shape)) != len(vals):
+        raise WaymoError(f"corrupt range image {prefix}: {len(vals)} values for shape {shape.tolist()}")
+    return vals.reshape(shape)
+
+
+def inclinations(height: int, incl_min: float, incl_max: float, values: np.ndarray | None) -> np.ndarray:
+    """(H,) beam inclination (rad) of each range-image row, row 0 = highest (values / uniform min..max)."""
+    if values is not None and len(values):
+        incl = np.asarray(values, dtype=np.float64)
+        if len(incl) != height:
+            raise WaymoError(f"beam_inclination.values has {len(incl)} entries for a {height}-row range image")
+    else:
+        incl = incl_min + (np.arange(height) + 0.5) / height * (incl_max - incl_min)
+    return incl[::-1].copy()
+
+
+def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarray,
+                          pixel_pose: np.ndarray | None = None,
+                          world_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Range image -> vehicle-frame points.
+
+    Args: ri (H, W, >=2) float32 (range m, intensity, ...); extrinsic (4, 4) sensor -> vehicle; incl (H,) rad per
+      row (row 0 highest); pixel_pose (H, W, 6) roll pitch yaw x y z vehicle(t_pixel) -> world, or None;
+      world_from_vehicle (4, 4) frame pose (needed with pixel_pose).
+    Returns: xyz (N, 3) float64 m in the vehicle frame, intensity (N,), row (N,) int for pixels with range > 0
+      (row-major order).
+    """
+    H, W = ri.shape[:2]
+    E = np.asarray(extrinsic, dtype=np.float64)
+    az_corr = np.arctan2(E[1, 0], E[0, 0])
+    az = ((W - np.arange(W) - 0.5) / W * 2.0 - 1.0) * np.pi - az_corr
+    rows, cols = np.nonzero(ri[..., 0] > 0)
+    r = ri[rows, cols, 0].astype(np.float64)
+    ci, si, ca, sa = np.cos(incl), np.sin(incl), np.cos(az), np.sin(az)  # per row / column, then gathered
+    rc = r * ci[rows]
+    p = np.stack([rc * ca[cols], rc * sa[cols], r * si[rows]], axis=1)
+    p = p @ E[:3, :3].T + E[:3, 3]
+    if pixel_pose is not None:
+        if world_from_vehicle is None:
+            raise WaymoError("per-pixel LiDAR pose given without a vehicle pose for the frame")
+        pp = pixel_pose[rows, cols].astype(np.float64)
+        R = euler_to_matrix(pp[:, 0], pp[:, 1], pp[:, 2])
+        world = np.einsum("nij,nj->ni", R, p) + pp[:, 3:6]
+        inv = np.linalg.inv(world_from_vehicle)
+        p = world @ inv[:3, :3].T + inv[:3, 3]
+    return p, ri[rows, cols, 1].astype(np.float64), rows
+
+
+def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(Frame rows, rejects {id, reason}) of one segment shard from `list_shards`."""
+    base, seg = shard["base"], shard["segment"]
+    ids = [f"waymo/{seg}/{ts}" for ts in shard["frames"]]
+    try:
+        if "error" in shard:
+            raise WaymoError(shard["error"])
+        tabs = {c: _read_component(base, c, seg) for c in COLUMNS}
+    except WaymoError as e:
+        return [], [{"id": i, "reason": str(e)} for i in ids]
+    except Exception as e:  # noqa: BLE001 - unreadable parquet: reject the segment's frames with the reason
+        return [], [{"id": i, "reason": f"unreadable parquet in segment {seg}: {type(e).__name__}: {e}"} for i in ids]
+    lidar, lcal, cimg, ccal, lpose, vpose = (tabs[c] for c in ("lidar", "lidar_calibration", "camera_image",
+                                                                "camera_calibration", "lidar_pose", "vehicle_pose"))
+    i_lidar, i_lcal = _index(lidar, TS, LASER), _index(lcal, LASER)
+    i_cimg, i_ccal = _index(cimg, TS, CAM), _index(ccal, CAM)
+    i_lpose, i_vpose = _index(lpose, TS, LASER), _index(vpose, TS)
+    cams = select_cameras([n for n, k in CAMERAS.items() if (k,) in i_ccal], cfg.data.cameras)
+    lasers = [n for n in cfg.data.lidars if n in LASERS]
+    has_pose_ts = "[CameraImageComponent].pose_timestamp" in cimg.column_names
+    has_incl_values = "[LiDARCalibrationComponent].beam_inclination.values" in lcal.column_names
+    rows, rejects = [], []
+    for ts, fid in zip(shard["frames"], ids):
+        try:
+            if (LASERS["TOP"],) not in i_lcal:
+                raise WaymoError(f"lidar_calibration has no row for laser TOP in segment {seg}")
+            E_top = _array(lcal, "[LiDARCalibrationComponent].extrinsic.transform",
+                           i_lcal[(LASERS["TOP"],)], np.float64).reshape(4, 4)
+            xyz_all, inten_all, ring_all = [], [], []
+            for name in lasers:
+                k = LASERS[name]
+                if (ts, k) not in i_lidar:
+                    raise WaymoError(f"lidar has no row for laser {name} at {ts}")
+                if (k,) not in i_lcal:
+                    raise WaymoError(f"lidar_calibration has no row for laser {name} in segment {seg}")
+                ci = i_lcal[(k,)]
+                E = _array(lcal, "[LiDARCalibrationComponent].extrinsic.transform", ci, np.float64).reshape(4, 4)
+                values = None
+                if has_incl_values and lcal.column("[LiDARCalibrationComponent].beam_inclination.values")[ci].is_valid:
+                    values = _array(lcal, "[LiDARCalibrationComponent].beam_inclination.values", ci, np.float64)
+                returns = ["[LiDARComponent].range_image_return1"]
+                if cfg.data.returns >= 2 and "[LiDARComponent].range_image_return2.values" in lidar.column_names:
+                    returns.append("[LiDARComponent].range_image_return2")
+                pose = wfv = None
+                if name == "TOP" and (ts, k) in i_lpose and (ts,) in i_vpose:
+                    pose = _range_image(lpose, "[LiDARPoseComponent].range_image_return1", i_lpose[(ts, k)], 6)
+                    wfv = _array(vpose, "[VehiclePoseComponent].world_from_vehicle.transform", i_vpose[(ts,)],
+                                 np.float64).reshape(4, 4)
+                for prefix in returns:
+                    ri = _range_image(lidar, prefix, i_lidar[(ts, k)], 4)
+                    lo = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci))
+                    hi = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))
+                    incl = inclinations(ri.shape[0], lo, hi, values)
+                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv)
+                    xyz_all.append(p)
+                    inten_all.append(inten)
+                    ring_all.append(row)
+            inv_top = np.linalg.inv(E_top)
+            xyz = np.concatenate(xyz_all) @ inv_top[:3, :3].T + inv_top[:3, 3]
+            pts = np.concatenate([xyz, np.tanh(np.clip(np.concatenate(inten_all), 0, None))[:, None]], axis=1)
+            ring = np.concatenate(ring_all).astype(np.uint8) if lasers == ["TOP"] else None
+            cameras, stamps = [], {}
+            for name in cams:
+                k = CAMERAS[name]
+                if (ts, k) not in i_cimg:
+                    raise WaymoError(f"camera_image has no row for camera {name} at {ts}")
+                ii, ic = i_cimg[(ts, k)], i_ccal[(k,)]
+                cam_us = int(ts)
+                if has_pose_ts and cimg.column("[CameraImageComponent].pose_timestamp")[ii].is_valid:
+                    cam_us = int(round(float(_cell(cimg, "[CameraImageComponent].pose_timestamp", ii)) * 1e6))
+                stamps[name] = cam_us
+                data = _cell(cimg, "[CameraImageComponent].image", ii)
+                try:
+                    w, h = image_size(data)
+                except Exception as e:  # noqa: BLE001 - any decoder failure is the reason
+                    raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
+                g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", ic))  # noqa: E731
+                K = np.array([[g("f_u"), 0, g("c_u")], [0, g("f_v"), g("c_v")], [0, 0, 1]], dtype=np.float64)
+                E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
+                T = WAYMO_TO_OPENCV @ np.linalg.inv(E_cam) @ E_top
+                cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K,
+                                "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None})
+            reason = sync_reason(int(ts), stamps, cfg.data.sync_tolerance_us)
+            if reason:
+                raise WaymoError(reason)
+            if not cameras:
+                raise WaymoError(f"no camera of {cfg.data.cameras or list(CAMERAS)} in segment {seg}")
+            rows.append({"frame_id": fid, "sequence": f"waymo/{seg}", "timestamp_us": int(ts),
+                         "points": pts.astype(np.float32), "ring": ring, "gt_label": None, "gt_instance": None,
+                         "cameras": cameras})
+        except WaymoError as e:
+            rejects.append({"id": fid, "reason": str(e)})
+    return rows, rejects
