@@ -1,0 +1,231 @@
+"""Ground removal on the range image (Bogoslavskyi & Stachniss, depth_clustering) and a RANSAC-plane alternative.
+
+Range-image column method:
+  1. angle image: for every pixel, the inclination (deg) of the line to the next valid pixel above it in the
+     same column (gaps of up to `max_gap` empty rows are bridged, which "repairs" small holes);
+  2. Savitzky-Golay smoothing (quadratic) of every column's angle sequence (window `sg_window`);
+  3. BFS from each column's lowest valid pixel whose angle is below `start_max_deg`, joining 4-neighbours
+     (columns wrap, vertical gaps bridged) whose smoothed angles differ by less than `angle_deg` and whose
+     angle stays below `max_slope_deg` (a guard against creeping up smooth walls);
+  4. (ours, `step_m` > 0) column-wise step extension: walking up each column, a non-ground pixel becomes ground
+     when it is within `step_m` metres in height of the last ground pixel below it and further out horizontally
+     than it is higher (the line to it is flatter than 45 deg). This crosses kerbs (the angle
+     criterion stops at the kerb face) and takes the ground points right at an object's foot, which the angle
+     of the pair ground->object marks as steep and the segmentation would otherwise glue to the object.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from raydseg.geometry.range_image import RangeImage, fast_atan2, pixel_labels_to_points
+
+
+def savgol_coeffs(window: int, order: int = 2) -> np.ndarray:
+    """Savitzky-Golay smoothing coefficients (window odd >= 3) for the centre sample, (window,) float64."""
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"Savitzky-Golay window must be odd and >= 3, got {window}")
+    half = window // 2
+    x = np.arange(-half, half + 1, dtype=np.float64)
+    A = np.vander(x, order + 1, increasing=True)
+    return np.linalg.pinv(A)[0]
+
+
+@numba.njit(cache=True)
+def _angle_image(range_m, hor, hgt, max_gap):  # pragma: no cover - numba
+    H, W = range_m.shape
+    ang = np.full((H, W), np.nan, np.float32)
+    for c in range(W):
+        r = H - 1
+        while r >= 0:
+            if range_m[r, c] <= 0:
+                r -= 1
+                continue
+            # next valid pixel above
+            up = r - 1
+            while up >= 0 and range_m[up, c] <= 0 and r - up <= max_gap + 1:
+                up -= 1
+            if up >= 0 and range_m[up, c] > 0 and r - up <= max_gap + 1:
+                ang[r, c] = 57.29577951308232 * fast_atan2(abs(hgt[up, c] - hgt[r, c]), abs(hor[up, c] - hor[r, c]))
+            r -= 1
+        # top pixels without a partner above copy the angle of the pixel below them
+        last = np.nan
+        for r2 in range(H - 1, -1, -1):
+            if range_m[r2, c] <= 0:
+                continue
+            if np.isnan(ang[r2, c]):
+                ang[r2, c] = last
+            else:
+                last = ang[r2, c]
+    return ang
+
+
+@numba.njit(cache=True)
+def _smooth_columns(ang, coeffs):  # pragma: no cover - numba
+    H, W = ang.shape
+    half = coeffs.shape[0] // 2
+    out = ang.copy()
+    buf = np.empty(H, np.float64)
+    idx = np.empty(H, np.int64)
+    for c in range(W):
+        n = 0
+        for r in range(H):
+            if not np.isnan(ang[r, c]):
+                buf[n] = ang[r, c]
+                idx[n] = r
+                n += 1
+        if n < coeffs.shape[0]:
+            continue
+        for k in range(half, n - half):
+            s = 0.0
+            for j in range(-half, half + 1):
+                s += coeffs[j + half] * buf[k + j]
+            out[idx[k], c] = s
+    return out
+
+
+@numba.njit(cache=True)
+def _ground_bfs(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pragma: no cover - numba
+    H, W = ang.shape
+    ground = np.zeros((H, W), np.uint8)
+    qr = np.empty(H * W, np.int64)
+    qc = np.empty(H * W, np.int64)
+    for c in range(W):
+        r = H - 1
+        while r >= 0 and range_m[r, c] <= 0:
+            r -= 1
+        if r < 0 or ground[r, c] or np.isnan(ang[r, c]) or ang[r, c] > start_max:
+            continue
+        head, tail = 0, 1
+        qr[0], qc[0] = r, c
+        ground[r, c] = 1
+        while head < tail:
+            cr, cc = qr[head], qc[head]
+            head += 1
+            for d in range(4):
+                dr = -1 if d == 0 else (1 if d == 1 else 0)
+                dc = -1 if d == 2 else (1 if d == 3 else 0)
+                nr, nc = cr, cc
+                found = False
+                for _ in range(max_gap + 1):
+                    nr += dr
+                    nc = (nc + dc) % W
+                    if nr < 0 or nr >= H:
+                        break
+                    if range_m[nr, nc] > 0:
+                        found = True
+                        break
+                if not found or ground[nr, nc]:
+                    continue
+                a = ang[nr, nc]
+                if np.isnan(a) or a > max_slope or abs(a - ang[cr, cc]) >= angle_thr:
+                    continue
+                ground[nr, nc] = 1
+                qr[tail], qc[tail] = nr, nc
+                tail += 1
+    return ground
+
+
+@numba.njit(cache=True)
+def _extend_steps(ground, range_m, hor, hgt, step_m, tan_slope, max_dx):  # pragma: no cover - numba
+    H, W = range_m.shape
+    for c in range(W):
+        last = -1
+        lx = 0.0
+        lz = 0.0
+        for r in range(H - 1, -1, -1):
+            if range_m[r, c] <= 0:
+                continue
+            x = hor[r, c]
+            z = hgt[r, c]
+            if not ground[r, c] and last >= 0:
+                dx = x - lx
+                dz = abs(z - lz)
+                if dz < step_m and dz < dx * tan_slope and dx < max_dx:  # noqa
+                    ground[r, c] = 1
+            if ground[r, c]:
+                last, lx, lz = r, x, z
+    return ground
+
+
+def ground_range_image(ri: RangeImage, *, angle_deg: float = 7.0, start_max_deg: float = 30.0,
+                       max_slope_deg: float = 20.0, sg_window: int = 7, max_gap: int = 2,
+                       step_m: float = 0.25) -> np.ndarray:
+    """Ground pixels of a range image by the column method above.
+
+    Args:
+        ri: RangeImage of the sweep. angle_deg: max difference (deg) of smoothed inclinations between joined
+        neighbours. start_max_deg: columns whose lowest pixel is steeper are skipped. max_slope_deg: pixels
+        steeper than this are never ground. sg_window: Savitzky-Golay window (odd, rows). max_gap: empty rows
+        bridged vertically. step_m: height tolerance of the step extension (0 = off).
+    Returns:
+        (H, W) uint8, 1 = ground pixel.
+    """
+    ang = _angle_image(ri.range_m, ri.horizontal, ri.height, max_gap)
+    if sg_window >= 3:
+        ang = _smooth_columns(ang, savgol_coeffs(sg_window))
+    ground = _ground_bfs(ang, ri.range_m, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
+    if step_m > 0:
+        ground = _extend_steps(ground, ri.range_m, ri.horizontal, ri.height, float(step_m), 1.0, np.inf)
+    return ground
+
+
+def ground_plane_ransac(xyz: np.ndarray, valid: np.ndarray | None = None, *, threshold_m: float = 0.2,
+                        iterations: int = 60, max_tilt_deg: float = 15.0, seed: int = 0) -> np.ndarray:
+    """Ground points as the inliers of one RANSAC plane fitted to the lowest 30% of points (a cheap alternative for
+    flat scenes; fails on slopes and ramps).
+
+    Args: xyz (N, 3) metres; valid (N,) bool points to consider. threshold_m: inlier distance (m).
+    max_tilt_deg: planes tilted more than this from horizontal are rejected. Returns (N,) bool.
+    """
+    xyz = np.asarray(xyz, dtype=np.float64)
+    n = len(xyz)
+    use = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    cand = np.flatnonzero(use)
+    out = np.zeros(n, bool)
+    if len(cand) < 3:
+        return out
+    rng = np.random.default_rng(seed)
+    low = cand[xyz[cand, 2] <= np.quantile(xyz[cand, 2], 0.3)]
+    score_idx = rng.choice(cand, size=min(len(cand), 5000), replace=False)
+    best, best_score = None, -1
+    cos_tilt = np.cos(np.radians(max_tilt_deg))
+    for _ in range(iterations):
+        p = xyz[rng.choice(low, 3, replace=False)]
+        nrm = np.cross(p[1] - p[0], p[2] - p[0])
+        norm = np.linalg.norm(nrm)
+        if norm < 1e-9:
+            continue
+        nrm /= norm
+        if abs(nrm[2]) < cos_tilt:
+            continue
+        d = -nrm @ p[0]
+        score = int((np.abs(xyz[score_idx] @ nrm + d) < threshold_m).sum())
+        if score > best_score:
+            best, best_score = (nrm, d), score
+    if best is None:
+        return out
+    nrm, d = best
+    out[cand] = np.abs(xyz[cand] @ nrm + d) < threshold_m
+    return out
+
+
+def ground_points(ri: RangeImage, xyz: np.ndarray, valid: np.ndarray, *, method: str = "range_image",
+                  angle_deg: float = 7.0, start_max_deg: float = 30.0, max_slope_deg: float = 20.0,
+                  sg_window: int = 7, max_gap: int = 2, step_m: float = 0.25, plane_threshold_m: float = 0.2,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-point and per-pixel ground masks by `method` (range_image | ransac).
+
+    Returns: (N,) bool per point, (H, W) uint8 per pixel of `ri`.
+    """
+    if method == "range_image":
+        pix = ground_range_image(ri, angle_deg=angle_deg, start_max_deg=start_max_deg,
+                                 max_slope_deg=max_slope_deg, sg_window=sg_window, max_gap=max_gap, step_m=step_m)
+        return pixel_labels_to_points(ri, pix).astype(bool), pix
+    if method == "ransac":
+        pts = ground_plane_ransac(xyz, valid & (ri.row >= 0), threshold_m=plane_threshold_m, seed=seed)
+        pix = np.zeros(ri.shape, np.uint8)
+        has = ri.index >= 0
+        pix[has] = pts[ri.index[has]]
+        return pts, pix
+    raise ValueError(f"unknown ground method '{method}' (range_image | ransac)")

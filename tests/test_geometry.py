@@ -1,0 +1,238 @@
+"""Geometry of the proposals stage: range image, ground removal, segmentation, projection, quality on ground truth."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from raydseg.config import ProposalsConfig
+from raydseg.geometry import analytic, quality
+from raydseg.geometry.ground import ground_plane_ransac, savgol_coeffs
+from raydseg.geometry.project import densify_segments, project_points, project_segments, visible_points
+from raydseg.geometry.proposals import camera_segments, density_mask, sweep_segments
+from raydseg.geometry.range_image import build_range_image, estimate_columns
+from raydseg.geometry.segment import filter_segments, segment_stats
+
+
+@pytest.fixture(scope="module")
+def street():
+    return analytic.raycast(analytic.street_boxes(), noise_m=0.01, dropout=0.03, seed=1)
+
+
+def _labels(scene) -> np.ndarray:
+    """Analytic scene -> trainIds (road 0 for the ground, car 13 for boxes)."""
+    return np.where(scene["ground"], 0, 13).astype(np.uint8)
+
+
+def test_range_image_rows_from_ring_and_from_elevation_agree():
+    s = analytic.raycast([], beams=16, columns=256, fov_up_deg=-3.0)  # every beam hits the ground
+    xyz = s["points"][:, :3]
+    ri_ring = build_range_image(xyz, s["ring"], n_cols=256)
+    ri_elev = build_range_image(xyz, None, n_beams=16, n_cols=256)
+    assert ri_ring.shape == (16, 256)
+    # ring 0 is the lowest beam -> the bottom row; elevation binning recovers the same rows
+    assert np.array_equal(ri_ring.row, 15 - s["ring"].astype(np.int32))
+    assert np.array_equal(ri_elev.row, ri_ring.row)
+    # one point per pixel, each pixel's representative maps back to its own pixel
+    idx = ri_ring.index[ri_ring.index >= 0]
+    assert len(idx) == len(xyz)
+    assert estimate_columns(xyz, s["ring"]) == 256
+
+
+def test_savgol_coefficients_match_the_textbook_quadratic_window():
+    assert np.allclose(savgol_coeffs(5), np.array([-3, 12, 17, 12, -3]) / 35)
+    assert np.allclose(savgol_coeffs(7), np.array([-2, 3, 6, 7, 6, 3, -2]) / 21)
+    with pytest.raises(ValueError, match="odd"):
+        savgol_coeffs(6)
+
+
+def test_ground_removal_separates_plane_from_boxes(street):
+    sw = sweep_segments(street["points"], street["ring"], ProposalsConfig())
+    p, r = quality.ground_precision_recall(sw.ground, _labels(street), sw.use)
+    assert p >= 0.98 and r >= 0.99, (p, r)
+
+
+def test_ground_removal_follows_a_slope_that_one_plane_cannot_fit():
+    # ground rising at 8 % after x = 10 m: the range-image method follows it, one RANSAC plane cannot
+    s = analytic.raycast([], beams=32, columns=512)
+    xyz = s["points"][:, :3].copy()
+    far = xyz[:, 0] > 10
+    xyz[far, 2] += 0.08 * (xyz[far, 0] - 10)
+    cfg = ProposalsConfig()
+    sw = sweep_segments(np.c_[xyz, s["points"][:, 3]], s["ring"], cfg)
+    assert sw.ground[sw.use].mean() >= 0.99
+    ransac = ground_plane_ransac(xyz, threshold_m=0.2)
+    assert ransac.mean() < 0.95
+
+
+def test_segmentation_recovers_each_box_as_one_pure_segment(street):
+    sw = sweep_segments(street["points"], street["ring"], ProposalsConfig())
+    seg, inst = sw.segment_id, street["instance"]
+    assert quality.segment_purity(seg, _labels(street), inst) >= 0.99
+    rec, n = quality.instance_recall(seg, inst, min_points=50, min_cover=0.75)
+    assert n == 6 and rec == 1.0
+    majority = [np.bincount(seg[inst == k]).argmax() for k in range(1, 7)]
+    assert 0 not in majority and len(set(majority)) == 6  # pedestrian and the car behind it stay apart
+
+
+def test_segments_are_filtered_by_point_count_and_extent():
+    labels = np.array([1] * 30 + [2] * 5 + [3] * 40 + [0] * 3)
+    xyz = np.zeros((len(labels), 3))
+    xyz[:30, 0] = np.linspace(0, 1.0, 30)     # segment 1: 30 points, 1 m long
+    xyz[35:75, 0] = np.linspace(0, 40.0, 40)  # segment 3: 40 points, 40 m long
+    out = filter_segments(labels, xyz, min_points=20, max_points=1000)
+    assert set(np.unique(out)) == {0, 1, 2} and (out[30:35] == 0).all()
+    assert out[35] == 1  # renumbered by decreasing size
+    out = filter_segments(labels, xyz, min_points=20, max_points=1000, max_extent_m=10.0)
+    assert set(np.unique(out[:30])) == {1} and (out[35:] == 0).all()
+    st = segment_stats(out, xyz)
+    assert st["n_points"].tolist() == [30] and np.allclose(st["extent"][0], [1.0, 0, 0])
+
+
+def test_dbscan_baseline_recovers_the_boxes(street):
+    cfg = ProposalsConfig(segment_method="dbscan", dbscan_eps_m=0.7, dbscan_min_points=3)
+    sw = sweep_segments(street["points"], street["ring"], cfg)
+    rec, n = quality.instance_recall(sw.segment_id, street["instance"])
+    assert n == 6 and rec >= 5 / 6
+    with pytest.raises(ValueError, match="unknown segment method"):
+        sweep_segments(street["points"], street["ring"], ProposalsConfig(segment_method="nope"))
+
+
+def test_projection_lands_a_known_point_on_its_analytic_pixel():
+    K, T = analytic.camera(320, 160, focal=160.0)
+    T = T.copy()
+    T[:3, 3] = [0.1, -0.2, 0.3]  # some translation too
+    xyz = np.array([[10.0, 2.0, 1.0], [-5.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # depths 10.3, -4.7, 0.4
+    u, v, z, inside = project_points(xyz, K, T, 320, 160, near=0.5)
+    cam = np.array([-2.0 + 0.1, -1.0 - 0.2, 10.0 + 0.3])
+    assert z[0] == pytest.approx(10.3)
+    assert u[0] == pytest.approx(160 * cam[0] / cam[2] + 159.5)
+    assert v[0] == pytest.approx(160 * cam[1] / cam[2] + 79.5)
+    assert inside.tolist() == [True, False, False]  # behind the camera; closer than `near`
+
+
+def test_projection_drops_occluded_points():
+    # a foreground segment's sparse points at 5 m, background points at 20 m in the gaps between them
+    px = np.array([10, 14, 12, 30])
+    py = np.array([10, 10, 11, 10])
+    depth = np.array([5.0, 5.0, 20.0, 20.0])
+    group = np.array([1, 1, 2, 2])
+    vis = visible_points(px, py, depth, group, 64, 32, radius_px=2)
+    assert vis.tolist() == [True, True, False, True]
+    # points of the same surface never hide each other (slanted ground)
+    vis = visible_points(px, py, depth, np.array([0, 0, 0, 0]), 64, 32, radius_px=2)
+    assert vis.all()
+
+
+def test_densify_assigns_each_pixel_to_its_nearest_visible_point_within_the_radius():
+    img = densify_segments(np.array([10, 20]), np.array([5, 5]), np.array([5.0, 5.0]), np.array([3, 0]), 40, 12,
+                           radius_px=4)
+    assert img.dtype == np.uint16
+    assert img[5, 10] == 3 and img[5, 14] == 3 and img[5, 15] == 0  # 15 is beyond the radius of both points
+    assert img[5, 17] == 0  # nearer the label-0 (ground / unsegmented) point: it claims the pixel
+    assert img[5, 6] == 3 and img[5, 5] == 0  # beyond the radius
+    assert img[1, 10] == 3 and img[0, 10] == 0
+
+
+def test_segment_image_has_no_background_painted_through_a_foreground_object(street):
+    cfg = ProposalsConfig()
+    sw = sweep_segments(street["points"], street["ring"], cfg)
+    K, T = analytic.camera()
+    out = camera_segments(street["points"][:, :3], sw, K, T, 320, 160, cfg)
+    ped = np.bincount(sw.segment_id[street["instance"] == 2]).argmax()
+    car_behind = np.bincount(sw.segment_id[street["instance"] == 3]).argmax()
+    # the pedestrian's bounding columns/rows in the image, from its exact box corners
+    corners = np.array([[x, y, z] for x in (10.0, 10.6) for y in (2.0, 2.6) for z in (-1.8, 0.0)])
+    u, v, _, _ = project_points(corners, K, T, 320, 160)
+    inner = out["segment_ids"][int(v.min()) + 3:int(v.max()) - 2, int(u.min()) + 2:int(u.max()) - 1]
+    assert (inner == ped).mean() >= 0.9 and not (inner == car_behind).any()
+    assert out["n_visible"] < out["n_in_image"]
+    assert set(out["seg_id"].tolist()) >= {ped, car_behind}
+    assert out["ground_px"].sum() > 500 and out["ground_px"][:60].sum() == 0  # no ground above the horizon
+
+
+def test_density_options_keep_every_nth_beam_and_a_random_fraction(street):
+    keep, ring = density_mask(street["points"][:, :3], street["ring"], ProposalsConfig(beam_stride=2))
+    assert set(np.unique(street["ring"][keep]) % 2) == {1} or set(np.unique(street["ring"][keep]) % 2) == {0}
+    assert len(np.unique(street["ring"][keep])) == 16
+    keep, _ = density_mask(street["points"][:, :3], None, ProposalsConfig(beam_stride=4, n_beams=32))
+    assert 0.2 < keep.mean() < 0.3
+    keep, _ = density_mask(street["points"][:, :3], street["ring"], ProposalsConfig(point_fraction=0.3), seed=3)
+    assert abs(keep.mean() - 0.3) < 0.02
+    sw = sweep_segments(street["points"], street["ring"], ProposalsConfig(point_fraction=0.3), seed=3)
+    assert (sw.segment_id[~sw.use] == 0).all() and (~sw.ground[~sw.use]).all() and abs(sw.use.mean() - 0.3) < 0.02
+
+
+# ---------------------------------------------------------------- synthetic source (exact per-point ground truth)
+@pytest.fixture(scope="module")
+def synthetic_frame():
+    synthetic = pytest.importorskip("raydseg.data.sources.synthetic")
+    from raydseg.config import load_config
+
+    cfg = load_config(overrides=["synthetic.frames_per_sequence=1"]).synthetic
+    shard = synthetic.list_shards(cfg, 0)[0]
+    return synthetic.generate_sequence(shard, cfg)[0]
+
+
+def test_synthetic_ground_purity_recall_and_image_agreement(synthetic_frame):
+    from raydseg.data.schema import decode_image
+
+    f = synthetic_frame
+    cfg = ProposalsConfig()
+    sw = sweep_segments(f["points"], f["ring"], cfg)
+    gp, gr = quality.ground_precision_recall(sw.ground, f["gt_label"], sw.use)
+    purity = quality.segment_purity(sw.segment_id, f["gt_label"], f["gt_instance"])
+    recall, n_inst = quality.instance_recall(sw.segment_id, f["gt_instance"])
+    cam = f["cameras"][0]
+    out = camera_segments(f["points"][:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg)
+    agree, n_px = quality.image_agreement(out["segment_ids"], decode_image(cam["gt_instance"]))
+    print(f"synthetic: ground P={gp:.3f} R={gr:.3f} purity={purity:.3f} instance recall={recall:.3f} "
+          f"({n_inst} instances) image agreement={agree:.3f} over {n_px} px")
+    assert gp >= 0.93 and gr >= 0.95
+    assert purity >= 0.9
+    assert n_inst >= 3 and recall >= 0.7
+    assert n_px > 0.05 * cam["width"] * cam["height"] and agree >= 0.9
+
+
+# ---------------------------------------------------------------- real KITTI sweeps
+def test_real_kitti_sweep_projects_inside_the_image_with_plausible_segments(shared_data, tmp_path):
+    from PIL import Image
+
+    root = shared_data / "kitti_object_vis"
+    meta = json.loads((root / "derived_frames.json").read_text())["frames"]["000001"]
+    pts = np.fromfile(root / meta["cloud"], np.float32).reshape(-1, 4)
+    K, T = np.array(meta["K"]), np.array(meta["T_cam2_lidar"])
+    W, H = meta["image_size_wh"]
+    cfg = ProposalsConfig(n_cols=2048)
+    sw = sweep_segments(pts, None, cfg)
+    u, v, z, inside = project_points(pts[:, :3], K, T, W, H)
+    assert inside.sum() == pytest.approx(meta["points_in_image"], abs=50)  # the oracle counted with floor()
+    assert np.all((u[inside] > -0.5) & (u[inside] < W - 0.5) & (v[inside] > -0.5) & (v[inside] < H - 0.5))
+    out = camera_segments(pts[:, :3], sw, K, T, W, H, cfg)
+    n_seg, cam_seg = int(sw.segment_id.max()), len(out["seg_id"])
+    ground = sw.ground[sw.use].mean()
+    cover = (out["segment_ids"] > 0).mean()
+    print(f"KITTI 000001: {n_seg} segments, {cam_seg} in camera, ground {ground:.2f}, coverage {cover:.2f}")
+    assert 20 <= n_seg <= 600 and 5 <= cam_seg <= 200
+    assert 0.3 <= ground <= 0.8
+    assert 0.05 <= cover <= 0.7
+    assert out["ground_px"][: int(H * 0.3)].sum() < 0.01 * out["ground_px"].sum()  # ground below the horizon
+    # the image's lower half is mostly road: ground hits there, segments nowhere near the bottom rows centre
+    img = np.asarray(Image.open(root / meta["image"]).convert("RGB")).copy()
+    seg = out["segment_ids"]
+    rng = np.random.default_rng(0)
+    palette = rng.integers(40, 255, (int(seg.max()) + 1, 3)).astype(np.uint8)
+    m = seg > 0
+    img[m] = (0.5 * img[m] + 0.5 * palette[seg[m]]).astype(np.uint8)
+    img[out["ground_px"] > 0] = [255, 0, 255]
+    Image.fromarray(img).save(tmp_path / "kitti_000001_segments.png")
+    assert (tmp_path / "kitti_000001_segments.png").stat().st_size > 10_000
+
+
+def test_ransac_ground_method_is_selectable_and_works_on_a_flat_street(street):
+    sw = sweep_segments(street["points"], street["ring"], ProposalsConfig(ground_method="ransac"))
+    p, r = quality.ground_precision_recall(sw.ground, _labels(street), sw.use)
+    assert p >= 0.97 and r >= 0.99, (p, r)
+    with pytest.raises(ValueError, match="unknown ground method"):
+        sweep_segments(street["points"], street["ring"], ProposalsConfig(ground_method="flat"))
