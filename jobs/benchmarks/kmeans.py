@@ -1,0 +1,113 @@
+"""Benchmark: distributed k-means (1 and 2 Ray actors) vs single-process faiss.Kmeans vs scikit-learn KMeans,
+plus CPU feature-extraction throughput of the default backbone.
+
+`python jobs/benchmarks/kmeans.py --out FILE.json [--n 1000000 --d 384 --k 30 --iters 20]`
+Baseline for the ratios: faiss.Kmeans (single process). Keys carry their units (_s seconds, _gb GiB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+
+def blobs(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 L2-normalised rows around k random centres (like ViT descriptors)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, d)).astype(np.float32)
+    x = c[rng.integers(k, size=n)] + 0.8 * rng.normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def inertia_of(x: np.ndarray, centroids: np.ndarray) -> float:
+    import faiss
+
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(np.ascontiguousarray(centroids, np.float32))
+    return float(index.search(x, 1)[0].astype(np.float64).sum())
+
+
+def features_throughput(n_images: int = 4, descriptor: str = "crop_cls") -> dict[str, float]:
+    import torch
+
+    from raydseg.config import FeaturesConfig
+    from raydseg.features.backbone import create_backbone
+    from raydseg.features.pooling import segment_descriptors
+
+    cfg = FeaturesConfig()
+    torch.set_num_threads(1)
+    model = create_backbone(cfg.backbone)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(320, 640, 3), dtype=np.uint8)
+    seg = np.zeros((320, 640), np.uint16)
+    for s in range(1, 41):  # 40 segments per image
+        r, c = rng.integers(0, 280), rng.integers(0, 600)
+        seg[r:r + 40, c:c + 40] = s
+    ids = np.unique(seg[seg > 0])
+    kw = dict(crop_size=cfg.crop_size, batch_size=cfg.batch_size) if descriptor == "crop_cls" else {}
+    segment_descriptors(model, img, seg, ids, descriptor, **kw)  # warm-up
+    t = time.perf_counter()
+    for _ in range(n_images):
+        segment_descriptors(model, img, seg, ids, descriptor, **kw)
+    dt = time.perf_counter() - t
+    return {f"features_{descriptor}_images_per_s": n_images / dt,
+            f"features_{descriptor}_segments_per_s": n_images * len(ids) / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--k", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--skip-sklearn", action="store_true")
+    a = ap.parse_args()
+
+    import faiss
+    import ray
+
+    from raydseg.clustering.kmeans import kmeans_distributed
+
+    x = blobs(a.n, a.d, a.k)
+    out: dict[str, float] = {"n": a.n, "d": a.d, "k": a.k, "iters": a.iters}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for n_act, key in ((1, "dist_1_actor"), (2, "dist_2_actors")):
+        t = time.perf_counter()
+        r = kmeans_distributed(x, a.k, n_actors=n_act, n_iter=a.iters, n_restarts=1, seed=0, num_cpus=1)
+        out[f"{key}_s"] = time.perf_counter() - t
+        out["dist_inertia"] = r.inertia
+        out[f"{key}_rss_gb"] = 0.0
+    t = time.perf_counter()
+    km = faiss.Kmeans(a.d, a.k, niter=a.iters, seed=0, max_points_per_centroid=a.n)
+    km.train(x)
+    out["faiss_s"] = time.perf_counter() - t
+    out["faiss_inertia"] = inertia_of(x, km.centroids)
+    if not a.skip_sklearn:
+        from sklearn.cluster import KMeans
+
+        t = time.perf_counter()
+        sk = KMeans(a.k, n_init=1, max_iter=a.iters, tol=0, random_state=0, algorithm="lloyd").fit(x)
+        out["sklearn_s"] = time.perf_counter() - t
+        out["sklearn_inertia"] = float(sk.inertia_)
+    ray.shutdown()
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # driver (holds all rows)
+    out["shard_gb_2_actors"] = x.nbytes / 2 / 2**30  # what each of the 2 actors holds (object-store view)
+    out["dist_1_over_faiss_ratio"] = out["dist_1_actor_s"] / out["faiss_s"]
+    out["dist_2_over_faiss_ratio"] = out["dist_2_actors_s"] / out["faiss_s"]
+    out.update(features_throughput(descriptor="crop_cls"))
+    out.update(features_throughput(descriptor="mask_pool"))
+    out = {k: v for k, v in out.items() if not k.endswith("_rss_gb") or k == "peak_rss_gb"}
+    print(f"{'metric':36s} value")
+    for k, v in out.items():
+        print(f"{k:36s} {v:.4g}")
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Distributed k-means (Lloyd) on Ray actors that each hold one shard of the descriptors.
+
+Per iteration the driver broadcasts the centroids; every shard returns per-centroid float64 sums, counts and
+squared-error sums; the driver reduces them in a fixed order (shard 0, 1, ...). Seeding is k-means++ on a
+deterministic global sample (rows chosen by global row index from the seed), so for a fixed seed the result does
+not depend on the number of shards (up to float rounding of the per-shard partial sums). Empty clusters are
+re-seeded by splitting the cluster with the most points (among those with a non-zero spread). A dead actor
+(RayActorError) is recreated from its shard (kept in the object store by the driver) and the iteration retried.
+
+The same algorithm runs without Ray on in-process shards (`kmeans_local`), with numpy distances when
+`use_faiss=False`: the pure reference path used by the tests.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class KMeansResult:
+    """centroids (k, D) float32; labels (N,) int64 in global row order; inertia = sum of squared distances."""
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    inertia: float
+    counts: np.ndarray  # (k,) int64
+    inertia_history: list[float] = field(default_factory=list)  # per iteration of the best restart
+    restart_inertia: list[float] = field(default_factory=list)  # final inertia of every restart
+    n_splits: int = 0  # empty clusters re-seeded (best restart)
+    n_actor_restarts: int = 0  # actors recreated after a failure (all restarts)
+    seconds: float = 0.0
+
+
+class Shard:
+    """One shard of rows: assignment (faiss IndexFlatL2, GPU index when asked and available, or numpy) and
+    per-centroid statistics. `x`: (n, D) float32 rows with global indices offset .. offset + n - 1."""
+
+    def __init__(self, x: np.ndarray, offset: int, use_faiss: bool = True, use_gpu: bool = False):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.offset = int(offset)
+        self.use_faiss = use_faiss
+        self.use_gpu = use_gpu
+
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+    def rows(self, global_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows among `global_idx` (sorted global row indices) that this shard holds: (indices, rows (m, D))."""
+        g = np.asarray(global_idx, np.int64)
+        sel = g[(g >= self.offset) & (g < self.offset + self.size())]
+        return sel, self.x[sel - self.offset]
+
+    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid of every row: (labels (n,) int64, squared distances (n,) float64)."""
+        c = np.ascontiguousarray(centroids, dtype=np.float32)
+        if self.use_faiss:
+            import faiss
+
+            index = faiss.IndexFlatL2(c.shape[1])
+            if self.use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index.add(c)
+            d, i = index.search(self.x, 1)
+            return i[:, 0].astype(np.int64), np.maximum(d[:, 0], 0).astype(np.float64)
+        labels = np.empty(self.size(), np.int64)
+        dists = np.empty(self.size(), np.float64)
+        cn = (c.astype(np.float64) ** 2).sum(1)
+        for s in range(0, self.size(), 8192):  # numpy reference: exact float64 distances, chunked
+            xb = self.x[s:s + 8192].astype(np.float64)
+            d = (xb ** 2).sum(1)[:, None] - 2 * xb @ c.T.astype(np.float64) + cn[None]
+            labels[s:s + 8192] = d.argmin(1)
+            dists[s:s + 8192] = np.maximum(d[np.arange(len(xb)), labels[s:s + 8192]], 0)
+        return labels, dists
+
+    def step(self, centroids: np.ndarray) -> dict[str, np.ndarray]:
+        """One Lloyd statistics pass: sums (k, D) float64, counts (k,) int64, sse (k,) float64 per centroid."""
+        k = centroids.shape[0]
+        labels, dists = self.assign(centroids)
+        counts = np.bincount(labels, minlength=k).astype(np.int64)
+        sums = np.zeros((k, self.x.shape[1]), np.float64)
+        nz = np.nonzero(counts)[0]
+        if len(nz):  # rows grouped by label (stable order), one float64 reduction per non-empty cluster
+            order = np.argsort(labels, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nz]
+            sums[nz] = np.add.reduceat(self.x[order], starts, axis=0, dtype=np.float64)
+        sse = np.bincount(labels, weights=dists, minlength=k)
+        return {"sums": sums, "counts": counts, "sse": sse}
+
+    def min_sq_dist(self, centroids: np.ndarray) -> np.ndarray:
+        return self.assign(centroids)[1]
+
+    def labels(self, centroids: np.ndarray) -> np.ndarray:
+        return self.assign(centroids)[0]
+
+    def ping(self) -> int:
+        return self.size()
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on rows x (n, D) float -> (k, D) float64 centroids. Raises ValueError when x has fewer
+    than k distinct rows."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} rows, got {n}")
+    centers = [x[rng.integers(n)]]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            raise ValueError(f"k-means: the data (or its seeding sample) has fewer than k={k} distinct rows")
+        # 2 + log(k) candidates, keep the one that lowers the potential most (greedy k-means++, as scikit-learn)
+        cand = np.searchsorted(np.cumsum(d2), rng.random(2 + int(np.log(k))) * total).clip(0, n - 1)
+        best, best_pot, best_d2 = -1, np.inf, d2
+        for c in cand:
+            nd2 = np.minimum(d2, ((x - x[c]) ** 2).sum(1))
+            if nd2.sum() < best_pot:
+                best, best_pot, best_d2 = int(c), nd2.sum(), nd2
+        centers.append(x[best])
+        d2 = best_d2
+    return np.stack(centers)
+
+
+def seed_sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """Deterministic global sample of row indices (sorted), independent of how the rows are sharded."""
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def split_offsets(n: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) row ranges of n rows over n_shards shards."""
+    bounds = np.linspace(0, n, n_shards + 1).round().astype(np.int64)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(n_shards)]
+
+
+class _Backend:
+    """Calls a method on every shard and returns the results in shard order."""
+
+    n_restarts = 0
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        raise NotImplementedError
+
+
+class LocalBackend(_Backend):
+    def __init__(self, shards: list[Shard]):
+        self.shards = shards
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(s, method)(*args) for s in self.shards]
+
+
+class RayBackend(_Backend):
+    """Shard actors (one per shard). The driver keeps every shard in the object store, so a dead actor is
+    recreated with the same rows and the call retried (at most `max_retries` times per call)."""
+
+    def __init__(self, x: np.ndarray, n_actors: int, use_faiss: bool = True, num_gpus: float = 0.0,
+                 num_cpus: float = 1.0, max_retries: int = 3):
+        import ray
+
+        self.ray = ray
+        self.max_retries = max_retries
+        self.opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=0)
+        self.use_faiss, self.use_gpu = use_faiss, num_gpus > 0
+        self.ranges = split_offsets(len(x), n_actors)
+        self.refs = [ray.put(np.ascontiguousarray(x[a:b], dtype=np.float32)) for a, b in self.ranges]
+        self.actors = [self._make(i) for i in range(n_actors)]
+        ray.get([a.ping.remote() for a in self.actors])
+
+    def _make(self, i: int) -> Any:
+        cls = self.ray.remote(Shard).options(**{k: v for k, v in self.opts.items() if v is not None})
+        return cls.remote(self.refs[i], self.ranges[i][0], self.use_faiss, self.use_gpu)
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        from ray.exceptions import RayActorError
+
+        args_refs = [self.ray.put(a) for a in args]
+        pending = {i: getattr(a, method).remote(*args_refs) for i, a in enumerate(self.actors)}
+        out: dict[int, Any] = {}
+        retries = 0
+        while pending:
+            for i, ref in list(pending.items()):
+                try:
+                    out[i] = self.ray.get(ref)
+                    del pending[i]
+                except RayActorError:
+                    retries += 1
+                    if retries > self.max_retries * len(self.actors):
+                        raise
+                    self.actors[i] = self._make(i)  # same shard (object-store ref), same offset
+                    self.n_restarts += 1
+                    pending[i] = getattr(self.actors[i], method).remote(*args_refs)
+        return [out[i] for i in range(len(self.actors))]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+def _split_empty(centroids: np.ndarray, counts: np.ndarray, sse: np.ndarray, rng: np.random.Generator,
+                 eps: float = 1e-3) -> tuple[np.ndarray, int]:
+    """Re-seed every empty centroid by splitting the most populated cluster that has a non-zero spread: the two
+    halves are its centroid -/+ a small random offset (eps x its RMS radius). Returns (centroids, n_split)."""
+    c = centroids.copy()
+    counts = counts.astype(np.float64).copy()
+    sse = sse.astype(np.float64).copy()
+    n_split = 0
+    for j in np.nonzero(counts == 0)[0]:
+        ok = np.nonzero(sse > 0)[0]
+        if len(ok) == 0:
+            raise ValueError("k-means: cannot split an empty cluster, every cluster has zero spread "
+                             "(the data has fewer distinct rows than k)")
+        big = ok[np.argmax(counts[ok])]
+        direction = rng.standard_normal(c.shape[1])
+        direction /= np.linalg.norm(direction) + 1e-30
+        delta = eps * np.sqrt(sse[big] / counts[big]) * direction
+        c[j] = c[big] + delta
+        c[big] = c[big] - delta
+        counts[big] /= 2
+        counts[j] = counts[big]
+        sse[big] /= 2
+        sse[j] = sse[big]
+        n_split += 1
+    return c, n_split
+
+
+def _reduce(stats: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Sum per-shard statistics in shard order (float64)."""
+    out = {k: stats[0][k].copy() for k in stats[0]}
+    for s in stats[1:]:
+        for k in out:
+            out[k] = out[k] + s[k]
+    return out
+
+
+def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: int, seed_sample: int,
+         tol: float, init: np.ndarray | None, on_iteration: Callable[[int, int, float], None] | None,
+         max_extra_iter: int) -> KMeansResult:
+    t0 = time.perf_counter()
+    best: KMeansResult | None = None
+    restart_inertia = []
+    if init is None:
+        idx = seed_sample_indices(n, min(n, max(seed_sample, k)), seed)
+        parts = backend.call("rows", idx)
+        order = np.concatenate([p[0] for p in parts])
+        sample = np.concatenate([p[1] for p in parts])[np.argsort(order, kind="stable")]
+    for r in range(n_restarts if init is None else 1):
+        rng = np.random.default_rng([seed, r])
+        c = np.asarray(init, np.float64).copy() if init is not None else kmeans_pp(sample, k, rng)
+        history: list[float] = []
+        n_split = 0
+        it = 0
+        prev = np.inf
+        while True:
+            stats = _reduce(backend.call("step", c.astype(np.float32)))
+            inertia = float(stats["sse"].sum())
+            history.append(inertia)
+            if on_iteration is not None:
+                on_iteration(r, it, inertia)
+            empty = stats["counts"] == 0
+            done_iters = it + 1 >= n_iter or (tol > 0 and prev - inertia <= tol * max(inertia, 1e-30))
+            if done_iters and not empty.any():
+                # `c` produced these stats: labels/inertia are consistent with the returned centroids
+                break
+            if it + 1 >= n_iter + max_extra_iter:
+                raise RuntimeError(f"k-means: clusters still empty after {it + 1} iterations")
+            prev = inertia
+            new = c.copy()
+            nz = ~empty
+            new[nz] = stats["sums"][nz] / stats["counts"][nz, None]
+            if empty.any():
+                new, ns = _split_empty(new, stats["counts"], stats["sse"], rng)
+                n_split += ns
+            c = new
+            it += 1
+        restart_inertia.append(inertia)
+        if best is None or inertia < best.inertia:
+            best = KMeansResult(centroids=c.astype(np.float32), labels=np.zeros(0, np.int64), inertia=inertia,
+                                counts=stats["counts"].astype(np.int64), inertia_history=history, n_splits=n_split)
+    assert best is not None
+    best.labels = np.concatenate(backend.call("labels", best.centroids))
+    best.restart_inertia = restart_inertia
+    best.n_actor_restarts = backend.n_restarts
+    best.seconds = time.perf_counter() - t0
+    return best
+
+
+def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1, seed: int = 0,
+                 n_shards: int = 1, use_faiss: bool = False, seed_sample: int = 20_000, tol: float = 0.0,
+                 init: np.ndarray | None = None, on_iteration: Callable[[int, int, float], None] | None = None,
+                 max_extra_iter: int = 20) -> KMeansResult:
+    """In-process k-means of x (N, D) on `n_shards` contiguous shards (numpy distances unless use_faiss).
+
+    Same algorithm and result as `kmeans_distributed`; `n_iter` Lloyd iterations per restart (fewer when the
+    relative inertia decrease drops below `tol` > 0), then up to `max_extra_iter` more while a cluster is empty.
+    """
+    shards = [Shard(x[a:b], a, use_faiss=use_faiss) for a, b in split_offsets(len(x), n_shards)]
+    return _run(LocalBackend(shards), len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
+                max_extra_iter)
+
+
+def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
+                       seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
+                       seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
+                       on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
+                       backend_hook: Callable[[RayBackend], None] | None = None) -> KMeansResult:
+    """k-means of x (N, D) float32 over `n_actors` Ray actors, each holding one contiguous shard.
+
+    `on_iteration(restart, iteration, inertia)` is called in the driver after every iteration (MLflow logging,
+    or a test hook); `backend_hook(backend)` is called once the actors exist (tests kill actors through it).
+    """
+    backend = RayBackend(x, n_actors, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus)
+    try:
+        if backend_hook is not None:
+            backend_hook(backend)
+        return _run(backend, len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
+                    max_extra_iter)
+    finally:
+        backend.shutdown()
+
+
+def fit_pca(x: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of x (n, D): (mean (D,), projection (D, dim)); with `whiten` the projection scales every component to
+    unit variance. Apply with `(x - mean) @ proj`."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    proj = vt[:dim].T
+    if whiten:
+        proj = proj / (s[:dim] / np.sqrt(max(len(x) - 1, 1)) + 1e-8)
+    return mean, proj
+
+
+def preprocess(x: np.ndarray, pca_dim: int = 0, whiten: bool = False, seed: int = 0,
+               sample: int = 100_000) -> np.ndarray:
+    """Optional PCA (pca_dim > 0) / whitening fitted on a deterministic sample, then L2-normalised rows.
+    With pca_dim = 0 and whiten off (paper: "no pre-processing") x is returned unchanged."""
+    if pca_dim <= 0 and not whiten:
+        return np.asarray(x, np.float32)
+    idx = seed_sample_indices(len(x), sample, seed)
+    mean, proj = fit_pca(x[idx], pca_dim if pca_dim > 0 else x.shape[1], whiten)
+    y = (np.asarray(x, np.float64) - mean) @ proj
+    y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-12
+    return y.astype(np.float32)

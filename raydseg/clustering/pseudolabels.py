@@ -1,0 +1,78 @@
+"""Pseudo-label images from segment clusters, their purity against ground truth, and a per-cluster montage."""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE = 255
+
+
+def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
+    """k-means cluster index (0..k-1) -> pseudo-class (1..k when pseudo-class 0 is ground, else 0..k-1)."""
+    return np.asarray(cluster, np.int64) + int(ground_class)
+
+
+def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.ndarray,
+                 ground_px: np.ndarray | None = None, ground_class: bool = True) -> np.ndarray:
+    """Paint a segment-id image into pseudo-classes.
+
+    segment_ids (H, W) uint16 (0 = no segment); seg_ids (S,) / seg_classes (S,) the class of each labelled
+    segment (segments not listed stay IGNORE); ground_px (H, W) bool-like pixels hit by ground points, painted
+    0 when `ground_class` (segment pixels win over ground). Returns (H, W) uint8, 255 = ignore.
+    """
+    sid = np.asarray(segment_ids).astype(np.int64)
+    lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE, np.uint8)
+    if len(seg_ids):
+        if np.max(seg_classes) >= IGNORE:
+            raise ValueError(f"pseudo-class {int(np.max(seg_classes))} does not fit uint8 labels (255 = ignore)")
+        lut[np.asarray(seg_ids, np.int64)] = np.asarray(seg_classes, np.uint8)
+    lut[0] = IGNORE
+    label = lut[sid]
+    if ground_class and ground_px is not None:
+        label[(np.asarray(ground_px) > 0) & (sid == 0)] = 0
+    return label
+
+
+def purity(labels: list[np.ndarray], gts: list[np.ndarray], ignore: int = IGNORE) -> float:
+    """Majority-class fraction of labelled pixels: for every pseudo-class, the share of its pixels (with a valid
+    ground truth) that belong to its most frequent ground-truth class, pooled over all images. labels / gts are
+    lists of (H, W) uint8 images; pixels with label or gt == ignore are skipped."""
+    pairs = []
+    for lab, gt in zip(labels, gts):
+        m = (lab != ignore) & (gt != ignore)
+        pairs.append(lab[m].astype(np.int64) * 256 + gt[m].astype(np.int64))
+    codes = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
+    if len(codes) == 0:
+        return float("nan")
+    conf = np.bincount(codes, minlength=256 * 256).reshape(256, 256)
+    return float(conf.max(1).sum() / conf.sum())
+
+
+def segment_thumbnail(image: np.ndarray, segment_ids: np.ndarray, sid: int, px: int = 64) -> np.ndarray:
+    """(px, px, 3) uint8 thumbnail of the segment's tight box, pixels outside the segment darkened."""
+    from PIL import Image
+
+    mask = segment_ids == sid
+    if not mask.any():
+        return np.zeros((px, px, 3), np.uint8)
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = image[r0:r1, c0:c1, :3].astype(np.float32)
+    crop[~mask[r0:r1, c0:c1]] *= 0.25
+    return np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((px, px), Image.BILINEAR))
+
+
+def montage(thumbs: list[list[np.ndarray]], labels: list[str], px: int = 64) -> np.ndarray:
+    """Grid image: one row per cluster (label on the left), its thumbnails (px, px, 3) side by side.
+    Returns (rows * (px + 2), 60 + cols * (px + 2), 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    cols = max([len(t) for t in thumbs] + [1])
+    h, w = len(thumbs) * (px + 2), 60 + cols * (px + 2)
+    canvas = Image.new("RGB", (w, max(h, 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, name) in enumerate(zip(thumbs, labels)):
+        y = r * (px + 2)
+        draw.text((4, y + px // 2 - 6), name, fill=(0, 0, 0))
+        for c, t in enumerate(row):
+            canvas.paste(Image.fromarray(t), (60 + c * (px + 2), y))
+    return np.asarray(canvas)

@@ -1,0 +1,123 @@
+"""ViT backbones from timm, with weights from the timm hub, a local file or s3://, in timm or DINO layout.
+
+Never unpickles: checkpoints are read with safetensors or `torch.load(weights_only=True)`, and a file that needs
+arbitrary unpickling is refused with `UnsafeCheckpointError`. DINO checkpoints (facebookresearch/dino: plain
+backbone state_dicts, or training checkpoints with `teacher` / `student` wrappers and `module.` / `backbone.`
+prefixes) are converted to timm's layout; a `pos_embed` of another grid size is resampled.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class UnsafeCheckpointError(ValueError):
+    """The weights file holds a pickled payload that is not a plain tensor state_dict."""
+
+
+WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "module", "backbone")
+PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The raw mapping stored in a local / s3:// weights file (.safetensors, or torch.save of tensors only)."""
+    from raydseg import storage
+
+    local = storage.local_copy(path)
+    if not os.path.exists(local):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if local.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(local, device="cpu"))
+    import argparse
+
+    try:  # DINO training checkpoints carry their argparse.Namespace: allowed, nothing else is
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError / RuntimeError from the restricted unpickler
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint and would need unpickling arbitrary "
+            f"objects (torch.load weights_only=True failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Save the weights as a state_dict of tensors or as .safetensors") from e
+    if not isinstance(obj, dict):
+        raise UnsafeCheckpointError(f"refusing to load {path}: expected a mapping of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def to_timm_state_dict(obj: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Convert a checkpoint mapping (timm or DINO layout) to a timm ViT state_dict.
+
+    Unwraps `teacher` (preferred) / `student` / `state_dict` / `model`; strips `module.` and `backbone.` /
+    `encoder.` prefixes; drops DINO projection heads (`head.*` when the checkpoint had a `backbone.` part) and
+    `fc_norm` / `head` entries the model does not have; resamples `pos_embed` to the model's grid (when given).
+    """
+    while True:
+        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    had_backbone = any(k.startswith(("backbone.", "module.backbone.")) for k in tensors)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        name = k
+        if had_backbone and not name.removeprefix("module.").startswith("backbone."):
+            continue  # DINO training checkpoint: the projection head lives outside `backbone.`
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if name.startswith(p):
+                    name, changed = name[len(p):], True
+        out[name] = v
+    if model is not None:
+        own = model.state_dict()
+        out = {k: v for k, v in out.items() if k in own or not k.startswith(("head.", "fc_norm."))}
+        if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
+            out["pos_embed"] = resample_pos_embed(out["pos_embed"], own["pos_embed"].shape,
+                                                  getattr(model, "num_prefix_tokens", 1))
+    return out
+
+
+def resample_pos_embed(pos: torch.Tensor, target_shape: torch.Size, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubic resampling of a (1, P + h*w, D) position embedding to (1, P + H*W, D) (square grids)."""
+    from timm.layers import resample_abs_pos_embed
+
+    n_new = target_shape[1] - num_prefix_tokens
+    side = int(round(n_new ** 0.5))
+    if side * side != n_new:
+        raise ValueError(f"cannot resample pos_embed to a non-square grid of {n_new} tokens")
+    return resample_abs_pos_embed(pos, new_size=[side, side], num_prefix_tokens=num_prefix_tokens)
+
+
+def load_state_dict(weights: str, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A clean timm-layout state_dict from a local / s3:// file (for Segmenter encoders too)."""
+    return to_timm_state_dict(read_checkpoint(weights), model)
+
+
+def create_backbone(name: str, weights: str = "", **kw: Any) -> nn.Module:
+    """timm model `name` without a classifier head (num_classes=0), eval mode.
+
+    weights: "" random init; "hub" timm's pretrained tag of `name` (downloads: only when asked explicitly);
+    otherwise a local path or s3:// URL (timm or DINO layout). Missing keys other than the head are an error.
+    `dynamic_img_size=True` by default so that whole images of any patch-multiple size can be fed.
+    """
+    import timm
+
+    kw.setdefault("num_classes", 0)
+    kw.setdefault("dynamic_img_size", True)
+    if weights == "hub":
+        model = timm.create_model(name, pretrained=True, **kw)
+        return model.eval()
+    model = timm.create_model(name, pretrained=False, **kw)
+    if weights:
+        sd = load_state_dict(weights, model)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [m for m in missing if not m.startswith(("head.", "fc_norm."))]
+        if missing or unexpected:
+            raise ValueError(f"weights {weights} do not fit {name}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model.eval()

@@ -1,0 +1,137 @@
+"""Stage `features`: one L2-normalised ViT descriptor per projected segment (Ray Data actor pool, model loaded
+once per actor).
+
+Reads `proposals/segments/part-*` and the camera images of `ingest/frames/part-*`; writes `features/part-*.parquet`
+(FEATURES_SCHEMA: frame_id, camera, segment_id, descriptor list<float32>) and `features/stats/part-*` (timing).
+Segments with fewer than `features.min_pixels` pixels get no descriptor (they stay unlabelled).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydseg import storage
+from raydseg.config import config_from_dict
+from raydseg.data.schema import decode_image
+from raydseg.pipeline import StageContext, StageResult
+
+NAME = "features"
+INPUTS: tuple[str, ...] = ("proposals", "ingest")
+CONFIG_SECTIONS = ("features",)
+
+FEATURES_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("segment_id", pa.uint16()),
+                             ("descriptor", pa.list_(pa.float32()))])
+STATS_SCHEMA = pa.schema([("seconds", pa.float64()), ("images", pa.int64()), ("segments", pa.int64())])
+
+
+def frame_index(frames_dir: str) -> dict[str, str]:
+    """frame_id -> ingest part name (reads only the frame_id column of every part)."""
+    from raydseg.parts import part_names
+
+    index = {}
+    for name in part_names(frames_dir):
+        for fid in storage.read_table(storage.join(frames_dir, name), columns=["frame_id"])["frame_id"].to_pylist():
+            index[fid] = name
+    return index
+
+
+def camera_records(frames_dir: str, index: dict[str, str], frame_ids: list[str]) -> dict[tuple[str, str], dict]:
+    """(frame_id, camera) -> camera struct (name, image bytes, gt_semantic...) for the given frames."""
+    out = {}
+    wanted = set(frame_ids)
+    for part in sorted({index[f] for f in wanted if f in index}):
+        t = storage.read_table(storage.join(frames_dir, part), columns=["frame_id", "cameras"])
+        for fid, cams in zip(t["frame_id"].to_pylist(), t["cameras"].to_pylist()):
+            if fid in wanted:
+                for cam in cams:
+                    out[(fid, cam["name"])] = cam
+    return out
+
+
+def descriptors_table(rows: list[tuple[str, str, int, np.ndarray]]) -> pa.Table:
+    """[(frame_id, camera, segment_id, descriptor (D,) float32)] -> FEATURES_SCHEMA table."""
+    d = np.stack([r[3] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    dim = d.shape[1] if rows else 0
+    desc = pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim),
+                                    pa.array(d.reshape(-1), pa.float32()))
+    cols = [pa.array([r[0] for r in rows], pa.string()), pa.array([r[1] for r in rows], pa.string()),
+            pa.array([r[2] for r in rows], pa.uint16()), desc]
+    return pa.Table.from_arrays(cols, schema=FEATURES_SCHEMA)
+
+
+class FeatureExtractor:
+    """Actor-pool callable: builds the backbone once, then maps proposals/segments parts to descriptor tables."""
+
+    def __init__(self, cfg_dict: dict, frames_dir: str, index: dict[str, str]):
+        import torch
+
+        from raydseg.features.backbone import create_backbone
+
+        self.cfg = config_from_dict({"features": cfg_dict}).features
+        torch.set_num_threads(max(1, self.cfg.torch_threads))
+        self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.dtype = torch.bfloat16 if self.device == "cuda" else None
+        self.model = create_backbone(self.cfg.backbone, self.cfg.weights).to(self.device)
+        self.frames_dir, self.index = frames_dir, index
+
+    def __call__(self, table: pa.Table) -> tuple[dict[str, pa.Table], list[dict]]:
+        from raydseg.features.pooling import segment_descriptors
+
+        t0 = time.perf_counter()
+        cams = camera_records(self.frames_dir, self.index, table["frame_id"].to_pylist())
+        out: list[tuple[str, str, int, np.ndarray]] = []
+        rejects, n_images = [], 0
+        for row in table.select(["frame_id", "camera", "segment_ids", "seg_id", "seg_n_pixels"]).to_pylist():
+            fid, cam = row["frame_id"], row["camera"]
+            rec = cams.get((fid, cam))
+            if rec is None:
+                rejects.append({"id": f"{fid}/{cam}", "reason": "features: camera image not found in ingest/frames"})
+                continue
+            ids = np.array([i for i, n in zip(row["seg_id"], row["seg_n_pixels"]) if n >= self.cfg.min_pixels],
+                           np.int64)
+            seg = decode_image(row["segment_ids"])
+            ids = ids[np.isin(ids, seg)] if len(ids) else ids
+            n_images += 1
+            if len(ids) == 0:
+                continue
+            image = decode_image(rec["image"])
+            if self.cfg.descriptor == "crop_cls":
+                kw = dict(crop_size=self.cfg.crop_size, batch_size=self.cfg.batch_size, pad=self.cfg.crop_pad)
+            else:
+                kw = dict(size=self.cfg.image_size)
+            desc = segment_descriptors(self.model, image, seg, ids, self.cfg.descriptor, device=self.device,
+                                       dtype=self.dtype, **kw)
+            out += [(fid, cam, int(i), d) for i, d in zip(ids, desc)]
+        stats = pa.Table.from_pylist([{"seconds": time.perf_counter() - t0, "images": n_images,
+                                       "segments": len(out)}], schema=STATS_SCHEMA)
+        return {"": descriptors_table(out), "stats": stats}, rejects
+
+
+def run(ctx: StageContext) -> StageResult:
+    from raydseg.parts import map_parts, part_names
+
+    cfg = ctx.cfg.features
+    frames_dir = storage.join(ctx.stage_dir("ingest"), "frames")
+    t0 = time.perf_counter()
+    index = frame_index(frames_dir)
+    res = map_parts(storage.join(ctx.stage_dir("proposals"), "segments"), ctx.out_dir, FeatureExtractor,
+                    num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus, actor_pool=(1, max(1, cfg.num_actors)),
+                    fn_constructor_kwargs=dict(cfg_dict=ctx.cfg.to_dict()["features"], frames_dir=frames_dir,
+                                               index=index))
+    wall = time.perf_counter() - t0
+    stats_dir = storage.join(ctx.out_dir, "stats")
+    st = pa.concat_tables([storage.read_table(storage.join(stats_dir, n)) for n in part_names(stats_dir)])
+    images, segments = int(pc.sum(st["images"]).as_py() or 0), int(pc.sum(st["segments"]).as_py() or 0)
+    busy = float(pc.sum(st["seconds"]).as_py() or 0.0)
+    if segments == 0:
+        raise RuntimeError(f"features: no segment descriptors ({len(res.rejects)} rejects, first: {res.rejects[:1]})")
+    # logged by the pipeline as features/<name>; wall-clock includes actor start-up and the model build
+    metrics = {"images_per_s": images / wall, "segments_per_s": segments / wall,
+               "actor_images_per_s": images / max(busy, 1e-9), "actor_segments_per_s": segments / max(busy, 1e-9),
+               "segments_per_image": segments / max(images, 1)}
+    counts = {"images": images, "segments": segments, "parts": res.counts.get("parts", 0),
+              "parts_resumed": res.counts.get("parts_resumed", 0)}
+    return StageResult(counts=counts, metrics=metrics, rejects=res.rejects)

@@ -1,0 +1,87 @@
+"""Backbone weights (timm and DINO layouts, refusal of pickled payloads) and the two segment descriptors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raydseg.features.backbone import UnsafeCheckpointError, create_backbone, load_state_dict
+from raydseg.features.pooling import crop_cls_descriptors, mask_pool_descriptors, masked_crops, normalize_image
+
+NAME = "vit_tiny_patch16_224"
+
+
+def _scene():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(64, 96, 3), dtype=np.uint8)
+    seg = np.zeros((64, 96), np.uint16)
+    seg[5:30, 10:40] = 3
+    seg[35:60, 50:90] = 7
+    return img, seg, np.array([3, 7])
+
+
+def test_timm_and_dino_layouts_give_same_features(tmp_path):
+    torch.manual_seed(0)
+    src = create_backbone(NAME)
+    sd = src.state_dict()
+    torch.save(sd, tmp_path / "timm.pth")
+    dino = {"teacher": {f"backbone.{k}": v for k, v in sd.items()},
+            "student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()},
+            "epoch": 100}
+    dino["teacher"]["head.mlp.0.weight"] = torch.zeros(8, 192)  # DINO projection head: dropped
+    torch.save(dino, tmp_path / "dino.pth")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    img, seg, ids = _scene()
+    ref = crop_cls_descriptors(src, img, seg, ids, crop_size=32)
+    for f in ("timm.pth", "dino.pth", "w.safetensors"):
+        m = create_backbone(NAME, str(tmp_path / f))
+        out = crop_cls_descriptors(m, img, seg, ids, crop_size=32)
+        np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f)
+    assert not np.allclose(crop_cls_descriptors(create_backbone(NAME), img, seg, ids, crop_size=32), ref)
+    clean = load_state_dict(str(tmp_path / "dino.pth"), src)
+    assert set(clean) == set(sd) and torch.equal(clean["pos_embed"], sd["pos_embed"])
+
+
+def test_pos_embed_resampled(tmp_path):
+    sd = create_backbone(NAME, img_size=112).state_dict()  # 7x7 grid
+    torch.save({"model": sd}, tmp_path / "small.pth")
+    m = create_backbone(NAME, str(tmp_path / "small.pth"))  # 14x14 grid
+    assert m.pos_embed.shape == (1, 197, 192)
+    torch.testing.assert_close(m.pos_embed[:, 0], sd["pos_embed"][:, 0])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_payload_refused(tmp_path):
+    torch.save({"state": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.pth.*unpickling"):
+        create_backbone(NAME, str(tmp_path / "evil.pth"))
+
+
+def test_masked_crops_zero_outside_after_normalisation():
+    img, seg, ids = _scene()
+    x = normalize_image(img)
+    crops = masked_crops(x, seg, ids, crop_size=25, pad=2)  # box of segment 3 is 25x30, +2 px of zeroed context
+    assert crops.shape == (2, 3, 25, 25)
+    assert torch.all(crops[0, :, 0, :] == 0) and torch.all(crops[0, :, :, 0] == 0)  # padding outside the mask
+    assert torch.all(crops[0, :, 12, 12] != 0)
+
+
+def test_descriptor_shapes_and_norms():
+    m = create_backbone(NAME)
+    img, seg, ids = _scene()
+    a = crop_cls_descriptors(m, img, seg, ids, crop_size=32)
+    b = mask_pool_descriptors(m, img, seg, ids)
+    for d in (a, b):
+        assert d.shape == (2, 192) and d.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(b[0], b[1])
+    # a segment's mask-pooled descriptor only depends on the patches it covers
+    img2 = img.copy()
+    img2[35:64, 48:96] = 0  # change only the region of segment 7 (patch-aligned rows/cols >= 32/48)
+    b2 = mask_pool_descriptors(m, img2, seg, ids)
+    assert not np.allclose(b2[1], b[1])

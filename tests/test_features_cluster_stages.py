@@ -1,0 +1,99 @@
+"""Stages features + cluster on local Ray with hand-built ingest / proposals parts following the contracts."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raydseg import storage
+from raydseg.config import load_config
+from raydseg.data.schema import decode_image, encode_png, frames_to_table
+from raydseg.pipeline import StageContext
+
+W, H = 96, 64
+
+
+def _frame(i: int):
+    rng = np.random.default_rng(i)
+    img = np.full((H, W, 3), 90, np.uint8)
+    gt = np.full((H, W), 0, np.uint8)  # road
+    seg = np.zeros((H, W), np.uint16)
+    ground = np.zeros((H, W), np.uint8)
+    ground[50:, :] = 1
+    boxes = [(5, 25, 5 + 3 * i, 30 + 3 * i, (220, 30, 30), 13), (8, 40, 55, 80, (30, 30, 220), 11),
+             (30, 48, 30, 50, (30, 200, 30), 8)]
+    for sid, (r0, r1, c0, c1, col, cls) in enumerate(boxes, start=1):
+        img[r0:r1, c0:c1] = np.clip(np.array(col) + rng.integers(-10, 10, size=3), 0, 255)
+        gt[r0:r1, c0:c1] = cls
+        seg[r0:r1, c0:c1] = sid
+    K = np.array([[50, 0, W / 2], [0, 50, H / 2], [0, 0, 1]], float)
+    frame = {"frame_id": f"f{i}", "sequence": "s", "timestamp_us": i, "points": np.zeros((1, 4), np.float32),
+             "ring": None, "gt_label": None, "gt_instance": None,
+             "cameras": [{"name": "front", "image": encode_png(img), "width": W, "height": H, "K": K,
+                          "T_cam_lidar": np.eye(4), "timestamp_us": i, "gt_semantic": encode_png(gt),
+                          "gt_instance": None}]}
+    segrow = {"frame_id": f"f{i}", "camera": "front", "width": W, "height": H, "segment_ids": encode_png(seg),
+              "n_segments": 3, "seg_id": [1, 2, 3], "seg_n_points": [30, 30, 30], "seg_centroid": [0.0] * 9,
+              "seg_extent": [1.0] * 9, "seg_range": [5.0] * 3,
+              "seg_n_pixels": [int((seg == s).sum()) for s in (1, 2, 3)], "ground_px": encode_png(ground)}
+    return frame, segrow, seg, gt
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("descriptor", ["mask_pool", "crop_cls"])
+def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descriptor):
+    import mlflow
+
+    from raydseg.stages import cluster, features
+    from raydseg.stages.proposals import SEGMENTS_SCHEMA
+
+    root = str(tmp_path / "run")
+    segs = {}
+    for p in range(2):
+        rows = [_frame(2 * p + j) for j in range(2)]
+        storage.write_table(frames_to_table([r[0] for r in rows]), storage.join(root, "ingest", "frames",
+                                                                                f"part-{p:05d}.parquet"))
+        storage.write_table(pa.Table.from_pylist([r[1] for r in rows], schema=SEGMENTS_SCHEMA),
+                            storage.join(root, "proposals", "segments", f"part-{p:05d}.parquet"))
+        segs.update({r[1]["frame_id"]: (r[2], r[3]) for r in rows})
+    cfg = load_config(overrides=[f"features.descriptor={descriptor}", "features.crop_size=32", "cluster.k=3",
+                                 "cluster.n_actors=2", "cluster.n_iter=5", "cluster.n_restarts=2",
+                                 "cluster.montage_per_cluster=2"])
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("test_features_cluster")
+    with mlflow.start_run() as run:
+        fctx = StageContext(cfg=cfg, run_root=root, out_dir=storage.join(root, "features"), tracking_uri=mlflow_server,
+                            mlflow_run_id=run.info.run_id)
+        fres = features.run(fctx)
+        cctx = StageContext(cfg=cfg, run_root=root, out_dir=storage.join(root, "cluster"), tracking_uri=mlflow_server,
+                            mlflow_run_id=run.info.run_id)
+        cres = cluster.run(cctx)
+    assert fres.counts["images"] == 4 and fres.counts["segments"] == 12 and fres.metrics["images_per_s"] > 0
+    ft = storage.read_table(storage.join(root, "features", "part-00000.parquet"))
+    assert ft.schema.names == ["frame_id", "camera", "segment_id", "descriptor"]
+    assert ft.schema.field("segment_id").type == pa.uint16()
+    assert ft.schema.field("descriptor").type == pa.list_(pa.float32())
+    d = np.array(ft["descriptor"].to_pylist(), np.float32)
+    assert d.shape == (6, 192)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+
+    cent = np.load(storage.local_copy(storage.join(root, "cluster", "centroids.npy")))
+    assert cent.shape == (3, 192)
+    assert cres.counts["segments"] == 12 and cres.counts["label_images"] == 4
+    pl = pa.concat_tables([storage.read_table(storage.join(root, "cluster", "pseudolabels", f"part-{p:05d}.parquet"))
+                           for p in range(2)])
+    assert pl.schema.names == ["frame_id", "camera", "image", "label", "segment_ids", "gt_semantic"]
+    for row in pl.to_pylist():
+        seg, gt = segs[row["frame_id"]]
+        lab = decode_image(row["label"])
+        assert lab.dtype == np.uint8 and lab.shape == (H, W)
+        assert np.all(lab[seg == 0][:10] == 255) and np.all(lab[50:][seg[50:] == 0] == 0)  # unlabelled / ground
+        assert set(np.unique(lab[seg > 0])) <= {1, 2, 3}
+        for s in (1, 2, 3):  # a segment is painted with one pseudo-class
+            assert len(np.unique(lab[seg == s])) == 1
+        np.testing.assert_array_equal(decode_image(row["gt_semantic"]), gt)
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    hist = client.get_metric_history(run.info.run_id, "cluster/inertia")
+    assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 5
+    assert sum(m.value for m in client.get_metric_history(run.info.run_id, "cluster/cluster_size")) == 12
+    assert "cluster_montage.png" in [f.path for f in client.list_artifacts(run.info.run_id)]

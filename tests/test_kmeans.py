@@ -1,0 +1,114 @@
+"""Distributed k-means: planted clusters, agreement with faiss, actor-count invariance, empty clusters, lost actors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raydseg.clustering.kmeans import kmeans_distributed, kmeans_local, kmeans_pp, preprocess
+
+
+def planted(n: int = 3000, k: int = 6, d: int = 16, sep: float = 4.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * sep
+    y = rng.integers(k, size=n)
+    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y, centers
+
+
+def test_planted_clusters_recovered_reference_path():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y, _ = planted()
+    res = kmeans_local(x, 6, n_iter=20, n_restarts=2, seed=3, n_shards=2)
+    assert adjusted_rand_score(y, res.labels) > 0.99
+    assert res.labels.shape == (len(x),) and res.centroids.shape == (6, 16) and res.centroids.dtype == np.float32
+    assert res.counts.sum() == len(x) and (res.counts > 0).all()
+    assert len(res.inertia_history) == 20 and res.inertia == pytest.approx(res.inertia_history[-1])
+    assert min(res.restart_inertia) == pytest.approx(res.inertia)
+    # inertia never increases along Lloyd iterations
+    assert np.all(np.diff(res.inertia_history) <= 1e-6 * res.inertia_history[0])
+
+
+def test_local_result_independent_of_shard_count():
+    x, _, _ = planted(seed=1)
+    ref = kmeans_local(x, 6, n_iter=10, seed=5, n_shards=1)
+    for s in (2, 3):
+        r = kmeans_local(x, 6, n_iter=10, seed=5, n_shards=s)
+        np.testing.assert_allclose(r.centroids, ref.centroids, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(r.labels, ref.labels)
+
+
+def test_empty_clusters_are_split_never_returned():
+    x, y, centers = planted(n=2000, k=4, seed=2)
+    # two of six initial centroids lie far from every point: empty after the first assignment
+    init = np.vstack([centers, np.full((2, x.shape[1]), 500.0)])
+    res = kmeans_local(x, 6, n_iter=5, init=init)
+    assert res.n_splits >= 2
+    assert (res.counts > 0).all() and len(np.unique(res.labels)) == 6
+    # adversarial duplicated data: 7 distinct rows repeated many times, k = 7 -> every distinct row its own cluster
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(7, 8)).astype(np.float32)
+    dup = base[rng.integers(7, size=700)]
+    res = kmeans_local(dup, 7, n_iter=10, seed=0, n_restarts=2)
+    assert (res.counts > 0).all() and res.inertia == pytest.approx(0.0, abs=1e-6)
+    # fewer distinct rows than k: a clear error, never an empty cluster
+    with pytest.raises(ValueError, match="fewer than k=8 distinct rows"):
+        kmeans_local(dup, 8, n_iter=5)
+
+
+def test_kmeans_pp_spreads_seeds():
+    x, y, _ = planted(n=1200, k=5, sep=10.0)
+    c = kmeans_pp(x, 5, np.random.default_rng(0))
+    hit = {int(y[np.argmin(((x - ci) ** 2).sum(1))]) for ci in c}
+    assert len(hit) == 5  # one seed in every well-separated planted cluster
+
+
+def test_pca_whitening_optional():
+    x, _, _ = planted(n=500, d=32)
+    assert preprocess(x) is not None and np.array_equal(preprocess(x), x)
+    y = preprocess(x, pca_dim=8, whiten=True)
+    assert y.shape == (500, 8)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
+    import faiss
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y, _ = planted(n=3000, k=6, d=16, sep=3.0, seed=4)
+    runs = {a: kmeans_distributed(x, 6, n_actors=a, n_iter=15, n_restarts=2, seed=7, num_cpus=0.5) for a in (1, 2, 3)}
+    for a in (2, 3):
+        np.testing.assert_allclose(runs[a].centroids, runs[1].centroids, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(runs[a].labels, runs[1].labels)
+        assert runs[a].inertia == pytest.approx(runs[1].inertia, rel=1e-9)
+    assert adjusted_rand_score(y, runs[2].labels) > 0.99
+    km = faiss.Kmeans(16, 6, niter=15, seed=7, nredo=10)  # random init: restarts to reach the optimum
+    km.train(x)
+    d, _ = km.index.search(x, 1)
+    assert runs[2].inertia == pytest.approx(float(d.sum()), rel=0.01)
+    # and the distributed path equals the pure-numpy reference
+    ref = kmeans_local(x, 6, n_iter=15, n_restarts=2, seed=7, n_shards=1, use_faiss=False)
+    np.testing.assert_array_equal(runs[1].labels, ref.labels)
+    np.testing.assert_allclose(runs[1].centroids, ref.centroids, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_killed_actor_is_recreated_and_result_unchanged(ray_local):
+    x, _, _ = planted(n=2000, k=5, seed=6)
+    ref = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5)
+    state = {}
+
+    def keep_backend(backend):
+        state["backend"] = backend
+
+    def kill_mid_run(restart, it, inertia):
+        if it == 3 and not state.get("killed"):
+            state["killed"] = True
+            ray_local.kill(state["backend"].actors[1], no_restart=True)
+
+    res = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5, backend_hook=keep_backend,
+                             on_iteration=kill_mid_run)
+    assert state["killed"] and res.n_actor_restarts == 1
+    np.testing.assert_allclose(res.centroids, ref.centroids, atol=1e-6)
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    assert res.inertia_history == pytest.approx(ref.inertia_history, rel=1e-9)
