@@ -1,0 +1,34 @@
+"""Segmentation losses: cross-entropy on sparse pseudo-labels (255 ignored) and soft-target distillation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Mean cross-entropy over labelled pixels. logits (B, C, H, W), target (B, H, W) int (ignore_index skipped).
+
+    All pixels ignored -> 0 with zero gradient (not NaN as `F.cross_entropy(reduction="mean")` gives).
+    """
+    target = target.long()
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    n = (target != ignore_index).sum().clamp(min=1)
+    return total / n
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the student's tempered softmax against the teacher's soft targets, x T^2 (Hinton).
+
+    student_logits (B, C, H, W); teacher_probs (B, C, H, W) summing to 1 over C (e.g. softmax(teacher / T));
+    valid (B, H, W) bool, pixels to count (None = all). Equals `ce_loss` when the teacher is one-hot and T = 1.
+    The KL divergence differs from this only by the teacher's entropy, a constant for the student.
+    """
+    logp = F.log_softmax(student_logits.float() / temperature, dim=1)
+    per_px = -(teacher_probs.float() * logp).sum(dim=1)  # (B, H, W)
+    if valid is None:
+        valid = torch.ones_like(per_px, dtype=torch.bool)
+    n = valid.sum().clamp(min=1)
+    return (per_px * valid).sum() / n * temperature ** 2

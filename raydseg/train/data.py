@@ -1,0 +1,143 @@
+"""Training data: `cluster/pseudolabels/part-*.parquet` through Ray Data, decoded and augmented in map_batches.
+
+Rows are frame x camera: `image` (PNG/JPEG bytes), `label` (PNG uint8 pseudo-classes, 255 = ignore),
+`segment_ids` (PNG uint16, 0 = no segment). A deterministic hash of `frame_id` holds out a fraction of the frames
+for validation (`is_val`); training batches never contain them. Decoding and augmentation (random resized crop,
+horizontal flip, photometric jitter) run in Ray Data tasks, never on the driver.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+
+from raydseg import storage
+from raydseg.data.schema import decode_image
+
+IGNORE = 255
+
+
+def is_val(frame_id: str, val_fraction: float) -> bool:
+    """Deterministic held-out split by frame (all cameras of a frame fall on the same side)."""
+    return (zlib.crc32(frame_id.encode()) % 10_000) < round(val_fraction * 10_000)
+
+
+def part_paths(pl_dir: str) -> list[str]:
+    names = sorted(n for n in storage.listdir(pl_dir) if n.startswith("part-") and n.endswith(".parquet"))
+    if not names:
+        raise FileNotFoundError(f"no part-*.parquet pseudo-label files in {pl_dir}")
+    return [storage.join(pl_dir, n) for n in names]
+
+
+def _resize(a: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """(h, w[, 3]) -> size (H, W); nearest for labels / segment ids, bilinear for images."""
+    from PIL import Image
+
+    H, W = size
+    if a.ndim == 2 and a.dtype != np.uint8:
+        im = Image.fromarray(a.astype(np.int32), mode="I")
+        return np.asarray(im.resize((W, H), Image.NEAREST)).astype(a.dtype)
+    im = Image.fromarray(a)
+    return np.asarray(im.resize((W, H), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float],
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(y0, x0, ch, cw): a crop of area fraction ~U(scale) of min(h, w)^2 and aspect ~logU(ratio), inside the image."""
+    side = min(h, w)
+    area = side * side * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+    cw = int(np.clip(round(np.sqrt(area * aspect)), 1, w))
+    ch = int(np.clip(round(np.sqrt(area / aspect)), 1, h))
+    return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+
+
+def photometric_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness, contrast and saturation factors in [1 - s, 1 + s] on a uint8 (H, W, 3) image."""
+    if strength <= 0:
+        return image
+    x = image.astype(np.float32)
+    x = x * rng.uniform(1 - strength, 1 + strength)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
+    gray = x.mean(axis=2, keepdims=True)
+    x = (x - gray) * rng.uniform(1 - strength, 1 + strength) + gray
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def augment_example(image: np.ndarray, label: np.ndarray, segments: np.ndarray | None, rng: np.random.Generator,
+                    crop: int, scale: tuple[float, float], flip: bool, jitter: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One training view: (crop, crop, 3) uint8, (crop, crop) uint8 labels, (crop, crop) int32 segment ids."""
+    h, w = label.shape
+    y0, x0, ch, cw = random_resized_crop_box(h, w, rng, scale)
+    image = _resize(image[y0:y0 + ch, x0:x0 + cw], (crop, crop), nearest=False)
+    label = _resize(label[y0:y0 + ch, x0:x0 + cw], (crop, crop), nearest=True)
+    if segments is not None:
+        segments = _resize(segments[y0:y0 + ch, x0:x0 + cw].astype(np.int32), (crop, crop), nearest=True)
+    if flip and rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+        segments = segments[:, ::-1] if segments is not None else None
+    image = photometric_jitter(image, rng, jitter)
+    return (np.ascontiguousarray(image), np.ascontiguousarray(label),
+            None if segments is None else np.ascontiguousarray(segments))
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, crop: int, scale_min: float, scale_max: float, flip: bool,
+                  jitter: float, val_fraction: float, with_segments: bool) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn (numpy format): drop held-out frames, decode and augment every remaining row.
+
+    Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32].
+    """
+    rng = np.random.default_rng()
+    images, labels, segs = [], [], []
+    for i, fid in enumerate(batch["frame_id"]):
+        if is_val(str(fid), val_fraction):
+            continue
+        image = decode_image(batch["image"][i])
+        label = decode_image(batch["label"][i])
+        seg = decode_image(batch["segment_ids"][i]) if with_segments else None
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2).astype(np.uint8)
+        im, lb, sg = augment_example(image, label, seg, rng, crop, (scale_min, scale_max), flip, jitter)
+        images.append(im)
+        labels.append(lb)
+        if with_segments:
+            segs.append(sg)
+    out = {"image": np.stack(images) if images else np.zeros((0, crop, crop, 3), np.uint8),
+           "label": np.stack(labels) if labels else np.zeros((0, crop, crop), np.uint8)}
+    if with_segments:
+        out["segments"] = np.stack(segs) if segs else np.zeros((0, crop, crop), np.int32)
+    return out
+
+
+def build_train_dataset(pl_dir: str, aug: dict[str, Any], with_segments: bool = False):
+    """Ray Dataset of augmented training views from the pseudo-label parts (lazy; executed by the trainer)."""
+    import ray
+
+    fs, _ = storage.filesystem(pl_dir)
+    paths = [storage.filesystem(p)[1] for p in part_paths(pl_dir)]
+    columns = ["frame_id", "image", "label"] + (["segment_ids"] if with_segments else [])
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=4,
+                          fn_kwargs=dict(crop=aug["crop_size"], scale_min=aug["scale_min"],
+                                         scale_max=aug["scale_max"], flip=aug["flip"], jitter=aug["jitter"],
+                                         val_fraction=aug["val_fraction"], with_segments=with_segments))
+
+
+def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:
+    """Held-out rows `{frame_id, camera, image (H,W,3) uint8, label (H,W) uint8}` (read on rank 0, few images)."""
+    rows: list[dict[str, Any]] = []
+    for path in part_paths(pl_dir):
+        ids = storage.read_table(path, columns=["frame_id"]).column("frame_id").to_pylist()
+        if not any(is_val(f, val_fraction) for f in ids):
+            continue
+        d = storage.read_table(path, columns=["frame_id", "camera", "image", "label"]).to_pydict()
+        for i, fid in enumerate(d["frame_id"]):
+            if is_val(fid, val_fraction):
+                rows.append({"frame_id": fid, "camera": d["camera"][i], "image": decode_image(d["image"][i]),
+                             "label": decode_image(d["label"][i])})
+                if len(rows) >= max_images:
+                    return rows
+    return rows

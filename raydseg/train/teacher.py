@@ -1,0 +1,89 @@
+"""Teacher training: Segmenter on the sparse pseudo-labels with Ray Train (`TorchTrainer`, DDP: gloo / NCCL).
+
+`train(cfg, pl_dir, out_dir, ...)` builds the Ray Dataset (decoding + augmentation in map_batches), the trainer
+(ScalingConfig, RunConfig under `<out_dir>/ray_train`, FailureConfig) and runs `train_loop_per_worker`
+(raydseg.train.loop). Rerunning with the same `out_dir` resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from raydseg import storage
+from raydseg.config import Config
+from raydseg.train.loop import train_loop_per_worker  # noqa: F401 - the worker function of this stage
+
+TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+              "warmup_steps", "amp", "checkpoint_every", "log_every", "val_fraction", "val_images", "val_every",
+              "n_overlays", "torch_threads")
+
+
+def n_pseudo_classes(cfg: Config) -> int:
+    return cfg.teacher.n_cls or (cfg.cluster.k + int(cfg.cluster.ground_class))
+
+
+def model_cfg_from(cfg: Config) -> dict[str, Any]:
+    t = cfg.teacher
+    return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
+            "dropout": t.dropout, "drop_path": t.drop_path}
+
+
+def encoder_weights(cfg: Config) -> str:
+    if cfg.teacher.weights:
+        return cfg.teacher.weights
+    return cfg.features.weights if cfg.features.backbone == cfg.teacher.backbone else ""
+
+
+def loop_config(section: Any, *, mode: str, model_cfg: dict, pl_dir: str, out_dir: str, seed: int,
+                tracking_uri: str = "", mlflow_run_id: str = "", params: dict | None = None,
+                hooks: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """The plain dict handed to every worker (no Config object crosses the process boundary)."""
+    c = {k: getattr(section, k) for k in TRAIN_KEYS}
+    c.update(mode=mode, model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=seed, tracking_uri=tracking_uri,
+             mlflow_run_id=mlflow_run_id, params=params or {}, hooks=hooks or {}, prefix=f"{mode}/")
+    c.update(extra or {})
+    return c
+
+
+def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str, name: str,
+                timeout_s: int = 1800) -> Any:
+    """Fit a TorchTrainer; returns the ray.train.Result (raises when training failed beyond max_failures)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, path = storage.filesystem(storage.join(out_dir, "ray_train"))
+    if not storage.is_s3(out_dir):
+        os.makedirs(path, exist_ok=True)
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=path, storage_filesystem=fs if storage.is_s3(out_dir) else None,
+        failure_config=ray.train.FailureConfig(max_failures=section.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    scaling = ray.train.ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
+                                      resources_per_worker={"CPU": section.cpus_per_worker},
+                                      placement_strategy="SPREAD" if section.num_workers > 1 else "PACK")
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
+                           run_config=run_config, datasets={"train": dataset},
+                           torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo",
+                                                    timeout_s=timeout_s))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
+          name: str = "teacher", hooks: dict | None = None, timeout_s: int = 1800) -> Any:
+    """Train the teacher on `pl_dir` (cluster/pseudolabels); writes `<out_dir>/model/`; returns the Result."""
+    from raydseg.train.data import build_train_dataset
+
+    t = cfg.teacher
+    model_cfg = model_cfg_from(cfg)
+    params = {f"teacher.{k}": v for k, v in dataclasses.asdict(t).items()}
+    params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
+    config = loop_config(t, mode="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
+                         tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
+                         extra={"encoder_weights": encoder_weights(cfg)})
+    ds = build_train_dataset(pl_dir, {"crop_size": t.crop_size, "scale_min": t.scale_min, "scale_max": t.scale_max,
+                                      "flip": t.flip, "jitter": t.jitter, "val_fraction": t.val_fraction})
+    return run_trainer(t, config, ds, out_dir, name, timeout_s)

@@ -1,0 +1,145 @@
+"""Student stage ingredients: exact EMA, soft-target loss, LiDAR-segment refinement, EMA in checkpoints, and a
+student run on Ray Train initialised from a saved teacher."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from raydseg.models.ema import EMA
+from raydseg.models.losses import ce_loss, soft_target_loss
+from raydseg.models.segmenter import build_segmenter
+from raydseg.refine import refine_numpy, refine_with_segments
+from raydseg.train.loop import load_train_state, lr_factor, save_train_state
+
+TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
+
+
+def test_ema_update_is_exactly_m_teacher_plus_one_minus_m_student():
+    torch.manual_seed(0)
+    student = build_segmenter(TINY)
+    ema = EMA(student)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    m = 0.9
+    ema.update(student, m)
+    s = student.state_dict()
+    for k, t in ema.state_dict().items():
+        assert torch.equal(t, m * before[k] + (1 - m) * s[k]), k
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_with_momentum_one_keeps_teacher_and_zero_copies_student():
+    student = build_segmenter(TINY)
+    ema = EMA(student)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(2.0).add_(1.0)
+    ema.update(student, 1.0)
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
+    ema.update(student, 0.0)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in ema.state_dict().items())
+
+
+def test_soft_target_loss_equals_cross_entropy_for_one_hot_teacher():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7)
+    target = torch.randint(0, 5, (2, 6, 7))
+    one_hot = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float()
+    assert torch.allclose(soft_target_loss(logits, one_hot, temperature=1.0), ce_loss(logits, target), atol=1e-6)
+    # valid mask selects pixels like the ignore index does
+    valid = torch.rand(2, 6, 7) > 0.5
+    assert torch.allclose(soft_target_loss(logits, one_hot, 1.0, valid),
+                          ce_loss(logits, torch.where(valid, target, 255)), atol=1e-6)
+
+
+def test_soft_target_loss_is_minimal_at_the_teacher_distribution():
+    teacher = torch.softmax(torch.randn(1, 4, 3, 3) / 2.0, 1)
+    at_teacher = soft_target_loss(teacher.log() * 2.0, teacher, temperature=2.0)  # student/T = log teacher
+    other = soft_target_loss(torch.randn(1, 4, 3, 3), teacher, temperature=2.0)
+    assert at_teacher < other
+
+
+def test_refinement_turns_segment_into_majority_class_and_leaves_outside_untouched():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (20, 30))
+    segments = np.zeros((20, 30), np.int64)
+    segments[2:10, 3:12] = 1
+    segments[12:18, 15:28] = 7
+    labels[2:10, 3:12] = 2
+    noisy = rng.random((8, 9)) < 0.3
+    labels[2:10, 3:12][noisy] = rng.integers(0, 5, noisy.sum())  # a noisy prediction, 2 still the majority
+    labels[12:18, 15:28] = 4
+    labels[12, 15:20] = 1
+    out = refine_numpy(labels, segments, 5)
+    assert (out[segments == 1] == 2).all() and (out[segments == 7] == 4).all()
+    assert np.array_equal(out[segments == 0], labels[segments == 0])
+
+
+def test_refinement_is_per_image_in_a_batch():
+    labels = torch.tensor([[[0, 0, 1]], [[1, 1, 0]]])
+    segments = torch.tensor([[[1, 1, 1]], [[1, 1, 1]]])  # same id in two images = two different segments
+    assert refine_with_segments(labels, segments, 2).tolist() == [[[0, 0, 0]], [[1, 1, 1]]]
+
+
+def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = build_segmenter(TINY)
+    ema = EMA(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, "poly", 0))
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    for _ in range(2):
+        opt.zero_grad()
+        ce_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+        ema.update(model, 0.9)
+    save_train_state(str(tmp_path / "state.pt"), model, opt, sched, 2, ema)
+
+    model2 = build_segmenter({**TINY})
+    ema2 = EMA(model2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 10, "poly", 0))
+    assert load_train_state(str(tmp_path / "state.pt"), model2, opt2, sched2, ema2) == 2
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, ema2.state_dict()[k]), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k]), k
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    with pytest.raises(KeyError, match="no EMA state"):
+        save_train_state(str(tmp_path / "plain.pt"), model, opt, sched, 2)
+        load_train_state(str(tmp_path / "plain.pt"), model2, opt2, sched2, ema2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local, tmp_path):
+    from raydseg.config import load_config
+    from raydseg.models.io import load_model, save_model
+    from raydseg.train.student import train
+    from raydseg.train.synthetic import write_blob_parts
+
+    write_blob_parts(str(tmp_path / "pl"), n_images=12, h=48, w=64, n_parts=2, n_cls=4)
+    torch.manual_seed(1)
+    teacher = build_segmenter(TINY)
+    save_model(teacher, TINY, str(tmp_path / "teacher"))
+    sets = {"student.steps": 3, "student.batch_size": 2, "student.crop_size": 48, "student.checkpoint_every": 3,
+            "student.log_every": 1, "student.val_every": -1, "student.ema_momentum": 0.5, "student.lr": 1e-3}
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
+    result = train(cfg, str(tmp_path / "pl"), str(tmp_path / "teacher"), str(tmp_path / "out"), name="student")
+    assert result.metrics["step"] == 3
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+    exported = load_model(str(tmp_path / "out" / "model")).state_dict()
+    for k, v in state["ema"].items():  # the exported model is the checkpointed EMA teacher
+        assert torch.equal(v, exported[k]), k
+    # EMA teacher moved away from the initial teacher, and is between it and the student
+    t0 = teacher.state_dict()["decoder.cls_emb"]
+    e, s = state["ema"]["decoder.cls_emb"], state["model"]["decoder.cls_emb"]
+    assert not torch.equal(e, t0) and (e - t0).norm() < (s - t0).norm()
