@@ -1,0 +1,42 @@
+"""Compare the runs of an MLflow experiment: `python jobs/compare_runs.py --experiment NAME [--out FILE]`.
+
+Prints a markdown table (config values that differ between runs vs `eval/<model>/<set>/{miou,pixel_acc}` in %),
+and with --out writes FILE.csv (raw fractions) and FILE.md next to each other (any extension of FILE is dropped).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raydseg.eval.compare import runs_table, to_csv, to_markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (config tracking.experiment)")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--out", default=None, help="write OUT.csv and OUT.md")
+    p.add_argument("--all-classes", action="store_true", help="also per-class IoU columns")
+    args = p.parse_args(argv)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    suffixes = ("/miou", "/pixel_acc") + (("",) if args.all_classes else ())
+    try:
+        header, rows = runs_table(args.experiment, uri, suffixes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md = to_markdown(header, rows)
+    print(md)
+    if args.out:
+        stem = os.path.splitext(args.out)[0]
+        with open(stem + ".csv", "w") as f:
+            f.write(to_csv(header, rows))
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+        print(f"wrote {stem}.csv and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""k-NN evaluation of segment descriptors against the majority ground-truth class of each segment."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def segment_majority_class(segment_ids: np.ndarray, gt: np.ndarray, n_classes: int = 19,
+                           ignore_index: int = 255) -> dict[int, int]:
+    """Majority valid ground-truth class of every segment.
+
+    Args:
+        segment_ids: (H, W) uint16 segment ids, 0 = no segment.
+        gt: (H, W) classes in [0, n_classes) or `ignore_index`.
+    Returns:
+        {segment_id: class} for segments with at least one valid gt pixel (void pixels never vote).
+    """
+    seg = np.asarray(segment_ids, dtype=np.int64).ravel()
+    g = np.asarray(gt, dtype=np.int64).ravel()
+    keep = (seg > 0) & (g != ignore_index) & (g < n_classes)
+    if not keep.any():
+        return {}
+    seg, g = seg[keep], g[keep]
+    ids, inv = np.unique(seg, return_inverse=True)
+    counts = np.zeros((len(ids), n_classes), dtype=np.int64)
+    np.add.at(counts, (inv, g), 1)
+    return {int(i): int(c) for i, c in zip(ids, counts.argmax(axis=1))}
+
+
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 5,
+                chunk: int = 4096) -> np.ndarray:
+    """Cosine-similarity k-NN majority vote (ties -> the class with the highest summed similarity).
+
+    Args:
+        train_x: (N, D) descriptors; train_y: (N,) int classes; test_x: (M, D) descriptors.
+    Returns:
+        (M,) int64 predicted classes.
+    """
+    tx = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
+    qx = test_x / np.maximum(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(tx))
+    n_cls = int(train_y.max()) + 1
+    out = np.empty(len(qx), dtype=np.int64)
+    for s in range(0, len(qx), chunk):
+        sim = qx[s:s + chunk] @ tx.T
+        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(nn), n_cls))
+        rows = np.repeat(np.arange(len(nn)), k)
+        np.add.at(votes, (rows, train_y[nn].ravel()), 1.0 + 1e-6 * np.take_along_axis(sim, nn, 1).ravel())
+        out[s:s + chunk] = votes.argmax(axis=1)
+    return out
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 k: int = 5) -> dict[str, float]:
+    """k-NN top-1 accuracy and mean per-class accuracy (fractions) of segment descriptors."""
+    if len(train_x) == 0 or len(test_x) == 0:
+        return {"knn_acc": float("nan"), "knn_mean_class_acc": float("nan")}
+    pred = knn_predict(train_x, train_y, test_x, k)
+    per_class = [float(np.mean(pred[test_y == c] == c)) for c in np.unique(test_y)]
+    return {"knn_acc": float(np.mean(pred == test_y)), "knn_mean_class_acc": float(np.mean(per_class))}
