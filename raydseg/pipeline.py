@@ -62,7 +62,9 @@ class StageReport:
 
 
 def run_root(cfg: Config) -> str:
-    return storage.join(cfg.run.output_root, cfg.run.name)
+    """<output_root>/<name>; a local root is made absolute, since Ray workers run in other directories."""
+    root = cfg.run.output_root if storage.is_s3(cfg.run.output_root) else os.path.abspath(cfg.run.output_root)
+    return storage.join(root, cfg.run.name)
 
 
 def available_stages() -> list[str]:
@@ -110,6 +112,8 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if env:  # under `ray job submit`, merge with the job's runtime env (working_dir, its env_vars) instead of failing
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     # "local" always starts a fresh cluster instead of joining a stray `ray start` on this machine
     ray.init(address=address or "local", include_dashboard=False if address is None else None,
              runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
@@ -184,17 +188,25 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
         mlflow.set_tag("raydseg.run_root", root)
         log(f"MLflow parent run {parent.info.run_id} ({uri}); outputs in {root}")
         for name in wanted:
-            reports.append(run_stage(cfg, name, root, uri, parent.info.run_id, log))
-            mlflow.set_tag(f"raydseg.{name}", reports[-1].status)
+            r = run_stage(cfg, name, root, uri, parent.info.run_id, log)
+            reports.append(r)
+            mlflow.set_tag(f"raydseg.{name}", r.status)
+            # the parent carries every stage's figures too (also of skipped stages, from their manifest), so
+            # that runs compare side by side in the MLflow UI without opening child runs
+            tracking.log_metrics({**r.counts, **r.metrics, "rejects": r.n_rejects}, prefix=f"{name}/")
     log(summary_table(reports))
     return PipelineResult(parent.info.run_id, root, reports)
+
+
+HEADLINE = ("miou", "purity", "loss", "per_s", "recall")  # metrics the summary table shows
 
 
 def summary_table(reports: list[StageReport]) -> str:
     rows = [("stage", "status", "time_s", "rejects", "counts / metrics")]
     for r in reports:
-        shown = {**r.counts, **{k: round(v, 4) for k, v in r.metrics.items() if isinstance(v, float)}}
-        text = ", ".join(f"{k}={v}" for k, v in list(shown.items())[:8])
+        key = {k: round(v, 4) for k, v in r.metrics.items() if any(h in k for h in HEADLINE) and "iou_" not in k}
+        shown = {**dict(list(r.counts.items())[:4]), **dict(list(key.items())[:8])}
+        text = ", ".join(f"{k}={v}" for k, v in shown.items())
         rows.append((r.name, r.status, f"{r.seconds:.1f}", str(r.n_rejects), text))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(row[i].ljust(widths[i]) for i in range(4)) + "  " + row[4] for row in rows]

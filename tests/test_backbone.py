@@ -85,3 +85,17 @@ def test_descriptor_shapes_and_norms():
     img2[35:64, 48:96] = 0  # change only the region of segment 7 (patch-aligned rows/cols >= 32/48)
     b2 = mask_pool_descriptors(m, img2, seg, ids)
     assert not np.allclose(b2[1], b[1])
+
+
+def test_random_init_is_reproducible_per_seed_and_leaves_global_rng_alone():
+    """Every feature actor and every rerun must build the same random-init model, or descriptors change."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = create_backbone("vit_tiny_patch16_224", seed=3)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    b = create_backbone("vit_tiny_patch16_224", seed=3)
+    c = create_backbone("vit_tiny_patch16_224", seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["patch_embed.proj.weight"], sc["patch_embed.proj.weight"])

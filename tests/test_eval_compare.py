@@ -16,8 +16,10 @@ def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("ablation-k")
+    parents = []
     for k, miou in [(10, 0.21), (30, 0.35)]:
         with mlflow.start_run(run_name=f"k{k}") as parent:
+            parents.append(parent.info.run_id)
             mlflow.log_params({"cluster.k": k, "run.seed": 0})
             mlflow.log_metrics({"eval/student/synthetic_day/miou": miou, "eval/student/synthetic_day/iou_road": 0.9})
             with mlflow.start_run(run_name="evaluate", nested=True, parent_run_id=parent.info.run_id):
@@ -38,6 +40,35 @@ def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
                           "--tracking-uri", uri], capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 2 and "not found" in bad.stderr
+    return uri, parents
+
+
+def test_compare_page_screenshot_lands_in_both_runs_artifacts(tmp_path):
+    """The MLflow UI's comparison page, rendered by headless Chromium, saved under each run's artifacts."""
+    import os
+    import shutil
+
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required in CI (apt-get install -y chromium)")
+        pytest.skip("chromium not installed")
+    uri, parents = test_compare_runs_table_shows_differing_config_and_metrics(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "compare_runs.py"), "--experiment", "ablation-k",
+                           "--tracking-uri", uri, "--screenshot", ",".join(parents)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                                      "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    client = mlflow.MlflowClient(uri)
+    name = "compare/compare_" + "_".join(r[:8] for r in parents) + ".png"
+    for run_id in parents:
+        assert name in [a.path for a in client.list_artifacts(run_id, "compare")]
+    png = Image.open(client.download_artifacts(parents[0], name, str(tmp_path))).convert("L")
+    pixels = np.asarray(png, np.float32)
+    assert png.size == (1600, 2400) and pixels.std() > 10, "blank page: the UI did not render"
 
 
 @pytest.mark.parametrize("value,text", [(0.1234, "12.3"), (float("nan"), "")])

@@ -80,6 +80,9 @@ def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descrip
     cent = np.load(storage.local_copy(storage.join(root, "cluster", "centroids.npy")))
     assert cent.shape == (3, 192)
     assert cres.counts["segments"] == 12 and cres.counts["label_images"] == 4
+    # three colour-coded object classes: the clusters follow them, randomly permuted clusters do not
+    assert cres.metrics["purity_images"] == 4 and cres.metrics["purity_segments"] >= 0.9
+    assert cres.metrics["purity_random"] < cres.metrics["purity_segments"] - 0.2
     pl = pa.concat_tables([storage.read_table(storage.join(root, "cluster", "pseudolabels", f"part-{p:05d}.parquet"))
                            for p in range(2)])
     assert pl.schema.names == ["frame_id", "camera", "image", "label", "segment_ids", "gt_semantic"]
@@ -97,3 +100,21 @@ def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descrip
     assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 5
     assert sum(m.value for m in client.get_metric_history(run.info.run_id, "cluster/cluster_size")) == 12
     assert "cluster_montage.png" in [f.path for f in client.list_artifacts(run.info.run_id)]
+
+
+@pytest.mark.ray
+def test_pseudo_label_purity_on_synthetic_frames_beats_random_clusters(tmp_path, ray_local):
+    """ingest -> proposals -> features -> cluster on 12 synthetic frames (640x320, 32 beams), random-init ViT-Ti:
+    the k-means pseudo-labels of the segments are purer than the same segments under permuted clusters.
+    Measured: purity_segments 0.728 vs purity_random 0.620 (seed 0). Floors leave room for kernel rounding."""
+    from raydseg.pipeline import run_pipeline
+
+    cfg = load_config(overrides=[
+        "synthetic.n_sequences=3", "synthetic.frames_per_sequence=4", "synthetic.eval_conditions=day",
+        "synthetic.eval_images_per_condition=1", "data.frames_per_part=2", "features.crop_size=112", "cluster.k=8",
+        "cluster.montage_per_cluster=0", f"run.output_root={tmp_path}", "run.stages=ingest,proposals,features,cluster",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    result = run_pipeline(cfg, log=lambda m: None)
+    m = result.reports[-1].metrics
+    assert result.reports[-1].counts["segments"] >= 150 and m["purity_images"] == 12
+    assert m["purity_segments"] >= 0.68 and m["purity_segments"] >= m["purity_random"] + 0.07, m

@@ -47,6 +47,26 @@ def purity(labels: list[np.ndarray], gts: list[np.ndarray], ignore: int = IGNORE
     return float(conf.max(1).sum() / conf.sum())
 
 
+def segment_purity(images: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], seed: int = 0,
+                   ) -> tuple[float, float]:
+    """Purity of the segment pixels (ground excluded) under the k-means classes and under a random-cluster control.
+
+    images: per image (segment_ids (H, W) int, gt (H, W) uint8 with 255 = void, seg_ids (S,), seg_classes (S,)).
+    The control permutes the classes over all segments (same cluster sizes, no descriptor information), so the
+    gap between the two is what the features contributed. Returns (purity, control purity).
+    """
+    all_classes = np.concatenate([np.asarray(c, np.int64) for *_, c in images]) if images else np.zeros(0, np.int64)
+    shuffled = np.random.default_rng(seed).permutation(all_classes)
+    labels, controls, gts, start = [], [], [], 0
+    for sid, gt, seg_ids, seg_classes in images:
+        n = len(seg_ids)
+        labels.append(paint_labels(sid, seg_ids, seg_classes, ground_class=False))
+        controls.append(paint_labels(sid, seg_ids, shuffled[start:start + n], ground_class=False))
+        gts.append(gt)
+        start += n
+    return purity(labels, gts), purity(controls, gts)
+
+
 def segment_thumbnail(image: np.ndarray, segment_ids: np.ndarray, sid: int, px: int = 64) -> np.ndarray:
     """(px, px, 3) uint8 thumbnail of the segment's tight box, pixels outside the segment darkened."""
     from PIL import Image

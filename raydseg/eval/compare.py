@@ -54,3 +54,76 @@ def to_csv(header: list[str], rows: list[list[Any]]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+def chromium_executable() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def compare_page_url(base_url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """The MLflow UI's side-by-side comparison page of `run_ids`."""
+    import json
+    import urllib.parse
+
+    q = lambda v: urllib.parse.quote(json.dumps(v, separators=(",", ":")))  # noqa: E731
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs={q(run_ids)}&experiments={q(sorted(set(experiment_ids)))}"
+
+
+def screenshot_compare(tracking_uri: str, run_ids: list[str], out_png: str, size: tuple[int, int] = (1600, 2400),
+                       timeout_s: float = 180.0) -> str:
+    """PNG screenshot (headless Chromium) of the MLflow UI comparing `run_ids`; returns the page URL.
+
+    An http(s) tracking URI is the UI itself; for a database URI (sqlite:///...) a throw-away `mlflow server` is
+    started on loopback for the screenshot. Raises RuntimeError when Chromium is missing or the page stays blank.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    exe = chromium_executable()
+    if exe is None:
+        raise RuntimeError("the comparison screenshot needs Chromium (Debian: apt-get install chromium)")
+    exp_ids = [MlflowClient(tracking_uri).get_run(r).info.experiment_id for r in run_ids]
+    server = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if tracking_uri.startswith(("http://", "https://")):
+            base = tracking_uri
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            base = f"http://127.0.0.1:{port}"
+            server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+                                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + timeout_s
+            while True:
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline or (server is not None and server.poll() is not None):
+                        raise RuntimeError(f"MLflow UI at {base} did not come up")
+                    time.sleep(0.5)
+            url = compare_page_url(base, run_ids, exp_ids)
+            subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp}/profile",
+                            f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=30000",
+                            f"--screenshot={os.path.abspath(out_png)}", url],
+                           capture_output=True, timeout=timeout_s, check=False)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+    if not os.path.exists(out_png) or os.path.getsize(out_png) < 10_000:
+        raise RuntimeError(f"Chromium wrote no usable screenshot of {url}")
+    return url

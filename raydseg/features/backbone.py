@@ -99,12 +99,14 @@ def load_state_dict(weights: str, model: nn.Module | None = None) -> dict[str, t
     return to_timm_state_dict(read_checkpoint(weights), model)
 
 
-def create_backbone(name: str, weights: str = "", **kw: Any) -> nn.Module:
+def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw: Any) -> nn.Module:
     """timm model `name` without a classifier head (num_classes=0), eval mode.
 
     weights: "" random init; "hub" timm's pretrained tag of `name` (downloads: only when asked explicitly);
     otherwise a local path or s3:// URL (timm or DINO layout). Missing keys other than the head are an error.
     `dynamic_img_size=True` by default so that whole images of any patch-multiple size can be fed.
+    seed: random init from this torch seed (the global RNG is left as it was), so that every actor of a stage and
+    every rerun builds the same model; None = the caller's RNG state.
     """
     import timm
 
@@ -113,7 +115,12 @@ def create_backbone(name: str, weights: str = "", **kw: Any) -> nn.Module:
     if weights == "hub":
         model = timm.create_model(name, pretrained=True, **kw)
         return model.eval()
-    model = timm.create_model(name, pretrained=False, **kw)
+    if seed is None:
+        model = timm.create_model(name, pretrained=False, **kw)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, **kw)
     if weights:
         sd = load_state_dict(weights, model)
         missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -7,7 +7,6 @@ next to every checkpoint (`model_config.json`), so a model is rebuilt without th
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Any
 
@@ -49,14 +48,9 @@ def create_encoder(name: str, weights: str = "", drop_path: float = 0.0) -> nn.M
     `weights`: "" = random init, "hub" = timm's pretrained tag, else a local file or s3:// URL; loaded by
     `raydseg.features.backbone.create_backbone` (the features stage's loader).
     """
-    kw = dict(dynamic_img_size=True, num_classes=0, drop_path_rate=drop_path)
-    if importlib.util.find_spec("raydseg.features.backbone") is not None:
-        from raydseg.features.backbone import create_backbone
+    from raydseg.features.backbone import create_backbone
 
-        return create_backbone(name, weights, **kw).train()
-    import timm
-
-    return timm.create_model(name, pretrained=False, checkpoint_path=weights or "", **kw)
+    return create_backbone(name, weights, dynamic_img_size=True, num_classes=0, drop_path_rate=drop_path).train()
 
 
 class LinearDecoder(nn.Module):

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from raydseg import storage
-from raydseg.clustering.pseudolabels import class_of_cluster, montage, paint_labels, segment_thumbnail
+from raydseg.clustering.pseudolabels import (class_of_cluster, montage, paint_labels, purity, segment_purity,
+                                             segment_thumbnail)
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.pipeline import StageContext, StageResult
 from raydseg.stages.features import camera_records, frame_index
@@ -29,6 +30,7 @@ CONFIG_SECTIONS = ("cluster",)
 
 ASSIGN_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("segment_id", pa.uint16()),
                            ("pseudo_class", pa.uint8())])
+PURITY_MAX_IMAGES = 200  # images scored against ground truth (a sample is enough for a 3-digit figure)
 PSEUDOLABELS_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("image", pa.binary()),
                                  ("label", pa.binary()), ("segment_ids", pa.binary()), ("gt_semantic", pa.binary())])
 
@@ -120,6 +122,38 @@ def _log_montage(x: np.ndarray, res, keys: pa.Table, ctx: StageContext, index: d
         mlflow.log_artifact(path)
 
 
+def purity_metrics(pl_dir: str, keys: pa.Table, classes: np.ndarray, seed: int,
+                   max_images: int = PURITY_MAX_IMAGES) -> dict[str, float]:
+    """Pseudo-label purity against the ground truth of the first `max_images` labelled images ({} without gt):
+    `purity` over all labelled pixels (ground class included), `purity_segments` over segment pixels and
+    `purity_random` for the same segments under randomly permuted clusters (the control)."""
+    from raydseg.parts import part_names
+
+    by_image: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for f, c, sid, k in zip(keys["frame_id"].to_pylist(), keys["camera"].to_pylist(),
+                            keys["segment_id"].to_pylist(), classes.tolist()):
+        ids, cls = by_image.setdefault((f, c), ([], []))
+        ids.append(sid)
+        cls.append(k)
+    labels, gts, segs = [], [], []
+    for name in part_names(pl_dir):
+        t = storage.read_table(storage.join(pl_dir, name), columns=["frame_id", "camera", "label", "segment_ids",
+                                                                     "gt_semantic"])
+        for f, c, lab, sid, gt in zip(*(t[n].to_pylist() for n in t.column_names)):
+            if gt is None or len(labels) >= max_images:
+                continue
+            gt_img = decode_image(gt)
+            ids, cls = by_image.get((f, c), ([], []))
+            labels.append(decode_image(lab))
+            gts.append(gt_img)
+            segs.append((decode_image(sid).astype(np.int64), gt_img, np.array(ids, np.int64), np.array(cls, np.int64)))
+    if not labels:
+        return {}
+    seg_purity, control = segment_purity(segs, seed)
+    return {"purity": purity(labels, gts), "purity_segments": seg_purity, "purity_random": control,
+            "purity_images": float(len(labels))}
+
+
 def run(ctx: StageContext) -> StageResult:
     import mlflow
 
@@ -160,7 +194,8 @@ def run(ctx: StageContext) -> StageResult:
     sizes = res.counts.astype(np.float64)
     metrics = {"inertia": res.inertia, "mean_sq_dist": res.inertia / len(xp), "kmeans_s": res.seconds,
                "size_min": float(sizes.min()), "size_max": float(sizes.max()), "n_splits": float(res.n_splits),
-               "n_pseudo_classes": float(cfg.k + int(cfg.ground_class))}
+               "n_pseudo_classes": float(cfg.k + int(cfg.ground_class)),
+               **purity_metrics(storage.join(ctx.out_dir, "pseudolabels"), pa.concat_tables(keys), classes, ctx.cfg.run.seed)}
     counts = {"segments": int(len(xp)), "clusters": int(cfg.k),
               "label_images": parts.counts.get("rows_out_pseudolabels", 0),
               "actor_restarts": int(res.n_actor_restarts)}

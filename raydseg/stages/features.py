@@ -65,7 +65,7 @@ def descriptors_table(rows: list[tuple[str, str, int, np.ndarray]]) -> pa.Table:
 class FeatureExtractor:
     """Actor-pool callable: builds the backbone once, then maps proposals/segments parts to descriptor tables."""
 
-    def __init__(self, cfg_dict: dict, frames_dir: str, index: dict[str, str]):
+    def __init__(self, cfg_dict: dict, frames_dir: str, index: dict[str, str], seed: int = 0):
         import torch
 
         from raydseg.features.backbone import create_backbone
@@ -74,7 +74,7 @@ class FeatureExtractor:
         torch.set_num_threads(max(1, self.cfg.torch_threads))
         self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.dtype = torch.bfloat16 if self.device == "cuda" else None
-        self.model = create_backbone(self.cfg.backbone, self.cfg.weights).to(self.device)
+        self.model = create_backbone(self.cfg.backbone, self.cfg.weights, seed=seed).to(self.device)
         self.frames_dir, self.index = frames_dir, index
 
     def __call__(self, table: pa.Table) -> tuple[dict[str, pa.Table], list[dict]]:
@@ -120,7 +120,7 @@ def run(ctx: StageContext) -> StageResult:
     res = map_parts(storage.join(ctx.stage_dir("proposals"), "segments"), ctx.out_dir, FeatureExtractor,
                     num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus, actor_pool=(1, max(1, cfg.num_actors)),
                     fn_constructor_kwargs=dict(cfg_dict=ctx.cfg.to_dict()["features"], frames_dir=frames_dir,
-                                               index=index))
+                                               index=index, seed=ctx.cfg.run.seed))
     wall = time.perf_counter() - t0
     stats_dir = storage.join(ctx.out_dir, "stats")
     st = pa.concat_tables([storage.read_table(storage.join(stats_dir, n)) for n in part_names(stats_dir)])

@@ -1,0 +1,173 @@
+"""jobs/full_run.py end to end, as users run it: on S3 with a real MLflow server, killed and restarted, and
+through `ray job submit` to a head started with `ray start`. All on configs/smoke.yaml (tiny, about a minute)."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+from raydseg import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+STAGES = ["ingest", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
+# outputs that must be identical between an interrupted-and-resumed run and an uninterrupted one
+DETERMINISTIC = ["ingest/frames", "proposals/segments", "features", "cluster/assignments", "cluster/pseudolabels"]
+
+
+def job_env(tracking_uri: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def full_run_args(output_root: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "full_run.py"), "--config", SMOKE,
+            "--set", f"run.output_root={output_root}", *extra]
+
+
+def parent_run_id(stdout: str) -> str:
+    return stdout.split("MLflow parent run:")[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory, s3_endpoint, mlflow_server):
+    """One uninterrupted smoke run with input and output on S3 (moto) and tracking on the MLflow server."""
+    import boto3
+
+    bucket = "fullrun-" + secrets.token_hex(4)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    cwd = tmp_path_factory.mktemp("s3run")
+    proc = subprocess.run(full_run_args(f"s3://{bucket}/runs"), capture_output=True, text=True,
+                          env=job_env(mlflow_server), cwd=cwd, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc, f"s3://{bucket}/runs/smoke"
+
+
+def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
+    import mlflow
+
+    proc, root = s3_run
+    for stage in STAGES:
+        assert f"[{stage}] done" in proc.stdout, stage
+        manifest = storage.read_json(storage.join(root, stage, "_manifest.json"))
+        assert manifest["stage"] == stage and manifest["n_rejects"] == 0
+    assert not os.path.exists("outputs/smoke"), "an s3:// output root must not write locally"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    parent = client.get_run(parent_run_id(proc.stdout))
+    assert parent.data.params["run.output_root"].startswith("s3://")
+    assert all(parent.data.tags[f"raydseg.{s}"] == "ran" for s in STAGES)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["mlflow.runName"] for c in children) == sorted(STAGES)
+    metrics = parent.data.metrics
+    for model in ("teacher", "student"):
+        for split in ("day", "night"):
+            assert 0.0 <= metrics[f"eval/{model}/synthetic_{split}/miou"] <= 1.0
+    assert 0.0 < metrics["cluster/purity_random"] <= metrics["cluster/purity"] <= 1.0
+    evaluate = next(c for c in children if c.data.tags["mlflow.runName"] == "evaluate")
+    assert "evaluate/report.html" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")]
+    assert storage.exists(storage.join(root, "evaluate", "report.html"))
+
+
+def _tables_equal(a_root: str, b_root: str, rel: str) -> None:
+    a, b = storage.read_table(storage.join(a_root, rel)), storage.read_table(storage.join(b_root, rel))
+    assert a.num_rows == b.num_rows > 0, rel
+    if rel == "features":  # floats from two processes: equal up to kernel-level rounding
+        da, db = (np.array(t["descriptor"].to_pylist(), np.float32) for t in (a, b))
+        np.testing.assert_allclose(da, db, atol=1e-5, err_msg=rel)
+        a, b = a.drop(["descriptor"]), b.drop(["descriptor"])
+    assert a.equals(b), rel
+
+
+def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp_path, mlflow_server):
+    """SIGKILL the whole job (driver and its local Ray) while `features` has finished some parts, rerun."""
+    _, s3_root = s3_run
+    out = tmp_path / "out"
+    root = out / "smoke"
+    args = full_run_args(str(out), "--set", "features.batch_size=1")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=job_env(mlflow_server), cwd=tmp_path, start_new_session=True)
+    markers = root / "features" / "_parts"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (markers.is_dir() and any(markers.iterdir())):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (root / "features" / "_manifest.json").exists(), "killed too late: features had finished"
+    n_done_before = len(list(markers.iterdir()))
+
+    again = subprocess.run(args, capture_output=True, text=True, env=job_env(mlflow_server), cwd=tmp_path,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert "[ingest] skipped" in again.stdout and "[proposals] skipped" in again.stdout
+    assert "[features] done" in again.stdout
+    report = storage.read_json(str(root / "features" / "_manifest.json"))
+    assert report["counts"]["parts_resumed"] == n_done_before >= 1
+    for rel in DETERMINISTIC:
+        _tables_equal(str(root), s3_root, rel)
+    for stage in STAGES:
+        assert (root / stage / "_manifest.json").exists(), stage
+    assert not list(out.rglob("*.tmp*")), "half-written files left behind"
+
+
+def test_ray_job_submit_to_a_started_head(tmp_path, mlflow_server):
+    """`ray start --head --block` on loopback (token auth, as Ray 2.60 requires), then `ray job submit`.
+
+    The head runs in its own process group and is killed with it, so the test session's own Ray is untouched
+    (`ray stop` would stop every Ray on the machine)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the entrypoint's `python` is ours
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    address = f"http://127.0.0.1:{dash}"
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(port), "--node-ip-address",
+                             "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir],
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, env=env,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        out = tmp_path / "out"
+        runtime_env = '{"env_vars": {"MLFLOW_TRACKING_URI": "%s"}}' % mlflow_server
+        cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+               "--runtime-env-json", runtime_env, "--", "python", "jobs/full_run.py", "--config",
+               "configs/smoke.yaml", "--set", f"run.output_root={out}", "--set", "teacher.steps=2",
+               "--set", "student.steps=1"]
+        while True:  # the job API answers before the head's job agent is ready: retry only that refusal
+            submit = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+        for stage in STAGES:
+            assert f"[{stage}] done" in submit.stdout, stage
+            assert (out / "smoke" / stage / "_manifest.json").exists(), stage
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=60)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
