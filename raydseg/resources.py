@@ -49,3 +49,8 @@ def node_resources(kind: str, *, use_node_resources: bool | None = None) -> dict
     if not use_node_resources:
         return {}
     return {NODE_KINDS[kind]: TASK_AMOUNT}
+
+
+def for_gpus(num_gpus: float, *, use_node_resources: bool | None = None) -> dict[str, float]:
+    """Custom resources of a task that asks for `num_gpus`: GPU nodes when it uses a GPU, CPU nodes otherwise."""
+    return node_resources("gpu" if num_gpus > 0 else "cpu", use_node_resources=use_node_resources)

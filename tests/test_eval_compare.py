@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
+def _two_ablation_runs(tmp_path) -> tuple[str, list[str]]:
+    """Two parent runs (k=10, k=30) with nested evaluate runs in a sqlite store: (tracking uri, parent ids)."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -25,6 +26,11 @@ def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
             with mlflow.start_run(run_name="evaluate", nested=True, parent_run_id=parent.info.run_id):
                 mlflow.log_metric("eval/student/synthetic_day/miou", miou)
     mlflow.set_tracking_uri("")  # the job resolves its own URI
+    return uri, parents
+
+
+def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
+    uri, _ = _two_ablation_runs(tmp_path)
     out = tmp_path / "table.csv"
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "compare_runs.py"), "--experiment", "ablation-k",
                            "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True, timeout=120,
@@ -40,7 +46,6 @@ def test_compare_runs_table_shows_differing_config_and_metrics(tmp_path):
                           "--tracking-uri", uri], capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 2 and "not found" in bad.stderr
-    return uri, parents
 
 
 def test_compare_page_screenshot_lands_in_both_runs_artifacts(tmp_path):
@@ -56,7 +61,7 @@ def test_compare_page_screenshot_lands_in_both_runs_artifacts(tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is required in CI (apt-get install -y chromium)")
         pytest.skip("chromium not installed")
-    uri, parents = test_compare_runs_table_shows_differing_config_and_metrics(tmp_path)
+    uri, parents = _two_ablation_runs(tmp_path)
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "compare_runs.py"), "--experiment", "ablation-k",
                            "--tracking-uri", uri, "--screenshot", ",".join(parents)], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",

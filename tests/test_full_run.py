@@ -91,6 +91,11 @@ def _tables_equal(a_root: str, b_root: str, rel: str) -> None:
     assert a.equals(b), rel
 
 
+def _markers(folder: Path) -> dict[str, int]:
+    """Finished-part markers (not temp files) and their modification times, ns."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")} if folder.is_dir() else {}
+
+
 def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp_path, mlflow_server):
     """SIGKILL the whole job (driver and its local Ray) while `features` has finished some parts, rerun."""
     _, s3_root = s3_run
@@ -106,8 +111,15 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    # Ray's workers are not all in the driver's process group: one may still finish its part before it notices
+    # that its raylet died. Wait until the markers stop changing, then snapshot them.
+    done = _markers(markers)
+    for _ in range(30):
+        time.sleep(1)
+        done, before = _markers(markers), done
+        if done == before:
+            break
     assert not (root / "features" / "_manifest.json").exists(), "killed too late: features had finished"
-    n_done_before = len(list(markers.iterdir()))
 
     again = subprocess.run(args, capture_output=True, text=True, env=job_env(mlflow_server), cwd=tmp_path,
                            timeout=900)
@@ -115,7 +127,9 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
     assert "[ingest] skipped" in again.stdout and "[proposals] skipped" in again.stdout
     assert "[features] done" in again.stdout
     report = storage.read_json(str(root / "features" / "_manifest.json"))
-    assert report["counts"]["parts_resumed"] == n_done_before >= 1
+    assert report["counts"]["parts_resumed"] == len(done) >= 1
+    assert report["counts"]["parts"] > len(done), "nothing was left to redo: the kill came too late"
+    assert {n: m for n, m in _markers(markers).items() if n in done} == done, "a finished part was redone"
     for rel in DETERMINISTIC:
         _tables_equal(str(root), s3_root, rel)
     for stage in STAGES:
@@ -126,8 +140,8 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
 def test_ray_job_submit_to_a_started_head(tmp_path, mlflow_server):
     """`ray start --head --block` on loopback (token auth, as Ray 2.60 requires), then `ray job submit`.
 
-    The head runs in its own process group and is killed with it, so the test session's own Ray is untouched
-    (`ray stop` would stop every Ray on the machine)."""
+    The head runs in its own process group on ports of its own and is killed with it, so the test session's own
+    Ray is untouched (`ray stop` would stop every Ray on the machine)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the entrypoint's `python` is ours
@@ -137,7 +151,13 @@ def test_ray_job_submit_to_a_started_head(tmp_path, mlflow_server):
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port", str(port), "--node-ip-address",
                              "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir],
+                             "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir,
+                             # the test session's own Ray holds the default agent ports (52365 ...): a second
+                             # head's job agent could not bind and every submit would be refused
+                             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
+                             str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                             "--metrics-export-port", str(free_port()), "--ray-client-server-port",
+                             str(free_port())],
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     try:
@@ -152,9 +172,10 @@ def test_ray_job_submit_to_a_started_head(tmp_path, mlflow_server):
                "--runtime-env-json", runtime_env, "--", "python", "jobs/full_run.py", "--config",
                "configs/smoke.yaml", "--set", f"run.output_root={out}", "--set", "teacher.steps=2",
                "--set", "student.steps=1"]
-        while True:  # the job API answers before the head's job agent is ready: retry only that refusal
+        agent_deadline = time.time() + 300  # the job API answers before the head's job agent is ready (slow on
+        while True:                          # a loaded CI machine): retry only that refusal
             submit = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
-            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > agent_deadline:
                 break
             time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]

@@ -168,12 +168,12 @@ class RayBackend(_Backend):
     recreated with the same rows and the call retried (at most `max_retries` times per call)."""
 
     def __init__(self, x: np.ndarray, n_actors: int, use_faiss: bool = True, num_gpus: float = 0.0,
-                 num_cpus: float = 1.0, max_retries: int = 3):
+                 num_cpus: float = 1.0, max_retries: int = 3, resources: dict[str, float] | None = None):
         import ray
 
         self.ray = ray
         self.max_retries = max_retries
-        self.opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=0)
+        self.opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=0, resources=resources or None)
         self.use_faiss, self.use_gpu = use_faiss, num_gpus > 0
         self.ranges = split_offsets(len(x), n_actors)
         self.refs = [ray.put(np.ascontiguousarray(x[a:b], dtype=np.float32)) for a, b in self.ranges]
@@ -314,6 +314,7 @@ def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1
 
 def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
                        seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
+                       resources: dict[str, float] | None = None,
                        seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
                        on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
                        backend_hook: Callable[[RayBackend], None] | None = None) -> KMeansResult:
@@ -322,7 +323,7 @@ def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int 
     `on_iteration(restart, iteration, inertia)` is called in the driver after every iteration (MLflow logging,
     or a test hook); `backend_hook(backend)` is called once the actors exist (tests kill actors through it).
     """
-    backend = RayBackend(x, n_actors, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus)
+    backend = RayBackend(x, n_actors, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
     try:
         if backend_hook is not None:
             backend_hook(backend)

@@ -26,9 +26,10 @@ from raydseg.eval import plots
 from raydseg.eval.matching import METHODS, fit_mapping, map_prediction
 from raydseg.eval.metrics import ConfusionAccumulator, apply_mapping, confusion_matrix, scores
 from raydseg.eval.report import Figure, Section, Table, render_report
-from raydseg.parts import part_names
 from raydseg.eval.sets import EvalSample, EvalSet, class_names, list_samples, load_image, load_label, parse_eval_sets
+from raydseg.parts import part_names
 from raydseg.pipeline import StageContext, StageResult
+from raydseg.resources import for_gpus
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("ingest", "teacher", "student")
@@ -110,6 +111,7 @@ def infer_model(cfg: Config, model_dir: str, samples: dict[str, list[EvalSample]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 64)))
     ds = ds.map_batches(
         Predictor, batch_size=bs, num_cpus=1, num_gpus=cfg.eval.num_gpus or None,
+        resources=for_gpus(cfg.eval.num_gpus) or None,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.eval.num_actors)),
         fn_constructor_kwargs=dict(model_dir=model_dir, pred_root=pred_root, loader=loader, predictor=predictor,
                                    size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride))

@@ -17,6 +17,7 @@ from raydseg import storage
 from raydseg.config import Config, config_from_dict
 from raydseg.data.schema import frames_to_table, split_valid
 from raydseg.pipeline import StageContext, StageResult
+from raydseg.resources import node_resources
 
 NAME = "ingest"
 INPUTS: tuple[str, ...] = ()
@@ -111,7 +112,7 @@ def run(ctx: StageContext) -> StageResult:
     if todo:
         ds = ray.data.from_items([{"index": i, "shard": json.dumps(s)} for i, s in todo],
                                  override_num_blocks=len(todo))
-        ds.map_batches(work, batch_size=1, num_cpus=1).materialize()
+        ds.map_batches(work, batch_size=1, num_cpus=1, resources=node_resources("cpu") or None).materialize()
     stats = [storage.read_json(_shard_marker(out_dir, i)) for i in range(len(shards))]
     rejects = [r for s in stats for r in s["rejects"]] + _dedupe(out_dir, stats)
     counts = {"shards": len(shards), "shards_resumed": len(shards) - len(todo),
@@ -136,4 +137,5 @@ def write_synthetic_eval(cfg: Config, out_dir: str) -> int:
         return synthetic.write_eval_split(storage.join(out_dir, "eval", condition), condition, cfg.synthetic,
                                           cfg.run.seed)
 
-    return int(sum(ray.get([one.remote(c) for c in cfg.synthetic.eval_conditions])))
+    opts = {"resources": node_resources("cpu")} if node_resources("cpu") else {}
+    return int(sum(ray.get([one.options(**opts).remote(c) for c in cfg.synthetic.eval_conditions])))

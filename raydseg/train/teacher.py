@@ -12,6 +12,7 @@ from typing import Any
 
 from raydseg import storage
 from raydseg.config import Config
+from raydseg.resources import for_gpus
 from raydseg.train.loop import train_loop_per_worker  # noqa: F401 - the worker function of this stage
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
@@ -60,7 +61,8 @@ def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str
         failure_config=ray.train.FailureConfig(max_failures=section.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     scaling = ray.train.ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
-                                      resources_per_worker={"CPU": section.cpus_per_worker},
+                                      resources_per_worker={"CPU": section.cpus_per_worker,
+                                                            **for_gpus(float(section.use_gpu))},
                                       placement_strategy="SPREAD" if section.num_workers > 1 else "PACK")
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                            run_config=run_config, datasets={"train": dataset},
