@@ -31,47 +31,62 @@ def savgol_coeffs(window: int, order: int = 2) -> np.ndarray:
     return np.linalg.pinv(A)[0]
 
 
-@numba.njit(cache=True)
+# The kernels below walk columns, so they take column-major images: (W, H) arrays indexed [column, row]
+# (contiguous columns make them 1.3-5x faster than striding the row-major range image).
+
+@numba.njit(cache=True, error_model="numpy")
+def _transpose(a):  # pragma: no cover - numba
+    """Blocked transpose copy (4x faster than numpy's for these small 2-D images)."""
+    n0, n1 = a.shape
+    out = np.empty((n1, n0), a.dtype)
+    for i0 in range(0, n0, 16):
+        for j0 in range(0, n1, 16):
+            for i in range(i0, min(i0 + 16, n0)):
+                for j in range(j0, min(j0 + 16, n1)):
+                    out[j, i] = a[i, j]
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _angle_image(range_m, hor, hgt, max_gap):  # pragma: no cover - numba
-    H, W = range_m.shape
-    ang = np.full((H, W), np.nan, np.float32)
+    W, H = range_m.shape
+    ang = np.full((W, H), np.nan, np.float32)
     for c in range(W):
-        r = H - 1
-        while r >= 0:
-            if range_m[r, c] <= 0:
-                r -= 1
+        rc, hc, zc, ac = range_m[c], hor[c], hgt[c], ang[c]
+        for r in range(H - 1, -1, -1):
+            if rc[r] <= 0:
                 continue
             # next valid pixel above
             up = r - 1
-            while up >= 0 and range_m[up, c] <= 0 and r - up <= max_gap + 1:
+            while up >= 0 and rc[up] <= 0 and r - up <= max_gap + 1:
                 up -= 1
-            if up >= 0 and range_m[up, c] > 0 and r - up <= max_gap + 1:
-                ang[r, c] = 57.29577951308232 * fast_atan2(abs(hgt[up, c] - hgt[r, c]), abs(hor[up, c] - hor[r, c]))
-            r -= 1
+            if up >= 0 and rc[up] > 0 and r - up <= max_gap + 1:
+                ac[r] = 57.29577951308232 * fast_atan2(abs(zc[up] - zc[r]), abs(hc[up] - hc[r]))
         # top pixels without a partner above copy the angle of the pixel below them
         last = np.nan
-        for r2 in range(H - 1, -1, -1):
-            if range_m[r2, c] <= 0:
+        for r in range(H - 1, -1, -1):
+            if rc[r] <= 0:
                 continue
-            if np.isnan(ang[r2, c]):
-                ang[r2, c] = last
+            if np.isnan(ac[r]):
+                ac[r] = last
             else:
-                last = ang[r2, c]
+                last = ac[r]
     return ang
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _smooth_columns(ang, coeffs):  # pragma: no cover - numba
-    H, W = ang.shape
+    W, H = ang.shape
     half = coeffs.shape[0] // 2
     out = ang.copy()
     buf = np.empty(H, np.float64)
     idx = np.empty(H, np.int64)
     for c in range(W):
+        a = ang[c]
         n = 0
         for r in range(H):
-            if not np.isnan(ang[r, c]):
-                buf[n] = ang[r, c]
+            if not np.isnan(a[r]):
+                buf[n] = a[r]
                 idx[n] = r
                 n += 1
         if n < coeffs.shape[0]:
@@ -80,25 +95,25 @@ def _smooth_columns(ang, coeffs):  # pragma: no cover - numba
             s = 0.0
             for j in range(-half, half + 1):
                 s += coeffs[j + half] * buf[k + j]
-            out[idx[k], c] = s
+            out[c, idx[k]] = s
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _ground_bfs(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pragma: no cover - numba
-    H, W = ang.shape
-    ground = np.zeros((H, W), np.uint8)
+    W, H = ang.shape
+    ground = np.zeros((W, H), np.uint8)
     qr = np.empty(H * W, np.int64)
     qc = np.empty(H * W, np.int64)
     for c in range(W):
         r = H - 1
-        while r >= 0 and range_m[r, c] <= 0:
+        while r >= 0 and range_m[c, r] <= 0:
             r -= 1
-        if r < 0 or ground[r, c] or np.isnan(ang[r, c]) or ang[r, c] > start_max:
+        if r < 0 or ground[c, r] or np.isnan(ang[c, r]) or ang[c, r] > start_max:
             continue
         head, tail = 0, 1
         qr[0], qc[0] = r, c
-        ground[r, c] = 1
+        ground[c, r] = 1
         while head < tail:
             cr, cc = qr[head], qc[head]
             head += 1
@@ -109,41 +124,46 @@ def _ground_bfs(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # prag
                 found = False
                 for _ in range(max_gap + 1):
                     nr += dr
-                    nc = (nc + dc) % W
+                    nc += dc
+                    if nc < 0:
+                        nc += W
+                    elif nc >= W:
+                        nc -= W
                     if nr < 0 or nr >= H:
                         break
-                    if range_m[nr, nc] > 0:
+                    if range_m[nc, nr] > 0:
                         found = True
                         break
-                if not found or ground[nr, nc]:
+                if not found or ground[nc, nr]:
                     continue
-                a = ang[nr, nc]
-                if np.isnan(a) or a > max_slope or abs(a - ang[cr, cc]) >= angle_thr:
+                a = ang[nc, nr]
+                if np.isnan(a) or a > max_slope or abs(a - ang[cc, cr]) >= angle_thr:
                     continue
-                ground[nr, nc] = 1
+                ground[nc, nr] = 1
                 qr[tail], qc[tail] = nr, nc
                 tail += 1
     return ground
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _extend_steps(ground, range_m, hor, hgt, step_m, tan_slope, max_dx):  # pragma: no cover - numba
-    H, W = range_m.shape
+    W, H = range_m.shape
     for c in range(W):
+        gc, rc, hc, zc = ground[c], range_m[c], hor[c], hgt[c]
         last = -1
         lx = 0.0
         lz = 0.0
         for r in range(H - 1, -1, -1):
-            if range_m[r, c] <= 0:
+            if rc[r] <= 0:
                 continue
-            x = hor[r, c]
-            z = hgt[r, c]
-            if not ground[r, c] and last >= 0:
+            x = hc[r]
+            z = zc[r]
+            if not gc[r] and last >= 0:
                 dx = x - lx
                 dz = abs(z - lz)
                 if dz < step_m and dz < dx * tan_slope and dx < max_dx:  # noqa
-                    ground[r, c] = 1
-            if ground[r, c]:
+                    gc[r] = 1
+            if gc[r]:
                 last, lx, lz = r, x, z
     return ground
 
@@ -161,13 +181,14 @@ def ground_range_image(ri: RangeImage, *, angle_deg: float = 7.0, start_max_deg:
     Returns:
         (H, W) uint8, 1 = ground pixel.
     """
-    ang = _angle_image(ri.range_m, ri.horizontal, ri.height, max_gap)
+    rng_t, hor_t, hgt_t = _transpose(ri.range_m), _transpose(ri.horizontal), _transpose(ri.height)
+    ang = _angle_image(rng_t, hor_t, hgt_t, max_gap)
     if sg_window >= 3:
         ang = _smooth_columns(ang, savgol_coeffs(sg_window))
-    ground = _ground_bfs(ang, ri.range_m, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
+    ground = _ground_bfs(ang, rng_t, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
     if step_m > 0:
-        ground = _extend_steps(ground, ri.range_m, ri.horizontal, ri.height, float(step_m), 1.0, np.inf)
-    return ground
+        ground = _extend_steps(ground, rng_t, hor_t, hgt_t, float(step_m), 1.0, np.inf)
+    return _transpose(ground)
 
 
 def ground_plane_ransac(xyz: np.ndarray, valid: np.ndarray | None = None, *, threshold_m: float = 0.2,

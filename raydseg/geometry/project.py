@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _project(xyz, P, width, height, near):  # pragma: no cover - numba
     n = xyz.shape[0]
     u = np.empty(n)
@@ -57,10 +57,10 @@ def project_points(xyz: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray, widt
     P = np.zeros((4, 4))
     P[:3] = K @ T[:3]
     P[3] = T[2]
-    return _project(np.ascontiguousarray(xyz[:, :3]), P, float(width), float(height), float(near))
+    return _project(np.asarray(xyz)[:, :3], P, float(width), float(height), float(near))  # strided view, no copy
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _visible(px, py, z, group, width, height, radius, rel_tol, abs_tol):  # pragma: no cover - numba
     n = px.shape[0]
     zmin = np.full((height, width), np.inf)
@@ -94,24 +94,28 @@ def visible_points(px: np.ndarray, py: np.ndarray, depth: np.ndarray, group: np.
                     width, height, radius_px, rel_tol, abs_tol)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _densify(px, py, z, label, width, height, radius):  # pragma: no cover - numba
-    best_d = np.full((height, width), np.inf)
+    best_d = np.full((height, width), radius * radius + 1, np.int32)  # squared px distance of the current owner
     best_z = np.full((height, width), np.inf)
-    out = np.zeros((height, width), np.int64)
-    r2 = radius * radius
+    out = np.zeros((height, width), np.int32)
+    half = np.empty(2 * radius + 1, np.int64)  # half-width of the disc on each row offset: visit the disc only
+    for dy in range(-radius, radius + 1):
+        half[dy + radius] = int(np.floor(np.sqrt(radius * radius - dy * dy) + 1e-9))
     for i in range(px.shape[0]):
+        zi, li = z[i], label[i]
         for y in range(max(0, py[i] - radius), min(height, py[i] + radius + 1)):
             dy = y - py[i]
-            for x in range(max(0, px[i] - radius), min(width, px[i] + radius + 1)):
+            h = half[dy + radius]
+            dy2 = dy * dy
+            bd, bz, o = best_d[y], best_z[y], out[y]
+            for x in range(max(0, px[i] - h), min(width, px[i] + h + 1)):
                 dx = x - px[i]
-                d = dx * dx + dy * dy
-                if d > r2:
-                    continue
-                if d < best_d[y, x] or (d == best_d[y, x] and z[i] < best_z[y, x]):
-                    best_d[y, x] = d
-                    best_z[y, x] = z[i]
-                    out[y, x] = label[i]
+                d = dx * dx + dy2
+                if d < bd[x] or (d == bd[x] and zi < bz[x]):
+                    bd[x] = d
+                    bz[x] = zi
+                    o[x] = li
     return out
 
 

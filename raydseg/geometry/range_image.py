@@ -70,7 +70,7 @@ def beam_rows(xyz: np.ndarray, ring: np.ndarray | None, n_beams: int) -> tuple[n
     return np.clip(rows, 0, n_beams - 1).astype(np.int32), n_beams
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fill(rows, cols, rng, elev, xyz, valid, H, W):  # pragma: no cover - numba
     index = np.full((H, W), -1, np.int64)
     range_m = np.zeros((H, W), np.float32)
@@ -110,7 +110,7 @@ def estimate_columns(xyz: np.ndarray, ring: np.ndarray, max_cols: int = 8192) ->
     return int(np.clip(round(2 * np.pi / np.median(d)), 64, max_cols))
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def fast_atan2(y: float, x: float) -> float:  # pragma: no cover - numba
     """atan2 by a minimax polynomial, |error| < 2e-5 rad (far below a range-image pixel, ~3e-3 rad)."""
     ax, ay = abs(x), abs(y)
@@ -128,7 +128,7 @@ def fast_atan2(y: float, x: float) -> float:  # pragma: no cover - numba
     return -a if y < 0 else a
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _polar(xyz, valid, min_range, n_cols):  # pragma: no cover - numba
     n = xyz.shape[0]
     rng = np.empty(n, np.float32)
@@ -149,6 +149,27 @@ def _polar(xyz, valid, min_range, n_cols):  # pragma: no cover - numba
     return rng, elev, col, use
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _ring_elevation(ring, elev, use, n_ring):  # pragma: no cover - numba
+    """Sum of elevations (float64) and count of the used points of every ring index."""
+    sums = np.zeros(n_ring, np.float64)
+    cnts = np.zeros(n_ring, np.int64)
+    for i in range(ring.shape[0]):
+        if use[i]:
+            sums[ring[i]] += elev[i]
+            cnts[ring[i]] += 1
+    return sums, cnts
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _ring_rows(ring, use, rank):  # pragma: no cover - numba
+    rows = np.full(ring.shape[0], -1, np.int32)
+    for i in range(ring.shape[0]):
+        if use[i]:
+            rows[i] = rank[ring[i]]
+    return rows
+
+
 def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beams: int = 64, n_cols: int = 2048,
                       valid: np.ndarray | None = None, min_range: float = 0.5) -> RangeImage:
     """Project a sweep onto its (beam, azimuth) grid.
@@ -163,38 +184,32 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     n = len(xyz)
     valid = np.ones(n, np.bool_) if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
-    rng, elev, cols, use = _polar(xyz, valid, float(min_range), int(n_cols))
-    all_rows = np.full(n, -1, np.int32)
+    rng, elev, cols, use = _polar(xyz, valid, float(min_range), int(n_cols))  # cols = -1 where not used
     if ring is not None:
-        ring_u = np.asarray(ring)[use].astype(np.int64)
-        if len(ring_u):
-            n_ring = int(ring_u.max()) + 1
-            e = elev[use]
-            sums = np.bincount(ring_u, weights=e, minlength=n_ring)
-            cnts = np.bincount(ring_u, minlength=n_ring)
-            mean = np.where(cnts > 0, sums / np.maximum(cnts, 1), -np.inf)
-            present = cnts > 0
-            order = np.argsort(-mean, kind="stable")
-            rank = np.full(n_ring, -1, np.int64)
-            rank[order[: int(present.sum())]] = np.arange(int(present.sum()))
-            all_rows[use] = rank[ring_u]
-            H = max(int(present.sum()), 1)
-        else:
-            H = 1
+        ring = np.ascontiguousarray(ring)
+        n_ring = int(ring.max()) + 1 if len(ring) else 1
+        sums, cnts = _ring_elevation(ring, elev, use, n_ring)
+        present = cnts > 0
+        mean = np.where(present, sums / np.maximum(cnts, 1), -np.inf)
+        order = np.argsort(-mean, kind="stable")  # top beam first
+        rank = np.full(n_ring, -1, np.int64)
+        rank[order[: int(present.sum())]] = np.arange(int(present.sum()))
+        all_rows = _ring_rows(ring, use, rank)
+        H = max(int(present.sum()), 1)
     else:
+        all_rows = np.full(n, -1, np.int32)
         e = elev[use]
         H = max(n_beams, 1)
         if len(e):
             lo, hi = float(e.min()), float(e.max())
             span = max(hi - lo, 1e-6)
             all_rows[use] = np.clip(((hi - e) / span * H).astype(np.int64), 0, H - 1)
-    cols = np.where(use, cols, -1).astype(np.int32)
     index, range_m, el, hor, hgt = _fill(all_rows, cols, rng, elev, xyz, use, H, int(n_cols))
     return RangeImage(index=index, range_m=range_m, elevation=el, horizontal=hor, height=hgt, row=all_rows, col=cols,
                       rng=rng)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _spread(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, out):  # pragma: no cover - numba
     for i in range(rows.shape[0]):
         r, c = rows[i], cols[i]

@@ -15,7 +15,7 @@ import numpy as np
 from raydseg.geometry.range_image import RangeImage, pixel_labels_to_points
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cover - numba
     H, W = range_m.shape
     labels = np.zeros((H, W), np.int32)
@@ -87,7 +87,7 @@ def segment_range_image(ri: RangeImage, ground_px: np.ndarray, *, beta_deg: floa
     return labels
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _stats(labels, xyz, n_labels):  # pragma: no cover - numba
     cnt = np.zeros(n_labels + 1, np.int64)
     lo = np.full((n_labels + 1, 3), np.inf)
@@ -116,9 +116,11 @@ def segment_stats(labels: np.ndarray, xyz: np.ndarray) -> dict[str, np.ndarray]:
     (bounding-box size), `range` (n,) m (horizontal+vertical distance of the centroid from the sensor);
     ids with no points are omitted.
     """
-    labels = np.asarray(labels, np.int64)
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int64)
     n = int(labels.max()) if len(labels) else 0
-    cnt, lo, hi, s = _stats(labels, np.asarray(xyz, np.float64), n)
+    cnt, lo, hi, s = _stats(labels, np.asarray(xyz), n)  # any int / float dtype: no converted copies
     ids = np.flatnonzero(cnt[1:] > 0) + 1
     c = cnt[ids]
     centroid = s[ids] / c[:, None]
