@@ -28,12 +28,18 @@ def test_planted_clusters_recovered_reference_path():
     assert np.all(np.diff(res.inertia_history) <= 1e-6 * res.inertia_history[0])
 
 
+def assert_same_centroids(a: np.ndarray, b: np.ndarray) -> None:
+    """Equal up to float32 rounding: cluster sums are float32 within 4096-row chunks, and the chunks follow the
+    shard boundaries, so another sharding rounds differently (a few ulps of the largest coordinate)."""
+    np.testing.assert_allclose(a, b, rtol=0, atol=16 * np.finfo(np.float32).eps * np.abs(b).max())
+
+
 def test_local_result_independent_of_shard_count():
     x, _, _ = planted(seed=1)
     ref = kmeans_local(x, 6, n_iter=10, seed=5, n_shards=1)
     for s in (2, 3):
         r = kmeans_local(x, 6, n_iter=10, seed=5, n_shards=s)
-        np.testing.assert_allclose(r.centroids, ref.centroids, rtol=0, atol=1e-6)
+        assert_same_centroids(r.centroids, ref.centroids)
         np.testing.assert_array_equal(r.labels, ref.labels)
 
 
@@ -78,10 +84,11 @@ def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
     x, y, _ = planted(n=3000, k=6, d=16, sep=3.0, seed=4)
     runs = {a: kmeans_distributed(x, 6, n_actors=a, n_iter=15, n_restarts=2, seed=7, num_cpus=0.5) for a in (1, 2, 3)}
     for a in (2, 3):
-        np.testing.assert_allclose(runs[a].centroids, runs[1].centroids, rtol=0, atol=1e-6)
+        assert_same_centroids(runs[a].centroids, runs[1].centroids)
         np.testing.assert_array_equal(runs[a].labels, runs[1].labels)
-        assert runs[a].inertia == pytest.approx(runs[1].inertia, rel=1e-9)
+        assert runs[a].inertia == pytest.approx(runs[1].inertia, rel=1e-6)
     assert adjusted_rand_score(y, runs[2].labels) > 0.99
+    assert len(runs[3].shard_peak_rss_gb) == 3 and all(0 < g < 4 for g in runs[3].shard_peak_rss_gb)
     km = faiss.Kmeans(16, 6, niter=15, seed=7, nredo=10)  # random init: restarts to reach the optimum
     km.train(x)
     d, _ = km.index.search(x, 1)

@@ -32,6 +32,10 @@ class KMeansResult:
     n_splits: int = 0  # empty clusters re-seeded (best restart)
     n_actor_restarts: int = 0  # actors recreated after a failure (all restarts)
     seconds: float = 0.0
+    shard_peak_rss_gb: list[float] = field(default_factory=list)  # peak RSS of each shard's process (GiB)
+
+
+SUM_CHUNK = 4096  # rows per float32 partial sum in Shard.step
 
 
 class Shard:
@@ -81,12 +85,15 @@ class Shard:
         labels, dists = self.assign(centroids)
         counts = np.bincount(labels, minlength=k).astype(np.int64)
         sums = np.zeros((k, self.x.shape[1]), np.float64)
-        nz = np.nonzero(counts)[0]
-        if len(nz):  # rows grouped by label (stable order), one float64 sum per non-empty cluster
-            grouped = self.x[np.argsort(labels, kind="stable")]
-            ends = np.cumsum(counts)
-            for j in nz:  # (np.add.reduceat with dtype=float64 takes a slow path: 10x slower)
-                sums[j] = grouped[ends[j] - counts[j]:ends[j]].sum(0, dtype=np.float64)
+        # per-cluster sums as one-hot (k, chunk) @ rows (chunk, D) products: float32 within a chunk of
+        # SUM_CHUNK rows, float64 across chunks (2x faster than sorting the rows by label; relative error ~1e-7)
+        onehot = np.zeros((k, SUM_CHUNK), np.float32)
+        for a in range(0, self.size(), SUM_CHUNK):
+            lab = labels[a:a + SUM_CHUNK]
+            cols = np.arange(len(lab))
+            onehot[lab, cols] = 1.0
+            sums += onehot[:, :len(lab)] @ self.x[a:a + SUM_CHUNK]
+            onehot[lab, cols] = 0.0
         sse = np.bincount(labels, weights=dists, minlength=k)
         return {"sums": sums, "counts": counts, "sse": sse}
 
@@ -98,6 +105,12 @@ class Shard:
 
     def ping(self) -> int:
         return self.size()
+
+    def peak_rss_gb(self) -> float:
+        """Peak resident memory of the process holding this shard (GiB; Linux ru_maxrss is in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -327,8 +340,10 @@ def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int 
     try:
         if backend_hook is not None:
             backend_hook(backend)
-        return _run(backend, len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
-                    max_extra_iter)
+        result = _run(backend, len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
+                      max_extra_iter)
+        result.shard_peak_rss_gb = backend.call("peak_rss_gb")
+        return result
     finally:
         backend.shutdown()
 

@@ -198,6 +198,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"inertia": res.inertia, "mean_sq_dist": res.inertia / len(xp), "kmeans_s": res.seconds,
                "size_min": float(sizes.min()), "size_max": float(sizes.max()), "n_splits": float(res.n_splits),
                "n_pseudo_classes": float(cfg.k + int(cfg.ground_class)),
+               "shard_peak_rss_gb": max(res.shard_peak_rss_gb, default=0.0),
                **purity_metrics(storage.join(ctx.out_dir, "pseudolabels"), pa.concat_tables(keys), classes, ctx.cfg.run.seed)}
     counts = {"segments": int(len(xp)), "clusters": int(cfg.k),
               "label_images": parts.counts.get("rows_out_pseudolabels", 0),
