@@ -19,7 +19,7 @@ def normalize_image(image: np.ndarray, model: nn.Module | None = None) -> torch.
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN), dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.get("std", IMAGENET_STD), dtype=torch.float32)[:, None, None]
-    x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / 255.0  # a copy: inputs may be read-only
     return (x - mean) / std
 
 
