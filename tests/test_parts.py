@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from raydseg import storage
-from raydseg.parts import map_parts
+from raydseg.parts import map_parts, single_operator_pipeline
 
 pytestmark = pytest.mark.ray
 
@@ -73,3 +73,17 @@ def test_map_parts_actor_pool(ray_local, tmp_path):
     assert result.counts["rows_out"] == 12
     assert sorted(out.column("y").to_pylist()) == sorted(100 + v for i in range(4) for v in np.arange(3) + 10 * i)
     assert len(set(out.column("pid").to_pylist())) == 1  # one actor, model built once
+
+
+def test_single_operator_pipeline_lifts_the_reservation_and_restores_it():
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.op_resource_reservation_enabled  # Ray Data's default, which serialised our maps on 2 CPUs
+    with single_operator_pipeline():
+        assert ray.data.DataContext.get_current().op_resource_reservation_enabled is False
+    assert ctx.op_resource_reservation_enabled is True
+    with pytest.raises(RuntimeError, match="boom"):
+        with single_operator_pipeline():
+            raise RuntimeError("boom")
+    assert ctx.op_resource_reservation_enabled is True

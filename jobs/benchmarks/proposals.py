@@ -53,8 +53,8 @@ def time_ms(fn, repeat: int) -> tuple[float, float, object]:
     return 1000 * float(np.median(cpu)), 1000 * float(np.median(wall)), out
 
 
-def ray_scaling(frames: list[dict], overrides: list[str]) -> dict[str, float]:
-    """Sweeps/s of the Ray stage (map_parts over part files) with 1 and 2 CPUs."""
+def ray_scaling(frames: list[dict], overrides: list[str], n_parts: int = 8) -> dict[str, float]:
+    """Sweeps/s of the Ray stage (map_parts over `n_parts` part files) with 1 and 2 CPUs."""
     import ray
 
     from raydseg import storage
@@ -64,7 +64,7 @@ def ray_scaling(frames: list[dict], overrides: list[str]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        per = max(1, len(frames) // 4)
+        per = max(1, -(-len(frames) // n_parts))
         for i in range(0, len(frames), per):
             storage.write_table(frames_to_table(frames[i:i + per]), f"{tmp}/ingest/frames/part-{i // per:05d}.parquet")
         for workers in (1, 2):
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions per sweep (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray stage scaling measurement")
+    ap.add_argument("--ray-sweeps", type=int, default=48,
+                    help="sweeps through the Ray stage (the measured sweeps repeated), in 8 part files")
     ap.add_argument("--set", action="append", default=[], metavar="proposals.key=value",
                     help="config overrides, e.g. --set proposals.beta_deg=8")
     args = ap.parse_args(argv)
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "dbscan_segments_per_sweep": mean["n_dbscan_segments"], "omp_num_threads": int(os.environ["OMP_NUM_THREADS"]),
     }
     if not args.no_ray:
-        res.update(ray_scaling(frames * max(1, 8 // len(frames)), args.set))
+        res.update(ray_scaling((frames * args.ray_sweeps)[:args.ray_sweeps], args.set))
+        res["ray_sweeps"] = args.ray_sweeps
     print(f"{'figure':<44}{'value':>12}")
     for k, v in res.items():
         print(f"{k:<44}{v:>12.4g}")

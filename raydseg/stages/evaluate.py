@@ -27,7 +27,7 @@ from raydseg.eval.matching import METHODS, fit_mapping, map_prediction
 from raydseg.eval.metrics import ConfusionAccumulator, apply_mapping, confusion_matrix, scores
 from raydseg.eval.report import Figure, Section, Table, render_report
 from raydseg.eval.sets import EvalSample, EvalSet, class_names, list_samples, load_image, load_label, parse_eval_sets
-from raydseg.parts import part_names
+from raydseg.parts import part_names, single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
 from raydseg.resources import for_gpus
 
@@ -108,20 +108,21 @@ def infer_model(cfg: Config, model_dir: str, samples: dict[str, list[EvalSample]
     if not items:
         return {"confusion": acc, "images_per_s": float("nan"), "predict_s_per_image": float("nan")}
     bs = max(cfg.eval.batch_size, 1)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 64)))
-    ds = ds.map_batches(
-        Predictor, batch_size=bs, num_cpus=1, num_gpus=cfg.eval.num_gpus or None,
-        resources=for_gpus(cfg.eval.num_gpus) or None,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.eval.num_actors)),
-        fn_constructor_kwargs=dict(model_dir=model_dir, pred_root=pred_root, loader=loader, predictor=predictor,
-                                   size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride))
-    t0, predict_s, n = time.perf_counter(), 0.0, 0
-    for batch in ds.iter_batches(batch_size=bs, batch_format="numpy"):
-        for name, n_pred, conf, sec in zip(batch["set"], batch["n_pred"], batch["conf"], batch["predict_s"]):
-            a = acc[str(name)]
-            a.add(np.frombuffer(conf, dtype=np.int64).reshape(int(n_pred), a.n_gt))
-            predict_s += float(sec)
-            n += 1
+    with single_operator_pipeline():
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 64)))
+        ds = ds.map_batches(
+            Predictor, batch_size=bs, num_cpus=1, num_gpus=cfg.eval.num_gpus or None,
+            resources=for_gpus(cfg.eval.num_gpus) or None,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.eval.num_actors)),
+            fn_constructor_kwargs=dict(model_dir=model_dir, pred_root=pred_root, loader=loader, predictor=predictor,
+                                       size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride))
+        t0, predict_s, n = time.perf_counter(), 0.0, 0
+        for batch in ds.iter_batches(batch_size=bs, batch_format="numpy"):
+            for name, n_pred, conf, sec in zip(batch["set"], batch["n_pred"], batch["conf"], batch["predict_s"]):
+                a = acc[str(name)]
+                a.add(np.frombuffer(conf, dtype=np.int64).reshape(int(n_pred), a.n_gt))
+                predict_s += float(sec)
+                n += 1
     wall = time.perf_counter() - t0
     return {"confusion": acc, "images_per_s": n / wall, "predict_s_per_image": predict_s / n}
 

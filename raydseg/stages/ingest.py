@@ -16,6 +16,7 @@ import numpy as np
 from raydseg import storage
 from raydseg.config import Config, config_from_dict
 from raydseg.data.schema import frames_to_table, split_valid
+from raydseg.parts import single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
 from raydseg.resources import node_resources
 
@@ -110,9 +111,10 @@ def run(ctx: StageContext) -> StageResult:
         return {"index": np.array([d["shard"] for d in done])}
 
     if todo:
-        ds = ray.data.from_items([{"index": i, "shard": json.dumps(s)} for i, s in todo],
-                                 override_num_blocks=len(todo))
-        ds.map_batches(work, batch_size=1, num_cpus=1, resources=node_resources("cpu") or None).materialize()
+        with single_operator_pipeline():
+            ds = ray.data.from_items([{"index": i, "shard": json.dumps(s)} for i, s in todo],
+                                     override_num_blocks=len(todo))
+            ds.map_batches(work, batch_size=1, num_cpus=1, resources=node_resources("cpu") or None).materialize()
     stats = [storage.read_json(_shard_marker(out_dir, i)) for i in range(len(shards))]
     rejects = [r for s in stats for r in s["rejects"]] + _dedupe(out_dir, stats)
     counts = {"shards": len(shards), "shards_resumed": len(shards) - len(todo),
