@@ -139,5 +139,5 @@ def write_synthetic_eval(cfg: Config, out_dir: str) -> int:
         return synthetic.write_eval_split(storage.join(out_dir, "eval", condition), condition, cfg.synthetic,
                                           cfg.run.seed)
 
-    opts = {"resources": node_resources("cpu")} if node_resources("cpu") else {}
-    return int(sum(ray.get([one.options(**opts).remote(c) for c in cfg.synthetic.eval_conditions])))
+    task = one.options(resources=node_resources("cpu"))  # {} locally: no custom resource requested
+    return int(sum(ray.get([task.remote(c) for c in cfg.synthetic.eval_conditions])))
