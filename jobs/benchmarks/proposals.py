@@ -1,7 +1,8 @@
 """Benchmark of the proposals geometry: ms per sweep (ground + range-image segmentation + projection into one
 640x320 camera, one core; CPU time, wall time beside it) against open3d DBSCAN on the same non-ground points,
 with quality against the synthetic ground truth (HDL-64E-like sweeps), and the Ray stage's throughput with 1 and
-2 workers.
+2 workers. The headline runs with the allocator setting the stage's workers use (raydseg.alloc); the same sweeps
+are first timed with glibc's default malloc (`ms_per_sweep_default_malloc`).
 
     python jobs/benchmarks/proposals.py --out proposals.json [--frames 3] [--beams 64] [--columns 2048]
 """
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from raydseg.alloc import keep_freed_memory  # noqa: E402
 from raydseg.config import load_config  # noqa: E402
 from raydseg.data.schema import decode_image  # noqa: E402
 from raydseg.geometry import quality  # noqa: E402
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=3, help="synthetic sweeps to measure")
     ap.add_argument("--beams", type=int, default=64)
     ap.add_argument("--columns", type=int, default=2048, help="azimuth steps per revolution")
-    ap.add_argument("--repeat", type=int, default=5, help="timed repetitions per sweep (median)")
+    ap.add_argument("--repeat", type=int, default=15, help="timed repetitions per sweep (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray stage scaling measurement")
     ap.add_argument("--ray-sweeps", type=int, default=48,
@@ -105,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     frames = synthetic_frames(args.frames, args.beams, args.columns, args.seed)
     print(f"generated {len(frames)} synthetic sweeps ({args.beams} beams x {args.columns}) in "
           f"{time.perf_counter() - t:.1f} s")
+    def proposals_ms(f: dict) -> float:
+        cam = f["cameras"][0]
+        return time_ms(lambda: camera_segments(f["points"][:, :3], sweep_segments(f["points"], f["ring"], cfg),
+                                               cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg),
+                       args.repeat)[0]
+
+    default_malloc_ms = float(np.mean([proposals_ms(f) for f in frames]))  # before keep_freed_memory: no undo
+    tuned = keep_freed_memory()
     rows = []
     for f in frames:
         pts, cam = f["points"], f["cameras"][0]
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "n_sweeps": len(rows), "points_per_sweep": mean["n_points"], "nonground_points_per_sweep": mean["n_nonground"],
         "ms_per_sweep": mean["ms"], "ms_ground_segment_per_sweep": mean["ms_segment"],
-        "ms_projection_per_sweep": mean["ms_project"], "dbscan_ms_per_sweep": mean["ms_dbscan"],
+        "ms_projection_per_sweep": mean["ms_project"], "ms_per_sweep_default_malloc": default_malloc_ms,
+        "malloc_tuned": float(tuned), "dbscan_ms_per_sweep": mean["ms_dbscan"],
         "wall_ms_per_sweep": mean["wall_ms"], "dbscan_wall_ms_per_sweep": mean["wall_ms_dbscan"],
         "load_average_1min": os.getloadavg()[0],
         "dbscan_over_ours_time_ratio": mean["ms_dbscan"] / mean["ms"],

@@ -31,72 +31,70 @@ def savgol_coeffs(window: int, order: int = 2) -> np.ndarray:
     return np.linalg.pinv(A)[0]
 
 
-# The kernels below walk columns, so they take column-major images: (W, H) arrays indexed [column, row]
-# (contiguous columns make them 1.3-5x faster than striding the row-major range image).
+# The kernels below walk columns of the column-major images ((W, H) arrays indexed [column, row], RangeImage.*_cm).
 
 @numba.njit(cache=True, error_model="numpy")
-def _transpose(a):  # pragma: no cover - numba
-    """Blocked transpose copy (4x faster than numpy's for these small 2-D images)."""
-    n0, n1 = a.shape
-    out = np.empty((n1, n0), a.dtype)
-    for i0 in range(0, n0, 16):
-        for j0 in range(0, n1, 16):
-            for i in range(i0, min(i0 + 16, n0)):
-                for j in range(j0, min(j0 + 16, n1)):
-                    out[j, i] = a[i, j]
-    return out
+def _angle_image(range_m, hor, hgt, max_gap, coeffs):  # pragma: no cover - numba
+    """Steps 1-2: inclination (deg) to the next valid pixel above, NaN-free top pixels copying the angle below,
+    then Savitzky-Golay smoothing (`coeffs`, empty = none) of each column's defined angles.
 
-
-@numba.njit(cache=True, error_model="numpy")
-def _angle_image(range_m, hor, hgt, max_gap):  # pragma: no cover - numba
+    The valid pixels of every column are packed bottom first into (H, W) slot arrays ([k, c] = the k-th valid
+    pixel of column c), so angles, filling and smoothing run along rows of slots, across all columns at once
+    (contiguous, vectorised); only packing and unpacking walk the columns.
+    Returns (W, H) float32, NaN where empty or undefined."""
     W, H = range_m.shape
+    Wp = W + 16  # slot rows padded: a power-of-two stride would map a column's slots onto one cache set
+    rows = np.empty((H + 1, Wp), np.int32)  # per slot: the pixel's row, height, horizontal distance
+    zb = np.zeros((H + 1, Wp), np.float32)
+    hb = np.zeros((H + 1, Wp), np.float32)
+    n = np.zeros(W, np.int64)
+    for c in range(W):
+        rc, hc, zc = range_m[c], hor[c], hgt[c]
+        k = 0
+        for r in range(H - 1, -1, -1):
+            if rc[r] > 0:
+                rows[k, c] = r
+                zb[k, c] = zc[r]
+                hb[k, c] = hc[r]
+                k += 1
+        rows[k, c] = -(1 << 30)  # no partner above the top pixel
+        n[c] = k
+    raw = np.empty((H, Wp), np.float32)
+    for k in range(H):
+        r0, r1, z0, z1, h0, h1, out = rows[k], rows[k + 1], zb[k], zb[k + 1], hb[k], hb[k + 1], raw[k]
+        for c in range(W):
+            a = np.float32(57.29577951308232 * fast_atan2(abs(np.float64(z1[c]) - np.float64(z0[c])),
+                                                          abs(np.float64(h1[c]) - np.float64(h0[c]))))
+            out[c] = a if r0[c] - r1[c] <= max_gap + 1 else np.float32(np.nan)
+    # undefined angles copy the last defined one below (a bottom run of NaN stays): first = that run's length
+    first = np.zeros(W, np.int64)
+    for c in range(W):
+        if np.isnan(raw[0, c]):
+            first[c] = 1
+    for k in range(1, H):
+        below, cur = raw[k - 1], raw[k]
+        for c in range(W):
+            isn = np.isnan(cur[c])
+            first[c] += 1 if isn and first[c] == k else 0
+            cur[c] = below[c] if isn else cur[c]
+    win = coeffs.shape[0]
+    half = win // 2
+    sm = np.zeros((H, Wp), np.float64)
+    if win >= 3:
+        for k in range(half, H - half):
+            acc = sm[k]
+            for j in range(-half, half + 1):  # each sum adds the taps top to bottom, as a plain loop would
+                cj, src = coeffs[j + half], raw[k - j]
+                for c in range(W):
+                    acc[c] += cj * src[c]
     ang = np.full((W, H), np.nan, np.float32)
     for c in range(W):
-        rc, hc, zc, ac = range_m[c], hor[c], hgt[c], ang[c]
-        for r in range(H - 1, -1, -1):
-            if rc[r] <= 0:
-                continue
-            # next valid pixel above
-            up = r - 1
-            while up >= 0 and rc[up] <= 0 and r - up <= max_gap + 1:
-                up -= 1
-            if up >= 0 and rc[up] > 0 and r - up <= max_gap + 1:
-                ac[r] = 57.29577951308232 * fast_atan2(abs(zc[up] - zc[r]), abs(hc[up] - hc[r]))
-        # top pixels without a partner above copy the angle of the pixel below them
-        last = np.nan
-        for r in range(H - 1, -1, -1):
-            if rc[r] <= 0:
-                continue
-            if np.isnan(ac[r]):
-                ac[r] = last
-            else:
-                last = ac[r]
+        f, m = first[c], n[c]
+        smooth = win >= 3 and m - f >= win
+        ac = ang[c]
+        for k in range(f, m):
+            ac[rows[k, c]] = sm[k, c] if smooth and f + half <= k < m - half else raw[k, c]
     return ang
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _smooth_columns(ang, coeffs):  # pragma: no cover - numba
-    W, H = ang.shape
-    half = coeffs.shape[0] // 2
-    out = ang.copy()
-    buf = np.empty(H, np.float64)
-    idx = np.empty(H, np.int64)
-    for c in range(W):
-        a = ang[c]
-        n = 0
-        for r in range(H):
-            if not np.isnan(a[r]):
-                buf[n] = a[r]
-                idx[n] = r
-                n += 1
-        if n < coeffs.shape[0]:
-            continue
-        for k in range(half, n - half):
-            s = 0.0
-            for j in range(-half, half + 1):
-                s += coeffs[j + half] * buf[k + j]
-            out[c, idx[k]] = s
-    return out
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -176,19 +174,17 @@ def ground_range_image(ri: RangeImage, *, angle_deg: float = 7.0, start_max_deg:
     Args:
         ri: RangeImage of the sweep. angle_deg: max difference (deg) of smoothed inclinations between joined
         neighbours. start_max_deg: columns whose lowest pixel is steeper are skipped. max_slope_deg: pixels
-        steeper than this are never ground. sg_window: Savitzky-Golay window (odd, rows). max_gap: empty rows
-        bridged vertically. step_m: height tolerance of the step extension (0 = off).
+        steeper than this are never ground. sg_window: Savitzky-Golay window (odd, rows; < 3 = no smoothing).
+        max_gap: empty rows bridged vertically. step_m: height tolerance of the step extension (0 = off).
     Returns:
-        (H, W) uint8, 1 = ground pixel.
+        (H, W) uint8 view of a column-major array, 1 = ground pixel.
     """
-    rng_t, hor_t, hgt_t = _transpose(ri.range_m), _transpose(ri.horizontal), _transpose(ri.height)
-    ang = _angle_image(rng_t, hor_t, hgt_t, max_gap)
-    if sg_window >= 3:
-        ang = _smooth_columns(ang, savgol_coeffs(sg_window))
-    ground = _ground_bfs(ang, rng_t, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
+    coeffs = savgol_coeffs(sg_window) if sg_window >= 3 else np.zeros(0)
+    ang = _angle_image(ri.range_cm, ri.horizontal_cm, ri.height_cm, max_gap, coeffs)
+    ground = _ground_bfs(ang, ri.range_cm, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
     if step_m > 0:
-        ground = _extend_steps(ground, rng_t, hor_t, hgt_t, float(step_m), 1.0, np.inf)
-    return _transpose(ground)
+        ground = _extend_steps(ground, ri.range_cm, ri.horizontal_cm, ri.height_cm, float(step_m), 1.0, np.inf)
+    return ground.T
 
 
 def ground_plane_ransac(xyz: np.ndarray, valid: np.ndarray | None = None, *, threshold_m: float = 0.2,
@@ -242,11 +238,11 @@ def ground_points(ri: RangeImage, xyz: np.ndarray, valid: np.ndarray, *, method:
     if method == "range_image":
         pix = ground_range_image(ri, angle_deg=angle_deg, start_max_deg=start_max_deg,
                                  max_slope_deg=max_slope_deg, sg_window=sg_window, max_gap=max_gap, step_m=step_m)
-        return pixel_labels_to_points(ri, pix).astype(bool), pix
+        return pixel_labels_to_points(ri, pix.view(np.bool_)), pix  # 0 / 1 bytes: a bool view, no copies
     if method == "ransac":
         pts = ground_plane_ransac(xyz, valid & (ri.row >= 0), threshold_m=plane_threshold_m, seed=seed)
-        pix = np.zeros(ri.shape, np.uint8)
-        has = ri.index >= 0
-        pix[has] = pts[ri.index[has]]
-        return pts, pix
+        has = ri.index_cm >= 0
+        pix = np.zeros(has.shape, np.uint8)
+        pix[has] = pts[ri.index_cm[has]]
+        return pts, pix.T
     raise ValueError(f"unknown ground method '{method}' (range_image | ransac)")

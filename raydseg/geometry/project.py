@@ -52,33 +52,118 @@ def project_points(xyz: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray, widt
     Returns: u (N,) float64 px, v (N,) float64 px (NaN behind `near`), depth (N,) float64 m (camera z),
     inside (N,) bool (depth > near and the rounded pixel lies in [0, width) x [0, height)).
     """
-    T = np.asarray(T_cam_lidar, np.float64).reshape(4, 4)
-    K = np.asarray(K, np.float64).reshape(3, 3)
-    P = np.zeros((4, 4))
-    P[:3] = K @ T[:3]
-    P[3] = T[2]
+    P = _projection_matrix(K, T_cam_lidar)
     return _project(np.asarray(xyz)[:, :3], P, float(width), float(height), float(near))  # strided view, no copy
+
+
+def _projection_matrix(K: np.ndarray, T_cam_lidar: np.ndarray) -> np.ndarray:
+    """(4, 4) float64: rows 0-2 = K [R | t] (homogeneous pixel), row 3 = the camera z (depth) row of T."""
+    T = np.asarray(T_cam_lidar, np.float64).reshape(4, 4)
+    P = np.zeros((4, 4))
+    P[:3] = np.asarray(K, np.float64).reshape(3, 3) @ T[:3]
+    P[3] = T[2]
+    return P
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _project_inside(xyz, use, seg, ground, P, width, height, near):  # pragma: no cover - numba
+    """The used points inside the image, compacted: pixel column / row (int32), depth (float32 m), segment id
+    and occlusion group (int32: segment id, 0 = ground, -1 = unsegmented)."""
+    n = xyz.shape[0]
+    px = np.empty(n, np.int32)
+    py = np.empty(n, np.int32)
+    z = np.empty(n, np.float32)
+    label = np.empty(n, np.int32)
+    group = np.empty(n, np.int32)
+    m = 0
+    for i in range(n):
+        if not use[i]:
+            continue
+        x0, x1, x2 = np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2])
+        zz = P[3, 0] * x0 + P[3, 1] * x1 + P[3, 2] * x2 + P[3, 3]
+        if not zz > near:
+            continue
+        w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
+        u = (P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3]) / w
+        v = (P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3]) / w
+        if u >= -0.5 and u < width - 0.5 and v >= -0.5 and v < height - 0.5:
+            px[m] = int(np.floor(u + 0.5))
+            py[m] = int(np.floor(v + 0.5))
+            z[m] = zz
+            label[m] = seg[i]
+            group[m] = seg[i] if seg[i] > 0 else (0 if ground[i] else -1)
+            m += 1
+    return px[:m], py[:m], z[:m], label[:m], group[:m]
+
+
+_EMPTY = np.int64(0x7FFFFFFFFFFFFFFF)  # z-buffer: empty pixel, above every key
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _min_into(acc, src):  # pragma: no cover - numba
+    """acc = min(acc, src) elementwise over two equal-length int64 rows (vectorises)."""
+    for x in range(acc.shape[0]):
+        acc[x] = min(acc[x], src[x])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _row_band(py, mask, height):  # pragma: no cover - numba
+    """Lowest and highest row of the points where mask is set ((height, -1) when none)."""
+    lo, hi = height, -1
+    for i in range(py.shape[0]):
+        if mask[i]:
+            lo = min(lo, py[i])
+            hi = max(hi, py[i])
+    return lo, hi
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _visible(px, py, z, group, width, height, radius, rel_tol, abs_tol):  # pragma: no cover - numba
+    """Z-buffer over the points' row band: per pixel the nearest point's (float32 depth bits << 32 | group + 1)
+    -- positive floats order as their bits, so one int64 min keeps the depth and its group. A point is visible at
+    once when its square window's min depth (separable min filter, vectorised) is not in front of it by the
+    margin; only the others are tested pixel by pixel for a nearer point of another group."""
     n = px.shape[0]
-    zmin = np.full((height, width), np.inf)
-    gmin = np.zeros((height, width), np.int64)
-    for i in range(n):
-        if z[i] < zmin[py[i], px[i]]:
-            zmin[py[i], px[i]] = z[i]
-            gmin[py[i], px[i]] = group[i]
     vis = np.ones(n, np.bool_)
+    lo, hi = _row_band(py, vis, height)
+    if hi < 0:
+        return vis
+    nb = hi - lo + 1
+    key = np.full((nb, width), _EMPTY, np.int64)
+    zbits = z.view(np.int32)
     for i in range(n):
-        lim = z[i] - (abs_tol + rel_tol * z[i])
-        for y in range(max(0, py[i] - radius), min(height, py[i] + radius + 1)):
+        k = (np.int64(zbits[i]) << 32) | (group[i] + 1)
+        if k < key[py[i] - lo, px[i]]:
+            key[py[i] - lo, px[i]] = k
+    rows = key.copy()  # window min along rows, then along columns
+    for r in range(nb):
+        for d in range(1, min(radius, width - 1) + 1):
+            _min_into(rows[r, :width - d], key[r, d:])
+            _min_into(rows[r, d:], key[r, :width - d])
+    win = rows.copy()
+    for r in range(nb):
+        for d in range(1, radius + 1):
+            if r - d >= 0:
+                _min_into(win[r], rows[r - d])
+            if r + d < nb:
+                _min_into(win[r], rows[r + d])
+    win_z = win.view(np.float32)  # little-endian: [..., 2 * x] = group + 1 (int32 bits), [..., 2 * x + 1] = depth
+    kz = key.view(np.float32)
+    kg = key.view(np.int32)
+    for i in range(n):
+        lim = z[i] - (abs_tol + rel_tol * np.float64(z[i]))
+        r0 = py[i] - lo
+        if not win_z[r0, 2 * px[i] + 1] < lim:
+            continue
+        g = group[i]
+        hidden = False
+        for y in range(max(0, r0 - radius), min(nb, r0 + radius + 1)):
+            zr, gr = kz[y], kg[y]
             for x in range(max(0, px[i] - radius), min(width, px[i] + radius + 1)):
-                if zmin[y, x] < lim and (gmin[y, x] != group[i] or group[i] == -1):
-                    vis[i] = False
-                    break
-            if not vis[i]:
+                hidden |= (zr[2 * x + 1] < lim) & ((gr[2 * x] - 1 != g) | (g == -1))
+            if hidden:
                 break
+        vis[i] = not hidden
     return vis
 
 
@@ -86,49 +171,106 @@ def visible_points(px: np.ndarray, py: np.ndarray, depth: np.ndarray, group: np.
                    *, radius_px: int = 2, rel_tol: float = 0.05, abs_tol: float = 0.3) -> np.ndarray:
     """Z-buffer test of projected points (all inside the image).
 
-    Args: px, py (M,) int pixel column/row; depth (M,) m; group (M,) int occlusion group (-1 = unsegmented, never
-    shares a surface with anything); radius_px: neighbourhood half-size; rel_tol, abs_tol: depth margin.
+    Args: px, py (M,) int pixel column/row; depth (M,) m (compared in float32, the points' precision); group (M,)
+    int occlusion group (-1 = unsegmented, never shares a surface with anything); radius_px: neighbourhood
+    half-size; rel_tol, abs_tol: depth margin.
     Returns (M,) bool visible.
     """
-    return _visible(px.astype(np.int64), py.astype(np.int64), depth.astype(np.float64), group.astype(np.int64),
+    return _visible(px.astype(np.int32), py.astype(np.int32), depth.astype(np.float32), group.astype(np.int32),
                     width, height, radius_px, rel_tol, abs_tol)
 
 
+MAX_DENSIFY_RADIUS_PX = 90  # 2 * radius^2 added to the empty key's 2^15 distance field must stay below 2^16
+_NONE = np.int64(1) << 62  # densify: no point. Its distance field (bits 47-62) = 2^15 is above any disc's r^2,
+# and adding squared distances (< 2^15) neither overflows nor reaches a real key
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _min_add_into(acc, src, add):  # pragma: no cover - numba
+    """acc = min(acc, src + add) elementwise over two equal-length int64 rows (vectorises)."""
+    for x in range(acc.shape[0]):
+        acc[x] = min(acc[x], src[x] + add)
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _densify(px, py, z, label, width, height, radius):  # pragma: no cover - numba
-    best_d = np.full((height, width), radius * radius + 1, np.int32)  # squared px distance of the current owner
-    best_z = np.full((height, width), np.inf)
-    out = np.zeros((height, width), np.int32)
-    half = np.empty(2 * radius + 1, np.int64)  # half-width of the disc on each row offset: visit the disc only
-    for dy in range(-radius, radius + 1):
-        half[dy + radius] = int(np.floor(np.sqrt(radius * radius - dy * dy) + 1e-9))
+def _densify(px, py, z, label, vis, width, height, radius, n_labels):  # pragma: no cover - numba
+    """Owner of every pixel = min over the visible points within the radius of
+    (squared px distance << 47 | float32 depth bits << 16 | label): nearest point, ties to the nearer depth.
+
+    A source pixel holding several points offers its nearest-depth one (the only one that can win). The disc is
+    split into its rows: per source row and half-width h, M_h[x] = min over |dx| <= h of the source key at x + dx
+    plus dx^2 << 47 (built h by h); an output row is then the min over the disc's rows dy of M_h(dy) of source row
+    y + dy plus dy^2 << 47. All as vectorised int64 mins over image rows.
+    Returns the (height, width) uint16 label image and the pixel count of every label 0..n_labels."""
+    out = np.zeros((height, width), np.uint16)
+    counts = np.zeros(n_labels + 1, np.int64)
+    lo, hi = _row_band(py, vis, height)
+    if hi < 0:
+        counts[0] = height * width
+        return out, counts
+    nb = hi - lo + 1
+    src = np.full((nb, width), _NONE, np.int64)  # per pixel: min (depth bits << 16 | label) of its points
+    has = np.zeros(nb, np.bool_)
+    zbits = z.view(np.int32)
     for i in range(px.shape[0]):
-        zi, li = z[i], label[i]
-        for y in range(max(0, py[i] - radius), min(height, py[i] + radius + 1)):
-            dy = y - py[i]
-            h = half[dy + radius]
-            dy2 = dy * dy
-            bd, bz, o = best_d[y], best_z[y], out[y]
-            for x in range(max(0, px[i] - h), min(width, px[i] + h + 1)):
-                dx = x - px[i]
-                d = dx * dx + dy2
-                if d < bd[x] or (d == bd[x] and zi < bz[x]):
-                    bd[x] = d
-                    bz[x] = zi
-                    o[x] = li
-    return out
+        if vis[i]:
+            k = (np.int64(zbits[i]) << 16) | label[i]
+            r = py[i] - lo
+            if k < src[r, px[i]]:
+                src[r, px[i]] = k
+            has[r] = True
+    half = np.empty(2 * radius + 1, np.int64)  # half-width of the disc on each row offset
+    for dy in range(-radius, radius + 1):
+        half[dy + radius] = min(int(np.floor(np.sqrt(radius * radius - dy * dy) + 1e-9)), width - 1)
+    R = 2 * radius + 1
+    m = np.empty((R, radius + 1, width), np.int64)  # M_h of the last R source rows (ring buffer by row)
+    done = -1  # source rows < done + 1 have their M_h
+    acc = np.empty(width, np.int64)
+    y0, y1 = max(0, lo - radius), min(height, hi + radius + 1)
+    for y in range(y0, y1):
+        while done < min(nb - 1, y + radius - lo):
+            done += 1
+            if not has[done]:
+                continue
+            mh = m[done % R]
+            mh[0] = src[done]
+            for h in range(1, min(radius, width - 1) + 1):
+                mh[h] = mh[h - 1]
+                add = np.int64(h * h) << 47
+                _min_add_into(mh[h, :width - h], src[done, h:], add)
+                _min_add_into(mh[h, h:], src[done, :width - h], add)
+        acc[:] = _NONE
+        for dy in range(-radius, radius + 1):
+            ys = y + dy - lo
+            if 0 <= ys < nb and has[ys]:
+                _min_add_into(acc, m[ys % R, half[dy + radius]], np.int64(dy * dy) << 47)
+        o = out[y]
+        cur, run = 0, 0  # count runs of one label in a register (a memory increment per pixel serialises)
+        for x in range(width):
+            lab = 0 if acc[x] >= _NONE else acc[x] & 0xFFFF
+            o[x] = lab
+            if lab != cur:
+                counts[cur] += run
+                cur, run = lab, 0
+            run += 1
+        counts[cur] += run
+    counts[0] += (height - (y1 - y0)) * width
+    return out, counts
 
 
 def densify_segments(px: np.ndarray, py: np.ndarray, depth: np.ndarray, label: np.ndarray, width: int, height: int,
                      *, radius_px: int = 4) -> np.ndarray:
     """Nearest-visible-point label assignment within `radius_px` (see module doc).
 
-    Args: px, py (M,) int pixels of the visible points; depth (M,) m; label (M,) int segment id (0 = ground or
-    unsegmented, still competing). Returns (height, width) uint16 segment-id image, 0 = no segment.
+    Args: px, py (M,) int pixels of the visible points; depth (M,) m; label (M,) int segment id in [0, 65535]
+    (0 = ground or unsegmented, still competing). Returns (height, width) uint16 segment-id image, 0 = no segment.
     """
-    out = _densify(px.astype(np.int64), py.astype(np.int64), depth.astype(np.float64), label.astype(np.int64),
-                   width, height, int(radius_px))
-    return out.astype(np.uint16)
+    if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
+        raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
+    label = np.asarray(label)
+    out, _ = _densify(px.astype(np.int32), py.astype(np.int32), depth.astype(np.float32), label.astype(np.int32),
+                      np.ones(len(label), np.bool_), width, height, int(radius_px), int(label.max(initial=0)))
+    return out
 
 
 def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray,
@@ -140,21 +282,18 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
     use (N,) bool points to project (None = all).
     Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = hit by a visible ground point),
-    `n_in_image` points in front of the camera inside the image, `n_visible` after the z-buffer.
+    `n_in_image` points in front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels`
+    (max(seg) + 1,) int64 pixel count of every segment id.
     """
-    u, v, z, inside = project_points(xyz, K, T_cam_lidar, width, height, near)
-    if use is not None:
-        inside &= use
-    idx = np.flatnonzero(inside)
-    px = np.floor(u[idx] + 0.5).astype(np.int64)
-    py = np.floor(v[idx] + 0.5).astype(np.int64)
-    s = seg[idx].astype(np.int64)
-    g = ground[idx]
-    group = np.where(s > 0, s, np.where(g, 0, -1))
-    vis = visible_points(px, py, z[idx], group, width, height, radius_px=zbuf_radius_px, rel_tol=zbuf_rel_tol,
-                         abs_tol=zbuf_abs_tol)
-    px, py, zv, s, g = px[vis], py[vis], z[idx][vis], s[vis], g[vis]
-    seg_img = densify_segments(px, py, zv, s, width, height, radius_px=radius_px)
+    if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
+        raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
+    use = np.ones(len(xyz), np.bool_) if use is None else np.asarray(use, np.bool_)
+    px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, _projection_matrix(K, T_cam_lidar),
+                                              float(width), float(height), float(near))
+    vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)
+    seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), int(seg.max(initial=0)))
     ground_img = np.zeros((height, width), np.uint8)
+    g = vis & (group == 0)
     ground_img[py[g], px[g]] = 1
-    return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(idx)), "n_visible": int(vis.sum())}
+    return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": int(vis.sum()),
+            "n_pixels": n_px}

@@ -13,18 +13,20 @@ import numpy as np
 from raydseg.config import ProposalsConfig
 from raydseg.geometry.ground import ground_points
 from raydseg.geometry.project import project_segments
-from raydseg.geometry.range_image import RangeImage, beam_rows, build_range_image, estimate_columns
-from raydseg.geometry.segment import segment_points, segment_stats
+from raydseg.geometry.range_image import RangeImage, beam_rows, build_range_image
+from raydseg.geometry.segment import segment_points
 
 
 @dataclass
 class SweepSegments:
-    """Result of one sweep. use/ground (N,) bool, segment_id (N,) uint16 (0 = none), ri the range image."""
+    """Result of one sweep. use/ground (N,) bool, segment_id (N,) uint16 (0 = none), ri the range image,
+    stats the segments' segment.segment_stats."""
 
     use: np.ndarray
     ground: np.ndarray
     segment_id: np.ndarray
     ri: RangeImage
+    stats: dict[str, np.ndarray]
 
 
 def density_mask(xyz: np.ndarray, ring: np.ndarray | None, cfg: ProposalsConfig,
@@ -50,10 +52,9 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
 
     Args: points (N, >=3) float32 m (x, y, z, ...); ring (N,) beam index or None; seed for subsampling.
     """
-    xyz = np.ascontiguousarray(np.asarray(points)[:, :3], dtype=np.float32)
+    xyz = np.asarray(points)[:, :3]
     keep, ring_used = density_mask(xyz, ring, cfg, seed)
-    n_cols = cfg.n_cols or (estimate_columns(xyz, ring_used) if ring_used is not None else 2048)
-    ri = build_range_image(xyz, ring_used, n_beams=cfg.n_beams, n_cols=n_cols, valid=keep,
+    ri = build_range_image(xyz, ring_used, n_beams=cfg.n_beams, n_cols=cfg.n_cols, valid=keep,
                            min_range=cfg.min_range_m)
     use = ri.row >= 0
     ground, ground_px = ground_points(ri, xyz, use, method=cfg.ground_method, angle_deg=cfg.ground_angle_deg,
@@ -62,12 +63,12 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
                                       step_m=cfg.ground_step_m,
                                       plane_threshold_m=cfg.ground_plane_threshold_m, seed=seed)
     ground &= use
-    seg = segment_points(ri, xyz, ground, ground_px, method=cfg.segment_method, beta_deg=cfg.beta_deg,
-                         max_gap=cfg.segment_max_gap, dbscan_eps=cfg.dbscan_eps_m,
-                         dbscan_min_points=cfg.dbscan_min_points, min_points=cfg.min_points,
-                         max_points=cfg.max_points, min_extent_m=cfg.min_extent_m, max_extent_m=cfg.max_extent_m)
-    seg[~use] = 0
-    return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri)
+    seg, stats = segment_points(ri, xyz, ground, ground_px, method=cfg.segment_method, beta_deg=cfg.beta_deg,
+                                max_gap=cfg.segment_max_gap, dbscan_eps=cfg.dbscan_eps_m,
+                                dbscan_min_points=cfg.dbscan_min_points, min_points=cfg.min_points,
+                                max_points=cfg.max_points, min_extent_m=cfg.min_extent_m,
+                                max_extent_m=cfg.max_extent_m)
+    return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri, stats=stats)
 
 
 def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lidar: np.ndarray, width: int,
@@ -81,9 +82,8 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
     out = project_segments(xyz, sw.segment_id, sw.ground, K, T_cam_lidar, width, height, near=cfg.near_m,
                            use=sw.use, zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
                            zbuf_abs_tol=cfg.zbuf_abs_tol_m, radius_px=cfg.densify_radius_px)
-    img = out["segment_ids"]
-    n_px = np.bincount(img.reshape(-1), minlength=int(sw.segment_id.max(initial=0)) + 1)
-    st = segment_stats(sw.segment_id, xyz)
+    n_px = out.pop("n_pixels")
+    st = sw.stats
     vis = n_px[st["id"]] > 0
     out.update(seg_id=st["id"][vis].astype(np.uint16), seg_n_points=st["n_points"][vis].astype(np.int32),
                seg_centroid=st["centroid"][vis].astype(np.float32), seg_extent=st["extent"][vis].astype(np.float32),

@@ -16,28 +16,38 @@ import numpy as np
 class RangeImage:
     """A range image and the point <-> pixel maps.
 
+    The images are stored column-major, (W, H) arrays indexed [column, row], because the ground and segmentation
+    kernels walk columns; the properties of the same names without `_cm` are (H, W) views of them.
+
     Attributes:
-        index: (H, W) int64, index of the pixel's representative point (the nearest one), -1 = empty pixel.
-        range_m: (H, W) float32, range of the representative point in metres, 0 = empty.
-        elevation: (H, W) float32, elevation angle of the representative point in radians (0 where empty).
-        horizontal: (H, W) float32, its horizontal distance sqrt(x^2 + y^2) in metres; height: (H, W) float32, its z.
+        index_cm: (W, H) int32, index of the pixel's representative point (the nearest one), -1 = empty pixel.
+        range_cm: (W, H) float32, range of the representative point in metres, 0 = empty.
+        elevation_cm: (W, H) float32, elevation angle of the representative point in radians (0 where empty).
+        horizontal_cm: (W, H) float32, its horizontal distance sqrt(x^2 + y^2) in metres; height_cm: its z.
         row: (N,) int32 beam row of every point (-1 = point not used, e.g. dropped by subsampling).
         col: (N,) int32 azimuth column of every point (-1 = not used).
         rng: (N,) float32 range of every point in metres.
     """
 
-    index: np.ndarray
-    range_m: np.ndarray
-    elevation: np.ndarray
-    horizontal: np.ndarray
-    height: np.ndarray
+    index_cm: np.ndarray
+    range_cm: np.ndarray
+    elevation_cm: np.ndarray
+    horizontal_cm: np.ndarray
+    height_cm: np.ndarray
     row: np.ndarray
     col: np.ndarray
     rng: np.ndarray
 
+    index = property(lambda self: self.index_cm.T)
+    range_m = property(lambda self: self.range_cm.T)
+    elevation = property(lambda self: self.elevation_cm.T)
+    horizontal = property(lambda self: self.horizontal_cm.T)
+    height = property(lambda self: self.height_cm.T)
+
     @property
     def shape(self) -> tuple[int, int]:
-        return self.index.shape  # type: ignore[return-value]
+        """(H, W): beam rows, azimuth columns."""
+        return self.index_cm.shape[::-1]  # type: ignore[return-value]
 
 
 def beam_rows(xyz: np.ndarray, ring: np.ndarray | None, n_beams: int) -> tuple[np.ndarray, int]:
@@ -71,103 +81,157 @@ def beam_rows(xyz: np.ndarray, ring: np.ndarray | None, n_beams: int) -> tuple[n
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fill(rows, cols, rng, elev, xyz, valid, H, W):  # pragma: no cover - numba
-    index = np.full((H, W), -1, np.int64)
-    range_m = np.zeros((H, W), np.float32)
-    el = np.zeros((H, W), np.float32)
-    hor = np.zeros((H, W), np.float32)
-    hgt = np.zeros((H, W), np.float32)
-    for i in range(rows.shape[0]):
-        if not valid[i]:
-            continue
-        r, c = rows[i], cols[i]
-        j = index[r, c]
-        if j < 0 or rng[i] < range_m[r, c]:
-            index[r, c] = i
-            range_m[r, c] = rng[i]
-            el[r, c] = elev[i]
-    for r in range(H):
-        for c in range(W):
-            i = index[r, c]
-            if i >= 0:
-                hor[r, c] = np.sqrt(np.float64(xyz[i, 0]) ** 2 + np.float64(xyz[i, 1]) ** 2)
-                hgt[r, c] = xyz[i, 2]
-    return index, range_m, el, hor, hgt
+def _median_step(az, ring, beam, count):  # pragma: no cover - numba
+    """Median positive azimuth step (rad) between the sorted azimuths `az` (N,) of the `count` points of ring
+    `beam`; 0 when there is none."""
+    sel = np.empty(count, np.float64)
+    k = 0
+    for i in range(ring.shape[0]):
+        if ring[i] == beam and k < count:
+            sel[k] = az[i]
+            k += 1
+    sel = np.sort(sel[:k])
+    d = np.diff(sel)
+    d = d[d > 1e-6]
+    return np.median(d) if d.shape[0] else 0.0
+
+
+def _columns_from_step(step: float, max_cols: int) -> int:
+    return int(np.clip(round(2 * np.pi / step), 64, max_cols)) if step > 0 else 2048
 
 
 def estimate_columns(xyz: np.ndarray, ring: np.ndarray, max_cols: int = 8192) -> int:
     """Azimuth columns per revolution of a spinning LiDAR: 2pi / the median azimuth step within the beam with the
-    most returns. Args: xyz (N, 3) m; ring (N,) beam index. Returns an int in [64, max_cols]."""
-    ring = np.asarray(ring)
+    most returns. Args: xyz (N, 3) m; ring (N,) beam index. Returns an int in [64, max_cols] (2048 without
+    points)."""
+    ring = np.ascontiguousarray(ring)
     if len(ring) == 0:
         return 2048
-    busiest = np.bincount(ring.astype(np.int64)).argmax()
-    az = np.sort(np.arctan2(xyz[ring == busiest, 1], xyz[ring == busiest, 0]))
-    d = np.diff(az)
-    d = d[d > 1e-6]
-    if len(d) == 0:
-        return 2048
-    return int(np.clip(round(2 * np.pi / np.median(d)), 64, max_cols))
+    az = np.arctan2(np.asarray(xyz)[:, 1], np.asarray(xyz)[:, 0]).astype(np.float64)
+    counts = np.bincount(ring.astype(np.int64))
+    return _columns_from_step(_median_step(az, ring, counts.argmax(), counts.max()), max_cols)
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def fast_atan2(y: float, x: float) -> float:  # pragma: no cover - numba
-    """atan2 by a minimax polynomial, |error| < 2e-5 rad (far below a range-image pixel, ~3e-3 rad)."""
+    """atan2 by a minimax polynomial, |error| < 2e-5 rad (far below a range-image pixel, ~3e-3 rad); branch-free
+    (selects only), so loops over it vectorise. atan2(0, 0) = 0."""
     ax, ay = abs(x), abs(y)
-    if ax == 0.0 and ay == 0.0:
-        return 0.0
     swap = ay > ax
-    t = ax / ay if swap else ay / ax
+    mx = ay if swap else ax
+    mn = ax if swap else ay
+    t = mn / (mx if mx > 0.0 else 1.0)
     t2 = t * t
     a = t * (0.99997726 + t2 * (-0.33262347 + t2 * (0.19354346 + t2 * (-0.11643287 + t2 * (0.05265332
                                                                                          - t2 * 0.01172120)))))
-    if swap:
-        a = 1.5707963267948966 - a
-    if x < 0:
-        a = 3.141592653589793 - a
+    a = 1.5707963267948966 - a if swap else a
+    a = 3.141592653589793 - a if x < 0 else a
     return -a if y < 0 else a
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _polar(xyz, valid, min_range, n_cols):  # pragma: no cover - numba
-    n = xyz.shape[0]
+def _polar(x, y, z):  # pragma: no cover - numba
+    """Range (float32 m), horizontal distance (float32 m), elevation (float32 rad) and azimuth atan2(y, x)
+    (float64 rad) of every point, from contiguous (N,) coordinate arrays: branch-free, so the loop vectorises."""
+    n = x.shape[0]
     rng = np.empty(n, np.float32)
+    hor = np.empty(n, np.float32)
     elev = np.empty(n, np.float32)
-    col = np.full(n, -1, np.int32)
-    use = np.zeros(n, np.bool_)
-    scale = n_cols / (2.0 * np.pi)
+    az = np.empty(n, np.float64)
     for i in range(n):
-        x, y, z = np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2])
-        h = np.sqrt(x * x + y * y)
-        r = np.sqrt(h * h + z * z)
-        rng[i] = r
-        elev[i] = fast_atan2(z, h)
-        if valid[i] and r >= min_range:
-            use[i] = True
-            c = int(np.floor((np.pi - fast_atan2(y, x)) * scale))
-            col[i] = c % n_cols
-    return rng, elev, col, use
+        xx, yy, zz = np.float64(x[i]), np.float64(y[i]), np.float64(z[i])
+        h = np.sqrt(xx * xx + yy * yy)
+        hor[i] = h
+        rng[i] = np.sqrt(h * h + zz * zz)
+        elev[i] = fast_atan2(zz, h)
+        az[i] = fast_atan2(yy, xx)
+    return rng, hor, elev, az
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _ring_elevation(ring, elev, use, n_ring):  # pragma: no cover - numba
-    """Sum of elevations (float64) and count of the used points of every ring index."""
+def _used(rng, elev, valid, min_range, ring, n_ring):  # pragma: no cover - numba
+    """Used flag per point (valid and not closer than min_range); per ring index (when ring has a value per point)
+    the elevation sum and count of the used points and the count of all points; min / max used elevation."""
+    n = rng.shape[0]
+    use = np.empty(n, np.bool_)
     sums = np.zeros(n_ring, np.float64)
     cnts = np.zeros(n_ring, np.int64)
-    for i in range(ring.shape[0]):
-        if use[i]:
-            sums[ring[i]] += elev[i]
-            cnts[ring[i]] += 1
-    return sums, cnts
+    all_cnts = np.zeros(n_ring, np.int64)
+    has_ring = ring.shape[0] == n
+    lo, hi = np.inf, -np.inf
+    cur, s, c, ca = -1, 0.0, 0, 0  # the current ring's accumulators: points come ring by ring, so a register
+    for i in range(n):               # sum beats a read-modify-write of memory per point
+        u = valid[i] and rng[i] >= min_range
+        use[i] = u
+        e = elev[i]
+        if has_ring:
+            if ring[i] != cur:
+                if cur >= 0:
+                    sums[cur], cnts[cur], all_cnts[cur] = s, c, ca
+                cur = ring[i]
+                s, c, ca = sums[cur], cnts[cur], all_cnts[cur]
+            ca += 1
+            if u:
+                s += e
+                c += 1
+        if u:
+            lo = min(lo, e)
+            hi = max(hi, e)
+    if cur >= 0:
+        sums[cur], cnts[cur], all_cnts[cur] = s, c, ca
+    return use, sums, cnts, all_cnts, lo, hi
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _ring_rows(ring, use, rank):  # pragma: no cover - numba
-    rows = np.full(ring.shape[0], -1, np.int32)
-    for i in range(ring.shape[0]):
-        if use[i]:
-            rows[i] = rank[ring[i]]
-    return rows
+def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no cover - numba
+    """Row / column of every used point (row from rank[ring], or by binning elevations in [lo, hi] when ring is
+    empty) and the column-major images of each pixel's nearest point.
+
+    The nearest point of a pixel is the min of (range float32 bits << 32 | point index): positive floats order as
+    their bits, and of equal ranges the first point stays. The images are then read out in memory order."""
+    n = z.shape[0]
+    rows = np.full(n, -1, np.int32)
+    cols = np.full(n, -1, np.int32)
+    empty = np.int64(0x7FFFFFFFFFFFFFFF)
+    key = np.full(W * H, empty, np.int64)
+    has_ring = ring.shape[0] == n
+    span = max(hi - lo, 1e-6)
+    scale = W / (2.0 * np.pi)
+    bits = rng.view(np.int32)
+    for i in range(n):
+        if not use[i]:
+            continue
+        if has_ring:
+            r = rank[ring[i]]
+        else:
+            r = min(max(int((hi - elev[i]) / span * H), 0), H - 1)
+        c = int(np.floor((np.pi - az[i]) * scale))  # in [0, W]: az in [-pi, pi]
+        if c >= W:
+            c -= W
+        rows[i] = r
+        cols[i] = c
+        k = (np.int64(bits[i]) << 32) | i
+        if k < key[c * H + r]:
+            key[c * H + r] = k
+    index = np.empty((W, H), np.int32)
+    range_m = np.empty((W, H), np.float32)
+    el = np.empty((W, H), np.float32)
+    hor = np.empty((W, H), np.float32)
+    hgt = np.empty((W, H), np.float32)
+    i_f, r_f, e_f, h_f, z_f = index.ravel(), range_m.ravel(), el.ravel(), hor.ravel(), hgt.ravel()
+    for p in range(W * H):
+        k = key[p]
+        if k == empty:
+            i_f[p] = -1
+            r_f[p] = e_f[p] = h_f[p] = z_f[p] = 0.0
+        else:
+            i = k & 0xFFFFFFFF
+            i_f[p] = i
+            r_f[p] = rng[i]
+            e_f[p] = elev[i]
+            h_f[p] = hxy[i]
+            z_f[p] = z[i]
+    return index, range_m, el, hor, hgt, rows, cols
 
 
 def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beams: int = 64, n_cols: int = 2048,
@@ -176,57 +240,63 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
 
     Args:
         xyz: (N, 3) float32/64 points in metres (LiDAR frame). ring: (N,) beam index or None (elevation binning).
-        n_beams: rows when `ring` is None. n_cols: azimuth columns (2pi / n_cols rad each).
+        n_beams: rows when `ring` is None. n_cols: azimuth columns (2pi / n_cols rad each); 0 = estimated from the
+        ring's azimuth step (see estimate_columns; 2048 without ring).
         valid: (N,) bool, points to use (others get row = col = -1). min_range: points closer (m) are ignored.
     Returns:
         RangeImage; each pixel keeps its nearest point.
     """
-    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    xyz = np.asarray(xyz)
+    if xyz.dtype != np.float32 and xyz.dtype != np.float64:
+        xyz = xyz.astype(np.float32)
     n = len(xyz)
     valid = np.ones(n, np.bool_) if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
-    rng, elev, cols, use = _polar(xyz, valid, float(min_range), int(n_cols))  # cols = -1 where not used
-    if ring is not None:
-        ring = np.ascontiguousarray(ring)
-        n_ring = int(ring.max()) + 1 if len(ring) else 1
-        sums, cnts = _ring_elevation(ring, elev, use, n_ring)
+    ring = np.zeros(0, np.int64) if ring is None else np.ascontiguousarray(ring)
+    n_ring = int(ring.max()) + 1 if len(ring) else 1
+    x, y, z = (np.ascontiguousarray(xyz[:, j]) for j in range(3))
+    rng, hxy, elev, az = _polar(x, y, z)
+    use, sums, cnts, all_cnts, lo, hi = _used(rng, elev, valid, float(min_range), ring, n_ring)
+    if len(ring):
         present = cnts > 0
         mean = np.where(present, sums / np.maximum(cnts, 1), -np.inf)
         order = np.argsort(-mean, kind="stable")  # top beam first
-        rank = np.full(n_ring, -1, np.int64)
+        rank = np.full(n_ring, -1, np.int32)
         rank[order[: int(present.sum())]] = np.arange(int(present.sum()))
-        all_rows = _ring_rows(ring, use, rank)
         H = max(int(present.sum()), 1)
+        if n_cols <= 0:
+            n_cols = _columns_from_step(_median_step(az, ring, all_cnts.argmax(), all_cnts.max()), 8192)
     else:
-        all_rows = np.full(n, -1, np.int32)
-        e = elev[use]
+        rank = np.zeros(0, np.int32)
         H = max(n_beams, 1)
-        if len(e):
-            lo, hi = float(e.min()), float(e.max())
-            span = max(hi - lo, 1e-6)
-            all_rows[use] = np.clip(((hi - e) / span * H).astype(np.int64), 0, H - 1)
-    index, range_m, el, hor, hgt = _fill(all_rows, cols, rng, elev, xyz, use, H, int(n_cols))
-    return RangeImage(index=index, range_m=range_m, elevation=el, horizontal=hor, height=hgt, row=all_rows, col=cols,
-                      rng=rng)
+        n_cols = n_cols if n_cols > 0 else 2048
+    index, range_m, el, hor, hgt, rows, cols = _fill(z, hxy, ring, rank, elev, az, rng, use, float(lo), float(hi), H,
+                                                      int(n_cols))
+    return RangeImage(index_cm=index, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt, row=rows,
+                      col=cols, rng=rng)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _spread(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, out):  # pragma: no cover - numba
+    """Column-major pixel labels -> points (see pixel_labels_to_points)."""
     for i in range(rows.shape[0]):
         r, c = rows[i], cols[i]
         if r < 0:
             continue
-        d = range_m[r, c]
+        d = range_m[c, r]
         if abs(rng[i] - d) <= abs_tol + rel_tol * d:
-            out[i] = pix_label[r, c]
+            out[i] = pix_label[c, r]
     return out
 
 
-def pixel_labels_to_points(ri: RangeImage, pix_label: np.ndarray, *, rel_tol: float = 0.05,
-                           abs_tol: float = 0.3) -> np.ndarray:
+SPREAD_REL_TOL, SPREAD_ABS_TOL = 0.05, 0.3  # a point joins its pixel's label within 0.3 m + 5 % of its range
+
+
+def pixel_labels_to_points(ri: RangeImage, pix_label: np.ndarray, *, rel_tol: float = SPREAD_REL_TOL,
+                           abs_tol: float = SPREAD_ABS_TOL) -> np.ndarray:
     """Per-pixel labels -> per-point labels. A point that is not its pixel's representative takes the pixel's
     label only when its range is within `abs_tol + rel_tol * pixel range` metres of it, else 0.
 
     Args: pix_label (H, W) integer image. Returns: (N,) array of pix_label's dtype.
     """
     out = np.zeros(len(ri.row), dtype=pix_label.dtype)
-    return _spread(pix_label, ri.row, ri.col, ri.rng, ri.range_m, rel_tol, abs_tol, out)
+    return _spread(np.ascontiguousarray(pix_label.T), ri.row, ri.col, ri.rng, ri.range_cm, rel_tol, abs_tol, out)

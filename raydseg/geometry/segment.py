@@ -12,67 +12,95 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from raydseg.geometry.range_image import RangeImage, pixel_labels_to_points
+from raydseg.geometry.range_image import SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cover - numba
-    H, W = range_m.shape
-    labels = np.zeros((H, W), np.int32)
-    qr = np.empty(H * W, np.int64)
-    qc = np.empty(H * W, np.int64)
+    """BFS labelling of the column-major images ((W, H) arrays); seeds in row-major order, so labels are numbered
+    by their first pixel scanning rows top to bottom. Returns (W, H) int32 labels and their count."""
+    W, H = range_m.shape
+    labels = np.zeros((W, H), np.int32)
+    queue = np.empty(H * W, np.int32)  # pixels as c << 16 | r (no division to unpack)
+    rng_f, el_f, bl_f, lab_f = range_m.ravel(), elev.ravel(), blocked.ravel(), labels.ravel()
     col_step = 2.0 * np.pi / W
     sin_h = np.sin(np.arange(max_gap + 2) * col_step)
     cos_h = np.cos(np.arange(max_gap + 2) * col_step)
     tan_thr = np.tan(beta_thr)
+    # seed candidates (valid, not blocked) in row-major order, by a counting sort of a sequential scan: scanning
+    # rows of the column-major image directly would touch a new cache line at every step
+    per_row = np.zeros(H + 1, np.int64)
+    for c in range(W):
+        for r in range(H):
+            per_row[r + 1] += rng_f[c * H + r] > 0 and not bl_f[c * H + r]
+    for r in range(H):
+        per_row[r + 1] += per_row[r]
+    seeds = np.empty(per_row[H], np.int32)
+    for c in range(W):
+        for r in range(H):
+            p = c * H + r
+            if rng_f[p] > 0 and not bl_f[p]:
+                seeds[per_row[r]] = p
+                per_row[r] += 1
     n = 0
-    for r0 in range(H):
-        for c0 in range(W):
-            if range_m[r0, c0] <= 0 or blocked[r0, c0] or labels[r0, c0]:
-                continue
-            n += 1
-            labels[r0, c0] = n
-            head, tail = 0, 1
-            qr[0], qc[0] = r0, c0
-            while head < tail:
-                cr, cc = qr[head], qc[head]
-                head += 1
-                d0 = range_m[cr, cc]
-                for d in range(4):
-                    dr = -1 if d == 0 else (1 if d == 1 else 0)
-                    dc = -1 if d == 2 else (1 if d == 3 else 0)
-                    nr, nc = cr, cc
-                    found = False
-                    steps = 0
+    for p0 in seeds:
+        if lab_f[p0]:
+            continue
+        c0, r0 = p0 // H, p0 % H
+        n += 1
+        lab_f[p0] = n
+        head, tail = 0, 1
+        queue[0] = (c0 << 16) | r0
+        while head < tail:
+            cc, cr = queue[head] >> 16, queue[head] & 0xFFFF
+            head += 1
+            p = cc * H + cr
+            d0 = rng_f[p]
+            for d in range(4):
+                q, qc, qr = -1, 0, 0
+                steps = 0
+                if d < 2:  # up / down the column
+                    nr = cr
                     for _ in range(max_gap + 1):
-                        nr += dr
-                        nc = (nc + dc) % W
+                        nr += -1 if d == 0 else 1
                         steps += 1
                         if nr < 0 or nr >= H:
                             break
-                        if range_m[nr, nc] > 0:
-                            found = True
+                        if rng_f[cc * H + nr] > 0:
+                            q, qc, qr = cc * H + nr, cc, nr
                             break
-                    if not found or blocked[nr, nc] or labels[nr, nc]:
-                        continue
-                    d1 = range_m[nr, nc]
-                    if dr != 0:
-                        a = abs(elev[nr, nc] - elev[cr, cc])
-                        a2 = a * a  # small angles (< 10 deg): 4th-order Taylor terms are exact to < 1e-7
-                        sin_a = a * (1.0 - a2 / 6.0 * (1.0 - a2 / 20.0))
-                        cos_a = 1.0 - a2 / 2.0 * (1.0 - a2 / 12.0)
-                    else:
-                        sin_a = sin_h[steps]
-                        cos_a = cos_h[steps]
-                    hi = max(d0, d1)
-                    lo = min(d0, d1)
-                    # beta > thr  <=>  lo*sin(a) > tan(thr) * (hi - lo*cos(a))   (both sides' signs handled)
-                    num = lo * sin_a
-                    den = hi - lo * cos_a
-                    if den <= 0 or num > tan_thr * den:
-                        labels[nr, nc] = n
-                        qr[tail], qc[tail] = nr, nc
-                        tail += 1
+                else:  # left / right, columns wrap
+                    nc = cc
+                    for _ in range(max_gap + 1):
+                        nc += -1 if d == 2 else 1
+                        if nc < 0:
+                            nc += W
+                        elif nc >= W:
+                            nc -= W
+                        steps += 1
+                        if rng_f[nc * H + cr] > 0:
+                            q, qc, qr = nc * H + cr, nc, cr
+                            break
+                if q < 0 or bl_f[q] or lab_f[q]:
+                    continue
+                d1 = rng_f[q]
+                if d < 2:
+                    a = abs(el_f[q] - el_f[p])
+                    a2 = a * a  # small angles (< 10 deg): 4th-order Taylor terms are exact to < 1e-7
+                    sin_a = a * (1.0 - a2 / 6.0 * (1.0 - a2 / 20.0))
+                    cos_a = 1.0 - a2 / 2.0 * (1.0 - a2 / 12.0)
+                else:
+                    sin_a = sin_h[steps]
+                    cos_a = cos_h[steps]
+                hi = max(d0, d1)
+                lo = min(d0, d1)
+                # beta > thr  <=>  lo*sin(a) > tan(thr) * (hi - lo*cos(a))   (both sides' signs handled)
+                num = lo * sin_a
+                den = hi - lo * cos_a
+                if den <= 0 or num > tan_thr * den:
+                    lab_f[q] = n
+                    queue[tail] = (qc << 16) | qr
+                    tail += 1
     return labels, n
 
 
@@ -81,10 +109,12 @@ def segment_range_image(ri: RangeImage, ground_px: np.ndarray, *, beta_deg: floa
     """Raw BFS segment labels per pixel (not yet filtered).
 
     Args: ri: RangeImage; ground_px (H, W) nonzero = ground (never segmented). beta_deg: joining threshold (deg).
-    max_gap: empty pixels bridged between neighbours. Returns (H, W) int32 labels, 0 = none.
+    max_gap: empty pixels bridged between neighbours. Returns (H, W) int32 labels (a view of a column-major
+    array), 0 = none.
     """
-    labels, _ = _bfs_segments(ri.range_m, ri.elevation, ground_px.astype(np.bool_), np.radians(beta_deg), max_gap)
-    return labels
+    blocked = np.ascontiguousarray(ground_px.T != 0)
+    labels, _ = _bfs_segments(ri.range_cm, ri.elevation_cm, blocked, np.radians(beta_deg), max_gap)
+    return labels.T
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -108,6 +138,21 @@ def _stats(labels, xyz, n_labels):  # pragma: no cover - numba
     return cnt, lo, hi, s
 
 
+def _stats_of(cnt, lo, hi, s, ids) -> dict[str, np.ndarray]:
+    c = cnt[ids]
+    centroid = s[ids] / c[:, None]
+    return {"id": ids, "n_points": c, "centroid": centroid, "extent": hi[ids] - lo[ids],
+            "range": np.linalg.norm(centroid, axis=1)}
+
+
+def _raw_stats(labels: np.ndarray, xyz: np.ndarray):
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int64)
+    n = int(labels.max()) if len(labels) else 0
+    return labels, _stats(labels, np.asarray(xyz), n)  # any int / float dtype: no converted copies
+
+
 def segment_stats(labels: np.ndarray, xyz: np.ndarray) -> dict[str, np.ndarray]:
     """Per-segment statistics of point labels 1..n.
 
@@ -116,16 +161,75 @@ def segment_stats(labels: np.ndarray, xyz: np.ndarray) -> dict[str, np.ndarray]:
     (bounding-box size), `range` (n,) m (horizontal+vertical distance of the centroid from the sensor);
     ids with no points are omitted.
     """
-    labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu":
-        labels = labels.astype(np.int64)
-    n = int(labels.max()) if len(labels) else 0
-    cnt, lo, hi, s = _stats(labels, np.asarray(xyz), n)  # any int / float dtype: no converted copies
-    ids = np.flatnonzero(cnt[1:] > 0) + 1
-    c = cnt[ids]
-    centroid = s[ids] / c[:, None]
-    return {"id": ids, "n_points": c, "centroid": centroid, "extent": hi[ids] - lo[ids],
-            "range": np.linalg.norm(centroid, axis=1)}
+    _, (cnt, lo, hi, s) = _raw_stats(labels, xyz)
+    return _stats_of(cnt, lo, hi, s, np.flatnonzero(cnt[1:] > 0) + 1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _spread_stats(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, exclude, xyz,
+                  n_labels):  # pragma: no cover - numba
+    """range_image.pixel_labels_to_points of column-major segment labels (points in `exclude` get 0) and, in the
+    same pass, the _stats of the result."""
+    n = rows.shape[0]
+    out = np.zeros(n, np.int32)
+    cnt = np.zeros(n_labels + 1, np.int64)
+    lo = np.full((n_labels + 1, 3), np.inf)
+    hi = np.full((n_labels + 1, 3), -np.inf)
+    s = np.zeros((n_labels + 1, 3))
+    for i in range(n):
+        r, c = rows[i], cols[i]
+        if r < 0 or exclude[i]:
+            continue
+        d = range_m[c, r]
+        k = pix_label[c, r]
+        if k <= 0 or not abs(rng[i] - d) <= abs_tol + rel_tol * d:
+            continue
+        out[i] = k
+        cnt[k] += 1
+        for j in range(3):
+            v = xyz[i, j]
+            s[k, j] += v
+            lo[k, j] = min(lo[k, j], v)
+            hi[k, j] = max(hi[k, j], v)
+    return out, cnt, lo, hi, s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _apply_lut(labels, lut):  # pragma: no cover - numba
+    out = np.zeros(labels.shape[0], np.uint16)
+    for i in range(labels.shape[0]):
+        if labels[i] > 0:
+            out[i] = lut[labels[i]]
+    return out
+
+
+def _select(cnt, lo, hi, s, labels, *, min_points: int, max_points: int, min_extent_m: float,
+            max_extent_m: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Filter raw segments by their stats (cnt, lo, hi, s per raw id); renumber the kept ones 1..n by decreasing
+    size. Returns the (N,) uint16 ids of `labels` and the stats of the kept segments."""
+    st = _stats_of(cnt, lo, hi, s, np.flatnonzero(cnt[1:] > 0) + 1)
+    size = st["extent"].max(axis=1) if len(st["id"]) else np.zeros(0)
+    keep = (st["n_points"] >= min_points) & (st["n_points"] <= max_points)
+    if min_extent_m > 0:
+        keep &= size >= min_extent_m
+    if max_extent_m > 0:
+        keep &= size <= max_extent_m
+    ids, npts = st["id"][keep], st["n_points"][keep]
+    ids = ids[np.argsort(-npts, kind="stable")][:65535]
+    lut = np.zeros(len(cnt), np.uint16)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
+    out = _stats_of(cnt, lo, hi, s, ids)
+    out["id"] = np.arange(1, len(ids) + 1)
+    return _apply_lut(labels, lut), out
+
+
+def filter_segments_stats(labels: np.ndarray, xyz: np.ndarray, *, min_points: int = 20, max_points: int = 100_000,
+                          min_extent_m: float = 0.0,
+                          max_extent_m: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """filter_segments, and the segment_stats of its result (taken from the raw segments' stats, no second pass)."""
+    labels, (cnt, lo, hi, s) = _raw_stats(labels, xyz)
+    return _select(cnt, lo, hi, s, labels, min_points=min_points, max_points=max_points, min_extent_m=min_extent_m,
+                   max_extent_m=max_extent_m)
 
 
 def filter_segments(labels: np.ndarray, xyz: np.ndarray, *, min_points: int = 20, max_points: int = 100_000,
@@ -135,18 +239,8 @@ def filter_segments(labels: np.ndarray, xyz: np.ndarray, *, min_points: int = 20
 
     Args: labels (N,) int point labels (0 = none), xyz (N, 3) m. Returns (N,) uint16 (ids beyond 65535 dropped).
     """
-    st = segment_stats(labels, xyz)
-    size = st["extent"].max(axis=1) if len(st["id"]) else np.zeros(0)
-    keep = (st["n_points"] >= min_points) & (st["n_points"] <= max_points)
-    if min_extent_m > 0:
-        keep &= size >= min_extent_m
-    if max_extent_m > 0:
-        keep &= size <= max_extent_m
-    ids, npts = st["id"][keep], st["n_points"][keep]
-    ids = ids[np.argsort(-npts, kind="stable")][:65535]
-    lut = np.zeros(int(labels.max()) + 1 if len(labels) else 1, np.uint16)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
-    return lut[np.maximum(np.asarray(labels, np.int64), 0)]
+    return filter_segments_stats(labels, xyz, min_points=min_points, max_points=max_points,
+                                 min_extent_m=min_extent_m, max_extent_m=max_extent_m)[0]
 
 
 def segment_dbscan(xyz: np.ndarray, mask: np.ndarray, *, eps: float = 0.5, min_points: int = 5) -> np.ndarray:
@@ -170,15 +264,17 @@ def segment_dbscan(xyz: np.ndarray, mask: np.ndarray, *, eps: float = 0.5, min_p
 def segment_points(ri: RangeImage, xyz: np.ndarray, ground: np.ndarray, ground_px: np.ndarray, *,
                    method: str = "range_image", beta_deg: float = 10.0, max_gap: int = 1,
                    dbscan_eps: float = 0.5, dbscan_min_points: int = 5, min_points: int = 20,
-                   max_points: int = 100_000, min_extent_m: float = 0.0, max_extent_m: float = 0.0) -> np.ndarray:
-    """Filtered per-point segment ids (N,) uint16 of the non-ground points by `method` (range_image | dbscan)."""
+                   max_points: int = 100_000, min_extent_m: float = 0.0,
+                   max_extent_m: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Filtered per-point segment ids (N,) uint16 of the non-ground points by `method` (range_image | dbscan), and
+    their segment_stats."""
+    kw = dict(min_points=min_points, max_points=max_points, min_extent_m=min_extent_m, max_extent_m=max_extent_m)
     if method == "range_image":
-        pix = segment_range_image(ri, ground_px, beta_deg=beta_deg, max_gap=max_gap)
-        raw = pixel_labels_to_points(ri, pix)
-        raw[ground] = 0
-    elif method == "dbscan":
+        pix = segment_range_image(ri, ground_px, beta_deg=beta_deg, max_gap=max_gap).T  # column-major again
+        raw, cnt, lo, hi, s = _spread_stats(pix, ri.row, ri.col, ri.rng, ri.range_cm, SPREAD_REL_TOL, SPREAD_ABS_TOL,
+                                            np.asarray(ground, np.bool_), np.asarray(xyz), int(pix.max(initial=0)))
+        return _select(cnt, lo, hi, s, raw, **kw)
+    if method == "dbscan":
         raw = segment_dbscan(xyz, (~ground) & (ri.row >= 0), eps=dbscan_eps, min_points=dbscan_min_points)
-    else:
-        raise ValueError(f"unknown segment method '{method}' (range_image | dbscan)")
-    return filter_segments(raw, xyz, min_points=min_points, max_points=max_points, min_extent_m=min_extent_m,
-                           max_extent_m=max_extent_m)
+        return filter_segments_stats(raw, xyz, **kw)
+    raise ValueError(f"unknown segment method '{method}' (range_image | dbscan)")

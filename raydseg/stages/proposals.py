@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydseg import storage
+from raydseg.alloc import keep_freed_memory
 from raydseg.config import ProposalsConfig, config_from_dict
 from raydseg.data.schema import encode_png, table_to_frames
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
@@ -78,6 +79,7 @@ def _large(values: list[np.ndarray], typ: pa.DataType) -> pa.Array:
 
 def process_table(table: pa.Table, cfg_dict: dict, seed: int = 0) -> tuple[dict[str, pa.Table], list[dict]]:
     """One ingest part -> {"segments", "points", "stats"} tables and rejects. A frame that raises is rejected."""
+    keep_freed_memory()  # the sweep kernels' scratch is reused instead of page-faulted in afresh (raydseg.alloc)
     cfg = config_from_dict({"proposals": cfg_dict}).proposals
     seg_rows, pt_rows, stat_rows, rejects = [], [], [], []
     for frame in table_to_frames(table):
