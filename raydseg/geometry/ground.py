@@ -97,49 +97,90 @@ def _angle_image(range_m, hor, hgt, max_gap, coeffs):  # pragma: no cover - numb
     return ang
 
 
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _join(a_f, g_f, queue, tail, q, qc, qr, a0, thr, max_slope):  # pragma: no cover - numba
+    """Join pixel q = (qc, qr) to the ground from a neighbour of angle a0 when it passes the angle tests; push it.
+    Returns the new queue tail."""
+    if g_f[q]:
+        return tail
+    a = a_f[q]
+    if not a <= max_slope or abs(a - a0) >= thr:  # NaN fails a <= max_slope
+        return tail
+    g_f[q] = 1
+    queue[tail] = (qc << 16) | qr
+    return tail + 1
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _join_sideways(a_f, rng_f, g_f, queue, tail, W, H, c, r, thr, max_slope, max_gap):  # pragma: no cover - numba
+    """_join the first valid pixels left and right of ground pixel (c, r) within max_gap + 1 columns (wrapping)."""
+    a0 = a_f[c * H + r]
+    for dc in (-1, 1):
+        nc = c
+        for _ in range(max_gap + 1):
+            nc += dc
+            nc = W - 1 if nc < 0 else (0 if nc >= W else nc)
+            if rng_f[nc * H + r] > 0:
+                tail = _join(a_f, g_f, queue, tail, nc * H + r, nc, r, a0, thr, max_slope)
+                break
+    return tail
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _ground_bfs(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pragma: no cover - numba
+    """Step 3: the pixels reachable from each column's lowest valid pixel. Reachability does not depend on the
+    visiting order, so first every column's run above its seed is joined walking up the column (sequential
+    memory), then a BFS starts from the sideways edges out of those runs. Returns (W, H) uint8, 1 = ground."""
     W, H = ang.shape
     ground = np.zeros((W, H), np.uint8)
-    qr = np.empty(H * W, np.int64)
-    qc = np.empty(H * W, np.int64)
+    queue = np.empty(H * W, np.int32)
+    a_f, rng_f, g_f = ang.ravel(), range_m.ravel(), ground.ravel()
+    # phase A: every column's seed and the run above it joined pixel to pixel
     for c in range(W):
+        base = c * H
         r = H - 1
-        while r >= 0 and range_m[c, r] <= 0:
+        while r >= 0 and rng_f[base + r] <= 0:
             r -= 1
-        if r < 0 or ground[c, r] or np.isnan(ang[c, r]) or ang[c, r] > start_max:
+        if r < 0 or np.isnan(a_f[base + r]) or a_f[base + r] > start_max:
             continue
-        head, tail = 0, 1
-        qr[0], qc[0] = r, c
-        ground[c, r] = 1
-        while head < tail:
-            cr, cc = qr[head], qc[head]
-            head += 1
-            for d in range(4):
-                dr = -1 if d == 0 else (1 if d == 1 else 0)
-                dc = -1 if d == 2 else (1 if d == 3 else 0)
-                nr, nc = cr, cc
-                found = False
-                for _ in range(max_gap + 1):
-                    nr += dr
-                    nc += dc
-                    if nc < 0:
-                        nc += W
-                    elif nc >= W:
-                        nc -= W
-                    if nr < 0 or nr >= H:
-                        break
-                    if range_m[nc, nr] > 0:
-                        found = True
-                        break
-                if not found or ground[nc, nr]:
-                    continue
-                a = ang[nc, nr]
-                if np.isnan(a) or a > max_slope or abs(a - ang[cc, cr]) >= angle_thr:
-                    continue
-                ground[nc, nr] = 1
-                qr[tail], qc[tail] = nr, nc
-                tail += 1
+        g_f[base + r] = 1
+        while True:
+            a0 = a_f[base + r]
+            nr = r - 1
+            while nr >= 0 and nr >= r - max_gap - 1 and rng_f[base + nr] <= 0:
+                nr -= 1
+            if nr < 0 or nr < r - max_gap - 1:
+                break
+            a = a_f[base + nr]
+            if not a <= max_slope or abs(a - a0) >= angle_thr:  # NaN fails a <= max_slope
+                break
+            g_f[base + nr] = 1
+            r = nr
+    # phase B: sideways edges out of the marked pixels seed a BFS over the rest
+    tail = 0
+    for c in range(W):
+        base = c * H
+        for r in range(H):
+            if not g_f[base + r]:
+                continue
+            tail = _join_sideways(a_f, rng_f, g_f, queue, tail, W, H, c, r, angle_thr, max_slope, max_gap)
+    head = 0
+    while head < tail:
+        cc, cr = queue[head] >> 16, queue[head] & 0xFFFF
+        head += 1
+        base = cc * H
+        a0 = a_f[base + cr]
+        nr = cr - 1
+        while nr >= 0 and nr >= cr - max_gap - 1 and rng_f[base + nr] <= 0:
+            nr -= 1
+        if nr >= 0 and nr >= cr - max_gap - 1:
+            tail = _join(a_f, g_f, queue, tail, base + nr, cc, nr, a0, angle_thr, max_slope)
+        nr = cr + 1
+        while nr < H and nr <= cr + max_gap + 1 and rng_f[base + nr] <= 0:
+            nr += 1
+        if nr < H and nr <= cr + max_gap + 1:
+            tail = _join(a_f, g_f, queue, tail, base + nr, cc, nr, a0, angle_thr, max_slope)
+        tail = _join_sideways(a_f, rng_f, g_f, queue, tail, W, H, cc, cr, angle_thr, max_slope, max_gap)
     return ground
 
 
