@@ -60,14 +60,14 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
     ground, ground_px = ground_points(ri, xyz, use, method=cfg.ground_method, angle_deg=cfg.ground_angle_deg,
                                       start_max_deg=cfg.ground_start_max_deg, max_slope_deg=cfg.ground_max_slope_deg,
                                       sg_window=cfg.ground_sg_window, max_gap=cfg.ground_max_gap,
-                                      step_m=cfg.ground_step_m,
-                                      plane_threshold_m=cfg.ground_plane_threshold_m, seed=seed)
+                                      step_m=cfg.ground_step_m, plane_threshold_m=cfg.ground_plane_threshold_m,
+                                      seed=seed, per_point=False)
+    ground, seg, stats = segment_points(ri, xyz, ground, ground_px, method=cfg.segment_method,
+                                        beta_deg=cfg.beta_deg, max_gap=cfg.segment_max_gap,
+                                        dbscan_eps=cfg.dbscan_eps_m, dbscan_min_points=cfg.dbscan_min_points,
+                                        min_points=cfg.min_points, max_points=cfg.max_points,
+                                        min_extent_m=cfg.min_extent_m, max_extent_m=cfg.max_extent_m)
     ground &= use
-    seg, stats = segment_points(ri, xyz, ground, ground_px, method=cfg.segment_method, beta_deg=cfg.beta_deg,
-                                max_gap=cfg.segment_max_gap, dbscan_eps=cfg.dbscan_eps_m,
-                                dbscan_min_points=cfg.dbscan_min_points, min_points=cfg.min_points,
-                                max_points=cfg.max_points, min_extent_m=cfg.min_extent_m,
-                                max_extent_m=cfg.max_extent_m)
     return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri, stats=stats)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from raydseg.geometry.range_image import SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage
+from raydseg.geometry.range_image import SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, pixel_labels_to_points
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -166,11 +166,13 @@ def segment_stats(labels: np.ndarray, xyz: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _spread_stats(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, exclude, xyz,
+def _spread_stats(pix_label, ground_px, ground_in, rows, cols, rng, range_m, rel_tol, abs_tol, xyz,
                   n_labels):  # pragma: no cover - numba
-    """range_image.pixel_labels_to_points of column-major segment labels (points in `exclude` get 0) and, in the
-    same pass, the _stats of the result."""
+    """range_image.pixel_labels_to_points of the column-major ground pixels (unless `ground_in` gives the points'
+    ground flags) and segment labels (0 on ground points) in one pass, with the _stats of the labels."""
     n = rows.shape[0]
+    given = ground_in.shape[0] == n
+    ground = ground_in.copy() if given else np.zeros(n, np.bool_)
     out = np.zeros(n, np.int32)
     cnt = np.zeros(n_labels + 1, np.int64)
     lo = np.full((n_labels + 1, 3), np.inf)
@@ -178,11 +180,14 @@ def _spread_stats(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, exclude
     s = np.zeros((n_labels + 1, 3))
     for i in range(n):
         r, c = rows[i], cols[i]
-        if r < 0 or exclude[i]:
+        if r < 0:
             continue
         d = range_m[c, r]
+        near = abs(rng[i] - d) <= abs_tol + rel_tol * d
+        if not given:
+            ground[i] = near and ground_px[c, r] != 0
         k = pix_label[c, r]
-        if k <= 0 or not abs(rng[i] - d) <= abs_tol + rel_tol * d:
+        if ground[i] or k <= 0 or not near:
             continue
         out[i] = k
         cnt[k] += 1
@@ -191,7 +196,7 @@ def _spread_stats(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, exclude
             s[k, j] += v
             lo[k, j] = min(lo[k, j], v)
             hi[k, j] = max(hi[k, j], v)
-    return out, cnt, lo, hi, s
+    return ground, out, cnt, lo, hi, s
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -261,20 +266,27 @@ def segment_dbscan(xyz: np.ndarray, mask: np.ndarray, *, eps: float = 0.5, min_p
     return out
 
 
-def segment_points(ri: RangeImage, xyz: np.ndarray, ground: np.ndarray, ground_px: np.ndarray, *,
+def segment_points(ri: RangeImage, xyz: np.ndarray, ground: np.ndarray | None, ground_px: np.ndarray, *,
                    method: str = "range_image", beta_deg: float = 10.0, max_gap: int = 1,
                    dbscan_eps: float = 0.5, dbscan_min_points: int = 5, min_points: int = 20,
                    max_points: int = 100_000, min_extent_m: float = 0.0,
-                   max_extent_m: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Filtered per-point segment ids (N,) uint16 of the non-ground points by `method` (range_image | dbscan), and
-    their segment_stats."""
+                   max_extent_m: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Filtered per-point segment ids of the non-ground points by `method` (range_image | dbscan).
+
+    Args: ground (N,) bool per point, or None to take it from ground_px (H, W) like pixel_labels_to_points.
+    Returns: ground (N,) bool, segment ids (N,) uint16, their segment_stats.
+    """
     kw = dict(min_points=min_points, max_points=max_points, min_extent_m=min_extent_m, max_extent_m=max_extent_m)
     if method == "range_image":
         pix = segment_range_image(ri, ground_px, beta_deg=beta_deg, max_gap=max_gap).T  # column-major again
-        raw, cnt, lo, hi, s = _spread_stats(pix, ri.row, ri.col, ri.rng, ri.range_cm, SPREAD_REL_TOL, SPREAD_ABS_TOL,
-                                            np.asarray(ground, np.bool_), np.asarray(xyz), int(pix.max(initial=0)))
-        return _select(cnt, lo, hi, s, raw, **kw)
+        ground_in = np.zeros(0, np.bool_) if ground is None else np.asarray(ground, np.bool_)
+        ground, raw, cnt, lo, hi, s = _spread_stats(pix, ground_px.T, ground_in, ri.row, ri.col, ri.rng, ri.range_cm,
+                                                    SPREAD_REL_TOL, SPREAD_ABS_TOL, np.asarray(xyz),
+                                                    int(pix.max(initial=0)))
+        return (ground, *_select(cnt, lo, hi, s, raw, **kw))
     if method == "dbscan":
+        if ground is None:
+            ground = pixel_labels_to_points(ri, ground_px.view(np.bool_))
         raw = segment_dbscan(xyz, (~ground) & (ri.row >= 0), eps=dbscan_eps, min_points=dbscan_min_points)
-        return filter_segments_stats(raw, xyz, **kw)
+        return (ground, *filter_segments_stats(raw, xyz, **kw))
     raise ValueError(f"unknown segment method '{method}' (range_image | dbscan)")
