@@ -115,13 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
     default_malloc_ms = float(np.mean([proposals_ms(f) for f in frames]))  # before keep_freed_memory: no undo
     tuned = keep_freed_memory()
-    rows = []
+    ours = []  # all of ours first, then DBSCAN: open3d's allocations in between would change our heap's state
     for f in frames:
+        cam = f["cameras"][0]
+        ms_seg, wall_seg, sw = time_ms(lambda: sweep_segments(f["points"], f["ring"], cfg), args.repeat)
+        ms_cam, wall_cam, out = time_ms(lambda: camera_segments(f["points"][:, :3], sw, cam["K"], cam["T_cam_lidar"],
+                                                                cam["width"], cam["height"], cfg), args.repeat)
+        ours.append((ms_seg, wall_seg, sw, ms_cam, wall_cam, out))
+    rows = []
+    for f, (ms_seg, wall_seg, sw, ms_cam, wall_cam, out) in zip(frames, ours):
         pts, cam = f["points"], f["cameras"][0]
         xyz = pts[:, :3]
-        ms_seg, wall_seg, sw = time_ms(lambda: sweep_segments(pts, f["ring"], cfg), args.repeat)
-        ms_cam, wall_cam, out = time_ms(lambda: camera_segments(xyz, sw, cam["K"], cam["T_cam_lidar"], cam["width"],
-                                                                cam["height"], cfg), args.repeat)
         nonground = sw.use & ~sw.ground
         ms_db, wall_db, raw = time_ms(lambda: segment_dbscan(xyz, nonground, eps=cfg.dbscan_eps_m,
                                                              min_points=cfg.dbscan_min_points),
