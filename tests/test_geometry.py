@@ -135,6 +135,39 @@ def test_densify_assigns_each_pixel_to_its_nearest_visible_point_within_the_radi
     assert img[1, 10] == 3 and img[0, 10] == 0
 
 
+def test_zbuffer_and_densify_match_brute_force_on_random_points():
+    # the kernels pack depths into int64 keys and pull per image row; a direct per-pixel search must agree
+    rng = np.random.default_rng(0)
+    W, H, n = 37, 23, 120
+    px, py = rng.integers(0, W, n), rng.integers(0, H, n)
+    depth = rng.uniform(1.0, 30.0, n).astype(np.float32).astype(np.float64)
+    label, group = rng.integers(0, 6, n), rng.integers(-1, 4, n)
+    vis = visible_points(px, py, depth, group, W, H, radius_px=2)
+    for i in range(n):
+        near = (np.abs(px - px[i]) <= 2) & (np.abs(py - py[i]) <= 2)
+        nearest = np.full((H, W), np.inf)  # the z-buffer keeps one point per pixel: its nearest
+        nearest_g = np.zeros((H, W), int)
+        for j in np.flatnonzero(near)[np.argsort(-depth[near], kind="stable")]:
+            nearest[py[j], px[j]], nearest_g[py[j], px[j]] = depth[j], group[j]
+        lim = depth[i] - (0.3 + 0.05 * depth[i])
+        hidden = (nearest < lim) & ((nearest_g != group[i]) | (group[i] == -1))
+        assert vis[i] == (not hidden.any()), i
+    img = densify_segments(px, py, depth, label, W, H, radius_px=3)
+    yy, xx = np.mgrid[:H, :W]
+    for y, x in zip(yy.ravel(), xx.ravel()):
+        d2 = (px - x) ** 2 + (py - y) ** 2
+        cand = np.flatnonzero(d2 <= 9)
+        if len(cand) == 0:
+            assert img[y, x] == 0
+            continue
+        best = cand[np.lexsort((label[cand], depth[cand], d2[cand]))[0]]  # nearest, then nearer depth
+        assert img[y, x] == label[best], (y, x)
+    with pytest.raises(ValueError, match="depths must be positive"):
+        densify_segments(px, py, -depth, label, W, H)
+    with pytest.raises(ValueError, match="radius_px must be in"):
+        densify_segments(px, py, depth, label, W, H, radius_px=1000)
+
+
 def test_segment_image_has_no_background_painted_through_a_foreground_object(street):
     cfg = ProposalsConfig()
     sw = sweep_segments(street["points"], street["ring"], cfg)

@@ -99,6 +99,12 @@ def _project_inside(xyz, use, seg, ground, P, width, height, near):  # pragma: n
 _EMPTY = np.int64(0x7FFFFFFFFFFFFFFF)  # z-buffer: empty pixel, above every key
 
 
+def _check_depths(depth: np.ndarray) -> None:
+    """The packed keys order depths by their float bits, which holds for positive floats only."""
+    if len(depth) and not np.min(depth) > 0:
+        raise ValueError(f"depths must be positive (points in front of the camera), got min {np.min(depth)}")
+
+
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _min_into(acc, src):  # pragma: no cover - numba
     """acc = min(acc, src) elementwise over two equal-length int64 rows (vectorises)."""
@@ -176,6 +182,7 @@ def visible_points(px: np.ndarray, py: np.ndarray, depth: np.ndarray, group: np.
     half-size; rel_tol, abs_tol: depth margin.
     Returns (M,) bool visible.
     """
+    _check_depths(depth)
     return _visible(px.astype(np.int32), py.astype(np.int32), depth.astype(np.float32), group.astype(np.int32),
                     width, height, radius_px, rel_tol, abs_tol)
 
@@ -267,6 +274,7 @@ def densify_segments(px: np.ndarray, py: np.ndarray, depth: np.ndarray, label: n
     """
     if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
         raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
+    _check_depths(depth)
     label = np.asarray(label)
     out, _ = _densify(px.astype(np.int32), py.astype(np.int32), depth.astype(np.float32), label.astype(np.int32),
                       np.ones(len(label), np.bool_), width, height, int(radius_px), int(label.max(initial=0)))
@@ -287,6 +295,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     """
     if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
         raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
+    if near < 0:
+        raise ValueError(f"near must be >= 0 m (depths are packed as positive floats), got {near}")
     use = np.ones(len(xyz), np.bool_) if use is None else np.asarray(use, np.bool_)
     px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, _projection_matrix(K, T_cam_lidar),
                                               float(width), float(height), float(near))
