@@ -107,7 +107,7 @@ def estimate_columns(xyz: np.ndarray, ring: np.ndarray, max_cols: int = 8192) ->
     ring = np.ascontiguousarray(ring)
     if len(ring) == 0:
         return 2048
-    az = np.arctan2(np.asarray(xyz)[:, 1], np.asarray(xyz)[:, 0]).astype(np.float64)
+    az = _polar(*(np.ascontiguousarray(np.asarray(xyz)[:, j]) for j in range(3)))[3]  # as build_range_image
     counts = np.bincount(ring.astype(np.int64))
     return _columns_from_step(_median_step(az, ring, counts.argmax(), counts.max()), max_cols)
 
