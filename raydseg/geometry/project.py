@@ -106,10 +106,10 @@ def _check_depths(depth: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def _min_into(acc, src):  # pragma: no cover - numba
-    """acc = min(acc, src) elementwise over two equal-length int64 rows (vectorises)."""
+def _fmin_into(acc, src):  # pragma: no cover - numba
+    """acc = min(acc, src) elementwise over two equal-length float32 rows without NaN (vectorises)."""
     for x in range(acc.shape[0]):
-        acc[x] = min(acc[x], src[x])
+        acc[x] = src[x] if src[x] < acc[x] else acc[x]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -127,8 +127,8 @@ def _row_band(py, mask, height):  # pragma: no cover - numba
 def _visible(px, py, z, group, width, height, radius, rel_tol, abs_tol):  # pragma: no cover - numba
     """Z-buffer over the points' row band: per pixel the nearest point's (float32 depth bits << 32 | group + 1)
     -- positive floats order as their bits, so one int64 min keeps the depth and its group. A point is visible at
-    once when its square window's min depth (separable min filter, vectorised) is not in front of it by the
-    margin; only the others are tested pixel by pixel for a nearer point of another group."""
+    once when its square window's min depth (separable min filter over a float32 depth image, vectorised) is not
+    in front of it by the margin; only the others are tested pixel by pixel for a nearer point of another group."""
     n = px.shape[0]
     vis = np.ones(n, np.bool_)
     lo, hi = _row_band(py, vis, height)
@@ -136,30 +136,31 @@ def _visible(px, py, z, group, width, height, radius, rel_tol, abs_tol):  # prag
         return vis
     nb = hi - lo + 1
     key = np.full((nb, width), _EMPTY, np.int64)
+    zimg = np.full((nb, width), np.inf, np.float32)  # the nearest depth alone, for the window min below
     zbits = z.view(np.int32)
     for i in range(n):
         k = (np.int64(zbits[i]) << 32) | (group[i] + 1)
-        if k < key[py[i] - lo, px[i]]:
-            key[py[i] - lo, px[i]] = k
-    rows = key.copy()  # window min along rows, then along columns
+        r, x = py[i] - lo, px[i]
+        key[r, x] = min(key[r, x], k)
+        zimg[r, x] = min(zimg[r, x], z[i])
+    rows = zimg.copy()  # window min along rows, then along columns
     for r in range(nb):
         for d in range(1, min(radius, width - 1) + 1):
-            _min_into(rows[r, :width - d], key[r, d:])
-            _min_into(rows[r, d:], key[r, :width - d])
+            _fmin_into(rows[r, :width - d], zimg[r, d:])
+            _fmin_into(rows[r, d:], zimg[r, :width - d])
     win = rows.copy()
     for r in range(nb):
         for d in range(1, radius + 1):
             if r - d >= 0:
-                _min_into(win[r], rows[r - d])
+                _fmin_into(win[r], rows[r - d])
             if r + d < nb:
-                _min_into(win[r], rows[r + d])
-    win_z = win.view(np.float32)  # little-endian: [..., 2 * x] = group + 1 (int32 bits), [..., 2 * x + 1] = depth
-    kz = key.view(np.float32)
+                _fmin_into(win[r], rows[r + d])
+    kz = key.view(np.float32)  # little-endian: [..., 2 * x] = group + 1 (int32 bits), [..., 2 * x + 1] = depth
     kg = key.view(np.int32)
     for i in range(n):
         lim = z[i] - (abs_tol + rel_tol * np.float64(z[i]))
         r0 = py[i] - lo
-        if not win_z[r0, 2 * px[i] + 1] < lim:
+        if not win[r0, px[i]] < lim:
             continue
         g = group[i]
         hidden = False

@@ -190,29 +190,26 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
     The nearest point of a pixel is the min of (range float32 bits << 32 | point index): positive floats order as
     their bits, and of equal ranges the first point stays. The images are then read out in memory order."""
     n = z.shape[0]
-    rows = np.full(n, -1, np.int32)
-    cols = np.full(n, -1, np.int32)
-    empty = np.int64(0x7FFFFFFFFFFFFFFF)
-    key = np.full(W * H, empty, np.int64)
-    has_ring = ring.shape[0] == n
+    rows = np.empty(n, np.int32)
+    cols = np.empty(n, np.int32)
     span = max(hi - lo, 1e-6)
     scale = W / (2.0 * np.pi)
+    for i in range(n):  # branch-free (selects), two loops for the two row sources: both vectorise
+        c = int(np.floor((np.pi - az[i]) * scale))  # in [0, W]: az in [-pi, pi]
+        cols[i] = (c - W if c >= W else c) if use[i] else -1
+    if ring.shape[0] == n:
+        for i in range(n):
+            rows[i] = rank[ring[i]] if use[i] else -1
+    else:
+        for i in range(n):
+            rows[i] = min(max(int((hi - elev[i]) / span * H), 0), H - 1) if use[i] else -1
+    empty = np.int64(0x7FFFFFFFFFFFFFFF)
+    key = np.full(W * H, empty, np.int64)
     bits = rng.view(np.int32)
     for i in range(n):
-        if not use[i]:
-            continue
-        if has_ring:
-            r = rank[ring[i]]
-        else:
-            r = min(max(int((hi - elev[i]) / span * H), 0), H - 1)
-        c = int(np.floor((np.pi - az[i]) * scale))  # in [0, W]: az in [-pi, pi]
-        if c >= W:
-            c -= W
-        rows[i] = r
-        cols[i] = c
-        k = (np.int64(bits[i]) << 32) | i
-        if k < key[c * H + r]:
-            key[c * H + r] = k
+        if rows[i] >= 0:
+            p = cols[i] * H + rows[i]
+            key[p] = min(key[p], (np.int64(bits[i]) << 32) | i)
     index = np.empty((W, H), np.int32)
     range_m = np.empty((W, H), np.float32)
     el = np.empty((W, H), np.float32)

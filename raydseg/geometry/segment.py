@@ -87,8 +87,8 @@ def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
                 if d < 2:
                     a = abs(el_f[q] - el_f[p])
                     a2 = a * a  # small angles (< 10 deg): 4th-order Taylor terms are exact to < 1e-7
-                    sin_a = a * (1.0 - a2 / 6.0 * (1.0 - a2 / 20.0))
-                    cos_a = 1.0 - a2 / 2.0 * (1.0 - a2 / 12.0)
+                    sin_a = a * (1.0 - a2 * (1.0 / 6.0) * (1.0 - a2 * (1.0 / 20.0)))  # constant reciprocals:
+                    cos_a = 1.0 - a2 * 0.5 * (1.0 - a2 * (1.0 / 12.0))  # no divisions in the BFS's inner loop
                 else:
                     sin_a = sin_h[steps]
                     cos_a = cos_h[steps]
