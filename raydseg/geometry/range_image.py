@@ -107,7 +107,7 @@ def estimate_columns(xyz: np.ndarray, ring: np.ndarray, max_cols: int = 8192) ->
     ring = np.ascontiguousarray(ring)
     if len(ring) == 0:
         return 2048
-    az = _polar(*(np.ascontiguousarray(np.asarray(xyz)[:, j]) for j in range(3)))[3]  # as build_range_image
+    az = polar(np.asarray(xyz))[3]  # as build_range_image
     counts = np.bincount(ring.astype(np.int64))
     return _columns_from_step(_median_step(az, ring, counts.argmax(), counts.max()), max_cols)
 
@@ -129,23 +129,44 @@ def fast_atan2(y: float, x: float) -> float:  # pragma: no cover - numba
     return -a if y < 0 else a
 
 
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _polar_point(xx, yy, zz, i, rng, hor, elev, az):  # pragma: no cover - numba
+    h = np.sqrt(xx * xx + yy * yy)
+    hor[i] = h
+    rng[i] = np.sqrt(h * h + zz * zz)
+    elev[i] = fast_atan2(zz, h)
+    az[i] = fast_atan2(yy, xx)
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _polar(x, y, z):  # pragma: no cover - numba
     """Range (float32 m), horizontal distance (float32 m), elevation (float32 rad) and azimuth atan2(y, x)
     (float64 rad) of every point, from contiguous (N,) coordinate arrays: branch-free, so the loop vectorises."""
     n = x.shape[0]
-    rng = np.empty(n, np.float32)
-    hor = np.empty(n, np.float32)
-    elev = np.empty(n, np.float32)
+    rng, hor, elev = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
     az = np.empty(n, np.float64)
     for i in range(n):
-        xx, yy, zz = np.float64(x[i]), np.float64(y[i]), np.float64(z[i])
-        h = np.sqrt(xx * xx + yy * yy)
-        hor[i] = h
-        rng[i] = np.sqrt(h * h + zz * zz)
-        elev[i] = fast_atan2(zz, h)
-        az[i] = fast_atan2(yy, xx)
+        _polar_point(np.float64(x[i]), np.float64(y[i]), np.float64(z[i]), i, rng, hor, elev, az)
     return rng, hor, elev, az
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _polar4(p, n):  # pragma: no cover - numba
+    """_polar of n points stored x, y, z, _ (4 floats a point, the Frame layout) in the flat array p: a literal
+    stride vectorises without first copying the coordinates apart."""
+    rng, hor, elev = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+    az = np.empty(n, np.float64)
+    for i in range(n):
+        _polar_point(np.float64(p[4 * i]), np.float64(p[4 * i + 1]), np.float64(p[4 * i + 2]), i, rng, hor, elev, az)
+    return rng, hor, elev, az
+
+
+def polar(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Range, horizontal distance, elevation and azimuth of every point (see _polar). xyz: (N, 3) float m, any
+    strides (points[:, :3] of a (N, 4) float32 Frame array is read in place)."""
+    if xyz.dtype == np.float32 and xyz.strides == (16, 4) and len(xyz):
+        return _polar4(np.lib.stride_tricks.as_strided(xyz, shape=(4 * len(xyz) - 1,), strides=(4,)), len(xyz))
+    return _polar(*(np.ascontiguousarray(xyz[:, j]) for j in range(3)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -250,8 +271,7 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
     valid = np.ones(n, np.bool_) if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
     ring = np.zeros(0, np.int64) if ring is None else np.ascontiguousarray(ring)
     n_ring = int(ring.max()) + 1 if len(ring) else 1
-    x, y, z = (np.ascontiguousarray(xyz[:, j]) for j in range(3))
-    rng, hxy, elev, az = _polar(x, y, z)
+    rng, hxy, elev, az = polar(xyz)
     use, sums, cnts, all_cnts, lo, hi = _used(rng, elev, valid, float(min_range), ring, n_ring)
     if len(ring):
         present = cnts > 0
@@ -266,8 +286,8 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
         rank = np.zeros(0, np.int32)
         H = max(n_beams, 1)
         n_cols = n_cols if n_cols > 0 else 2048
-    index, range_m, el, hor, hgt, rows, cols = _fill(z, hxy, ring, rank, elev, az, rng, use, float(lo), float(hi), H,
-                                                      int(n_cols))
+    index, range_m, el, hor, hgt, rows, cols = _fill(xyz[:, 2], hxy, ring, rank, elev, az, rng, use, float(lo),
+                                                      float(hi), H, int(n_cols))
     return RangeImage(index_cm=index, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt, row=rows,
                       col=cols, rng=rng)
 
