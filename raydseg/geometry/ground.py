@@ -85,14 +85,17 @@ def _angle_image(range_m, hor, hgt, max_gap, coeffs):  # pragma: no cover - numb
             cur[c] = below[c] if isn else cur[c]
     win = coeffs.shape[0]
     half = win // 2
-    sm = np.zeros((H, Wp), np.float64)
+    sm = np.empty((H, Wp), np.float32)  # float64 sums, stored as the float32 the angle image keeps anyway
+    acc = np.empty(Wp, np.float64)
     if win >= 3:
         for k in range(half, H - half):
-            acc = sm[k]
+            acc[:] = 0.0
             for j in range(-half, half + 1):  # each sum adds the taps top to bottom, as a plain loop would
                 cj, src = coeffs[j + half], raw[k - j]
                 for c in range(W):
                     acc[c] += cj * src[c]
+            for c in range(W):
+                sm[k, c] = acc[c]
     ang = np.full((W, H), np.nan, np.float32)
     for c in range(W):
         f, m = first[c], n[c]

@@ -299,8 +299,9 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     if near < 0:
         raise ValueError(f"near must be >= 0 m (depths are packed as positive floats), got {near}")
     use = np.ones(len(xyz), np.bool_) if use is None else np.asarray(use, np.bool_)
-    px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, _projection_matrix(K, T_cam_lidar),
-                                              float(width), float(height), float(near))
+    P = _projection_matrix(K, T_cam_lidar)
+    px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, P, float(width),
+                                              float(height), float(near))
     vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)
     seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), int(seg.max(initial=0)))
     ground_img = np.zeros((height, width), np.uint8)

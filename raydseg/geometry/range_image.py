@@ -12,6 +12,9 @@ import numba
 import numpy as np
 
 
+NEAREST_EMPTY = np.int64(0x7FFFFFFFFFFFFFFF)  # RangeImage.nearest_cm of an empty pixel
+
+
 @dataclass
 class RangeImage:
     """A range image and the point <-> pixel maps.
@@ -20,7 +23,8 @@ class RangeImage:
     kernels walk columns; the properties of the same names without `_cm` are (H, W) views of them.
 
     Attributes:
-        index_cm: (W, H) int32, index of the pixel's representative point (the nearest one), -1 = empty pixel.
+        nearest_cm: (W, H) int64, the pixel's representative point (the nearest one) as
+            (float32 range bits << 32 | point index), NEAREST_EMPTY where empty; index_cm / index decode it.
         range_cm: (W, H) float32, range of the representative point in metres, 0 = empty.
         elevation_cm: (W, H) float32, elevation angle of the representative point in radians (0 where empty).
         horizontal_cm: (W, H) float32, its horizontal distance sqrt(x^2 + y^2) in metres; height_cm: its z.
@@ -29,7 +33,7 @@ class RangeImage:
         rng: (N,) float32 range of every point in metres.
     """
 
-    index_cm: np.ndarray
+    nearest_cm: np.ndarray
     range_cm: np.ndarray
     elevation_cm: np.ndarray
     horizontal_cm: np.ndarray
@@ -37,6 +41,12 @@ class RangeImage:
     row: np.ndarray
     col: np.ndarray
     rng: np.ndarray
+
+    @property
+    def index_cm(self) -> np.ndarray:
+        """(W, H) int32 index of each pixel's representative point, -1 = empty (decoded on demand: the default
+        pipeline never needs it)."""
+        return np.where(self.nearest_cm == NEAREST_EMPTY, -1, self.nearest_cm & 0xFFFFFFFF).astype(np.int32)
 
     index = property(lambda self: self.index_cm.T)
     range_m = property(lambda self: self.range_cm.T)
@@ -47,7 +57,7 @@ class RangeImage:
     @property
     def shape(self) -> tuple[int, int]:
         """(H, W): beam rows, azimuth columns."""
-        return self.index_cm.shape[::-1]  # type: ignore[return-value]
+        return self.range_cm.shape[::-1]  # type: ignore[return-value]
 
 
 def beam_rows(xyz: np.ndarray, ring: np.ndarray | None, n_beams: int) -> tuple[np.ndarray, int]:
@@ -224,32 +234,29 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
     else:
         for i in range(n):
             rows[i] = min(max(int((hi - elev[i]) / span * H), 0), H - 1) if use[i] else -1
-    empty = np.int64(0x7FFFFFFFFFFFFFFF)
-    key = np.full(W * H, empty, np.int64)
+    key = np.full((W, H), NEAREST_EMPTY, np.int64)
+    k_f = key.ravel()
     bits = rng.view(np.int32)
     for i in range(n):
         if rows[i] >= 0:
             p = cols[i] * H + rows[i]
-            key[p] = min(key[p], (np.int64(bits[i]) << 32) | i)
-    index = np.empty((W, H), np.int32)
+            k_f[p] = min(k_f[p], (np.int64(bits[i]) << 32) | i)
     range_m = np.empty((W, H), np.float32)
     el = np.empty((W, H), np.float32)
     hor = np.empty((W, H), np.float32)
     hgt = np.empty((W, H), np.float32)
-    i_f, r_f, e_f, h_f, z_f = index.ravel(), range_m.ravel(), el.ravel(), hor.ravel(), hgt.ravel()
+    r_f, e_f, h_f, z_f = range_m.ravel(), el.ravel(), hor.ravel(), hgt.ravel()
     for p in range(W * H):
-        k = key[p]
-        if k == empty:
-            i_f[p] = -1
+        k = k_f[p]
+        if k == NEAREST_EMPTY:
             r_f[p] = e_f[p] = h_f[p] = z_f[p] = 0.0
         else:
             i = k & 0xFFFFFFFF
-            i_f[p] = i
             r_f[p] = rng[i]
             e_f[p] = elev[i]
             h_f[p] = hxy[i]
             z_f[p] = z[i]
-    return index, range_m, el, hor, hgt, rows, cols
+    return key, range_m, el, hor, hgt, rows, cols
 
 
 def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beams: int = 64, n_cols: int = 2048,
@@ -286,10 +293,10 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
         rank = np.zeros(0, np.int32)
         H = max(n_beams, 1)
         n_cols = n_cols if n_cols > 0 else 2048
-    index, range_m, el, hor, hgt, rows, cols = _fill(xyz[:, 2], hxy, ring, rank, elev, az, rng, use, float(lo),
-                                                      float(hi), H, int(n_cols))
-    return RangeImage(index_cm=index, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt, row=rows,
-                      col=cols, rng=rng)
+    nearest, range_m, el, hor, hgt, rows, cols = _fill(xyz[:, 2], hxy, ring, rank, elev, az, rng, use, float(lo),
+                                                        float(hi), H, int(n_cols))
+    return RangeImage(nearest_cm=nearest, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt,
+                      row=rows, col=cols, rng=rng)
 
 
 @numba.njit(cache=True, error_model="numpy")
