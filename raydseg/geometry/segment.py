@@ -15,42 +15,49 @@ import numpy as np
 from raydseg.geometry.range_image import SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, pixel_labels_to_points
 
 
+_EMPTY_PX, _BLOCKED_PX = -2, -1  # label states of the pixels no segment takes (0 = free, > 0 = labelled)
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cover - numba
     """BFS labelling of the column-major images ((W, H) arrays); seeds in row-major order, so labels are numbered
-    by their first pixel scanning rows top to bottom. Returns (W, H) int32 labels and their count."""
+    by their first pixel scanning rows top to bottom. Returns (W, H) int32 labels and their count.
+
+    The label image doubles as the pixel state during the BFS (empty, blocked, free, labelled), so a neighbour
+    costs one load until it is a candidate."""
     W, H = range_m.shape
-    labels = np.zeros((W, H), np.int32)
+    labels = np.empty((W, H), np.int32)
     queue = np.empty(H * W, np.int32)  # pixels as c << 16 | r (no division to unpack)
-    rng_f, el_f, bl_f, lab_f = range_m.ravel(), elev.ravel(), blocked.ravel(), labels.ravel()
+    rng_f, el_f, lab_f = range_m.ravel(), elev.ravel(), labels.ravel()
     col_step = 2.0 * np.pi / W
     sin_h = np.sin(np.arange(max_gap + 2) * col_step)
     cos_h = np.cos(np.arange(max_gap + 2) * col_step)
     tan_thr = np.tan(beta_thr)
-    # seed candidates (valid, not blocked) in row-major order, by a counting sort of a sequential scan: scanning
-    # rows of the column-major image directly would touch a new cache line at every step
+    # pixel states, and the seed candidates (free pixels) in row-major order by a counting sort of a sequential
+    # scan: scanning rows of the column-major image directly would touch a new cache line at every step
     per_row = np.zeros(H + 1, np.int64)
     for c in range(W):
         for r in range(H):
-            per_row[r + 1] += rng_f[c * H + r] > 0 and not bl_f[c * H + r]
+            p = c * H + r
+            lab_f[p] = _EMPTY_PX if rng_f[p] <= 0 else (_BLOCKED_PX if blocked[c, r] else 0)
+            per_row[r + 1] += lab_f[p] == 0
     for r in range(H):
         per_row[r + 1] += per_row[r]
     seeds = np.empty(per_row[H], np.int32)
     for c in range(W):
         for r in range(H):
-            p = c * H + r
-            if rng_f[p] > 0 and not bl_f[p]:
-                seeds[per_row[r]] = p
+            if lab_f[c * H + r] == 0:
+                seeds[per_row[r]] = (c << 16) | r
                 per_row[r] += 1
     n = 0
-    for p0 in seeds:
-        if lab_f[p0]:
+    for s0 in seeds:
+        c0, r0 = s0 >> 16, s0 & 0xFFFF
+        if lab_f[c0 * H + r0]:
             continue
-        c0, r0 = p0 // H, p0 % H
         n += 1
-        lab_f[p0] = n
+        lab_f[c0 * H + r0] = n
         head, tail = 0, 1
-        queue[0] = (c0 << 16) | r0
+        queue[0] = s0
         while head < tail:
             cc, cr = queue[head] >> 16, queue[head] & 0xFFFF
             head += 1
@@ -59,14 +66,14 @@ def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
             for d in range(4):
                 q, qc, qr = -1, 0, 0
                 steps = 0
-                if d < 2:  # up / down the column
+                if d < 2:  # up / down the column: the first non-empty pixel within the gap
                     nr = cr
                     for _ in range(max_gap + 1):
                         nr += -1 if d == 0 else 1
                         steps += 1
                         if nr < 0 or nr >= H:
                             break
-                        if rng_f[cc * H + nr] > 0:
+                        if lab_f[cc * H + nr] != _EMPTY_PX:
                             q, qc, qr = cc * H + nr, cc, nr
                             break
                 else:  # left / right, columns wrap
@@ -78,10 +85,10 @@ def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
                         elif nc >= W:
                             nc -= W
                         steps += 1
-                        if rng_f[nc * H + cr] > 0:
+                        if lab_f[nc * H + cr] != _EMPTY_PX:
                             q, qc, qr = nc * H + cr, nc, cr
                             break
-                if q < 0 or bl_f[q] or lab_f[q]:
+                if q < 0 or lab_f[q] != 0:  # none, blocked or labelled
                     continue
                 d1 = rng_f[q]
                 if d < 2:
@@ -101,6 +108,8 @@ def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
                     lab_f[q] = n
                     queue[tail] = (qc << 16) | qr
                     tail += 1
+    for p in range(W * H):
+        lab_f[p] = max(lab_f[p], 0)
     return labels, n
 
 
@@ -112,8 +121,7 @@ def segment_range_image(ri: RangeImage, ground_px: np.ndarray, *, beta_deg: floa
     max_gap: empty pixels bridged between neighbours. Returns (H, W) int32 labels (a view of a column-major
     array), 0 = none.
     """
-    blocked = np.ascontiguousarray(ground_px.T != 0)
-    labels, _ = _bfs_segments(ri.range_cm, ri.elevation_cm, blocked, np.radians(beta_deg), max_gap)
+    labels, _ = _bfs_segments(ri.range_cm, ri.elevation_cm, ground_px.T, np.radians(beta_deg), max_gap)
     return labels.T
 
 
