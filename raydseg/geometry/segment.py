@@ -126,23 +126,29 @@ def segment_range_image(ri: RangeImage, ground_px: np.ndarray, *, beta_deg: floa
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _stats_arrays(n_labels):  # pragma: no cover - numba
+    """Empty per-label sums for _add_point: count, bounding-box min / max and coordinate sum, ids 0..n_labels."""
+    return (np.zeros(n_labels + 1, np.int64), np.full((n_labels + 1, 3), np.inf), np.full((n_labels + 1, 3), -np.inf),
+            np.zeros((n_labels + 1, 3)))
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _add_point(k, i, xyz, cnt, lo, hi, s):  # pragma: no cover - numba
+    """Add point i (xyz row) to label k's count, bounding box and coordinate sum."""
+    cnt[k] += 1
+    for j in range(3):
+        v = xyz[i, j]
+        s[k, j] += v
+        lo[k, j] = min(lo[k, j], v)
+        hi[k, j] = max(hi[k, j], v)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _stats(labels, xyz, n_labels):  # pragma: no cover - numba
-    cnt = np.zeros(n_labels + 1, np.int64)
-    lo = np.full((n_labels + 1, 3), np.inf)
-    hi = np.full((n_labels + 1, 3), -np.inf)
-    s = np.zeros((n_labels + 1, 3))
+    cnt, lo, hi, s = _stats_arrays(n_labels)
     for i in range(labels.shape[0]):
-        k = labels[i]
-        if k <= 0:
-            continue
-        cnt[k] += 1
-        for j in range(3):
-            v = xyz[i, j]
-            s[k, j] += v
-            if v < lo[k, j]:
-                lo[k, j] = v
-            if v > hi[k, j]:
-                hi[k, j] = v
+        if labels[i] > 0:
+            _add_point(labels[i], i, xyz, cnt, lo, hi, s)
     return cnt, lo, hi, s
 
 
@@ -182,10 +188,7 @@ def _spread_stats(pix_label, ground_px, ground_in, rows, cols, rng, range_m, rel
     given = ground_in.shape[0] == n
     ground = ground_in.copy() if given else np.zeros(n, np.bool_)
     out = np.zeros(n, np.int32)
-    cnt = np.zeros(n_labels + 1, np.int64)
-    lo = np.full((n_labels + 1, 3), np.inf)
-    hi = np.full((n_labels + 1, 3), -np.inf)
-    s = np.zeros((n_labels + 1, 3))
+    cnt, lo, hi, s = _stats_arrays(n_labels)
     for i in range(n):
         r, c = rows[i], cols[i]
         if r < 0:
@@ -198,12 +201,7 @@ def _spread_stats(pix_label, ground_px, ground_in, rows, cols, rng, range_m, rel
         if ground[i] or k <= 0 or not near:
             continue
         out[i] = k
-        cnt[k] += 1
-        for j in range(3):
-            v = xyz[i, j]
-            s[k, j] += v
-            lo[k, j] = min(lo[k, j], v)
-            hi[k, j] = max(hi[k, j], v)
+        _add_point(k, i, xyz, cnt, lo, hi, s)
     return ground, out, cnt, lo, hi, s
 
 
