@@ -91,19 +91,23 @@ def beam_rows(xyz: np.ndarray, ring: np.ndarray | None, n_beams: int) -> tuple[n
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _median_step(az, ring, beam, count):  # pragma: no cover - numba
-    """Median positive azimuth step (rad) between the sorted azimuths `az` (N,) of the `count` points of ring
-    `beam`; 0 when there is none."""
+def _of_ring(az, ring, beam, count):  # pragma: no cover - numba
+    """The azimuths `az` (N,) of the `count` points of ring `beam`, in point order."""
     sel = np.empty(count, np.float64)
     k = 0
     for i in range(ring.shape[0]):
         if ring[i] == beam and k < count:
             sel[k] = az[i]
             k += 1
-    sel = np.sort(sel[:k])
-    d = np.diff(sel)
+    return sel[:k]
+
+
+def _median_step(az: np.ndarray, ring: np.ndarray, beam: int, count: int) -> float:
+    """Median positive azimuth step (rad) between the sorted azimuths of the points of ring `beam`; 0 when there
+    is none. (The sort and median stay in numpy: in numba they take ~9 s to compile for ~0.05 ms of work.)"""
+    d = np.diff(np.sort(_of_ring(az, ring, beam, count)))
     d = d[d > 1e-6]
-    return np.median(d) if d.shape[0] else 0.0
+    return float(np.median(d)) if len(d) else 0.0
 
 
 def _columns_from_step(step: float, max_cols: int) -> int:
