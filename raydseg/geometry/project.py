@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from raydseg.geometry.range_image import EMPTY_KEY
+
 
 @numba.njit(cache=True, error_model="numpy")
 def _project(xyz, P, width, height, near):  # pragma: no cover - numba
@@ -96,9 +98,6 @@ def _project_inside(xyz, use, seg, ground, P, width, height, near):  # pragma: n
     return px[:m], py[:m], z[:m], label[:m], group[:m]
 
 
-_EMPTY = np.int64(0x7FFFFFFFFFFFFFFF)  # z-buffer: empty pixel, above every key
-
-
 def _check_depths(depth: np.ndarray) -> None:
     """The packed keys order depths by their float bits, which holds for positive floats only."""
     if len(depth) and not np.min(depth) > 0:
@@ -135,7 +134,7 @@ def _visible(px, py, z, group, width, height, radius, rel_tol, abs_tol):  # prag
     if hi < 0:
         return vis
     nb = hi - lo + 1
-    key = np.full((nb, width), _EMPTY, np.int64)
+    key = np.full((nb, width), EMPTY_KEY, np.int64)
     zimg = np.full((nb, width), np.inf, np.float32)  # the nearest depth alone, for the window min below
     zbits = z.view(np.int32)
     for i in range(n):

@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 
-NEAREST_EMPTY = np.int64(0x7FFFFFFFFFFFFFFF)  # RangeImage.nearest_cm of an empty pixel
+EMPTY_KEY = np.int64(0x7FFFFFFFFFFFFFFF)  # empty pixel of the packed int64 keys (RangeImage.nearest_cm, z-buffer)
 
 
 @dataclass
@@ -24,7 +24,7 @@ class RangeImage:
 
     Attributes:
         nearest_cm: (W, H) int64, the pixel's representative point (the nearest one) as
-            (float32 range bits << 32 | point index), NEAREST_EMPTY where empty; index_cm / index decode it.
+            (float32 range bits << 32 | point index), EMPTY_KEY where empty; index_cm / index decode it.
         range_cm: (W, H) float32, range of the representative point in metres, 0 = empty.
         elevation_cm: (W, H) float32, elevation angle of the representative point in radians (0 where empty).
         horizontal_cm: (W, H) float32, its horizontal distance sqrt(x^2 + y^2) in metres; height_cm: its z.
@@ -46,7 +46,7 @@ class RangeImage:
     def index_cm(self) -> np.ndarray:
         """(W, H) int32 index of each pixel's representative point, -1 = empty (decoded on demand: the default
         pipeline never needs it)."""
-        return np.where(self.nearest_cm == NEAREST_EMPTY, -1, self.nearest_cm & 0xFFFFFFFF).astype(np.int32)
+        return np.where(self.nearest_cm == EMPTY_KEY, -1, self.nearest_cm & 0xFFFFFFFF).astype(np.int32)
 
     index = property(lambda self: self.index_cm.T)
     range_m = property(lambda self: self.range_cm.T)
@@ -238,7 +238,7 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
     else:
         for i in range(n):
             rows[i] = min(max(int((hi - elev[i]) / span * H), 0), H - 1) if use[i] else -1
-    key = np.full((W, H), NEAREST_EMPTY, np.int64)
+    key = np.full((W, H), EMPTY_KEY, np.int64)
     k_f = key.ravel()
     bits = rng.view(np.int32)
     for i in range(n):
@@ -252,7 +252,7 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
     r_f, e_f, h_f, z_f = range_m.ravel(), el.ravel(), hor.ravel(), hgt.ravel()
     for p in range(W * H):
         k = k_f[p]
-        if k == NEAREST_EMPTY:
+        if k == EMPTY_KEY:
             r_f[p] = e_f[p] = h_f[p] = z_f[p] = 0.0
         else:
             i = k & 0xFFFFFFFF
@@ -303,6 +303,12 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
                       row=rows, col=cols, rng=rng)
 
 
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def near_pixel(rng_i, d, rel_tol, abs_tol):  # pragma: no cover - numba
+    """A point at range rng_i (m) belongs to its pixel, of range d (m), within abs_tol + rel_tol * d."""
+    return abs(rng_i - d) <= abs_tol + rel_tol * d
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _spread(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, out):  # pragma: no cover - numba
     """Column-major pixel labels -> points (see pixel_labels_to_points)."""
@@ -310,8 +316,7 @@ def _spread(pix_label, rows, cols, rng, range_m, rel_tol, abs_tol, out):  # prag
         r, c = rows[i], cols[i]
         if r < 0:
             continue
-        d = range_m[c, r]
-        if abs(rng[i] - d) <= abs_tol + rel_tol * d:
+        if near_pixel(rng[i], range_m[c, r], rel_tol, abs_tol):
             out[i] = pix_label[c, r]
     return out
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from raydseg.geometry.range_image import SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, pixel_labels_to_points
+from raydseg.geometry.range_image import (SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, near_pixel,
+                                          pixel_labels_to_points)
 
 
 _EMPTY_PX, _BLOCKED_PX = -2, -1  # label states of the pixels no segment takes (0 = free, > 0 = labelled)
@@ -193,8 +194,7 @@ def _spread_stats(pix_label, ground_px, ground_in, rows, cols, rng, range_m, rel
         r, c = rows[i], cols[i]
         if r < 0:
             continue
-        d = range_m[c, r]
-        near = abs(rng[i] - d) <= abs_tol + rel_tol * d
+        near = near_pixel(rng[i], range_m[c, r], rel_tol, abs_tol)
         if not given:
             ground[i] = near and ground_px[c, r] != 0
         k = pix_label[c, r]
@@ -218,14 +218,14 @@ def _select(cnt, lo, hi, s, labels, *, min_points: int, max_points: int, min_ext
             max_extent_m: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Filter raw segments by their stats (cnt, lo, hi, s per raw id); renumber the kept ones 1..n by decreasing
     size. Returns the (N,) uint16 ids of `labels` and the stats of the kept segments."""
-    st = _stats_of(cnt, lo, hi, s, np.flatnonzero(cnt[1:] > 0) + 1)
-    size = st["extent"].max(axis=1) if len(st["id"]) else np.zeros(0)
-    keep = (st["n_points"] >= min_points) & (st["n_points"] <= max_points)
+    ids = np.flatnonzero(cnt[1:] > 0) + 1
+    npts, size = cnt[ids], (hi[ids] - lo[ids]).max(axis=1, initial=0.0)
+    keep = (npts >= min_points) & (npts <= max_points)
     if min_extent_m > 0:
         keep &= size >= min_extent_m
     if max_extent_m > 0:
         keep &= size <= max_extent_m
-    ids, npts = st["id"][keep], st["n_points"][keep]
+    ids, npts = ids[keep], npts[keep]
     ids = ids[np.argsort(-npts, kind="stable")][:65535]
     lut = np.zeros(len(cnt), np.uint16)
     lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
