@@ -8,7 +8,8 @@ import pytest
 
 from raydseg.config import ProposalsConfig
 from raydseg.geometry import analytic, quality
-from raydseg.geometry.ground import ground_plane_ransac, savgol_coeffs
+from raydseg.geometry.ground import (MAX_BIT_ROWS, _angle_image, _ground_bfs, _ground_bits, ground_plane_ransac,
+                                     savgol_coeffs)
 from raydseg.geometry.project import densify_segments, project_points, project_segments, visible_points
 from raydseg.geometry.proposals import camera_segments, density_mask, sweep_segments
 from raydseg.geometry.range_image import build_range_image, estimate_columns
@@ -53,9 +54,31 @@ def test_ground_removal_separates_plane_from_boxes(street):
     assert p >= 0.98 and r >= 0.99, (p, r)
 
 
-def test_ground_removal_follows_a_slope_that_one_plane_cannot_fit():
+def test_ground_bit_flood_reaches_exactly_the_pixels_of_the_bfs(street):
+    # the uint64-per-column flood (images up to 64 rows) must reach the BFS's fixpoint, pixel for pixel
+    rng = np.random.default_rng(0)
+    ri = build_range_image(street["points"][:, :3], street["ring"])
+    cases = [(_angle_image(ri.range_cm, ri.horizontal_cm, ri.height_cm, gap, savgol_coeffs(7)), ri.range_cm, gap)
+             for gap in range(3)]
+    for _ in range(300):  # holes, undefined angles, gaps wider than the image, one-column images
+        W, H = int(rng.integers(1, 40)), int(rng.integers(1, MAX_BIT_ROWS + 1))
+        rm = (rng.random((W, H)) > rng.random() * 0.6).astype(np.float32)
+        ang = (rng.random((W, H)) * 30).astype(np.float32)
+        ang[rng.random((W, H)) < 0.1] = np.nan
+        cases.append((ang, rm, int(rng.integers(0, 5))))
+    n_ground = 0
+    for ang, rm, gap in cases:
+        for thr, start, slope in ((7.0, 30.0, 20.0), (3.0, 10.0, 8.0)):
+            bfs = _ground_bfs(ang, rm, thr, start, slope, gap)
+            assert np.array_equal(_ground_bits(ang, rm, thr, start, slope, gap), bfs), (ang.shape, gap, thr)
+            n_ground += int(bfs.sum())
+    assert n_ground > 50_000
+
+
+@pytest.mark.parametrize("beams", [32, 96], ids=["bit-flood", "bfs-over-64-rows"])
+def test_ground_removal_follows_a_slope_that_one_plane_cannot_fit(beams):
     # ground rising at 8 % after x = 10 m: the range-image method follows it, one RANSAC plane cannot
-    s = analytic.raycast([], beams=32, columns=512)
+    s = analytic.raycast([], beams=beams, columns=512)
     xyz = s["points"][:, :3].copy()
     far = xyz[:, 0] > 10
     xyz[far, 2] += 0.08 * (xyz[far, 0] - 10)
