@@ -121,7 +121,7 @@ def estimate_columns(xyz: np.ndarray, ring: np.ndarray, max_cols: int = 8192) ->
     ring = np.ascontiguousarray(ring)
     if len(ring) == 0:
         return 2048
-    az = polar(np.asarray(xyz))[3]  # as build_range_image
+    az = polar(np.asarray(xyz))[1]  # as build_range_image
     counts = np.bincount(ring.astype(np.int64))
     return _columns_from_step(_median_step(az, ring, counts.argmax(), counts.max()), max_cols)
 
@@ -144,40 +144,43 @@ def fast_atan2(y: float, x: float) -> float:  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def _polar_point(xx, yy, zz, i, rng, hor, elev, az):  # pragma: no cover - numba
+def _polar_point(xx, yy, zz, i, rec, az):  # pragma: no cover - numba
     h = np.sqrt(xx * xx + yy * yy)
-    hor[i] = h
-    rng[i] = np.sqrt(h * h + zz * zz)
-    elev[i] = fast_atan2(zz, h)
+    rec[i, 0] = np.sqrt(h * h + zz * zz)
+    rec[i, 1] = fast_atan2(zz, h)
+    rec[i, 2] = h
+    rec[i, 3] = zz
     az[i] = fast_atan2(yy, xx)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _polar(x, y, z):  # pragma: no cover - numba
-    """Range (float32 m), horizontal distance (float32 m), elevation (float32 rad) and azimuth atan2(y, x)
-    (float64 rad) of every point, from contiguous (N,) coordinate arrays: branch-free, so the loop vectorises."""
+    """Per point, one float32 record (range m, elevation rad, horizontal distance m, z m) and the azimuth
+    atan2(y, x) (float64 rad), from contiguous (N,) coordinate arrays: branch-free, so the loop vectorises."""
     n = x.shape[0]
-    rng, hor, elev = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+    rec = np.empty((n, 4), np.float32)
     az = np.empty(n, np.float64)
     for i in range(n):
-        _polar_point(np.float64(x[i]), np.float64(y[i]), np.float64(z[i]), i, rng, hor, elev, az)
-    return rng, hor, elev, az
+        _polar_point(np.float64(x[i]), np.float64(y[i]), np.float64(z[i]), i, rec, az)
+    return rec, az
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _polar4(p, n):  # pragma: no cover - numba
     """_polar of n points stored x, y, z, _ (4 floats a point, the Frame layout) in the flat array p: a literal
     stride vectorises without first copying the coordinates apart."""
-    rng, hor, elev = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+    rec = np.empty((n, 4), np.float32)
     az = np.empty(n, np.float64)
     for i in range(n):
-        _polar_point(np.float64(p[4 * i]), np.float64(p[4 * i + 1]), np.float64(p[4 * i + 2]), i, rng, hor, elev, az)
-    return rng, hor, elev, az
+        _polar_point(np.float64(p[4 * i]), np.float64(p[4 * i + 1]), np.float64(p[4 * i + 2]), i, rec, az)
+    return rec, az
 
 
-def polar(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Range, horizontal distance, elevation and azimuth of every point (see _polar). xyz: (N, 3) float m, any
-    strides (points[:, :3] of a (N, 4) float32 Frame array is read in place)."""
+def polar(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Polar coordinates of every point (see _polar): records (N, 4) float32 (range m, elevation rad, horizontal
+    distance m, z m) -- one record per point, so the range image gathers one cache line per pixel -- and azimuth
+    (N,) float64 rad. xyz: (N, 3) float m, any strides (points[:, :3] of a (N, 4) float32 Frame array is read in
+    place)."""
     if xyz.dtype == np.float32 and xyz.strides == (16, 4) and len(xyz):
         return _polar4(np.lib.stride_tricks.as_strided(xyz, shape=(4 * len(xyz) - 1,), strides=(4,)), len(xyz))
     return _polar(*(np.ascontiguousarray(xyz[:, j]) for j in range(3)))
@@ -218,13 +221,13 @@ def _used(rng, elev, valid, min_range, ring, n_ring):  # pragma: no cover - numb
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no cover - numba
+def _fill(rec, ring, rank, az, use, lo, hi, H, W):  # pragma: no cover - numba
     """Row / column of every used point (row from rank[ring], or by binning elevations in [lo, hi] when ring is
-    empty) and the column-major images of each pixel's nearest point.
+    empty) and the column-major images of each pixel's nearest point, from the points' polar records.
 
     The nearest point of a pixel is the min of (range float32 bits << 32 | point index): positive floats order as
     their bits, and of equal ranges the first point stays. The images are then read out in memory order."""
-    n = z.shape[0]
+    n = rec.shape[0]
     rows = np.empty(n, np.int32)
     cols = np.empty(n, np.int32)
     span = max(hi - lo, 1e-6)
@@ -237,14 +240,14 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
             rows[i] = rank[ring[i]] if use[i] else -1
     else:
         for i in range(n):
-            rows[i] = min(max(int((hi - elev[i]) / span * H), 0), H - 1) if use[i] else -1
+            rows[i] = min(max(int((hi - rec[i, 1]) / span * H), 0), H - 1) if use[i] else -1
     key = np.full((W, H), EMPTY_KEY, np.int64)
     k_f = key.ravel()
-    bits = rng.view(np.int32)
+    bits = rec.view(np.int32)
     for i in range(n):
         if rows[i] >= 0:
             p = cols[i] * H + rows[i]
-            k_f[p] = min(k_f[p], (np.int64(bits[i]) << 32) | i)
+            k_f[p] = min(k_f[p], (np.int64(bits[i, 0]) << 32) | i)
     range_m = np.empty((W, H), np.float32)
     el = np.empty((W, H), np.float32)
     hor = np.empty((W, H), np.float32)
@@ -256,10 +259,10 @@ def _fill(z, hxy, ring, rank, elev, az, rng, use, lo, hi, H, W):  # pragma: no c
             r_f[p] = e_f[p] = h_f[p] = z_f[p] = 0.0
         else:
             i = k & 0xFFFFFFFF
-            r_f[p] = rng[i]
-            e_f[p] = elev[i]
-            h_f[p] = hxy[i]
-            z_f[p] = z[i]
+            r_f[p] = rec[i, 0]
+            e_f[p] = rec[i, 1]
+            h_f[p] = rec[i, 2]
+            z_f[p] = rec[i, 3]
     return key, range_m, el, hor, hgt, rows, cols
 
 
@@ -282,7 +285,8 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
     valid = np.ones(n, np.bool_) if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
     ring = np.zeros(0, np.int64) if ring is None else np.ascontiguousarray(ring)
     n_ring = int(ring.max()) + 1 if len(ring) else 1
-    rng, hxy, elev, az = polar(xyz)
+    rec, az = polar(xyz)
+    rng, elev = rec[:, 0], rec[:, 1]
     use, sums, cnts, all_cnts, lo, hi = _used(rng, elev, valid, float(min_range), ring, n_ring)
     if len(ring):
         present = cnts > 0
@@ -297,7 +301,7 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
         rank = np.zeros(0, np.int32)
         H = max(n_beams, 1)
         n_cols = n_cols if n_cols > 0 else 2048
-    nearest, range_m, el, hor, hgt, rows, cols = _fill(xyz[:, 2], hxy, ring, rank, elev, az, rng, use, float(lo),
+    nearest, range_m, el, hor, hgt, rows, cols = _fill(rec, ring, rank, az, use, float(lo),
                                                         float(hi), H, int(n_cols))
     return RangeImage(nearest_cm=nearest, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt,
                       row=rows, col=cols, rng=rng)
