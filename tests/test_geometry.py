@@ -8,12 +8,13 @@ import pytest
 
 from raydseg.config import ProposalsConfig
 from raydseg.geometry import analytic, quality
-from raydseg.geometry.ground import (MAX_BIT_ROWS, _angle_image, _ground_bfs, _ground_bits, ground_plane_ransac,
+from raydseg.geometry.column_bits import MAX_ROWS
+from raydseg.geometry.ground import (_angle_image, _ground_bfs, _ground_bits, ground_plane_ransac, ground_range_image,
                                      savgol_coeffs)
 from raydseg.geometry.project import densify_segments, project_points, project_segments, visible_points
 from raydseg.geometry.proposals import camera_segments, density_mask, sweep_segments
 from raydseg.geometry.range_image import build_range_image, estimate_columns
-from raydseg.geometry.segment import filter_segments, segment_stats
+from raydseg.geometry.segment import _bfs_segments, _segment_bits, filter_segments, segment_stats
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_ground_bit_flood_reaches_exactly_the_pixels_of_the_bfs(street):
     cases = [(_angle_image(ri.range_cm, ri.horizontal_cm, ri.height_cm, gap, savgol_coeffs(7)), ri.range_cm, gap)
              for gap in range(3)]
     for _ in range(300):  # holes, undefined angles, gaps wider than the image, one-column images
-        W, H = int(rng.integers(1, 40)), int(rng.integers(1, MAX_BIT_ROWS + 1))
+        W, H = int(rng.integers(1, 40)), int(rng.integers(1, MAX_ROWS + 1))
         rm = (rng.random((W, H)) > rng.random() * 0.6).astype(np.float32)
         ang = (rng.random((W, H)) * 30).astype(np.float32)
         ang[rng.random((W, H)) < 0.1] = np.nan
@@ -87,6 +88,30 @@ def test_ground_removal_follows_a_slope_that_one_plane_cannot_fit(beams):
     assert sw.ground[sw.use].mean() >= 0.99
     ransac = ground_plane_ransac(xyz, threshold_m=0.2)
     assert ransac.mean() < 0.95
+
+
+def test_segment_bit_labelling_gives_exactly_the_labels_of_the_bfs(street):
+    # the uint64-per-column labelling (images up to 64 rows) must find the BFS's segments with its numbering
+    rng = np.random.default_rng(0)
+    ri = build_range_image(street["points"][:, :3], street["ring"])
+    blocked = ground_range_image(ri).T
+    cases = [(ri.range_cm, ri.elevation_cm, blocked, gap) for gap in range(3)]
+    for i in range(300):  # holes, ground pixels, gaps wider than the image, one-column images
+        W, H = int(rng.integers(1, 40)), int(rng.integers(1, MAX_ROWS + 1))
+        rm = np.where(rng.random((W, H)) > rng.random() * 0.6, rng.uniform(1, 30, (W, H)), 0)
+        if i % 3 == 0:  # one smooth surface: large segments
+            rm = np.where(rm > 0, 10 + rng.normal(0, 0.3, (W, H)), 0)
+        el = np.linspace(0.05, -0.4, H)[None, :] + rng.normal(0, 0.002, (W, H))
+        bl = (rng.random((W, H)) < rng.random() * 0.3).astype(np.uint8)
+        cases.append((rm.astype(np.float32), el.astype(np.float32), bl, int(rng.integers(0, 5))))
+    n_segments = 0
+    for rm, el, bl, gap in cases:
+        for beta in (5.0, 10.0):
+            bfs, n = _bfs_segments(rm, el, bl, np.radians(beta), gap)
+            bits, n_bits = _segment_bits(rm, el, bl, np.radians(beta), gap)
+            assert n_bits == n and np.array_equal(bits, bfs), (rm.shape, gap, beta)
+            n_segments += n
+    assert n_segments > 10_000
 
 
 def test_segmentation_recovers_each_box_as_one_pure_segment(street):

@@ -7,7 +7,7 @@ Range-image column method:
   3. BFS from each column's lowest valid pixel whose angle is below `start_max_deg`, joining 4-neighbours
      (columns wrap, vertical gaps bridged) whose smoothed angles differ by less than `angle_deg` and whose
      angle stays below `max_slope_deg` (a guard against creeping up smooth walls). Images of up to 64 rows run
-     this flood on bit masks, one uint64 per column (`_ground_bits`); taller ones run the BFS itself;
+     this flood on column bit masks (`_ground_bits`, raydseg.geometry.column_bits); taller ones run the BFS;
   4. (ours, `step_m` > 0) column-wise step extension: walking up each column, a non-ground pixel becomes ground
      when it is within `step_m` metres in height of the last ground pixel below it and further out horizontally
      than it is higher (the line to it is flatter than 45 deg). This crosses kerbs (the angle
@@ -21,6 +21,7 @@ import functools
 import numba
 import numpy as np
 
+from raydseg.geometry.column_bits import MAX_ROWS, flood, near_bits, pair_run
 from raydseg.geometry.range_image import RangeImage, fast_atan2, pixel_labels_to_points
 
 
@@ -194,50 +195,20 @@ def _ground_bfs(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # prag
     return ground
 
 
-MAX_BIT_ROWS = 64  # _ground_bits keeps a column's pixels in one uint64 word
-
-
-@numba.njit(cache=True, inline="always", error_model="numpy")
-def _near_bits(a0, a1, thr, n):  # pragma: no cover - numba
-    """uint64 with bit r set where |a0[r] - a1[r]| < thr, r < n (NaN: unset); branch-free, vectorises."""
-    m = np.uint64(0)
-    for r in range(n):
-        m |= (np.uint64(1) << np.uint64(r)) if abs(a0[r] - a1[r]) < thr else np.uint64(0)
-    return m
-
-
-@numba.njit(cache=True, inline="always", error_model="numpy")
-def _column_closure(s, b, v):  # pragma: no cover - numba
-    """The rows a column's marked rows `s` reach along its joined pairs (b bit i: rows i and i + 1 joined, which
-    includes the empty rows of a bridged gap), kept to the valid rows v. Shifts by 1, 2, 4, .., 32 rows, each
-    through the runs of 2^j joined pairs, reach up to 63 rows up, then down."""
-    bk = b
-    for k in (1, 2, 4, 8, 16, 32):
-        s |= (s >> np.uint64(k)) & bk
-        bk &= bk >> np.uint64(k)
-    bk = b << np.uint64(1)
-    for k in (1, 2, 4, 8, 16, 32):
-        s |= (s << np.uint64(k)) & bk
-        bk &= bk << np.uint64(k)
-    return s & v
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _ground_bits(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pragma: no cover - numba
-    """_ground_bfs for images of at most 64 rows, with each column's rows as the bits of one uint64.
+    """_ground_bfs for images of at most 64 rows, on column bit masks (raydseg.geometry.column_bits); same pixels.
 
-    The angle tests become bit masks first. Per column: the valid and enterable (angle <= max_slope) rows, and
-    the vertical pairs that join. Per pair of columns k <= max_gap + 1 apart: the rows where both pixels are valid,
-    the columns between are empty, and the angles are close. The flood then works on whole columns: a column
-    whose mask grew takes the closure along its joined pairs, then joins its neighbours' rows with a few word
-    operations. A column goes back on the queue whenever it grows. This reaches the same fixpoint as the BFS, at
-    about a quarter of its time. Returns (W, H) uint8, 1 = ground."""
+    The masks: per column the valid and the enterable (angle <= max_slope) rows, and the vertical pairs that join
+    (upper pixel enterable, lower one enterable or the seed, angles close). Per pair of columns k <= max_gap + 1
+    apart: the rows where both pixels are valid, the columns between are empty, and the angles are close.
+    Returns (W, H) uint8, 1 = ground."""
     W, H = ang.shape
     one, zero, full = np.uint64(1), np.uint64(0), ~np.uint64(0)
     K = max_gap + 1
     valid, enter = np.zeros(W, np.uint64), np.zeros(W, np.uint64)
     joined, marked = np.zeros(W, np.uint64), np.zeros(W, np.uint64)
-    pair = np.zeros((K, W), np.uint64)  # [k - 1, c]: rows where columns c and c + k are neighbours, angles close
+    pair = np.zeros((K, W), np.uint64)
     for c in range(W):
         rc, ac = range_m[c], ang[c]
         v, en = zero, zero
@@ -246,54 +217,34 @@ def _ground_bits(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pra
             v |= bit if rc[r] > 0 else zero
             en |= bit if ac[r] <= max_slope else zero  # NaN: no
         valid[c], enter[c] = v, en
+    queue = np.empty(W + 1, np.int64)
+    queued = np.zeros(W, np.bool_)
+    tail = 0
     for c in range(W):
         ac, v, en = ang[c], valid[c], enter[c]
         between = full  # rows where the columns strictly between c and c + k are empty
         for k in range(1, K + 1):
             d = (c + k) % W
-            pair[k - 1, c] = v & valid[d] & between & _near_bits(ac, ang[d], angle_thr, H)
+            pair[k - 1, c] = v & valid[d] & between & near_bits(ac, ang[d], angle_thr, H)
             between &= ~valid[d]
         r = H - 1
         while r >= 0 and range_m[c, r] <= 0:
             r -= 1
         if r < 0:
             continue
-        lower_ok = en  # the lower pixel of a vertical pair: enterable, or the column's seed
-        if ac[r] <= start_max:
+        lower_ok = en
+        if ac[r] <= start_max:  # the seed
             marked[c] = one << np.uint64(r)
             lower_ok |= marked[c]
-        b = zero
-        between = full
-        for k in range(1, min(K, H - 1) + 1):  # rows r and r + k, empty rows between
-            q = (v & (v >> np.uint64(k)) & between & en & (lower_ok >> np.uint64(k))
-                 & _near_bits(ac, ac[k:], angle_thr, H - k))
-            for j in range(k):
-                b |= q << np.uint64(j)
-            between &= ~v >> np.uint64(k)
-        joined[c] = b
-    queue = np.empty(W + 1, np.int64)  # ring buffer; a column is queued at most once at a time
-    queued = np.zeros(W, np.bool_)
-    head, tail = 0, 0
-    for c in range(W):
-        if marked[c]:
-            queue[tail] = c
+            queue[tail], queued[c] = c, True
             tail += 1
-            queued[c] = True
-    while head != tail:
-        c = queue[head]
-        head = head + 1 if head < W else 0
-        queued[c] = False
-        g = _column_closure(marked[c], joined[c], valid[c])
-        marked[c] = g
-        for k in range(1, K + 1):
-            for d, p in (((c + k) % W, c), ((c - k) % W, (c - k) % W)):
-                t = g & pair[k - 1, p] & enter[d] & ~marked[d]
-                if t:
-                    marked[d] |= t
-                    if not queued[d]:
-                        queued[d] = True
-                        queue[tail] = d
-                        tail = tail + 1 if tail < W else 0
+        between = full  # rows strictly between r and r + k empty
+        for k in range(1, min(K, H - 1) + 1):
+            q = (v & (v >> np.uint64(k)) & between & en & (lower_ok >> np.uint64(k))
+                 & near_bits(ac, ac[k:], angle_thr, H - k))
+            joined[c] |= pair_run(q, k)
+            between &= ~v >> np.uint64(k)
+    flood(marked, joined, valid, enter, pair, queue, queued, tail, np.empty(W, np.int64))
     ground = np.empty((W, H), np.uint8)
     for c in range(W):
         g, gc = marked[c], ground[c]
@@ -340,8 +291,8 @@ def ground_range_image(ri: RangeImage, *, angle_deg: float = 7.0, start_max_deg:
     """
     coeffs = savgol_coeffs(sg_window) if sg_window >= 3 else np.zeros(0)
     ang = _angle_image(ri.range_cm, ri.horizontal_cm, ri.height_cm, max_gap, coeffs)
-    flood = _ground_bits if ri.shape[0] <= MAX_BIT_ROWS else _ground_bfs
-    ground = flood(ang, ri.range_cm, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
+    fill = _ground_bits if ri.shape[0] <= MAX_ROWS else _ground_bfs
+    ground = fill(ang, ri.range_cm, float(angle_deg), float(start_max_deg), float(max_slope_deg), max_gap)
     if step_m > 0:
         ground = _extend_steps(ground, ri.range_cm, ri.horizontal_cm, ri.height_cm, float(step_m), 1.0, np.inf)
     return ground.T

@@ -2,7 +2,8 @@
 
 `segment_range_image`: BFS labelling on the range image (Bogoslavskyi & Stachniss): 4-neighbourhood, columns
 wrap at 360 deg, up to `max_gap` empty pixels bridged; two neighbouring pixels with ranges d1 >= d2 seen at
-angular step alpha are joined when beta = atan2(d2 sin(alpha), d1 - d2 cos(alpha)) > `beta_deg`.
+angular step alpha are joined when beta = atan2(d2 sin(alpha), d1 - d2 cos(alpha)) > `beta_deg`. Images of up to
+64 rows are labelled on column bit masks (`_segment_bits`, raydseg.geometry.column_bits), with the same result.
 `segment_dbscan`: open3d DBSCAN on the non-ground points (baseline / fallback).
 `filter_segments`: drops segments by point count and bounding-box extent and renumbers them 1..n.
 Segment ids are uint16 per frame, 0 = no segment.
@@ -12,11 +13,31 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from raydseg.geometry.column_bits import MAX_ROWS, flood, pair_run
 from raydseg.geometry.range_image import (SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, near_pixel,
                                           pixel_labels_to_points)
 
 
 _EMPTY_PX, _BLOCKED_PX = -2, -1  # label states of the pixels no segment takes (0 = free, > 0 = labelled)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _vertical_sincos(e0, e1):  # pragma: no cover - numba
+    """sin and cos of the angle between two beams of elevations e0, e1 (rad): small angles (< 10 deg), so the
+    4th-order Taylor terms are exact to < 1e-7, with constant reciprocals (no divisions)."""
+    a = abs(e1 - e0)
+    a2 = a * a
+    return a * (1.0 - a2 * (1.0 / 6.0) * (1.0 - a2 * (1.0 / 20.0))), 1.0 - a2 * 0.5 * (1.0 - a2 * (1.0 / 12.0))
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _beta_joins(d0, d1, sin_a, cos_a, tan_thr):  # pragma: no cover - numba
+    """beta > thr for ranges d0, d1 (m) seen at angle a: lo sin(a) > tan(thr) (hi - lo cos(a)), or hi <= lo cos(a)
+    (beta >= 90 deg)."""
+    hi = max(d0, d1)
+    lo = min(d0, d1)
+    den = hi - lo * cos_a
+    return (den <= 0) | (lo * sin_a > tan_thr * den)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -91,26 +112,82 @@ def _bfs_segments(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
                             break
                 if q < 0 or lab_f[q] != 0:  # none, blocked or labelled
                     continue
-                d1 = rng_f[q]
                 if d < 2:
-                    a = abs(el_f[q] - el_f[p])
-                    a2 = a * a  # small angles (< 10 deg): 4th-order Taylor terms are exact to < 1e-7
-                    sin_a = a * (1.0 - a2 * (1.0 / 6.0) * (1.0 - a2 * (1.0 / 20.0)))  # constant reciprocals:
-                    cos_a = 1.0 - a2 * 0.5 * (1.0 - a2 * (1.0 / 12.0))  # no divisions in the BFS's inner loop
+                    sin_a, cos_a = _vertical_sincos(el_f[p], el_f[q])
                 else:
-                    sin_a = sin_h[steps]
-                    cos_a = cos_h[steps]
-                hi = max(d0, d1)
-                lo = min(d0, d1)
-                # beta > thr  <=>  lo*sin(a) > tan(thr) * (hi - lo*cos(a))   (both sides' signs handled)
-                num = lo * sin_a
-                den = hi - lo * cos_a
-                if den <= 0 or num > tan_thr * den:
+                    sin_a, cos_a = sin_h[steps], cos_h[steps]
+                if _beta_joins(d0, rng_f[q], sin_a, cos_a, tan_thr):
                     lab_f[q] = n
                     queue[tail] = (qc << 16) | qr
                     tail += 1
     for p in range(W * H):
         lab_f[p] = max(lab_f[p], 0)
+    return labels, n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _segment_bits(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cover - numba
+    """_bfs_segments for images of at most 64 rows, on column bit masks (raydseg.geometry.column_bits); same
+    labels. The masks: per column the free rows and the vertical pairs of free pixels that join; per pair of columns
+    k <= max_gap + 1 apart, the rows where both pixels are free, the columns between are empty and beta passes.
+    Seeds are taken in row-major order and each floods its whole segment, so the numbering is the BFS's."""
+    W, H = range_m.shape
+    one, zero, full = np.uint64(1), np.uint64(0), ~np.uint64(0)
+    K = max_gap + 1
+    tan_thr = np.tan(beta_thr)
+    col_step = 2.0 * np.pi / W
+    valid, free, joined = np.zeros(W, np.uint64), np.zeros(W, np.uint64), np.zeros(W, np.uint64)
+    for c in range(W):
+        rc, bc = range_m[c], blocked[c]
+        v, f = zero, zero
+        for r in range(H):
+            bit = one << np.uint64(r)
+            v |= bit if rc[r] > 0 else zero
+            f |= bit if rc[r] > 0 and not bc[r] else zero
+        valid[c], free[c] = v, f
+    pair = np.zeros((K, W), np.uint64)
+    for c in range(W):
+        rc, ec, f = range_m[c], elev[c], free[c]
+        between = full  # rows where the columns strictly between c and c + k are empty
+        for k in range(1, K + 1):
+            d = (c + k) % W
+            rd = range_m[d]
+            sin_a, cos_a = np.sin(k * col_step), np.cos(k * col_step)
+            m = zero
+            for r in range(H):
+                m |= (one << np.uint64(r)) if _beta_joins(rc[r], rd[r], sin_a, cos_a, tan_thr) else zero
+            pair[k - 1, c] = f & free[d] & between & m
+            between &= ~valid[d]
+        between = full  # rows strictly between r and r + k empty
+        for k in range(1, min(K, H - 1) + 1):
+            m = zero
+            for r in range(H - k):
+                sin_a, cos_a = _vertical_sincos(ec[r], ec[r + k])
+                m |= (one << np.uint64(r)) if _beta_joins(rc[r], rc[r + k], sin_a, cos_a, tan_thr) else zero
+            joined[c] |= pair_run(f & (f >> np.uint64(k)) & between & m, k)
+            between &= ~valid[c] >> np.uint64(k)
+    labels = np.zeros((W, H), np.int32)
+    comp = np.zeros(W, np.uint64)  # the current segment's rows per column
+    queue = np.empty(W + 1, np.int64)
+    queued = np.zeros(W, np.bool_)
+    touched = np.empty(W, np.int64)
+    n = 0
+    for r0 in range(H):
+        bit0 = one << np.uint64(r0)
+        for c0 in range(W):
+            if not free[c0] & bit0:
+                continue
+            n += 1
+            comp[c0], queue[0], queued[c0] = bit0, c0, True
+            n_touched = flood(comp, joined, free, free, pair, queue, queued, 1, touched[1:]) + 1
+            touched[0] = c0
+            for j in range(n_touched):  # label the segment; its pixels are no longer free
+                c = touched[j]
+                g, lc = comp[c], labels[c]
+                for r in range(H):
+                    lc[r] = n if (g >> np.uint64(r)) & one else lc[r]
+                free[c] &= ~g
+                comp[c] = zero
     return labels, n
 
 
@@ -122,7 +199,8 @@ def segment_range_image(ri: RangeImage, ground_px: np.ndarray, *, beta_deg: floa
     max_gap: empty pixels bridged between neighbours. Returns (H, W) int32 labels (a view of a column-major
     array), 0 = none.
     """
-    labels, _ = _bfs_segments(ri.range_cm, ri.elevation_cm, ground_px.T, np.radians(beta_deg), max_gap)
+    label = _segment_bits if ri.shape[0] <= MAX_ROWS else _bfs_segments
+    labels, _ = label(ri.range_cm, ri.elevation_cm, ground_px.T, np.radians(beta_deg), max_gap)
     return labels.T
 
 
