@@ -87,24 +87,30 @@ def _angle_image(range_m, hor, hgt, max_gap, coeffs):  # pragma: no cover - numb
             cur[c] = below[c] if isn else cur[c]
     win = coeffs.shape[0]
     half = win // 2
-    sm = np.empty((H, Wp), np.float32)  # float64 sums, stored as the float32 the angle image keeps anyway
-    acc = np.empty(Wp, np.float64)
+    out = raw
     if win >= 3:
+        lo, hi = np.full(W, H, np.int64), np.zeros(W, np.int64)  # smoothed slots lo <= k < hi: a full window of
+        for c in range(W):                                         # defined angles around them
+            if n[c] - first[c] >= win:
+                lo[c], hi[c] = first[c] + half, n[c] - half
+        out = np.empty((H, Wp), np.float32)  # float64 sums, stored as the float32 the angle image keeps anyway
+        out[:half] = raw[:half]
+        out[H - half:] = raw[H - half:]
+        acc = np.empty(Wp, np.float64)
         for k in range(half, H - half):
             acc[:] = 0.0
             for j in range(-half, half + 1):  # each sum adds the taps top to bottom, as a plain loop would
                 cj, src = coeffs[j + half], raw[k - j]
                 for c in range(W):
                     acc[c] += cj * src[c]
+            ok, rk = out[k], raw[k]
             for c in range(W):
-                sm[k, c] = acc[c]
+                ok[c] = acc[c] if lo[c] <= k < hi[c] else rk[c]
     ang = np.full((W, H), np.nan, np.float32)
     for c in range(W):
-        f, m = first[c], n[c]
-        smooth = win >= 3 and m - f >= win
         ac = ang[c]
-        for k in range(f, m):
-            ac[rows[k, c]] = sm[k, c] if smooth and f + half <= k < m - half else raw[k, c]
+        for k in range(first[c], n[c]):
+            ac[rows[k, c]] = out[k, c]
     return ang
 
 
