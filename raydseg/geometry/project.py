@@ -281,6 +281,18 @@ def densify_segments(px: np.ndarray, py: np.ndarray, depth: np.ndarray, label: n
     return out
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _ground_hits(px, py, vis, group, width, height):  # pragma: no cover - numba
+    """(height, width) uint8 image, 1 = hit by a visible ground point (group 0), and the number of visible points."""
+    img = np.zeros((height, width), np.uint8)
+    n_vis = 0
+    for i in range(px.shape[0]):
+        n_vis += vis[i]
+        if vis[i] and group[i] == 0:
+            img[py[i], px[i]] = 1
+    return img, n_vis
+
+
 def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray,
                      width: int, height: int, *, near: float = 0.5, use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
@@ -303,8 +315,6 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
                                               float(height), float(near))
     vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)
     seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), int(seg.max(initial=0)))
-    ground_img = np.zeros((height, width), np.uint8)
-    g = vis & (group == 0)
-    ground_img[py[g], px[g]] = 1
-    return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": int(vis.sum()),
+    ground_img, n_vis = _ground_hits(px, py, vis, group, width, height)
+    return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": n_vis,
             "n_pixels": n_px}
