@@ -50,14 +50,15 @@ def closure(s, b, v):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True, error_model="numpy")
-def flood(marked, joined, valid, enter, pair, queue, queued, tail, touched):  # pragma: no cover - numba
+def flood(marked, joined, valid, enter, pair, queue, queued, tail, touched, n_touched):  # pragma: no cover - numba
     """Grow `marked` (W,) uint64 from the columns queue[:tail] to the fixpoint: a column takes its closure along
     joined / valid, then marks its neighbours' rows that `pair` joins and `enter` allows. A column whose rows grew
     is queued again (queue: (W + 1,) ring buffer, queued: (W,) bool flags, all clear on return).
-    touched: (W,) out, the columns that went from no marked row to some, in order. Returns their count."""
+    touched: (W,) int64; the columns that go from no marked row to some are appended after its first n_touched.
+    Returns the new count."""
     W = marked.shape[0]
     K = pair.shape[0]
-    head, n_touched = 0, 0
+    head = 0
     while head != tail:
         c = queue[head]
         head = head + 1 if head < W else 0

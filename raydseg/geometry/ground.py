@@ -94,11 +94,13 @@ def _angle_image(range_m, hor, hgt, max_gap, coeffs):  # pragma: no cover - numb
             if n[c] - first[c] >= win:
                 lo[c], hi[c] = first[c] + half, n[c] - half
         out = np.empty((H, Wp), np.float32)  # float64 sums, stored as the float32 the angle image keeps anyway
-        out[:half] = raw[:half]
-        out[H - half:] = raw[H - half:]
+        for k in range(H):
+            if k < half or k >= H - half:
+                for c in range(W):
+                    out[k, c] = raw[k, c]
         acc = np.empty(Wp, np.float64)
         for k in range(half, H - half):
-            acc[:] = 0.0
+            acc.fill(0.0)
             for j in range(-half, half + 1):  # each sum adds the taps top to bottom, as a plain loop would
                 cj, src = coeffs[j + half], raw[k - j]
                 for c in range(W):
@@ -250,7 +252,7 @@ def _ground_bits(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pra
                  & near_bits(ac, ac[k:], angle_thr, H - k))
             joined[c] |= pair_run(q, k)
             between &= ~v >> np.uint64(k)
-    flood(marked, joined, valid, enter, pair, queue, queued, tail, np.empty(W, np.int64))
+    flood(marked, joined, valid, enter, pair, queue, queued, tail, np.empty(W, np.int64), np.int64(0))
     ground = np.empty((W, H), np.uint8)
     for c in range(W):
         g, gc = marked[c], ground[c]

@@ -171,6 +171,7 @@ def _segment_bits(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
     queue = np.empty(W + 1, np.int64)
     queued = np.zeros(W, np.bool_)
     touched = np.empty(W, np.int64)
+    one_col = np.int64(1)  # queue and touched hold the seed column (int64, as in the ground flood's call)
     n = 0
     for r0 in range(H):
         bit0 = one << np.uint64(r0)
@@ -178,9 +179,8 @@ def _segment_bits(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
             if not free[c0] & bit0:
                 continue
             n += 1
-            comp[c0], queue[0], queued[c0] = bit0, c0, True
-            n_touched = flood(comp, joined, free, free, pair, queue, queued, 1, touched[1:]) + 1
-            touched[0] = c0
+            comp[c0], queue[0], queued[c0], touched[0] = bit0, c0, True, c0
+            n_touched = flood(comp, joined, free, free, pair, queue, queued, one_col, touched, one_col)
             for j in range(n_touched):  # label the segment; its pixels are no longer free
                 c = touched[j]
                 g, lc = comp[c], labels[c]
