@@ -233,25 +233,48 @@ def test_instances_of_a_class_differ_in_appearance(frames):
 
 
 def test_moving_things_move_with_their_velocity_and_stay_out_of_the_ego_lane(frames, cfg):
-    shard = S.list_shards(cfg, seed=0)[0]
     step, dt = cfg.ego_speed_mps * cfg.frame_interval_us * 1e-6, cfg.frame_interval_us * 1e-6
-    scene = S._Rig(shard["seed"], cfg.frames_per_sequence, step, dt, cfg).scene
-    vel = scene.velocity
-    assert vel[0].tolist() == [0, 0, 0] and (np.abs(vel).sum(1) > 0).sum() >= 5
-    for i in np.flatnonzero(vel[:, 0] > 0):  # on the road the ego's way: starts ahead of the whole path
-        v = scene.vertices[scene.vertex_instance == i]
-        if abs(v[:, 1].mean()) < scene.road_half_width:
-            assert v[:, 0].min() > (cfg.frames_per_sequence - 1) * step
-    for i in np.flatnonzero(vel[:, 0] < 0):  # oncoming: never in the ego's half of the road
-        v = scene.vertices[scene.vertex_instance == i]
-        assert v[:, 1].min() > 0 or abs(v[:, 1].mean()) > scene.road_half_width
-    # in the LiDAR frame a static thing moves by -step per frame, a moving one by -step + v * dt
-    a, b = frames[0], frames[1]
     checked = 0
-    for i in np.flatnonzero(np.abs(vel[:, 0]) > 2.0):
-        pa, pb = a["points"][a["gt_instance"] == i, :3], b["points"][b["gt_instance"] == i, :3]
-        if len(pa) > 30 and len(pb) > 30:
-            shift = np.median(pb[:, 0]) - np.median(pa[:, 0])
-            assert abs(shift - (vel[i, 0] * dt - step)) < 0.3
-            checked += 1
+    for k, shard in enumerate(S.list_shards(cfg, seed=0)):
+        scene = S._Rig(shard["seed"], cfg.frames_per_sequence, step, dt, cfg).scene
+        vel = scene.velocity
+        assert vel[0].tolist() == [0, 0, 0] and (np.abs(vel).sum(1) > 0).sum() >= 5
+        for i in np.flatnonzero(vel[:, 0] > 0):  # on the road the ego's way: starts ahead of the whole path
+            v = scene.vertices[scene.vertex_instance == i]
+            if abs(v[:, 1].mean()) < scene.road_half_width:
+                assert v[:, 0].min() > (cfg.frames_per_sequence - 1) * step
+        for i in np.flatnonzero(vel[:, 0] < 0):  # oncoming: never in the ego's half of the road
+            v = scene.vertices[scene.vertex_instance == i]
+            assert v[:, 1].min() > 0 or abs(v[:, 1].mean()) > scene.road_half_width
+        # in the LiDAR frame a static thing moves by -step per frame, a moving one by -step + v * dt
+        a, b = frames[k * cfg.frames_per_sequence], frames[k * cfg.frames_per_sequence + 1]
+        for i in np.flatnonzero(np.abs(vel[:, 0]) > 2.0):
+            pa, pb = a["points"][a["gt_instance"] == i, :3], b["points"][b["gt_instance"] == i, :3]
+            if len(pa) > 30 and len(pb) > 30:
+                shift = np.median(pb[:, 0]) - np.median(pa[:, 0])
+                assert abs(shift - (vel[i, 0] * dt - step)) < 0.3
+                checked += 1
     assert checked >= 1
+
+
+def test_vehicles_never_interpenetrate_each_other_or_the_people_and_bikes_on_the_road():
+    # a truck parked after a car used to reach 1-2 m into it: no geometric segmentation can split that, and the
+    # proposals benchmark counted the merge as its own error
+    from raydseg.data.sources.synthetic_scene import BICYCLE, BUS, MOTORCYCLE, TRUCK, make_scene
+    n_vehicles = 0
+    for seed in range(40):
+        scene = make_scene(seed, -30.0, 60.0, (0.0, 10.0))
+        inst_cls = np.zeros(scene.n_instances + 1, np.int64)
+        inst_cls[scene.tri_instance] = scene.tri_class
+        boxes = {}  # xy footprint per instance at t = 0 (vehicles stand at yaw 0 or pi: axis-aligned)
+        for i in np.flatnonzero(np.isin(inst_cls, [CAR, TRUCK, BUS, BICYCLE, MOTORCYCLE, PERSON])):
+            v = scene.vertices[scene.vertex_instance == i, :2]
+            boxes[i] = (v.min(0), v.max(0), inst_cls[i])
+        vehicles = [i for i, (_, _, c) in boxes.items() if c in (CAR, TRUCK, BUS)]
+        n_vehicles += len(vehicles)
+        for i in vehicles:
+            lo, hi, _ = boxes[i]
+            for j, (lo2, hi2, _) in boxes.items():
+                if j != i:
+                    assert not ((lo < hi2).all() and (lo2 < hi).all()), (seed, i, j)
+    assert n_vehicles > 200

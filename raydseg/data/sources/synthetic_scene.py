@@ -229,6 +229,9 @@ def _bike(b: MeshBuilder, rng: np.random.Generator, x: float, y: float, yaw: flo
     return inst, rider
 
 
+_HALF_WIDTH = {CAR: 0.95, TRUCK: 1.2, BUS: 1.29}  # metres, the widest body of each class
+
+
 def _vehicle(b: MeshBuilder, rng: np.random.Generator, x: float, y: float, yaw: float, cls: int, inst: int) -> None:
     fwd = np.array([np.cos(yaw), np.sin(yaw), 0.0])
     left = np.array([-np.sin(yaw), np.cos(yaw), 0.0])
@@ -387,15 +390,28 @@ def make_scene(seed: int, x_min: float, x_max: float, path_x: tuple[float, float
             return True
         return abs(yc - ego_y) > half_w + 1.3
 
-    # parked cars along the curbs
+    taken: list[tuple[float, float, float, float]] = []  # footprints (x, y, half length, half width) at t = 0
+
+    def clear(xc: float, yc: float, half_len: float, half_w: float, margin: float = 0.3) -> bool:
+        """True when a footprint keeps `margin` m from every footprint placed before (things never interpenetrate:
+        a geometric segmentation could not tell them apart, and the ground truth would be wrong where they do)."""
+        return all(abs(xc - x) >= half_len + hl + margin or abs(yc - y) >= half_w + hw + margin
+                   for x, y, hl, hw in taken)
+
+    # parked cars along the curbs, at least 0.5 m apart (half lengths: the longest car 4.8 m, truck 9.0 m)
     for side in (-1, 1):
         x = x_min + rng.uniform(0, 6)
+        front = -np.inf  # front end of the vehicle parked last on this side
         while x < x_max + 40:
             if rng.random() < 0.55:
                 cls = CAR if rng.random() < 0.85 else TRUCK
+                half = 2.4 if cls == CAR else 4.55
+                x = max(x, front + 0.5 + half)  # a truck after a car would otherwise reach into it
                 yc = side * (W - 1.15)
                 if lane_free(x, yc, 2.5 if cls == CAR else 4.5, 1.0 if cls == CAR else 1.25):
                     _vehicle(b, rng, x, yc, 0.0 if side < 0 else np.pi, cls, ids())
+                    front = x + half
+                    taken.append((x, yc, half, _HALF_WIDTH[cls]))
                 x += 9.0 if cls == TRUCK else 5.5
             else:
                 x += rng.uniform(3, 10)
@@ -412,9 +428,10 @@ def make_scene(seed: int, x_min: float, x_max: float, path_x: tuple[float, float
         oncoming = rng.random() < 0.5
         yc = lane_y if oncoming else ego_y + rng.choice([0.0, -0.2, 0.2])
         hl = {CAR: 2.5, TRUCK: 4.5, BUS: 6.3}[int(cls)]
-        if lane_free(xc, yc, hl, 1.3):
+        if lane_free(xc, yc, hl, 1.3) and clear(xc, yc, hl, _HALF_WIDTH[int(cls)]):
             inst = ids()
             _vehicle(b, rng, xc, yc, np.pi if oncoming else 0.0, int(cls), inst)
+            taken.append((xc, yc, hl, _HALF_WIDTH[int(cls)]))
             if moves_safely(xc - hl, oncoming) and rng.random() < 0.7:
                 velocity[inst] = np.array([-1.0 if oncoming else 1.0, 0, 0]) * rng.uniform(3, 12)
     # cyclists / motorcyclists on the road
@@ -422,9 +439,10 @@ def make_scene(seed: int, x_min: float, x_max: float, path_x: tuple[float, float
         xc = rng.uniform(path_x[0] + 4, x_max + 30)
         oncoming = rng.random() < 0.5
         yc = (W - 2.5) * (1 if oncoming else -1)  # at the outer edge of the lane, next to the parked cars
-        if lane_free(xc, yc, 1.0, 0.5):
+        if lane_free(xc, yc, 1.0, 0.5) and clear(xc, yc, 1.0, 0.4):
             motor = rng.random() < 0.25
             pair = _bike(b, rng, xc, yc, np.pi if oncoming else 0.0, ids, motor=motor)
+            taken.append((xc, yc, 1.0, 0.4))
             if moves_safely(xc - 1.0, oncoming) and rng.random() < 0.7:
                 v = np.array([-1.0 if oncoming else 1.0, 0, 0]) * rng.uniform(3, 9 if motor else 5)
                 velocity.update({i: v for i in pair})
@@ -440,7 +458,7 @@ def make_scene(seed: int, x_min: float, x_max: float, path_x: tuple[float, float
     for _ in range(int(rng.integers(0, 3))):
         xc = rng.uniform(x_min + 10, x_max + 30)
         yc = rng.uniform(-W + 0.5, W - 0.5)
-        if lane_free(xc, yc, 0.3, 0.3):
+        if lane_free(xc, yc, 0.3, 0.3) and clear(xc, yc, 0.3, 0.3):
             _person(b, rng, xc, yc, 0.0, ids(), yaw=np.pi / 2)
     vel = np.zeros((ids.n + 1, 3), np.float32)
     for i, v in velocity.items():
