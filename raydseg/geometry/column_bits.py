@@ -17,6 +17,24 @@ MAX_ROWS = 64
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
+def above_bits(a, thr):  # pragma: no cover - numba
+    """uint64 with bit r set where a[r] > thr (a: one column, at most 64 rows); branch-free, vectorises."""
+    m = np.uint64(0)
+    for r in range(a.shape[0]):
+        m |= (np.uint64(1) << np.uint64(r)) if a[r] > thr else np.uint64(0)
+    return m
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def at_most_bits(a, thr):  # pragma: no cover - numba
+    """uint64 with bit r set where a[r] <= thr (NaN: unset)."""
+    m = np.uint64(0)
+    for r in range(a.shape[0]):
+        m |= (np.uint64(1) << np.uint64(r)) if a[r] <= thr else np.uint64(0)
+    return m
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
 def near_bits(a0, a1, thr, n):  # pragma: no cover - numba
     """uint64 with bit r set where |a0[r] - a1[r]| < thr, r < n (NaN: unset); branch-free, vectorises."""
     m = np.uint64(0)

@@ -21,7 +21,7 @@ import functools
 import numba
 import numpy as np
 
-from raydseg.geometry.column_bits import MAX_ROWS, flood, near_bits, pair_run
+from raydseg.geometry.column_bits import MAX_ROWS, above_bits, at_most_bits, flood, near_bits, pair_run
 from raydseg.geometry.range_image import RangeImage, fast_atan2, pixel_labels_to_points
 
 
@@ -218,13 +218,7 @@ def _ground_bits(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pra
     joined, marked = np.zeros(W, np.uint64), np.zeros(W, np.uint64)
     pair = np.zeros((K, W), np.uint64)
     for c in range(W):
-        rc, ac = range_m[c], ang[c]
-        v, en = zero, zero
-        for r in range(H):
-            bit = one << np.uint64(r)
-            v |= bit if rc[r] > 0 else zero
-            en |= bit if ac[r] <= max_slope else zero  # NaN: no
-        valid[c], enter[c] = v, en
+        valid[c], enter[c] = above_bits(range_m[c], 0.0), at_most_bits(ang[c], max_slope)
     queue = np.empty(W + 1, np.int64)
     queued = np.zeros(W, np.bool_)
     tail = 0

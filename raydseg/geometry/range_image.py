@@ -301,8 +301,7 @@ def build_range_image(xyz: np.ndarray, ring: np.ndarray | None = None, *, n_beam
         rank = np.zeros(0, np.int32)
         H = max(n_beams, 1)
         n_cols = n_cols if n_cols > 0 else 2048
-    nearest, range_m, el, hor, hgt, rows, cols = _fill(rec, ring, rank, az, use, float(lo),
-                                                        float(hi), H, int(n_cols))
+    nearest, range_m, el, hor, hgt, rows, cols = _fill(rec, ring, rank, az, use, float(lo), float(hi), H, int(n_cols))
     return RangeImage(nearest_cm=nearest, range_cm=range_m, elevation_cm=el, horizontal_cm=hor, height_cm=hgt,
                       row=rows, col=cols, rng=rng)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from raydseg.geometry.column_bits import MAX_ROWS, flood, pair_run
+from raydseg.geometry.column_bits import MAX_ROWS, above_bits, flood, pair_run
 from raydseg.geometry.range_image import (SPREAD_ABS_TOL, SPREAD_REL_TOL, RangeImage, near_pixel,
                                           pixel_labels_to_points)
 
@@ -138,13 +138,8 @@ def _segment_bits(range_m, elev, blocked, beta_thr, max_gap):  # pragma: no cove
     col_step = 2.0 * np.pi / W
     valid, free, joined = np.zeros(W, np.uint64), np.zeros(W, np.uint64), np.zeros(W, np.uint64)
     for c in range(W):
-        rc, bc = range_m[c], blocked[c]
-        v, f = zero, zero
-        for r in range(H):
-            bit = one << np.uint64(r)
-            v |= bit if rc[r] > 0 else zero
-            f |= bit if rc[r] > 0 and not bc[r] else zero
-        valid[c], free[c] = v, f
+        valid[c] = above_bits(range_m[c], 0.0)
+        free[c] = valid[c] & ~above_bits(blocked[c], 0)
     pair = np.zeros((K, W), np.uint64)
     for c in range(W):
         rc, ec, f = range_m[c], elev[c], free[c]
