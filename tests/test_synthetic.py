@@ -10,8 +10,9 @@ import pytest
 from raydseg.config import SyntheticConfig
 from raydseg.data.schema import decode_image, frames_to_table, table_to_frames, validate_frame
 from raydseg.data.sources import synthetic as S
-from raydseg.data.sources.synthetic_scene import (BUILDING, CAR, PERSON, POLE, ROAD, SIDEWALK, SKY, THING_CLASSES,
-                                                  TRAFFIC_SIGN, VEGETATION)
+from raydseg.data.sources.synthetic_scene import (BICYCLE, BUILDING, BUS, CAR, MOTORCYCLE, PERSON, POLE, ROAD,
+                                                  SIDEWALK, SKY, THING_CLASSES, TRAFFIC_SIGN, TRUCK, VEGETATION,
+                                                  make_scene)
 
 LABEL_IDS = {0, 7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
 
@@ -260,7 +261,6 @@ def test_moving_things_move_with_their_velocity_and_stay_out_of_the_ego_lane(fra
 def test_vehicles_never_interpenetrate_each_other_or_the_people_and_bikes_on_the_road():
     # a truck parked after a car used to reach 1-2 m into it: no geometric segmentation can split that, and the
     # proposals benchmark counted the merge as its own error
-    from raydseg.data.sources.synthetic_scene import BICYCLE, BUS, MOTORCYCLE, TRUCK, make_scene
     n_vehicles = 0
     for seed in range(40):
         scene = make_scene(seed, -30.0, 60.0, (0.0, 10.0))

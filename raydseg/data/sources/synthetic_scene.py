@@ -230,6 +230,7 @@ def _bike(b: MeshBuilder, rng: np.random.Generator, x: float, y: float, yaw: flo
 
 
 _HALF_WIDTH = {CAR: 0.95, TRUCK: 1.2, BUS: 1.29}  # metres, the widest body of each class
+_HALF_LENGTH = {CAR: 2.4, TRUCK: 4.55}  # metres, the longest parked car (4.8 m) and truck (9.0 m, cab glass too)
 
 
 def _vehicle(b: MeshBuilder, rng: np.random.Generator, x: float, y: float, yaw: float, cls: int, inst: int) -> None:
@@ -398,14 +399,14 @@ def make_scene(seed: int, x_min: float, x_max: float, path_x: tuple[float, float
         return all(abs(xc - x) >= half_len + hl + margin or abs(yc - y) >= half_w + hw + margin
                    for x, y, hl, hw in taken)
 
-    # parked cars along the curbs, at least 0.5 m apart (half lengths: the longest car 4.8 m, truck 9.0 m)
+    # parked cars along the curbs, at least 0.5 m apart
     for side in (-1, 1):
         x = x_min + rng.uniform(0, 6)
         front = -np.inf  # front end of the vehicle parked last on this side
         while x < x_max + 40:
             if rng.random() < 0.55:
                 cls = CAR if rng.random() < 0.85 else TRUCK
-                half = 2.4 if cls == CAR else 4.55
+                half = _HALF_LENGTH[cls]
                 x = max(x, front + 0.5 + half)  # a truck after a car would otherwise reach into it
                 yc = side * (W - 1.15)
                 if lane_free(x, yc, 2.5 if cls == CAR else 4.5, 1.0 if cls == CAR else 1.25):
