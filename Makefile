@@ -1,25 +1,33 @@
 # The two commands: `make run` (the whole pipeline on the embedded default) and `make test`.
-# Each creates .venv when missing and (re)installs the package when pyproject.toml changed.
+# Each first installs the Debian packages it needs that are missing (scripts/system_deps.sh: as root, else it
+# stops before the venv is built and prints the command), then creates .venv when missing and (re)installs the
+# package when pyproject.toml changed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test venv venv-dev clean
+.PHONY: run test venv venv-dev sysdeps-run sysdeps-test clean
 
-$(VENV)/.installed: pyproject.toml
+sysdeps-run:
+	@scripts/system_deps.sh run
+
+sysdeps-test:
+	@scripts/system_deps.sh test
+
+$(VENV)/.installed: pyproject.toml | sysdeps-run
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed | sysdeps-test
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-venv: $(VENV)/.installed
-venv-dev: $(VENV)/.installed-dev
+venv: sysdeps-run $(VENV)/.installed
+venv-dev: sysdeps-test $(VENV)/.installed-dev
 
 run: venv
 	$(PY) jobs/full_run.py $(ARGS)
