@@ -69,4 +69,6 @@ def screenshot(uri: str, run_ids: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

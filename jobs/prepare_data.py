@@ -12,9 +12,11 @@ import argparse
 import sys
 from collections import Counter
 
-from raydseg.config import ConfigError, load_config
+from raydseg.cli import guarded
+from raydseg.config import load_config
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prepare_data", description=__doc__.split("\n")[1])
     p.add_argument("--source", required=True, choices=["kitti", "nuscenes", "waymo", "synthetic"])
@@ -24,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
-    try:
-        name = args.name or f"prepare_{args.source}"
-        cfg = load_config(args.config, [f"data.source={args.source}", f"data.root={args.input}",
-                                        f"run.output_root={args.output}", f"run.name={name}", *args.overrides])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    name = args.name or f"prepare_{args.source}"
+    cfg = load_config(args.config, [f"data.source={args.source}", f"data.root={args.input}",
+                                    f"run.output_root={args.output}", f"run.name={name}", *args.overrides])
     from raydseg import storage
     from raydseg.pipeline import run_pipeline
 

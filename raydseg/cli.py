@@ -2,10 +2,39 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
+from typing import Callable
 
-from raydseg.config import ConfigError, load_config
+from raydseg.config import load_config
+from raydseg.errors import UserError
+
+
+def user_problems(exc: BaseException) -> list[str] | None:
+    """The problem lines of a user error, also of one that Ray re-raised around its cause; None for anything else."""
+    for e in (exc, getattr(exc, "cause", None)):
+        if isinstance(e, UserError) and hasattr(e, "problems"):
+            return list(e.problems)
+    return None
+
+
+def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
+    """An entry point that prints user errors as `error: ...` lines (no traceback) and returns exit status 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return int(main(*args, **kwargs) or 0)
+        except Exception as e:  # noqa: BLE001 - only user errors are caught; anything else is re-raised
+            problems = user_problems(e)
+            if problems is None:
+                raise
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,11 +48,7 @@ def run_stages(argv: list[str] | None, stages: list[str] | None, prog: str, desc
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     from raydseg.pipeline import run_pipeline
 
     result = run_pipeline(cfg, stages=stages)
@@ -42,10 +67,12 @@ SUBCOMMANDS = {
 }
 
 
+@guarded
 def full_run(argv: list[str] | None = None) -> int:
     return run_stages(argv, None, "raydseg run", "Run the whole raydseg pipeline.")
 
 
+@guarded
 def one_stage(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     if not argv or argv[0].startswith("-"):
@@ -54,8 +81,7 @@ def one_stage(argv: list[str] | None = None) -> int:
     from raydseg.pipeline import STAGE_ORDER
 
     if argv[0] not in STAGE_ORDER:
-        print(f"unknown stage '{argv[0]}' (stages: {', '.join(STAGE_ORDER)})", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown stage '{argv[0]}' (stages: {', '.join(STAGE_ORDER)})")
     return run_stages(argv[1:], [argv[0]], f"raydseg stage {argv[0]}", f"Run stage {argv[0]}.")
 
 
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         module, func = target.split(":")
         fn = getattr(importlib.import_module(module), func)
-    return int(fn(argv[1:]) or 0)
+    return guarded(fn)(argv[1:])
 
 
 if __name__ == "__main__":

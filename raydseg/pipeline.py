@@ -18,8 +18,10 @@ from types import ModuleType
 from typing import Any, Callable
 
 from raydseg import storage, tracking
+from raydseg.checks import check_inputs
 from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
+from raydseg.errors import UserError
 
 STAGE_ORDER = ["ingest", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
 MANIFEST = "_manifest.json"
@@ -74,7 +76,7 @@ def available_stages() -> list[str]:
 
 def load_stage(name: str) -> ModuleType:
     if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
+        raise UserError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
     return importlib.import_module(f"raydseg.stages.{name}")
 
 
@@ -176,6 +178,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     for s in wanted:
         load_stage(s)  # fail fast on unknown names
     wanted = [s for s in STAGE_ORDER if s in wanted]
+    check_inputs(cfg, wanted)  # every bad path, backbone or weights file now, before Ray starts
     root = run_root(cfg)
     uri = tracking.setup(cfg)
     init_ray(cfg)

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from raydseg.errors import InputError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
@@ -46,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        print(f"no images (*.png, *.jpg) under {args.images}", file=sys.stderr)
-        return 1
+        raise InputError(f"--images: no images (*.png, *.jpg) under {args.images}")
     model = load_model(args.model).to(args.device)
     for path in files:
         with open(path, "rb") as f:
@@ -77,4 +78,6 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

@@ -1,7 +1,6 @@
 """Synthetic source: determinism, class coverage, exact calibration, LiDAR rings, conditions, eval-split layout."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -144,7 +143,7 @@ def test_consecutive_frames_overlap_with_ego_motion(frames, cfg):
 
 
 def test_night_is_darker_and_fog_has_less_contrast_on_the_same_scenes(cfg):
-    out = {c: list(S.render_eval_images(c, dataclasses.replace(cfg, eval_images_per_condition=2), seed=0))
+    out = {c: list(S.render_eval_images(c, cfg.model_copy(update=dict(eval_images_per_condition=2)), seed=0))
            for c in S.CONDITIONS}
     for c in ("night", "fog"):  # same places: identical ground truth across conditions
         for (_, _, _, gd), (_, _, _, gc) in zip(out["day"], out[c]):
@@ -180,14 +179,14 @@ def test_eval_split_has_cityscapes_layout_and_labelids(tmp_path, cfg):
 
 
 def test_eval_scenes_differ_from_training_scenes(cfg):
-    train = {s["seed"] for s in S.list_shards(dataclasses.replace(cfg, n_sequences=20), seed=0)}
+    train = {s["seed"] for s in S.list_shards(cfg.model_copy(update=dict(n_sequences=20)), seed=0)}
     evals = {S._scene_seed(0, S._EVAL_STREAM, i) for i in range(20)}
     assert not train & evals
 
 
 def test_unknown_condition_is_a_clear_error(cfg):
     with pytest.raises(ValueError, match="unknown synthetic condition"):
-        S.list_shards(dataclasses.replace(cfg, conditions=["rain"]), seed=0)
+        S.list_shards(cfg.model_copy(update=dict(conditions=["rain"])), seed=0)
     with pytest.raises(ValueError, match="unknown synthetic condition"):
         S.write_eval_split("/tmp/never", "snow", cfg, seed=0)
 
@@ -195,7 +194,7 @@ def test_unknown_condition_is_a_clear_error(cfg):
 def test_eval_split_writes_identical_files_to_s3(tmp_path, s3_bucket, cfg):
     from raydseg import storage
 
-    small = dataclasses.replace(cfg, eval_images_per_condition=1)
+    small = cfg.model_copy(update=dict(eval_images_per_condition=1))
     root = f"s3://{s3_bucket}/eval/fog"
     assert S.write_eval_split(root, "fog", small, seed=0) == 1
     S.write_eval_split(str(tmp_path), "fog", small, seed=0)

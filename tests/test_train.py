@@ -56,6 +56,7 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(two_node_cluster, blob
     import mlflow
 
     from raydseg.predict import main as predict_main
+    from raydseg.train.loop import lr_factor
     from raydseg.train.teacher import train
 
     pl_dir, _ = blobs
@@ -79,7 +80,12 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(two_node_cluster, blob
     assert run.data.params["grad_accum"] == "1" and run.data.params["micro_batch_size"] == "2"
     loss = {m.step: m.value for m in client.get_metric_history(run_id, "teacher/loss")}
     assert sorted(loss) == list(range(1, 7))
-    assert np.mean([loss[5], loss[6]]) < loss[1]
+    # six steps on shuffled batches need not lower the loss (learning is tested on fixed data elsewhere): the
+    # curve is logged at every step and finite, and the logged LR is the warmup + poly schedule at that step
+    assert all(np.isfinite(v) and v > 0 for v in loss.values())
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "teacher/lr")}
+    assert lr == pytest.approx({s: cfg.teacher.lr * lr_factor(s, 6, "poly", cfg.teacher.warmup_steps)
+                                for s in range(1, 7)})
     assert 0.0 <= run.data.metrics["teacher/val_miou"] <= 1.0
     assert run.data.metrics["teacher/images_per_s"] > 0 and "teacher/lr" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run_id, "model")}

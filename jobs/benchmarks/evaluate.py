@@ -11,6 +11,7 @@ sliding (native, window S/2, stride S/8), resize_half (shorter side S/2, one pas
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import multiprocessing as mp
 import resource
@@ -107,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

@@ -7,6 +7,7 @@ Baseline for the ratios: faiss.Kmeans (single process). Keys carry their units (
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import resource
 import time
@@ -109,4 +110,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

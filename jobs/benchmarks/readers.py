@@ -104,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

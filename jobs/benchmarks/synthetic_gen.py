@@ -14,7 +14,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
+import sys  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -48,8 +48,8 @@ def main() -> None:
 
     common = dict(raycast_threads=1, conditions=[args.condition])
     cases = {
-        "default": dataclasses.replace(base, width=args.width, height=args.height, beams=args.beams, **common),
-        "1080p_64beams": dataclasses.replace(base, width=1920, height=1080, beams=64, azimuth_steps=2048, **common),
+        "default": base.model_copy(update=dict(width=args.width, height=args.height, beams=args.beams, **common)),
+        "1080p_64beams": base.model_copy(update=dict(width=1920, height=1080, beams=64, azimuth_steps=2048, **common)),
     }
     out: dict[str, float | int | str] = {"baseline": "default", "frames": args.frames, "condition": args.condition}
     rows = []
@@ -77,4 +77,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

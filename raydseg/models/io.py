@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from raydseg import storage
+from raydseg.errors import InputError
 from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
 
 WEIGHTS = "model.pt"
@@ -54,7 +55,7 @@ def load_model(src: str, map_location: str | torch.device = "cpu") -> nn.Module:
     d = _mlflow_dir(src) or src
     cfg_path, w_path = storage.join(d, CONFIG), storage.join(d, WEIGHTS)
     if not storage.exists(w_path):
-        raise FileNotFoundError(f"no {WEIGHTS} in {src} (expected a model dir or runs:/<run_id>)")
+        raise InputError(f"no {WEIGHTS} in {src} (expected a model dir or runs:/<run_id>)")
     model_cfg = storage.read_json(cfg_path)
     model = build_segmenter(model_cfg)
     state = torch.load(io.BytesIO(storage.read_bytes(w_path)), map_location=map_location, weights_only=True)

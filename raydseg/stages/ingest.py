@@ -16,6 +16,7 @@ import numpy as np
 from raydseg import storage
 from raydseg.config import Config, config_from_dict
 from raydseg.data.schema import frames_to_table, split_valid
+from raydseg.errors import InputError
 from raydseg.parts import single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
 from raydseg.resources import node_resources
@@ -121,8 +122,9 @@ def run(ctx: StageContext) -> StageResult:
               "frames": sum(s["frames"] for s in stats), "points": sum(s["points"] for s in stats),
               "parts": sum(len(s["parts"]) for s in stats)}
     if counts["frames"] == 0:
-        raise RuntimeError(f"ingest produced no valid frames from {len(shards)} shards "
-                           f"({len(rejects)} rejects, first: {rejects[:1]})")
+        where = f"data.root {cfg.data.root}" if cfg.data.root else f"data.source {cfg.data.source}"
+        raise InputError(f"{where}: no valid frames in {len(shards)} shards ({len(rejects)} rejects, first: "
+                         f"{rejects[0]['reason'] if rejects else 'none'})")
     if cfg.data.source == "synthetic":
         counts["eval_images"] = write_synthetic_eval(cfg, out_dir)
     return StageResult(counts=counts, rejects=rejects)

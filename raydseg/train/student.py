@@ -4,7 +4,6 @@ targets, LiDAR-segment refinement of the teacher's predictions. Each ingredient 
 (ema, soft_targets, refine), logged as MLflow params. Same Ray Train machinery as the teacher."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from raydseg import storage
@@ -21,10 +20,8 @@ def train(cfg: Config, pl_dir: str, teacher_model_dir: str, out_dir: str, *, tra
     from raydseg.train.data import build_train_dataset
 
     s = cfg.student
-    if s.export not in ("ema", "student"):
-        raise ValueError(f"student.export must be ema | student, got '{s.export}'")
     model_cfg = storage.read_json(storage.join(teacher_model_dir, "model_config.json"))
-    params = {f"student.{k}": v for k, v in dataclasses.asdict(s).items()}
+    params = {f"student.{k}": v for k, v in s.model_dump().items()}
     config = loop_config(s, mode="student", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
                          extra={**{k: getattr(s, k) for k in STUDENT_KEYS}, "init_model": teacher_model_dir})

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -81,7 +80,7 @@ def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlf
 
     t = cfg.teacher
     model_cfg = model_cfg_from(cfg)
-    params = {f"teacher.{k}": v for k, v in dataclasses.asdict(t).items()}
+    params = {f"teacher.{k}": v for k, v in t.model_dump().items()}
     params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
     config = loop_config(t, mode="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,

@@ -118,6 +118,14 @@ def _raw_date_dirs(root: str) -> list[str]:
             if storage.exists(storage.join(root, n, "calib_cam_to_cam.txt"))]
 
 
+def layout_problem(cfg: Config) -> str | None:
+    """None when data.root holds a KITTI object split or raw drives; else what was looked for."""
+    if _object_split_dirs(cfg.data.root, cfg.data.split) or _raw_date_dirs(cfg.data.root):
+        return None
+    return (f"data.root: no KITTI data in {cfg.data.root} (looked for object splits training/ testing/ with calib/, "
+            "or raw date folders with calib_cam_to_cam.txt)")
+
+
 def list_shards(cfg: Config) -> list[dict[str, Any]]:
     """One shard per `data.shard_frames` object frames of a split, or per raw drive (stride / max frames applied)."""
     d, root = cfg.data, cfg.data.root

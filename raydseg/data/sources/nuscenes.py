@@ -41,6 +41,15 @@ def _pose(rec: dict) -> list[list[float]]:
     return rigid(quat_to_matrix(rec["rotation"]), rec["translation"]).tolist()
 
 
+def layout_problem(cfg: Config) -> str | None:
+    """None when data.root/data.version holds every table this reader needs; else the missing ones."""
+    tables = storage.join(cfg.data.root, cfg.data.version)
+    missing = [t for t in TABLES if not storage.exists(storage.join(tables, f"{t}.json"))]
+    if not missing:
+        return None
+    return f"data.root: no nuScenes {cfg.data.version} tables in {tables} (missing {', '.join(m + '.json' for m in missing)})"
+
+
 def list_shards(cfg: Config) -> list[dict[str, Any]]:
     """One shard per scene; each frame carries its file names, timestamps and poses (read_shard needs no tables)."""
     d = cfg.data

@@ -62,6 +62,14 @@ def _base(cfg: Config) -> str:
     return storage.join(root, cfg.data.split) if cfg.data.split else root
 
 
+def layout_problem(cfg: Config) -> str | None:
+    """None when data.root (/data.split) holds v2 segment files; else what was looked for."""
+    lidar = storage.join(_base(cfg), "lidar")
+    if any(n.endswith(".parquet") for n in storage.listdir(lidar)):
+        return None
+    return f"data.root: no Waymo Open v2 segments in {cfg.data.root} (looked for {lidar}/*.parquet)"
+
+
 def list_shards(cfg: Config) -> list[dict[str, Any]]:
     """One shard per segment parquet file of the `lidar` component, with its TOP-LiDAR frame timestamps."""
     base = _base(cfg)
