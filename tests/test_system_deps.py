@@ -3,6 +3,7 @@ Debian package is there; as a non-root user without sudo it stops with the exact
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,15 @@ def test_nothing_to_do_when_every_package_is_installed():
     assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
 
 
-def test_missing_package_without_root_prints_the_command_and_stops(tmp_path):
+def test_missing_package_without_root_prints_the_command_and_stops():
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("needs root to run the script as another user")
-    stub = tmp_path / "bin"
-    stub.mkdir()
+    stub = Path(tempfile.mkdtemp(prefix="stub-dpkg-"))  # pytest's tmp_path is private to root
+    stub.chmod(0o755)
     # a dpkg database in which libusb and chromium are missing (dpkg-query prints nothing for them)
     (stub / "dpkg-query").write_text('#!/bin/sh\ncase "$3" in libusb-1.0-0|chromium) exit 1;; esac\n'
                                      'printf installed\n')
     (stub / "dpkg-query").chmod(0o755)
-    tmp_path.chmod(0o755)
     env = {"PATH": f"{stub}:/usr/sbin:/usr/bin:/sbin:/bin"}
     p = _run("test", env=env, user="nobody")
     assert p.returncode == 2
