@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 STAGES = ["ingest", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
 # outputs that must be identical between an interrupted-and-resumed run and an uninterrupted one
+# credentials in the job's environment, whose values must appear nowhere in MLflow
+SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": "awssecret" + secrets.token_hex(12),
+              "RAY_AUTH_TOKEN": "raytoken" + secrets.token_hex(12)}
 DETERMINISTIC = ["ingest/frames", "proposals/segments", "features", "cluster/assignments", "cluster/pseudolabels"]
 
 
@@ -50,7 +53,7 @@ def s3_run(tmp_path_factory, s3_endpoint, mlflow_server):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     cwd = tmp_path_factory.mktemp("s3run")
     proc = subprocess.run(full_run_args(f"s3://{bucket}/runs"), capture_output=True, text=True,
-                          env=job_env(mlflow_server), cwd=cwd, timeout=900)
+                          env={**job_env(mlflow_server), **SECRET_ENV}, cwd=cwd, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc, f"s3://{bucket}/runs/smoke"
 
@@ -79,6 +82,31 @@ def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
     evaluate = next(c for c in children if c.data.tags["mlflow.runName"] == "evaluate")
     assert "evaluate/report.html" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")]
     assert storage.exists(storage.join(root, "evaluate", "report.html"))
+
+
+def test_no_secret_reaches_mlflow(s3_run, mlflow_server, tmp_path):
+    """The job ran with AWS_SECRET_ACCESS_KEY and RAY_AUTH_TOKEN set: no param, tag, metric name or artifact of
+    its parent or child runs holds either value."""
+    import mlflow
+
+    proc, _ = s3_run
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    parent = client.get_run(parent_run_id(proc.stdout))
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = [parent, *children]
+    assert len(runs) == 1 + len(STAGES)
+    texts = []
+    for run in runs:
+        texts += [*run.data.params, *map(str, run.data.params.values()), *run.data.tags,
+                  *map(str, run.data.tags.values()), *run.data.metrics]
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
+                                                    tracking_uri=mlflow_server)
+        files = [p for p in Path(local).rglob("*") if p.is_file()]
+        texts += [p.read_bytes().decode("latin-1") for p in files]
+    assert len(texts) > 100
+    for name, value in SECRET_ENV.items():
+        assert not [t for t in texts if value in t], name
 
 
 def _tables_equal(a_root: str, b_root: str, rel: str) -> None:

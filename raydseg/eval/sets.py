@@ -15,6 +15,7 @@ Label ids map to the 19 Cityscapes trainIds with the official table of `cityscap
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from raydseg import storage
 FORMATS = ("cityscapes", "cityscapes27", "acdc", "darkzurich", "nightdriving")
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 IGNORE_INDEX = 255
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # set names become folder names: no separators, no '..'
 
 
 def labelid_to_trainid_lut() -> np.ndarray:
@@ -95,6 +97,8 @@ def parse_eval_sets(spec: str) -> list[EvalSet]:
         if len(parts) != 3 or not all(parts):
             raise ValueError(f"eval set '{item}' is not NAME:FORMAT:PATH")
         name, fmt, root = parts
+        if not SAFE_NAME.fullmatch(name):
+            raise ValueError(f"eval set name '{name}' must be letters, digits, '.', '_' or '-' (it names folders)")
         if fmt not in FORMATS:
             raise ValueError(f"eval set '{name}': unknown format '{fmt}' (known: {', '.join(FORMATS)})")
         if name in {s.name for s in sets}:

@@ -47,7 +47,8 @@ def layout_problem(cfg: Config) -> str | None:
     missing = [t for t in TABLES if not storage.exists(storage.join(tables, f"{t}.json"))]
     if not missing:
         return None
-    return f"data.root: no nuScenes {cfg.data.version} tables in {tables} (missing {', '.join(m + '.json' for m in missing)})"
+    names = ", ".join(f"{m}.json" for m in missing)
+    return f"data.root: no nuScenes {cfg.data.version} tables in {tables} (missing {names})"
 
 
 def list_shards(cfg: Config) -> list[dict[str, Any]]:
