@@ -117,7 +117,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a guard against a hang, not a speed test: a loaded 2-core machine needs >120 s
     while time.time() < deadline:
         try:
             urllib.request.urlopen(uri + "/health", timeout=2)

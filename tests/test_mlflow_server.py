@@ -23,7 +23,7 @@ def _script_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
