@@ -28,6 +28,10 @@ PORT="${MLFLOW_PORT:-5000}"
 WORKERS="${MLFLOW_WORKERS:-2}"
 PYTHON="${PYTHON:-python3}"
 
+# MLflow 3 also starts a server-side job runner (huey consumers) for its GenAI jobs; raydseg submits none, and
+# those processes are not ended with the server. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
 if [[ -z "${MLFLOW_S3_ENDPOINT_URL:-}" && -n "${AWS_ENDPOINT_URL:-}" ]]; then
   export MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL"
 fi

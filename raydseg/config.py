@@ -244,7 +244,7 @@ class EvalConfig(Section):
     matching: Literal["hungarian", "majority"] = "hungarian"  # headline mapping (both are reported)
     fit_set: Text = ""  # set whose confusion fits the matching ("" = the first set of each class protocol)
     size: NonNegInt = 0  # resize the shorter image side to this before inference (0 = native; paper: 1024)
-    window: NonNegInt = 0  # sliding-window size in px, a patch multiple (0 = whole image; paper: 512)
+    window: NonNegInt = 0  # sliding-window size in px (0 = whole image; paper: 512); padded to patch multiples
     stride: NonNegInt = 0  # sliding-window stride in px (0 = window // 2; paper: 128)
     batch_size: PosInt = 4  # images per Ray Data inference batch
     num_actors: PosInt = 1  # inference actor pool size
@@ -327,8 +327,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
                    "(0 = derive it)")
     crops = [("features.crop_size", cfg.features.crop_size, cfg.features.backbone)]
     crops += [(f"{t}.crop_size", getattr(cfg, t).crop_size, cfg.teacher.backbone) for t in ("teacher", "student")]
-    if cfg.eval.window:
-        crops.append(("eval.window", cfg.eval.window, cfg.teacher.backbone))
     for key, size, backbone in crops:
         ps = patch_size(backbone)
         if ps and (size < ps or size % ps):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -111,11 +112,14 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, local artifacts) on loopback; yields its URI."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    # its own process group, so that teardown also ends the uvicorn workers it forks; no MLflow server-side job
+    # runner (raydseg submits no MLflow jobs; its huey consumers outlived the server and piled up across runs)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600  # a guard against a hang, not a speed test: a loaded 2-core machine needs >120 s
     while time.time() < deadline:
@@ -127,8 +131,11 @@ def mlflow_server(tmp_path_factory):
                 raise RuntimeError("mlflow server exited: " + (root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
     yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -30,7 +30,8 @@ def test_student_is_not_worse_than_its_teacher_on_blobs(tmp_path, ray_local):
     pl = str(tmp_path / "pl")
     write_blob_parts(pl, n_images=48, h=96, w=128, n_parts=4, n_cls=N_CLS, seed=0)
     held_out = write_blob_parts(str(tmp_path / "heldout"), n_images=12, h=96, w=128, n_parts=1, n_cls=N_CLS, seed=99)
-    tcfg = load_config(overrides=[f"teacher.{k}={v}" for k, v in {**COMMON, "n_cls": N_CLS, "steps": 60}.items()])
+    tcfg = load_config(overrides=[f"teacher.{k}={v}" for k, v in {**COMMON, "n_cls": N_CLS, "steps": 60}.items()]
+                       + [f"cluster.k={N_CLS - 1}"])  # blob classes stand for ground + k pseudo-classes
     teacher.train(tcfg, pl, str(tmp_path / "teacher"))
     scfg = load_config(overrides=[f"student.{k}={v}" for k, v in {**COMMON, "steps": 40}.items()])
     student.train(scfg, pl, str(tmp_path / "teacher" / "model"), str(tmp_path / "student"))

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     common = {"crop_size": 96, "batch_size": 8, "log_every": 10, "val_every": -1, "checkpoint_every": 1000}
     tcfg = load_config(overrides=[f"teacher.{k}={v}" for k, v in {**common, "n_cls": n_cls,
-                                                                   "steps": args.teacher_steps}.items()])
+                                                                   "steps": args.teacher_steps}.items()]
+                       + [f"cluster.k={n_cls - 1}"])  # blob classes stand for ground + k pseudo-classes
     results = {}
     run = client.create_run(exp, run_name="teacher")
     teacher.train(tcfg, os.path.join(work, "pl"), os.path.join(work, "teacher"), tracking_uri=uri,
