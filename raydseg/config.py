@@ -382,12 +382,12 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _override_value(section: str, key: str, raw: str) -> Any:
-    """An override's text as the field wants it: text as written, a,b,c as a list, else a YAML scalar."""
+    """An override's text as the field wants it: text as written, a,b,c or [a, b] as a list, else a YAML scalar."""
     model = Config.model_fields[section].annotation
     field = model.model_fields.get(key)
     annotation = str(field.annotation) if field else ""
     if annotation.startswith("list"):
-        return [_parse_scalar(v) for v in raw.split(",") if v]
+        return _parse_scalar(raw) if raw.lstrip().startswith("[") else [_parse_scalar(v) for v in raw.split(",") if v]
     if "str" in annotation and "Literal" not in annotation:
         return raw
     return _parse_scalar(raw)
