@@ -121,12 +121,12 @@ def init_ray(cfg: Config) -> None:
              runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
 
 
-def check_cluster(cfg: Config, stages: list[str]) -> None:
+def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = print) -> None:
     """Before any stage, against the connected Ray cluster: every worker request of `stages` fits some node (alive
     or launchable by the autoscaler; `raydseg.preflight`), and a local MLflow store is used on one node only."""
     from raydseg.preflight import check_connected
 
-    check_connected(cfg, stages)
+    check_connected(cfg, stages, log)
     tracking.check_locality(tracking.tracking_uri(cfg))
 
 
@@ -190,7 +190,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     check_inputs(cfg, wanted)  # every bad path, backbone or weights file now, before Ray starts
     root = run_root(cfg)
     init_ray(cfg)
-    check_cluster(cfg, wanted)  # requests that could never be scheduled, a tracking store other nodes cannot reach
+    check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
     uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())

@@ -17,9 +17,10 @@ import argparse
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -130,31 +131,46 @@ def _ray_resources(res: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in res.items() if not k.startswith(("node:", "accelerator_type:"))}
 
 
-def connected_node_types() -> list[NodeType]:
-    """The connected cluster's alive nodes (one node type each) plus the autoscaler's node groups, when the
-    autoscaler has published them (Ray's cluster config in the GCS; absent on a plain `ray.init()`)."""
+LAUNCHER_BOOTSTRAP = Path("~/ray_bootstrap_config.yaml")  # the head's autoscaling config (Ray cluster launcher)
+KUBERAY_ENV = ("KUBERAY_GEN_RAY_START_CMD", "RAY_CLUSTER_NAME")  # set by the KubeRay operator in its Ray pods
+
+
+def connected_node_types() -> tuple[list[NodeType], bool]:
+    """(node types, complete) of the cluster Ray is connected to.
+
+    Node types: every alive node, plus the node groups the autoscaler may launch. `complete` is False when an
+    autoscaler may launch nodes of types this process cannot read: on a KubeRay pod (the operator's autoscaler reads
+    the RayCluster from the Kubernetes API) without a published cluster config. Then a request that fits no known
+    node type may still be served by a node group the autoscaler knows.
+    """
     import ray
 
-    out = [NodeType(f"node {n.get('NodeManagerAddress', '?')}", _ray_resources(n.get("Resources", {})), 1)
-           for n in ray.nodes() if n.get("Alive")]
-    for g in autoscaler_node_groups():
-        out.append(g)
-    return out
+    alive = [NodeType(f"node {n.get('NodeManagerAddress', '?')}", _ray_resources(n.get("Resources", {})), 1)
+             for n in ray.nodes() if n.get("Alive")]
+    groups = autoscaler_node_groups()
+    complete = bool(groups) or not any(os.environ.get(k) for k in KUBERAY_ENV)
+    return alive + groups, complete
 
 
 def autoscaler_node_groups() -> list[NodeType]:
-    """Node groups the autoscaler may launch ([] when there is no autoscaler or it published no config)."""
+    """Node groups the autoscaler may launch: the cluster config it published in the GCS, else the launcher's
+    bootstrap config on this machine (the driver of `ray job submit` runs on the head); [] when neither exists (a
+    local or fixed-size cluster)."""
     try:
         import ray._private.state
 
         config = ray._private.state.state.get_cluster_config()
     except Exception:  # noqa: BLE001 - no GCS autoscaler state: a local or fixed-size cluster
-        return []
-    if not config:
-        return []
-    return [NodeType(f"node group {g.name}", {k: float(v) for k, v in g.resources.items()},
-                     int(g.max_count) if g.max_count >= 0 else UNBOUNDED)
-            for g in config.node_group_configs if g.max_count != 0]
+        config = None
+    if config and config.node_group_configs:
+        return [NodeType(f"node group {g.name}", {k: float(v) for k, v in g.resources.items()},
+                         int(g.max_count) if g.max_count >= 0 else UNBOUNDED)
+                for g in config.node_group_configs if g.max_count != 0]
+    bootstrap = LAUNCHER_BOOTSTRAP.expanduser()
+    if bootstrap.is_file():
+        return [NodeType(f"node type {n.name}", n.resources, n.max_workers)
+                for n in cluster_file_node_types(bootstrap)]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------- the check
@@ -241,13 +257,18 @@ def check_cluster_file(cfg: Config, path: str | Path, stages: list[str] | None =
     return reqs
 
 
-def check_connected(cfg: Config, stages: list[str] | None = None) -> None:
-    """Raise ConfigError when a request of `stages` can never run on the cluster Ray is connected to."""
-    nodes = connected_node_types()
+def check_connected(cfg: Config, stages: list[str] | None = None,
+                    log: Callable[[str], None] = print) -> None:
+    """Raise ConfigError when a request of `stages` can never run on the cluster Ray is connected to (its alive
+    nodes and the autoscaler's node types). Where the autoscaler's node types cannot be read (KubeRay), the
+    problems are logged as warnings instead: `raydseg preflight --cluster` checks those before the launch."""
+    nodes, complete = connected_node_types()
     reqs = stage_requests(cfg, stages_of(cfg, stages))
     problems = request_problems(reqs, nodes, "the connected Ray cluster", cfg)
-    if problems:
+    if problems and complete:
         raise ConfigError(problems)
+    for p in problems:
+        log(f"warning: {p} (the autoscaler's node types are unknown here: it may still launch a node that fits)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,11 +41,13 @@ def check_locality(uri: str) -> None:
     import ray
 
     from raydseg.errors import ConfigError
-    from raydseg.preflight import UNBOUNDED, autoscaler_node_groups
+    from raydseg.preflight import KUBERAY_ENV, UNBOUNDED, autoscaler_node_groups
 
     alive = sum(1 for n in ray.nodes() if n.get("Alive"))
     groups = autoscaler_node_groups()
     most = 2 if any(g.max_workers == UNBOUNDED for g in groups) else sum(g.max_workers for g in groups)
+    if any(os.environ.get(k) for k in KUBERAY_ENV):  # a KubeRay pod: worker groups the driver cannot see
+        most = max(most, 2)
     problem = locality_problem(uri, max(alive, most))
     if problem:
         raise ConfigError(problem)
