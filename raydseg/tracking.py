@@ -22,6 +22,8 @@ def is_local_store(uri: str) -> bool:
     """True for a tracking URI whose store is a file on this machine: sqlite:///..., file:///..., a plain path."""
     from urllib.parse import urlparse
 
+    if uri.split(":")[0] in ("databricks", "databricks-uc"):  # MLflow's hosted stores, bare or with a profile
+        return False
     scheme = urlparse(uri).scheme.lower()
     return scheme in LOCAL_SCHEMES or len(scheme) == 1  # `C:/...` parses as scheme "c"
 
