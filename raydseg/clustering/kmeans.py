@@ -337,15 +337,17 @@ def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: 
 
 
 def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1, seed: int = 0,
-                 n_shards: int = 1, use_faiss: bool = False, seed_sample: int = 20_000, tol: float = 0.0,
+                 n_shards: int = 1, use_faiss: bool = False, use_gpu: bool = False, seed_sample: int = 20_000,
+                 tol: float = 0.0,
                  init: np.ndarray | None = None, on_iteration: Callable[[int, int, float], None] | None = None,
                  max_extra_iter: int = 20) -> KMeansResult:
     """In-process k-means of x (N, D) on `n_shards` contiguous shards (numpy distances unless use_faiss).
 
     Same algorithm and result as `kmeans_distributed`; `n_iter` Lloyd iterations per restart (fewer when the
     relative inertia decrease drops below `tol` > 0), then up to `max_extra_iter` more while a cluster is empty.
+    `use_gpu` (with use_faiss): faiss GPU indexes, as the shard actors of `kmeans_distributed(num_gpus > 0)` use.
     """
-    shards = [Shard(x[a:b], a, use_faiss=use_faiss) for a, b in split_offsets(len(x), n_shards)]
+    shards = [Shard(x[a:b], a, use_faiss=use_faiss, use_gpu=use_gpu) for a, b in split_offsets(len(x), n_shards)]
     return _run(LocalBackend(shards), len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
                 max_extra_iter)
 
