@@ -129,7 +129,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded CI machine needs minutes to start the server (alembic migrations)
     while time.time() < deadline:
         try:
             urllib.request.urlopen(uri + "/health", timeout=2)

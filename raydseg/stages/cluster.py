@@ -17,12 +17,11 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.clustering.pseudolabels import (class_of_cluster, montage, paint_labels, purity, segment_purity,
                                              segment_thumbnail)
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.pipeline import StageContext, StageResult
-from raydseg import stage_requests
 from raydseg.stages.features import camera_records, frame_index
 
 NAME = "cluster"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import Config
 from raydseg.eval import plots
 from raydseg.eval.matching import METHODS, fit_mapping, map_prediction
@@ -29,7 +29,6 @@ from raydseg.eval.report import Figure, Section, Table, render_report
 from raydseg.eval.sets import EvalSample, EvalSet, class_names, list_samples, load_image, load_label, parse_eval_sets
 from raydseg.parts import part_names, single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
-from raydseg import stage_requests
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("ingest", "teacher", "student")

@@ -13,11 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import config_from_dict
 from raydseg.data.schema import decode_image
 from raydseg.pipeline import StageContext, StageResult
-from raydseg import stage_requests
 
 NAME = "features"
 INPUTS: tuple[str, ...] = ("proposals", "ingest")

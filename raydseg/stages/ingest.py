@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import Config, config_from_dict
 from raydseg.data.schema import frames_to_table, split_valid
 from raydseg.errors import InputError
 from raydseg.parts import single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
-from raydseg import stage_requests
 
 NAME = "ingest"
 INPUTS: tuple[str, ...] = ()

@@ -16,13 +16,12 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.alloc import keep_freed_memory
 from raydseg.config import ProposalsConfig, config_from_dict
 from raydseg.data.schema import encode_png, table_to_frames
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 from raydseg.pipeline import StageContext, StageResult
-from raydseg import stage_requests
 
 NAME = "proposals"
 INPUTS: tuple[str, ...] = ("ingest",)
