@@ -38,7 +38,7 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--config", default=None, help="YAML config (default: the packaged configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set cluster.k=30 (repeatable)")
 
@@ -58,12 +58,14 @@ def run_stages(argv: list[str] | None, stages: list[str] | None, prog: str, desc
 
 
 SUBCOMMANDS = {
-    # name: (module with main(argv) -> int, help)
+    # name: ("module:function" taking argv and returning the exit status, help); all inside the package, so the
+    # console script works from a wheel install (jobs/*.py are thin wrappers of the same functions)
     "run": ("raydseg.cli:full_run", "run the whole pipeline (skips finished stages)"),
     "stage": ("raydseg.cli:one_stage", "run one stage: raydseg stage NAME [--set ...]"),
     "predict": ("raydseg.predict:main", "predict label images with a trained model"),
-    "prepare-data": ("jobs_prepare_data", "ingest a dataset into Frame parquet"),
-    "compare": ("jobs_compare_runs", "compare MLflow runs of an experiment"),
+    "prepare-data": ("raydseg.prepare_data:main", "ingest a dataset into Frame parquet"),
+    "compare": ("raydseg.compare_runs:main", "compare MLflow runs of an experiment"),
+    "preflight": ("raydseg.preflight:main", "check every stage's worker request against a cluster file"),
 }
 
 
@@ -85,17 +87,6 @@ def one_stage(argv: list[str] | None = None) -> int:
     return run_stages(argv[1:], [argv[0]], f"raydseg stage {argv[0]}", f"Run stage {argv[0]}.")
 
 
-def _job(name: str):
-    """Jobs that live in jobs/*.py are importable as raydseg subcommands when the repo is the working tree."""
-    import pathlib
-    import runpy
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "jobs" / f"{name}.py"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run from a source checkout")
-    return runpy.run_path(str(path))["main"]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
@@ -103,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, text) in SUBCOMMANDS.items():
             print(f"  {name:14s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    target, _ = SUBCOMMANDS[argv[0]]
-    if target.startswith("jobs_"):
-        fn = _job(target[len("jobs_"):])
-    else:
-        module, func = target.split(":")
-        fn = getattr(importlib.import_module(module), func)
+    module, func = SUBCOMMANDS[argv[0]][0].split(":")
+    fn = getattr(importlib.import_module(module), func)
     return guarded(fn)(argv[1:])
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from raydseg.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: installed with the wheel
+DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
 
 
 def _number_to_text(value: Any) -> Any:
@@ -420,9 +421,26 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return _validated(_merge_overrides(cfg.to_dict(), overrides))
 
 
+def resolve_config_path(path: str | Path | None) -> Path:
+    """The config file `path` names: the packaged default for None; a path that exists as given; else a shipped
+    config by its name (`waymo`, `waymo.yaml` or `configs/waymo.yaml`), so that the README's
+    `--config configs/waymo.yaml` works from any directory when raydseg is installed from a wheel."""
+    if not path:
+        return DEFAULT_CONFIG
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    shipped = PACKAGED_CONFIGS.joinpath(*parts)
+    if len(parts) == 1 and not shipped.suffix:
+        shipped = shipped.with_suffix(".yaml")
+    return shipped if shipped.is_file() else p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- configs/default.yaml (or `path`) <- overrides. Raises ConfigError listing every problem."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Defaults <- the packaged default.yaml (or `path`, see `resolve_config_path`) <- overrides. Raises ConfigError
+    listing every problem."""
+    path = resolve_config_path(path)
     data: Any = {}
     if path.exists():
         try:

@@ -121,6 +121,15 @@ def init_ray(cfg: Config) -> None:
              runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
 
 
+def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = print) -> None:
+    """Before any stage, against the connected Ray cluster: every worker request of `stages` fits some node (alive
+    or launchable by the autoscaler; `raydseg.preflight`), and a local MLflow store is used on one node only."""
+    from raydseg.preflight import check_connected
+
+    check_connected(cfg, stages, log)
+    tracking.check_locality(tracking.tracking_uri(cfg))
+
+
 def run_stage(cfg: Config, name: str, root: str, uri: str, parent_run_id: str,
               log: Callable[[str], None] = print) -> StageReport:
     stage = load_stage(name)
@@ -180,8 +189,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     wanted = [s for s in STAGE_ORDER if s in wanted]
     check_inputs(cfg, wanted)  # every bad path, backbone or weights file now, before Ray starts
     root = run_root(cfg)
-    uri = tracking.setup(cfg)
     init_ray(cfg)
+    check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
+    uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
     reports = []

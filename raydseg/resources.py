@@ -9,7 +9,9 @@ number of concurrent tasks per node is still bounded by `num_cpus` / `num_gpus`.
 Locally (`ray.init()`, no such resources) the same stages must not request them, or their tasks would wait
 forever. The cluster files set `RAYDSEG_NODE_RESOURCES=1` in every container (`ENV_FLAG`), so a driver started
 by `ray job submit` on such a cluster turns them on by itself, and the same config runs locally and on a cluster.
-`tests/test_cluster_configs.py` checks that the cluster files and these constants agree.
+`tests/test_cluster_configs.py` checks that the cluster files and these constants agree. The stages' requests
+(these resources with CPU / GPU) are built in `raydseg/stage_requests.py`, and `raydseg/preflight.py` holds them
+against the node types of the cluster files and of the running cluster.
 """
 from __future__ import annotations
 

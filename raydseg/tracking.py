@@ -15,6 +15,46 @@ def tracking_uri(cfg: Config) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+LOCAL_SCHEMES = ("sqlite", "file", "")  # stores that live on the driver's disk (a bare path has no scheme)
+
+
+def is_local_store(uri: str) -> bool:
+    """True for a tracking URI whose store is a file on this machine: sqlite:///..., file:///..., a plain path."""
+    from urllib.parse import urlparse
+
+    if uri.split(":")[0] in ("databricks", "databricks-uc"):  # MLflow's hosted stores, bare or with a profile
+        return False
+    scheme = urlparse(uri).scheme.lower()
+    return scheme in LOCAL_SCHEMES or len(scheme) == 1  # `C:/...` parses as scheme "c"
+
+
+def locality_problem(uri: str, n_nodes: int) -> str | None:
+    """None when every node can log to `uri`; else why not, naming the keys to change (one line)."""
+    if n_nodes <= 1 or not is_local_store(uri):
+        return None
+    return (f"tracking.uri: {uri} is an MLflow store on the driver's disk, but the Ray cluster has (or can grow to) "
+            f"{n_nodes} nodes, and train workers on the other nodes cannot write to it: set tracking.uri or "
+            "MLFLOW_TRACKING_URI to an MLflow server (http://HOST:5000, jobs/mlflow_server.sh)")
+
+
+def check_locality(uri: str) -> None:
+    """Raise ConfigError when `uri` is a local store and the connected Ray cluster spans (or can grow to) more than
+    one node: its alive nodes, or the most nodes the autoscaler may run, whichever is larger."""
+    import ray
+
+    from raydseg.errors import ConfigError
+    from raydseg.preflight import KUBERAY_ENV, UNBOUNDED, autoscaler_node_groups
+
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    groups = autoscaler_node_groups()
+    most = 2 if any(g.max_workers == UNBOUNDED for g in groups) else sum(g.max_workers for g in groups)
+    if any(os.environ.get(k) for k in KUBERAY_ENV):  # a KubeRay pod: worker groups the driver cannot see
+        most = max(most, 2)
+    problem = locality_problem(uri, max(alive, most))
+    if problem:
+        raise ConfigError(problem)
+
+
 def setup(cfg: Config) -> str:
     import mlflow
 

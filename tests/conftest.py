@@ -65,6 +65,18 @@ def ray_two_nodes(s3_endpoint):
     cluster.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests run only where CUDA is available (timm-style: the same tests on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_shutdown_at_end():
     yield

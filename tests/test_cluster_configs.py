@@ -285,3 +285,152 @@ def test_the_config_the_rayjob_runs_loads_and_writes_to_s3():
     cfg = load_config(cfg_path)
     assert cfg.data.source == "waymo"
     assert cfg.run.output_root.startswith("s3://"), "a RayJob's outputs must outlive its cluster"
+
+
+# ----------------------------------------------------------------------------------------------- token auth
+
+
+def test_aws_cluster_turns_on_ray_token_auth_with_the_token_from_a_file():
+    """Every container runs with RAY_AUTH_MODE=token and gets Ray's default token file from the launching machine;
+    no token value is written in the file."""
+    cfg = load_aws()
+    assert "-e RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    assert Path("~/.ray/auth_token").expanduser() == _get_default_token_path()  # where Ray looks by default
+    assert "RAY_AUTH_TOKEN" not in AWS.read_text()
+
+
+def test_kuberay_cluster_and_job_turn_on_ray_token_auth_through_the_operator():
+    _, rc, job = load_kuberay()
+    for spec, where in ((rc["spec"], "RayCluster"), (job["spec"]["rayClusterSpec"], "RayJob")):
+        assert spec["authOptions"] == {"mode": "token"}, where
+        major, minor = (int(x) for x in str(spec["rayVersion"]).split(".")[:2])
+        assert (major, minor) >= (2, 52), f"{where}: token authentication needs Ray >= 2.52"
+    for path in (RAYCLUSTER, RAYJOB):  # the operator makes the secret: no token (env var or value) in the manifests
+        assert "RAY_AUTH_TOKEN" not in json.dumps(list(yaml.safe_load_all(path.read_text())))
+
+
+# ----------------------------------------------------------------------------------------------- preflight
+
+SHIPPED_CONFIGS = sorted((REPO / "raydseg" / "configs").glob("*.yaml"))
+CLUSTER_FILES = [AWS, RAYCLUSTER, RAYJOB]
+
+
+@pytest.mark.parametrize("cluster_file", CLUSTER_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_preflight_passes_every_shipped_config_on_every_shipped_cluster(config, cluster_file, capsys):
+    from raydseg.cli import main
+
+    assert main(["preflight", "--config", str(config), "--cluster", str(cluster_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"preflight: every worker request fits {cluster_file}")
+
+
+def test_preflight_node_types_of_the_shipped_cluster_files():
+    """The shapes the check works with: the AWS instance table and Ray's own reading of the KubeRay CR."""
+    from raydseg.preflight import GiB, RAY_MEMORY_FRACTION, cluster_file_node_types
+
+    aws = {n.name: n for n in cluster_file_node_types(AWS)}
+    assert aws["head"].resources["CPU"] == 0 and aws["head"].max_workers == 1
+    assert aws["gpu"].resources == {"CPU": 8, "GPU": 1, "memory": RAY_MEMORY_FRACTION * 32 * GiB,
+                                    R.GPU_WORKER_RESOURCE: R.NODE_CAPACITY}
+    assert (aws["cpu_spot"].resources["CPU"], aws["cpu_spot"].max_workers) == (16, 16)
+    for path in (RAYCLUSTER, RAYJOB):
+        k8s = {n.name: n for n in cluster_file_node_types(path)}
+        assert k8s["gpu"].resources["CPU"] == 7 and k8s["gpu"].resources["GPU"] == 1
+        assert k8s["gpu"].resources[R.GPU_WORKER_RESOURCE] == R.NODE_CAPACITY and k8s["gpu"].max_workers == 8
+        assert k8s["cpu-spot"].resources["CPU"] == 15 and k8s["headgroup"].resources["CPU"] == 0
+
+
+def test_preflight_names_stage_and_key_of_a_train_worker_larger_than_kuberay_gpu_pods(capsys):
+    """The defect of the paper configs before this check: 8 CPUs + 1 GPU per train worker on 7-CPU GPU pods."""
+    from raydseg.cli import main
+
+    rc = main(["preflight", "--config", "configs/waymo.yaml", "--cluster", str(RAYCLUSTER),
+               "--set", "teacher.cpus_per_worker=8"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2
+    assert err == [
+        f"error: teacher: one train worker asks for 8 CPU + 1 GPU + 0.001 gpu_worker (teacher.cpus_per_worker=8.0), "
+        f"but no node type of {RAYCLUSTER} has that much (headgroup: 0 CPU, 0 GPU; cpu-spot: 15 CPU, 0 GPU, "
+        "cpu_worker; gpu: 7 CPU, 1 GPU, gpu_worker)"]
+
+
+def test_preflight_reports_every_impossible_request_once_each(capsys):
+    from raydseg.cli import main
+
+    rc = main(["preflight", "--config", "configs/waymo.yaml", "--cluster", str(AWS), "--set", "eval.num_gpus=2",
+               "--set", "cluster.num_gpus=2", "--set", "student.num_workers=9"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 3, err
+    assert err[0].startswith("error: cluster: one k-means shard actor asks for 1 CPU + 2 GPU + 0.001 gpu_worker "
+                             "(cluster.num_gpus=2.0), but no node type of")
+    assert err[1] == ("error: student: 9 train workers must run at once (student.num_workers=9), each 6 CPU + 1 GPU "
+                      f"+ 0.001 gpu_worker, but {AWS} holds at most 8 at its largest")
+    assert err[2].startswith("error: evaluate: one inference actor asks for 1 CPU + 2 GPU + 0.001 gpu_worker "
+                             "(eval.num_gpus=2.0), but no node type of")
+
+
+def test_preflight_names_the_node_resource_flag_when_no_node_type_advertises_it(tmp_path):
+    from raydseg.errors import ConfigError
+    from raydseg.config import load_config
+    from raydseg.preflight import check_cluster_file
+
+    doc = load_aws()
+    doc["available_node_types"]["cpu_spot"]["resources"] = {}  # the CPU nodes lost their custom resource
+    path = tmp_path / "aws.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        check_cluster_file(load_config("configs/smoke.yaml"), path, ["ingest"])
+    assert e.value.problems == [
+        f"ingest: one ingest task asks for 1 CPU + 0.001 cpu_worker ({R.ENV_FLAG}), but no node type of {path} has "
+        "that much (head: 0 CPU, 0 GPU; cpu_spot: 16 CPU, 0 GPU; gpu: 8 CPU, 1 GPU, gpu_worker)"]
+
+
+def test_preflight_refuses_an_unknown_instance_type_without_explicit_resources(tmp_path):
+    from raydseg.errors import InputError
+    from raydseg.preflight import cluster_file_node_types
+
+    doc = load_aws()
+    doc["available_node_types"]["gpu"]["node_config"]["InstanceType"] = "x9.huge"
+    path = tmp_path / "aws.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InputError, match=r"node type 'gpu' has instance type 'x9.huge'"):
+        cluster_file_node_types(path)
+    doc["available_node_types"]["gpu"]["resources"].update(CPU=12, GPU=2)  # explicit resources: no table needed
+    path.write_text(yaml.safe_dump(doc))
+    gpu = {n.name: n for n in cluster_file_node_types(path)}["gpu"]
+    assert (gpu.resources["CPU"], gpu.resources["GPU"]) == (12, 2)
+
+
+def test_stage_requests_are_what_the_stages_pass_to_ray():
+    """The preflight's requests are the stages' own: the same WorkerRequest builds their Ray options."""
+    import inspect
+
+    from raydseg import stage_requests as S
+    from raydseg.config import load_config
+    from raydseg.stages import cluster, evaluate, features, ingest, proposals
+    from raydseg.train import data, teacher
+
+    for module, call in ((ingest, "stage_requests.ingest("), (proposals, "stage_requests.proposals("),
+                         (features, "stage_requests.features("), (cluster, "stage_requests.kmeans("),
+                         (cluster, "stage_requests.pseudolabels("), (evaluate, "stage_requests.evaluate("),
+                         (teacher, "train_worker_for("), (data, "num_cpus=AUGMENT_TASK_CPUS")):
+        assert call in inspect.getsource(module), (module.__name__, call)
+    cfg = load_config("configs/waymo.yaml")
+    w = S.train_worker(cfg, "teacher", use_node_resources=True)
+    assert w.resources == {"CPU": 6, "GPU": 1, R.GPU_WORKER_RESOURCE: R.TASK_AMOUNT} and w.gang == 4
+    assert S.features(cfg, use_node_resources=False).ray_options() == {"num_cpus": 1.0, "num_gpus": 1}
+    assert S.ingest(cfg, use_node_resources=True).ray_options() == {
+        "num_cpus": 1.0, "resources": {R.CPU_WORKER_RESOURCE: R.TASK_AMOUNT}}
+
+
+def test_train_workers_pack_onto_multi_gpu_nodes():
+    import inspect
+
+    from raydseg.train import teacher
+
+    src = inspect.getsource(teacher.run_trainer)
+    assert 'placement_strategy="PACK"' in src and "SPREAD" not in src

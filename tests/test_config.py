@@ -98,3 +98,20 @@ def test_shipped_configs_load():
         assert cfg.features.backbone == cfg.teacher.backbone == "vit_small_patch16_224.dino"
         assert cfg.teacher.crop_size == cfg.student.crop_size == 512 and cfg.student.ema_momentum == 0.999
         assert (cfg.eval.size, cfg.eval.window, cfg.eval.stride) == (1024, 512, 128)
+
+
+def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    """`--config configs/waymo.yaml` (the README's form), `waymo.yaml` and `waymo` name the packaged file when no
+    such path exists here; an existing path always wins; a missing one is an error naming it."""
+    from raydseg.config import PACKAGED_CONFIGS, resolve_config_path
+    from raydseg.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/waymo.yaml", "waymo.yaml", "waymo"):
+        assert resolve_config_path(name) == PACKAGED_CONFIGS / "waymo.yaml"
+        assert load_config(name).run.name == "waymo"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "waymo.yaml").write_text("run:\n  name: mine\n")
+    assert load_config("configs/waymo.yaml").run.name == "mine"
+    with pytest.raises(ConfigError, match=r"^config file configs/nope.yaml does not exist$"):
+        load_config("configs/nope.yaml")

@@ -226,8 +226,8 @@ def test_evaluate_real_segmenter_sliding_window_metrics_equal_recount_of_written
     torch.manual_seed(0)
     model_cfg = {"backbone": "vit_tiny_patch16_224", "n_cls": 5, "decoder": "linear"}
     save_model(build_segmenter(model_cfg), model_cfg, str(root / "teacher" / "model"))
-    cfg = load_config(overrides=["synthetic.eval_conditions=day", "eval.models=teacher", "eval.window=8",
-                                 "eval.stride=4", "eval.knn_k=0", "eval.n_overlays=1"])
+    cfg = load_config(overrides=["synthetic.eval_conditions=day", "eval.models=teacher", "eval.size=32",
+                                 "eval.window=16", "eval.stride=8", "eval.knn_k=0", "eval.n_overlays=1"])
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("eval-test-real")
     with mlflow.start_run(nested=False) as run:

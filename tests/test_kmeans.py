@@ -119,3 +119,75 @@ def test_killed_actor_is_recreated_and_result_unchanged(ray_local):
     np.testing.assert_allclose(res.centroids, ref.centroids, atol=1e-6)
     np.testing.assert_array_equal(res.labels, ref.labels)
     assert res.inertia_history == pytest.approx(ref.inertia_history, rel=1e-9)
+
+
+class _FakeGpuFaiss:
+    """faiss with GPU support as seen from Python (StandardGpuResources, GpuIndexFlatL2, get_num_gpus), backed by
+    the CPU index, counting what it builds: the GPU branch of Shard runs without a GPU."""
+
+    def __init__(self):
+        import faiss
+
+        self.faiss, self.resources_made, self.indexes_made = faiss, 0, 0
+
+    def get_num_gpus(self) -> int:
+        return 1
+
+    def StandardGpuResources(self):  # noqa: N802 - faiss's name
+        self.resources_made += 1
+        return object()
+
+    def GpuIndexFlatL2(self, res, d):  # noqa: N802 - faiss's name
+        self.indexes_made += 1
+        return self.faiss.IndexFlatL2(d)
+
+    def IndexFlatL2(self, d):  # noqa: N802 - faiss's name
+        return self.faiss.IndexFlatL2(d)
+
+
+def test_gpu_shard_keeps_one_faiss_resources_and_index_across_lloyd_iterations(monkeypatch):
+    """A whole k-means (restarts x iterations of assign calls) builds one StandardGpuResources and one GPU index per
+    shard, and gives the numpy reference's result."""
+    import sys
+
+    fake = _FakeGpuFaiss()
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    x, _, _ = planted(n=2000, k=5, d=8, seed=5)
+    res = kmeans_local(x, 5, n_iter=8, n_restarts=3, seed=2, n_shards=2, use_faiss=True, use_gpu=True)
+    assert (fake.resources_made, fake.indexes_made) == (2, 2)  # one per shard, not one per call (>= 2 x 24)
+    ref = kmeans_local(x, 5, n_iter=8, n_restarts=3, seed=2, n_shards=2, use_faiss=False)
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_allclose(res.centroids, ref.centroids, atol=1e-4)
+
+
+def test_cpu_shard_index_is_reset_not_rebuilt_and_follows_the_dimension():
+    from raydseg.clustering.kmeans import Shard
+
+    x, _, centers = planted(n=500, k=4, d=8, seed=6)
+    shard = Shard(x, 0, use_faiss=True)
+    ref = Shard(x, 0, use_faiss=False)
+    first = shard.assign(centers)
+    index = shard._index
+    moved = centers + 0.5
+    labels, dists = shard.assign(moved)
+    assert shard._index is index and index.ntotal == 4  # refilled with exactly the new centroids
+    np.testing.assert_array_equal(labels, ref.assign(moved)[0])
+    np.testing.assert_allclose(dists, ref.assign(moved)[1], rtol=1e-4, atol=1e-3)
+    assert not np.array_equal(first[1], dists)
+    wide = Shard(np.hstack([x, x]), 0, use_faiss=True)
+    wide._index = index  # an index of another dimension is replaced, not reused
+    wide.assign(np.hstack([centers, centers]))
+    assert wide._index is not index and wide._index.d == 16
+
+
+@pytest.mark.gpu
+def test_faiss_gpu_kmeans_matches_cpu_kmeans():
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("faiss without GPU support (faiss-cpu)")
+    x, _, _ = planted(n=20000, k=12, d=64, seed=8)
+    gpu = kmeans_local(x, 12, n_iter=15, n_restarts=2, seed=1, n_shards=2, use_faiss=True, use_gpu=True)
+    cpu = kmeans_local(x, 12, n_iter=15, n_restarts=2, seed=1, n_shards=2, use_faiss=True)
+    assert (gpu.labels == cpu.labels).mean() > 0.999
+    assert gpu.inertia == pytest.approx(cpu.inertia, rel=1e-4)

@@ -22,8 +22,8 @@ def tiny_cfg(tmp_path, *extra):
                                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra])
 
 
-def test_ingest_on_two_node_cluster_writes_valid_frames_and_eval_splits(ray_two_nodes, tmp_path):
-    cfg = tiny_cfg(tmp_path)
+def test_ingest_on_two_node_cluster_writes_valid_frames_and_eval_splits(ray_two_nodes, mlflow_server, tmp_path):
+    cfg = tiny_cfg(tmp_path, f"tracking.uri={mlflow_server}")  # sqlite on one node's disk is refused on two nodes
     result = run_pipeline(cfg, log=lambda m: None)
     frames_dir = storage.join(result.run_root, "ingest", "frames")
     rows = table_to_frames(storage.read_table(frames_dir))

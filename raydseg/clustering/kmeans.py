@@ -47,6 +47,8 @@ class Shard:
         self.offset = int(offset)
         self.use_faiss = use_faiss
         self.use_gpu = use_gpu
+        self._gpu_res: Any = None  # one faiss StandardGpuResources per shard (actor), made on first use
+        self._index: Any = None  # the faiss index of the centroids, reset and refilled on every assign call
 
     def size(self) -> int:
         return int(self.x.shape[0])
@@ -57,17 +59,40 @@ class Shard:
         sel = g[(g >= self.offset) & (g < self.offset + self.size())]
         return sel, self.x[sel - self.offset]
 
+    def on_gpu(self) -> bool:
+        """True when assignments run on a faiss GPU index (asked for, faiss has GPU support and sees a GPU)."""
+        if not (self.use_faiss and self.use_gpu):
+            return False
+        import faiss
+
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+    def centroid_index(self, c: np.ndarray) -> Any:
+        """The shard's faiss flat L2 index holding exactly the centroids `c` (k, D) float32.
+
+        The index (and, on GPU, its StandardGpuResources: scratch memory and CUDA streams) is built once per shard
+        and reused by every Lloyd iteration and restart: `reset()` then `add(c)`; it is rebuilt only when the
+        dimension changes.
+        """
+        import faiss
+
+        d = int(c.shape[1])
+        if self._index is None or self._index.d != d:
+            if self.on_gpu():
+                if self._gpu_res is None:
+                    self._gpu_res = faiss.StandardGpuResources()
+                self._index = faiss.GpuIndexFlatL2(self._gpu_res, d)
+            else:
+                self._index = faiss.IndexFlatL2(d)
+        self._index.reset()
+        self._index.add(c)
+        return self._index
+
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid of every row: (labels (n,) int64, squared distances (n,) float64)."""
         c = np.ascontiguousarray(centroids, dtype=np.float32)
         if self.use_faiss:
-            import faiss
-
-            index = faiss.IndexFlatL2(c.shape[1])
-            if self.use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-            index.add(c)
-            d, i = index.search(self.x, 1)
+            d, i = self.centroid_index(c).search(self.x, 1)
             return i[:, 0].astype(np.int64), np.maximum(d[:, 0], 0).astype(np.float64)
         labels = np.empty(self.size(), np.int64)
         dists = np.empty(self.size(), np.float64)
@@ -312,15 +337,17 @@ def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: 
 
 
 def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1, seed: int = 0,
-                 n_shards: int = 1, use_faiss: bool = False, seed_sample: int = 20_000, tol: float = 0.0,
+                 n_shards: int = 1, use_faiss: bool = False, use_gpu: bool = False, seed_sample: int = 20_000,
+                 tol: float = 0.0,
                  init: np.ndarray | None = None, on_iteration: Callable[[int, int, float], None] | None = None,
                  max_extra_iter: int = 20) -> KMeansResult:
     """In-process k-means of x (N, D) on `n_shards` contiguous shards (numpy distances unless use_faiss).
 
     Same algorithm and result as `kmeans_distributed`; `n_iter` Lloyd iterations per restart (fewer when the
     relative inertia decrease drops below `tol` > 0), then up to `max_extra_iter` more while a cluster is empty.
+    `use_gpu` (with use_faiss): faiss GPU indexes, as the shard actors of `kmeans_distributed(num_gpus > 0)` use.
     """
-    shards = [Shard(x[a:b], a, use_faiss=use_faiss) for a, b in split_offsets(len(x), n_shards)]
+    shards = [Shard(x[a:b], a, use_faiss=use_faiss, use_gpu=use_gpu) for a, b in split_offsets(len(x), n_shards)]
     return _run(LocalBackend(shards), len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
                 max_extra_iter)
 

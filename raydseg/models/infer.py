@@ -41,12 +41,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, window: int | None = None,
 
 @torch.no_grad()
 def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = None, window: int | None = None,
-                  stride: int | None = None) -> np.ndarray:
-    """uint8 (H, W, 3) image -> (H, W) int64 pseudo-classes.
+                  stride: int | None = None, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) image -> (H, W) int64 pseudo-classes, on the device of the model's parameters.
 
     size: resize so the shorter side is `size` px before inference (None/0 = native); window/stride: sliding-window
     inference in px of the (resized) image (None/0 = whole image; stride default window // 2). Logits are resized
-    back to (H, W) before the argmax.
+    back to (H, W) before the argmax. autocast_dtype: run the model's forwards under `torch.autocast` with this
+    dtype (e.g. torch.bfloat16 on GPU); None = full precision. Window averaging and the argmax stay in float32.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape}")
@@ -60,7 +61,8 @@ def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = Non
         scale = size / min(H, W)
         x = F.interpolate(x, size=(max(1, round(H * scale)), max(1, round(W * scale))), mode="bilinear",
                           align_corners=False)
-    logits = predict_logits(model, x, window or None, stride or None)
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = predict_logits(model, x, window or None, stride or None)
     if logits.shape[2:] != (H, W):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
     return logits[0].argmax(0).cpu().numpy().astype(np.int64)

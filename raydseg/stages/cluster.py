@@ -17,12 +17,11 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.clustering.pseudolabels import (class_of_cluster, montage, paint_labels, purity, segment_purity,
                                              segment_thumbnail)
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.resources import for_gpus, node_resources
 from raydseg.stages.features import camera_records, frame_index
 
 NAME = "cluster"
@@ -155,6 +154,11 @@ def purity_metrics(pl_dir: str, keys: pa.Table, classes: np.ndarray, seed: int,
             "purity_images": float(len(labels))}
 
 
+def _kmeans_actor_args(req: stage_requests.WorkerRequest) -> dict:
+    """`kmeans_distributed`'s num_cpus / num_gpus / resources of one shard actor."""
+    return {"num_cpus": req.cpus, "num_gpus": req.gpus, "resources": req.custom}
+
+
 def run(ctx: StageContext) -> StageResult:
     import mlflow
 
@@ -166,8 +170,8 @@ def run(ctx: StageContext) -> StageResult:
     xp = preprocess(x, cfg.pca_dim, cfg.whiten, seed=ctx.cfg.run.seed, sample=cfg.seed_sample)
     res = kmeans_distributed(xp, cfg.k, n_actors=max(1, min(cfg.n_actors, len(xp))), n_iter=cfg.n_iter,
                              n_restarts=cfg.n_restarts, seed=ctx.cfg.run.seed, use_faiss=cfg.use_faiss,
-                             num_gpus=cfg.num_gpus, seed_sample=cfg.seed_sample, tol=cfg.tol,
-                             resources=for_gpus(cfg.num_gpus))
+                             seed_sample=cfg.seed_sample, tol=cfg.tol,
+                             **_kmeans_actor_args(stage_requests.kmeans(ctx.cfg)))
     buf = io.BytesIO()
     np.save(buf, res.centroids)
     storage.write_bytes(storage.join(ctx.out_dir, "centroids.npy"), buf.getvalue())
@@ -183,8 +187,8 @@ def run(ctx: StageContext) -> StageResult:
     index = frame_index(frames_dir)
     fn = functools.partial(paint_part, assign_dir=assign_dir, frames_dir=frames_dir, index=index,
                            ground_class=cfg.ground_class)
-    parts = map_parts(storage.join(ctx.stage_dir("proposals"), "segments"), ctx.out_dir, fn, num_cpus=1,
-                      resources=node_resources("cpu"))
+    parts = map_parts(storage.join(ctx.stage_dir("proposals"), "segments"), ctx.out_dir, fn,
+                      **stage_requests.pseudolabels(ctx.cfg).ray_options())
     if mlflow.active_run() is not None:
         for step, v in enumerate(res.inertia_history):  # best restart
             mlflow.log_metric("cluster/inertia", v, step=step)

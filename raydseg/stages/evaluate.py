@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import Config
 from raydseg.eval import plots
 from raydseg.eval.matching import METHODS, fit_mapping, map_prediction
@@ -29,7 +29,6 @@ from raydseg.eval.report import Figure, Section, Table, render_report
 from raydseg.eval.sets import EvalSample, EvalSet, class_names, list_samples, load_image, load_label, parse_eval_sets
 from raydseg.parts import part_names, single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.resources import for_gpus
 
 NAME = "evaluate"
 INPUTS: tuple[str, ...] = ("ingest", "teacher", "student")
@@ -64,15 +63,36 @@ def fit_sets(sets: list[EvalSet], fit_set: str = "") -> dict[int, str]:
     return out
 
 
+def inference_device(num_gpus: float) -> str:
+    """"cuda" when the actor was given a GPU (`num_gpus` > 0) and CUDA is available, else "cpu"."""
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 class Predictor:
-    """Ray Data actor: loads the model once, then per row predicts, writes the PNG and returns the confusion."""
+    """Ray Data actor: loads the model once onto its device, then per row predicts, writes the PNG and returns the
+    confusion.
+
+    The model is moved to `device` in `__init__` (as in Ray's batch-inference examples): "cuda" when the actor has a
+    GPU (`num_gpus` > 0) and CUDA is available, else "cpu". On CUDA the forwards run under bf16 autocast; on CPU
+    they run in full precision, exactly as before (`amp=True` forces bf16 autocast on CPU too: the tests' way to
+    exercise the GPU path's dtypes without a GPU).
+    """
 
     def __init__(self, model_dir: str, pred_root: str, loader: str = LOADER, predictor: str = PREDICTOR,
-                 size: int = 0, window: int = 0, stride: int = 0) -> None:
-        self.model = _resolve(loader)(model_dir)
+                 size: int = 0, window: int = 0, stride: int = 0, num_gpus: float = 0.0,
+                 device: str | None = None, amp: bool | None = None) -> None:
+        import torch
+
+        self.device = device or inference_device(num_gpus)
+        self.model = _resolve(loader)(model_dir).to(self.device)
         self.predict = _resolve(predictor)
         self.pred_root = pred_root
-        self.kwargs = dict(size=size or None, window=window or None, stride=(stride or window // 2) or None)
+        self.kwargs: dict[str, Any] = dict(size=size or None, window=window or None,
+                                           stride=(stride or window // 2) or None)
+        if self.device.startswith("cuda") if amp is None else amp:
+            self.kwargs["autocast_dtype"] = torch.bfloat16  # only passed when used: the CPU call is unchanged
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         confs, n_preds, seconds = [], [], []
@@ -111,11 +131,11 @@ def infer_model(cfg: Config, model_dir: str, samples: dict[str, list[EvalSample]
     with single_operator_pipeline():
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 64)))
         ds = ds.map_batches(
-            Predictor, batch_size=bs, num_cpus=1, num_gpus=cfg.eval.num_gpus or None,
-            resources=for_gpus(cfg.eval.num_gpus) or None,
+            Predictor, batch_size=bs, **stage_requests.evaluate(cfg).ray_options(),
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.eval.num_actors)),
             fn_constructor_kwargs=dict(model_dir=model_dir, pred_root=pred_root, loader=loader, predictor=predictor,
-                                       size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride))
+                                       size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride,
+                                       num_gpus=cfg.eval.num_gpus))
         t0, predict_s, n = time.perf_counter(), 0.0, 0
         for batch in ds.iter_batches(batch_size=bs, batch_format="numpy"):
             for name, n_pred, conf, sec in zip(batch["set"], batch["n_pred"], batch["conf"], batch["predict_s"]):

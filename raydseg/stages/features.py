@@ -13,11 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import config_from_dict
 from raydseg.data.schema import decode_image
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.resources import for_gpus
 
 NAME = "features"
 INPUTS: tuple[str, ...] = ("proposals", "ingest")
@@ -119,8 +118,7 @@ def run(ctx: StageContext) -> StageResult:
     t0 = time.perf_counter()
     index = frame_index(frames_dir)
     res = map_parts(storage.join(ctx.stage_dir("proposals"), "segments"), ctx.out_dir, FeatureExtractor,
-                    num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus, actor_pool=(1, max(1, cfg.num_actors)),
-                    resources=for_gpus(cfg.num_gpus),
+                    actor_pool=(1, max(1, cfg.num_actors)), **stage_requests.features(ctx.cfg).ray_options(),
                     fn_constructor_kwargs=dict(cfg_dict=ctx.cfg.to_dict()["features"], frames_dir=frames_dir,
                                                index=index, seed=ctx.cfg.run.seed))
     wall = time.perf_counter() - t0

@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.config import Config, config_from_dict
 from raydseg.data.schema import frames_to_table, split_valid
 from raydseg.errors import InputError
 from raydseg.parts import single_operator_pipeline
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.resources import node_resources
 
 NAME = "ingest"
 INPUTS: tuple[str, ...] = ()
@@ -115,7 +114,7 @@ def run(ctx: StageContext) -> StageResult:
         with single_operator_pipeline():
             ds = ray.data.from_items([{"index": i, "shard": json.dumps(s)} for i, s in todo],
                                      override_num_blocks=len(todo))
-            ds.map_batches(work, batch_size=1, num_cpus=1, resources=node_resources("cpu") or None).materialize()
+            ds.map_batches(work, batch_size=1, **stage_requests.ingest(cfg).ray_options()).materialize()
     stats = [storage.read_json(_shard_marker(out_dir, i)) for i in range(len(shards))]
     rejects = [r for s in stats for r in s["rejects"]] + _dedupe(out_dir, stats)
     counts = {"shards": len(shards), "shards_resumed": len(shards) - len(todo),
@@ -136,10 +135,10 @@ def write_synthetic_eval(cfg: Config, out_dir: str) -> int:
 
     from raydseg.data.sources import synthetic
 
-    @ray.remote(num_cpus=1)
+    @ray.remote
     def one(condition: str) -> int:
         return synthetic.write_eval_split(storage.join(out_dir, "eval", condition), condition, cfg.synthetic,
                                           cfg.run.seed)
 
-    task = one.options(resources=node_resources("cpu"))  # {} locally: no custom resource requested
+    task = one.options(**stage_requests.ingest(cfg).ray_options())  # no custom resource locally
     return int(sum(ray.get([task.remote(c) for c in cfg.synthetic.eval_conditions])))

@@ -16,13 +16,12 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from raydseg import storage
+from raydseg import stage_requests, storage
 from raydseg.alloc import keep_freed_memory
 from raydseg.config import ProposalsConfig, config_from_dict
 from raydseg.data.schema import encode_png, table_to_frames
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.resources import node_resources
 
 NAME = "proposals"
 INPUTS: tuple[str, ...] = ("ingest",)
@@ -133,8 +132,8 @@ def run(ctx: StageContext) -> StageResult:
     from raydseg.parts import map_parts
 
     fn = functools.partial(process_table, cfg_dict=ctx.cfg.to_dict()["proposals"], seed=ctx.cfg.run.seed)
-    res = map_parts(storage.join(ctx.stage_dir("ingest"), "frames"), ctx.out_dir, fn, num_cpus=1,
-                   resources=node_resources("cpu"))
+    res = map_parts(storage.join(ctx.stage_dir("ingest"), "frames"), ctx.out_dir, fn,
+                   **stage_requests.proposals(ctx.cfg).ray_options())
     counts = {"frames": res.counts.get("rows_out_points", 0), "camera_rows": res.counts.get("rows_out_segments", 0),
               "parts": res.counts.get("parts", 0), "parts_resumed": res.counts.get("parts_resumed", 0)}
     if counts["camera_rows"] == 0:

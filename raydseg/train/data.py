@@ -14,6 +14,7 @@ import numpy as np
 
 from raydseg import storage
 from raydseg.data.schema import decode_image
+from raydseg.stage_requests import AUGMENT_TASK_CPUS
 
 IGNORE = 255
 
@@ -120,7 +121,7 @@ def build_train_dataset(pl_dir: str, aug: dict[str, Any], with_segments: bool = 
     paths = [storage.filesystem(p)[1] for p in part_paths(pl_dir)]
     columns = ["frame_id", "image", "label"] + (["segment_ids"] if with_segments else [])
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
-    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=4,
+    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=4, num_cpus=AUGMENT_TASK_CPUS,
                           fn_kwargs=dict(crop=aug["crop_size"], scale_min=aug["scale_min"],
                                          scale_max=aug["scale_max"], flip=aug["flip"], jitter=aug["jitter"],
                                          val_fraction=aug["val_fraction"], with_segments=with_segments))

@@ -11,7 +11,7 @@ from typing import Any
 
 from raydseg import storage
 from raydseg.config import Config
-from raydseg.resources import for_gpus
+from raydseg.stage_requests import train_worker_for
 from raydseg.train.loop import train_loop_per_worker  # noqa: F401 - the worker function of this stage
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
@@ -59,10 +59,11 @@ def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str
         name=name, storage_path=path, storage_filesystem=fs if storage.is_s3(out_dir) else None,
         failure_config=ray.train.FailureConfig(max_failures=section.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    # PACK: workers share a multi-GPU node where they fit (NCCL over NVLink / PCIe), spill to others when not
     scaling = ray.train.ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
-                                      resources_per_worker={"CPU": section.cpus_per_worker,
-                                                            **for_gpus(float(section.use_gpu))},
-                                      placement_strategy="SPREAD" if section.num_workers > 1 else "PACK")
+                                      resources_per_worker={k: v for k, v in train_worker_for(
+                                          section, config["mode"]).resources.items() if k != "GPU"},
+                                      placement_strategy="PACK")
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                            run_config=run_config, datasets={"train": dataset},
                            torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo",
