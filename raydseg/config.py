@@ -127,6 +127,58 @@ class ProposalsConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """DINO self-distillation of the ViT on unlabelled camera images (stage `pretrain`; Caron et al. 2021).
+
+    Off by default: enable it here or name it in run.stages. Its output `<run>/pretrain/backbone.safetensors` is
+    used through features.weights / teacher.weights. Steps replace the paper's epochs.
+    """
+
+    enabled: bool = False  # add `pretrain` to the default stage list (run.stages names it explicitly otherwise)
+    backbone: str = "vit_tiny_patch16_224"  # timm ViT; paper: vit_small_patch16_224 (ViT-S/16)
+    weights: str = ""  # init: "" random | hub | local file | s3:// URL
+    drop_path: float = 0.1  # student stochastic depth (paper: 0.1)
+    out_dim: int = 4096  # prototypes K of the DINO head (paper: 65536)
+    hidden_dim: int = 2048  # head MLP width (paper: 2048)
+    bottleneck_dim: int = 256  # head bottleneck before the weight-normalised last layer (paper: 256)
+    norm_last_layer: bool = True  # fix the last layer's weight-norm magnitude to 1 (paper code default)
+    global_crop_size: int = 112  # px (paper: 224)
+    local_crop_size: int = 48  # px (paper: 96)
+    local_crops: int = 4  # local crops per image (paper: 8)
+    global_crop_scale_min: float = 0.4  # global crop area fraction in [min, 1] (paper: 0.4)
+    local_crop_scale_min: float = 0.05  # local crop area fraction in [min, max] (paper: 0.05 - 0.4)
+    local_crop_scale_max: float = 0.4
+    steps: int = 200  # optimiser steps
+    batch_size: int = 16  # global batch of images (paper: 1024)
+    micro_batch_size: int = 0  # per-worker forward batch (0 = batch_size // num_workers)
+    lr: float = 0.0005  # peak LR after warmup (paper: 0.0005 x batch / 256); cosine to min_lr
+    min_lr: float = 0.000001
+    warmup_steps: int = 20  # linear LR warmup (paper: 10 of 100 epochs)
+    weight_decay: float = 0.04  # cosine schedule weight_decay -> weight_decay_end (paper: 0.04 -> 0.4)
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.99  # EMA momentum, cosine to 1 (paper: 0.996 for 100 epochs; short runs need less)
+    warmup_teacher_temp: float = 0.04  # teacher temperature: linear warmup_teacher_temp -> teacher_temp
+    teacher_temp: float = 0.07  # (paper ViT-S/16: 0.04 -> 0.07 over 30 epochs; above 0.07 is unstable)
+    teacher_temp_warmup_steps: int = 60
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    clip_grad: float = 3.0  # per-parameter gradient-norm clip (0 = off)
+    freeze_last_layer_steps: int = 10  # the head's last layer is frozen this long (paper: 1 epoch)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 1  # intra-op threads per training worker
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    checkpoint_every: int = 50  # steps between Ray Train checkpoints
+    log_every: int = 10  # steps between metric reports / MLflow points
+    max_failures: int = 2  # Ray Train FailureConfig: restarts from the last checkpoint
+    knn_every: int = 50  # steps between k-NN probes of the teacher's segment descriptors (0 = at the end; -1 = never)
+    knn_frames: int = 16  # frames with ground truth whose LiDAR segments form the k-NN probe
+    knn_k: int = 5
+    knn_crop_size: int = 112  # masked-crop side of the probe descriptors (features.crop_size)
+
+
+@dataclass
 class FeaturesConfig:
     """Self-supervised ViT descriptors pooled per projected segment."""
 
@@ -272,6 +324,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     proposals: ProposalsConfig = field(default_factory=ProposalsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
