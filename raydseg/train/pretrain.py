@@ -19,7 +19,8 @@ import dataclasses
 import io
 import os
 import tempfile
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -183,13 +184,23 @@ def save_backbone(model: torch.nn.Module, path: str, metadata: dict[str, str] | 
     """Write the backbone of a DINO model as safetensors (local or s3:// path)."""
     from safetensors.torch import save
 
-    from raydseg import storage
+    data = save(backbone_state_dict(model), metadata=metadata or {})
+    if path.startswith("s3://"):
+        from raydseg import storage
 
-    storage.write_bytes(path, save(backbone_state_dict(model), metadata=metadata or {}))
+        storage.write_bytes(path, data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
-def pretrain_task(config: dict[str, Any], device: torch.device, rank: int) -> Task:
-    """Student (ViT + DINO head), EMA teacher, DINO loss and schedules from the `pretrain` section (plain dict)."""
+def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
+                  ) -> Task:
+    """Student (ViT + DINO head), EMA teacher, DINO loss and schedules from the `pretrain` section (plain dict).
+    The k-NN probe (rank 0): `probe`, else the file config["knn_probe"] when set."""
     steps = int(config["steps"])
     student = build_dino_model(config["backbone"], **_model_kwargs(config))
     ema = EMA(student)  # the teacher: same init, no gradient, eval mode (no drop-path)
@@ -209,8 +220,9 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int) -> Ta
         cancel_last_layer_gradients(model, step, config["freeze_last_layer_steps"])
         return {"grad_norm": grad_norm, "weight_decay": float(wd[step]), "momentum": float(momentum[step])}
 
-    probe = None
-    if rank == 0 and config.get("knn_probe") and config["knn_every"] >= 0:
+    if rank != 0 or config["knn_every"] < 0:
+        probe = None
+    elif probe is None and config.get("knn_probe"):
         from raydseg import storage
 
         probe = torch.load(io.BytesIO(storage.read_bytes(config["knn_probe"])), map_location="cpu",
@@ -224,15 +236,12 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int) -> Ta
         return {k: v for k, v in out.items() if k != "knn_n_segments"}
 
     def export(log: Any, last_loss: float) -> None:
-        from raydseg import storage
-
-        path = storage.join(config["out_dir"], CHECKPOINT)
-        save_backbone(teacher, path, {"backbone": config["backbone"], "format": "timm", "source": "raydseg pretrain",
-                                      "steps": str(steps)})
+        path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
+        meta = {"backbone": config["backbone"], "format": "timm", "source": "raydseg pretrain", "steps": str(steps)}
+        save_backbone(teacher, path, meta)
         if log.client:
             with tempfile.TemporaryDirectory() as tmp:
-                with open(os.path.join(tmp, CHECKPOINT), "wb") as f:
-                    f.write(storage.read_bytes(path))
+                save_backbone(teacher, os.path.join(tmp, CHECKPOINT), meta)
                 log.artifacts(tmp, "backbone")
             log.metrics({"final_loss": last_loss}, step=steps)
 
@@ -243,6 +252,56 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int) -> Ta
                 ema_momentum=lambda s: float(momentum[min(s, steps - 1)]), before_update=before_update,
                 validate=validate, export=export, extra_state=lambda: {"center": loss.center.detach().cpu()},
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
+
+
+def local_batches(images: list[np.ndarray], config: dict[str, Any], batch_size: int, device: torch.device,
+                  seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless multi-crop batches of `batch_size` images drawn (without replacement within an epoch) from
+    `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `build_pretrain_dataset`."""
+    crop = MultiCrop(config["global_crop_size"], config["local_crop_size"], config["local_crops"],
+                     (config["global_crop_scale_min"], 1.0),
+                     (config["local_crop_scale_min"], config["local_crop_scale_max"]))
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += rng.permutation(len(images)).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield {k: torch.from_numpy(v).to(device) for k, v in multicrop_batch([images[i] for i in idx], crop).items()}
+
+
+def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str = "cpu",
+                   probe: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, float]]:
+    """DINO pretraining in one process on one device, without Ray (a GPU machine with torch + timm only): the same
+    task, step function, schedules and export as the stage. `config`: the `pretrain` section as a dict plus `seed`
+    and `out_dir` (local). Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
+    from types import SimpleNamespace
+
+    from raydseg.train.engine import train_one_step
+
+    dev = torch.device(device)
+    torch.manual_seed(config["seed"])
+    task = pretrain_task(config, dev, 0, probe=probe)
+    model = task.model.to(dev).train()
+    optimizer = task.make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
+    batches = local_batches(images, config, config["batch_size"], dev, config["seed"])
+    history = [{"step": 0, **task.validate(0, True)}] if probe is not None else []
+    steps, t0, seen = int(config["steps"]), time.time(), 0.0
+    for step in range(steps):
+        out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=bool(config["amp"]) and
+                             dev.type == "cuda", device_type=dev.type, before_update=task.before_update)
+        scheduler.step()
+        task.ema.update(model, task.ema_momentum(step))
+        seen += out.pop("images")
+        done = step + 1
+        if done % config["log_every"] == 0 or done == steps:
+            row = {"step": done, **out, "lr": scheduler.get_last_lr()[0], "images_per_s": seen / (time.time() - t0)}
+            row.update(task.validate(done, done == steps))
+            history.append(row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    task.export(SimpleNamespace(client=None), history[-1]["loss"] if history else float("nan"))
+    return history
 
 
 def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
