@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test venv venv-dev sysdeps-run sysdeps-test clean
+.PHONY: run pretrain test venv venv-dev sysdeps-run sysdeps-test clean
 
 sysdeps-run:
 	@scripts/system_deps.sh run
@@ -31,6 +31,11 @@ venv-dev: sysdeps-test $(VENV)/.installed-dev
 
 run: venv
 	$(PY) jobs/full_run.py $(ARGS)
+
+# DINO-pretrain the ViT on the embedded default's camera images (stages ingest + pretrain); prints the path of the
+# timm-layout backbone checkpoint to pass as --set features.weights=PATH --set teacher.weights=PATH.
+pretrain: venv
+	$(PY) jobs/pretrain.py $(ARGS)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: venv-dev

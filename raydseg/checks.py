@@ -58,7 +58,7 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
     if "ingest" in stages and cfg.data.source != "synthetic":
         problem = _probe("data.root", cfg.data.root)
         out.append(problem or source_layout_problem(cfg))
-    for section in ("features", "teacher"):
+    for section in ("pretrain", "features", "teacher"):
         if section not in stages:
             continue
         sec = getattr(cfg, section)

@@ -146,6 +146,57 @@ class ProposalsConfig(Section):
     densify_radius_px: NonNegInt = 4  # nearest-visible-point assignment radius (scale with image / beam spacing)
 
 
+class PretrainConfig(Section):
+    """DINO self-distillation of the ViT on unlabelled camera images (stage `pretrain`; Caron et al. 2021).
+
+    Off by default: enable it here or name it in run.stages. Its output `<run>/pretrain/backbone.safetensors` is
+    used through features.weights / teacher.weights. Steps replace the paper's epochs.
+    """
+
+    enabled: bool = False  # add `pretrain` to the default stage list (run.stages names it explicitly otherwise)
+    backbone: NonEmpty = "vit_tiny_patch16_224"  # timm ViT; paper: vit_small_patch16_224 (ViT-S/16)
+    weights: Text = ""  # init: "" random | hub | local file | s3:// URL
+    drop_path: Probability = 0.1  # student stochastic depth (paper: 0.1)
+    out_dim: PosInt = 4096  # prototypes K of the DINO head (paper: 65536)
+    hidden_dim: PosInt = 2048  # head MLP width (paper: 2048)
+    bottleneck_dim: PosInt = 256  # head bottleneck before the weight-normalised last layer (paper: 256)
+    norm_last_layer: bool = True  # fix the last layer's weight-norm magnitude to 1 (paper code default)
+    global_crop_size: PosInt = 112  # px, a patch multiple (paper: 224)
+    local_crop_size: PosInt = 48  # px, a patch multiple (paper: 96)
+    local_crops: NonNegInt = 4  # local crops per image (paper: 8)
+    global_crop_scale_min: Fraction = 0.4  # global crop area fraction in [min, 1] (paper: 0.4)
+    local_crop_scale_min: Fraction = 0.05  # local crop area fraction in [min, max] (paper: 0.05 - 0.4)
+    local_crop_scale_max: Fraction = 0.4
+    steps: PosInt = 200  # optimiser steps
+    batch_size: PosInt = 16  # global batch of images (paper: 1024)
+    micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)
+    lr: PosFloat = 0.0005  # peak LR after warmup (paper: 0.0005 x batch / 256); cosine to min_lr
+    min_lr: NonNegFloat = 0.000001
+    warmup_steps: NonNegInt = 20  # linear LR warmup (paper: 10 of 100 epochs)
+    weight_decay: NonNegFloat = 0.04  # cosine schedule weight_decay -> weight_decay_end (paper: 0.04 -> 0.4)
+    weight_decay_end: NonNegFloat = 0.4
+    momentum_teacher: Annotated[float, Field(ge=0, le=1)] = 0.99  # EMA momentum, cosine to 1 (paper: 0.996)
+    warmup_teacher_temp: PosFloat = 0.04  # teacher temperature: linear warmup_teacher_temp -> teacher_temp
+    teacher_temp: PosFloat = 0.07  # (paper ViT-S/16: 0.04 -> 0.07 over 30 epochs; above 0.07 is unstable)
+    teacher_temp_warmup_steps: NonNegInt = 60
+    student_temp: PosFloat = 0.1
+    center_momentum: Annotated[float, Field(ge=0, le=1)] = 0.9
+    clip_grad: NonNegFloat = 3.0  # per-parameter gradient-norm clip (0 = off)
+    freeze_last_layer_steps: NonNegInt = 10  # the head's last layer is frozen this long (paper: 1 epoch)
+    num_workers: PosInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PosFloat = 1.0
+    torch_threads: PosInt = 1  # intra-op threads per training worker
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    checkpoint_every: PosInt = 50  # steps between Ray Train checkpoints
+    log_every: PosInt = 10  # steps between metric reports / MLflow points
+    max_failures: NonNegInt = 2  # Ray Train FailureConfig: restarts from the last checkpoint
+    knn_every: Annotated[int, Field(ge=-1)] = 50  # steps between k-NN probes (0 = at the end; -1 = never)
+    knn_frames: PosInt = 16  # frames with ground truth whose LiDAR segments form the k-NN probe
+    knn_k: PosInt = 5
+    knn_crop_size: PosInt = 112  # masked-crop side of the probe descriptors (features.crop_size)
+
+
 class FeaturesConfig(Section):
     """Self-supervised ViT descriptors pooled per projected segment."""
 
@@ -268,6 +319,7 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     proposals: ProposalsConfig = Field(default_factory=ProposalsConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -328,6 +380,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
                    "(0 = derive it)")
     crops = [("features.crop_size", cfg.features.crop_size, cfg.features.backbone)]
     crops += [(f"{t}.crop_size", getattr(cfg, t).crop_size, cfg.teacher.backbone) for t in ("teacher", "student")]
+    crops += [(f"pretrain.{c}_crop_size", getattr(cfg.pretrain, f"{c}_crop_size"), cfg.pretrain.backbone)
+              for c in ("global", "local")]
     for key, size, backbone in crops:
         ps = patch_size(backbone)
         if ps and (size < ps or size % ps):
@@ -336,14 +390,20 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append("eval.stride: set without eval.window (the stride of a sliding window)")
     if cfg.eval.window and cfg.eval.stride > cfg.eval.window:
         out.append(f"eval.stride: {cfg.eval.stride} is larger than eval.window ({cfg.eval.window}): pixels unseen")
-    for t in ("teacher", "student"):
-        tc: TrainConfig = getattr(cfg, t)
-        if tc.scale_min > tc.scale_max:
-            out.append(f"{t}.scale_min: {tc.scale_min} is above {t}.scale_max ({tc.scale_max})")
+    pt = cfg.pretrain
+    if pt.local_crop_scale_min > pt.local_crop_scale_max:
+        out.append(f"pretrain.local_crop_scale_min: {pt.local_crop_scale_min} is above pretrain.local_crop_scale_max "
+                   f"({pt.local_crop_scale_max})")
+    for t in ("teacher", "student", "pretrain"):
+        tc = getattr(cfg, t)
         if tc.warmup_steps > tc.steps:
             out.append(f"{t}.warmup_steps: {tc.warmup_steps} is more than {t}.steps ({tc.steps})")
         if tc.micro_batch_size > tc.batch_size:
             out.append(f"{t}.micro_batch_size: {tc.micro_batch_size} is above {t}.batch_size ({tc.batch_size})")
+    for t in ("teacher", "student"):
+        tc: TrainConfig = getattr(cfg, t)
+        if tc.scale_min > tc.scale_max:
+            out.append(f"{t}.scale_min: {tc.scale_min} is above {t}.scale_max ({tc.scale_max})")
     try:
         sets = parse_eval_sets(cfg.eval.sets)
     except ValueError as e:

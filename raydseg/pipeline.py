@@ -23,7 +23,8 @@ from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
 from raydseg.errors import UserError
 
-STAGE_ORDER = ["ingest", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
+STAGE_ORDER = ["ingest", "pretrain", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
+OPT_IN = {"pretrain": "pretrain.enabled"}  # stages left out of the default list unless this config flag is true
 MANIFEST = "_manifest.json"
 STARTED = "_started.json"
 # driver environment that stage tasks on other nodes need too (no secrets: nodes use their instance profile)
@@ -72,6 +73,14 @@ def run_root(cfg: Config) -> str:
 def available_stages() -> list[str]:
     """Stages whose module exists, in pipeline order."""
     return [s for s in STAGE_ORDER if importlib.util.find_spec(f"raydseg.stages.{s}") is not None]
+
+
+def default_stages(cfg: Config) -> list[str]:
+    """The stages a run without run.stages runs: the available ones, less opt-in stages whose flag is off."""
+    def enabled(stage: str) -> bool:
+        section, key = OPT_IN[stage].split(".")
+        return bool(getattr(getattr(cfg, section), key))
+    return [s for s in available_stages() if s not in OPT_IN or enabled(s)]
 
 
 def load_stage(name: str) -> ModuleType:
@@ -180,10 +189,10 @@ class PipelineResult:
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None,
                  log: Callable[[str], None] = print) -> PipelineResult:
-    """Run `stages` (default: cfg.run.stages or all available) in pipeline order under one MLflow parent run."""
+    """Run `stages` (default: cfg.run.stages or `default_stages`) in pipeline order under one MLflow parent run."""
     import mlflow
 
-    wanted = stages or cfg.run.stages or available_stages()
+    wanted = stages or cfg.run.stages or default_stages(cfg)
     for s in wanted:
         load_stage(s)  # fail fast on unknown names
     wanted = [s for s in STAGE_ORDER if s in wanted]

@@ -119,7 +119,7 @@ def pseudolabels(cfg: Config, use_node_resources: bool | None = None) -> WorkerR
 
 
 def train_worker(cfg: Config, stage: str, use_node_resources: bool | None = None) -> WorkerRequest:
-    """One Ray Train worker of `stage` ("teacher" or "student"): cpus_per_worker, one GPU when use_gpu."""
+    """One Ray Train worker of `stage` (pretrain, teacher or student): cpus_per_worker, one GPU when use_gpu."""
     return train_worker_for(getattr(cfg, stage), stage, use_node_resources)
 
 
@@ -160,7 +160,7 @@ def stage_requests(cfg: Config, stages: list[str], use_node_resources: bool | No
             out.append(features(cfg, use_node_resources))
         elif s == "cluster":
             out += [kmeans(cfg, use_node_resources), pseudolabels(cfg, use_node_resources)]
-        elif s in ("teacher", "student"):
+        elif s in ("pretrain", "teacher", "student"):
             out += [train_worker(cfg, s, use_node_resources), augment_task(cfg, s)]
         elif s == "evaluate":
             out.append(evaluate(cfg, use_node_resources))

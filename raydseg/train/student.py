@@ -8,7 +8,6 @@ from typing import Any
 
 from raydseg import storage
 from raydseg.config import Config
-from raydseg.train.loop import train_loop_per_worker  # noqa: F401 - the worker function of this stage
 from raydseg.train.teacher import loop_config, run_trainer
 
 STUDENT_KEYS = ("ema", "ema_momentum", "soft_targets", "temperature", "refine", "export")
@@ -22,10 +21,12 @@ def train(cfg: Config, pl_dir: str, teacher_model_dir: str, out_dir: str, *, tra
     s = cfg.student
     model_cfg = storage.read_json(storage.join(teacher_model_dir, "model_config.json"))
     params = {f"student.{k}": v for k, v in s.model_dump().items()}
-    config = loop_config(s, mode="student", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
+    config = loop_config(s, stage="student", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
                          extra={**{k: getattr(s, k) for k in STUDENT_KEYS}, "init_model": teacher_model_dir})
     ds = build_train_dataset(pl_dir, {"crop_size": s.crop_size, "scale_min": s.scale_min, "scale_max": s.scale_max,
                                       "flip": s.flip, "jitter": s.jitter, "val_fraction": s.val_fraction},
                              with_segments=s.refine)
-    return run_trainer(s, config, ds, out_dir, name, timeout_s)
+    from raydseg.train.segmentation import student_loop_per_worker
+
+    return run_trainer(s, config, ds, out_dir, name, timeout_s, loop=student_loop_per_worker)

@@ -1,18 +1,18 @@
 """Teacher training: Segmenter on the sparse pseudo-labels with Ray Train (`TorchTrainer`, DDP: gloo / NCCL).
 
 `train(cfg, pl_dir, out_dir, ...)` builds the Ray Dataset (decoding + augmentation in map_batches), the trainer
-(ScalingConfig, RunConfig under `<out_dir>/ray_train`, FailureConfig) and runs `train_loop_per_worker`
-(raydseg.train.loop). Rerunning with the same `out_dir` resumes from the last checkpoint.
+(ScalingConfig, RunConfig under `<out_dir>/ray_train`, FailureConfig) and runs `teacher_loop_per_worker`
+(raydseg.train.segmentation: the shared loop raydseg.train.loop.fit with the teacher's step function). Rerunning
+with the same `out_dir` resumes from the last checkpoint. `run_trainer` is shared by every training stage.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from raydseg import storage
 from raydseg.config import Config
 from raydseg.stage_requests import train_worker_for
-from raydseg.train.loop import train_loop_per_worker  # noqa: F401 - the worker function of this stage
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
               "warmup_steps", "amp", "checkpoint_every", "log_every", "val_fraction", "val_images", "val_every",
@@ -35,20 +35,22 @@ def encoder_weights(cfg: Config) -> str:
     return cfg.features.weights if cfg.features.backbone == cfg.teacher.backbone else ""
 
 
-def loop_config(section: Any, *, mode: str, model_cfg: dict, pl_dir: str, out_dir: str, seed: int,
+def loop_config(section: Any, *, stage: str, model_cfg: dict, pl_dir: str, out_dir: str, seed: int,
                 tracking_uri: str = "", mlflow_run_id: str = "", params: dict | None = None,
                 hooks: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
     """The plain dict handed to every worker (no Config object crosses the process boundary)."""
     c = {k: getattr(section, k) for k in TRAIN_KEYS}
-    c.update(mode=mode, model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=seed, tracking_uri=tracking_uri,
-             mlflow_run_id=mlflow_run_id, params=params or {}, hooks=hooks or {}, prefix=f"{mode}/")
+    c.update(model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=seed, tracking_uri=tracking_uri,
+             mlflow_run_id=mlflow_run_id, params=params or {}, hooks=hooks or {}, prefix=f"{stage}/")
     c.update(extra or {})
     return c
 
 
 def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str, name: str,
-                timeout_s: int = 1800) -> Any:
-    """Fit a TorchTrainer; returns the ray.train.Result (raises when training failed beyond max_failures)."""
+                timeout_s: int = 1800, loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """Fit a TorchTrainer running `loop` (default: the teacher's worker function) on `section`'s scaling
+    (num_workers, use_gpu, cpus_per_worker, max_failures); returns the ray.train.Result (raises when training failed
+    beyond max_failures)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -62,9 +64,11 @@ def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str
     # PACK: workers share a multi-GPU node where they fit (NCCL over NVLink / PCIe), spill to others when not
     scaling = ray.train.ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
                                       resources_per_worker={k: v for k, v in train_worker_for(
-                                          section, config["mode"]).resources.items() if k != "GPU"},
+                                          section, config["prefix"].rstrip("/")).resources.items() if k != "GPU"},
                                       placement_strategy="PACK")
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
+    if loop is None:
+        from raydseg.train.segmentation import teacher_loop_per_worker as loop
+    trainer = TorchTrainer(loop, train_loop_config=config, scaling_config=scaling,
                            run_config=run_config, datasets={"train": dataset},
                            torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo",
                                                     timeout_s=timeout_s))
@@ -83,7 +87,7 @@ def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlf
     model_cfg = model_cfg_from(cfg)
     params = {f"teacher.{k}": v for k, v in t.model_dump().items()}
     params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
-    config = loop_config(t, mode="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
+    config = loop_config(t, stage="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
                          extra={"encoder_weights": encoder_weights(cfg)})
     ds = build_train_dataset(pl_dir, {"crop_size": t.crop_size, "scale_min": t.scale_min, "scale_max": t.scale_max,

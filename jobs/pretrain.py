@@ -1,0 +1,9 @@
+"""Run the `pretrain` stage (after `ingest`, which is skipped when finished):
+`python jobs/pretrain.py [--config FILE] [--set section.key=value ...]`. Prints where the backbone checkpoint is."""
+import sys
+
+from raydseg.cli import run_stages
+
+if __name__ == "__main__":
+    sys.exit(run_stages(sys.argv[1:], ["ingest", "pretrain"], "jobs/pretrain.py",
+                        "DINO-pretrain the ViT backbone on the camera images of the ingest stage."))

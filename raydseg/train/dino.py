@@ -1,0 +1,203 @@
+"""DINO self-distillation (Caron et al. 2021, facebookresearch/dino main_dino.py): the pure parts.
+
+- `cosine_schedule`: per-step values (lr with linear warmup, weight decay 0.04 -> 0.4, teacher momentum -> 1);
+- `teacher_temp_schedule`: linear warmup 0.04 -> 0.07, then constant;
+- `DINOLoss`: cross-entropy between the centred, sharpened teacher distribution of each global crop and the student
+  distribution of every *other* crop; the center is an EMA (momentum 0.9) of the teacher outputs, all-reduced
+  across DDP ranks;
+- `MultiCrop`: 2 global + n local crops of one image (torchvision.transforms.v2 on uint8 tensors): random resized
+  crop, flip, colour jitter, grayscale, Gaussian blur, solarisation;
+- `DinoStep`: the step function (raydseg.train.engine) of the `pretrain` stage;
+- `param_groups`, `clip_gradients`, `cancel_last_layer_gradients`: the optimiser details of the official code.
+No Ray here (torch + torchvision + numpy), so the same code runs on a machine with torch and timm only.
+
+Steps replace the official epochs: every epoch-denominated setting is given in steps here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raydseg.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+
+def cosine_schedule(base: float, final: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+                    ) -> np.ndarray:
+    """(steps,) float64: linear warmup from `warmup_start` to `base` over `warmup_steps`, then a half cosine from
+    `base` to `final` over the remaining steps (the last value is `final` exactly)."""
+    warmup_steps = min(max(warmup_steps, 0), steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    n = steps - warmup_steps
+    if n <= 0:
+        return warm[:steps]
+    t = np.arange(n) / max(n - 1, 1)
+    return np.concatenate([warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])
+
+
+def teacher_temp_schedule(warmup_temp: float, temp: float, steps: int, warmup_steps: int) -> np.ndarray:
+    """(steps,) teacher temperatures: linear from `warmup_temp` to `temp` over `warmup_steps`, then `temp`."""
+    warmup_steps = min(max(warmup_steps, 0), steps)
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_steps), np.full(steps - warmup_steps, temp)])
+
+
+class DINOLoss(nn.Module):
+    """DINO loss with centering and sharpening.
+
+    forward(student_out (n_crops * B, K), teacher_out (n_global * B, K), step) -> scalar: the mean over the
+    (global crop i, any crop j != i) pairs of  sum_k -p_t,i[k] log p_s,j[k]  averaged over the batch, with
+    p_t = softmax((teacher - center) / teacher_temp[step]) and p_s = softmax(student / student_temp). Updates the
+    center afterwards (no gradient): center <- m * center + (1 - m) * mean of teacher_out over every rank.
+    """
+
+    def __init__(self, out_dim: int, n_crops: int, teacher_temps: Sequence[float] | np.ndarray,
+                 student_temp: float = 0.1, center_momentum: float = 0.9, n_global: int = 2):
+        super().__init__()
+        self.n_crops, self.n_global = n_crops, n_global
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.teacher_temps = np.asarray(teacher_temps, dtype=np.float64)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last_teacher_entropy = float("nan")
+
+    def teacher_temp(self, step: int) -> float:
+        return float(self.teacher_temps[min(max(step, 0), len(self.teacher_temps) - 1)])
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, step: int) -> torch.Tensor:
+        student_out = student_out.float() / self.student_temp
+        s_chunks = student_out.chunk(self.n_crops)
+        teacher_out = teacher_out.float().detach()
+        q = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1)
+        t_chunks = q.chunk(self.n_global)
+        total, n_terms = student_out.new_zeros(()), 0
+        for i, qi in enumerate(t_chunks):
+            for j, sj in enumerate(s_chunks):
+                if j == i:
+                    continue  # the same view for teacher and student
+                total = total + torch.sum(-qi * F.log_softmax(sj, dim=-1), dim=-1).mean()
+                n_terms += 1
+        with torch.no_grad():
+            self.last_teacher_entropy = float(-(q * torch.log(q.clamp_min(1e-12))).sum(-1).mean())
+        self.update_center(teacher_out)
+        return total / max(n_terms, 1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        batch_sum = teacher_out.sum(dim=0, keepdim=True)
+        count = torch.tensor([float(len(teacher_out))], device=teacher_out.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_sum)
+            torch.distributed.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def _blur_kernel(size: int) -> int:
+    """Odd Gaussian kernel of about a tenth of the crop side (at least 3 px)."""
+    return max(3, int(size * 0.1) // 2 * 2 + 1)
+
+
+class MultiCrop:
+    """2 global + `n_local` local crops of one image, as in DataAugmentationDINO (bicubic random resized crops;
+    flip p 0.5; colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8; grayscale p 0.2; Gaussian blur sigma 0.1-2: global 1 p
+    1.0, global 2 p 0.1, local p 0.5; solarisation of global 2 p 0.2).
+
+    __call__(image (3, H, W) uint8 tensor) -> [global_1, global_2, local_1, ...], uint8 (3, size, size) tensors.
+    Scales are fractions of the image area (torchvision's RandomResizedCrop); the torch global RNG drives them.
+    """
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4)):
+        from torchvision.transforms import v2
+
+        def flip_jitter():
+            return [v2.RandomHorizontalFlip(p=0.5),
+                    v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                    v2.RandomGrayscale(p=0.2)]
+
+        def blur(size: int, p: float):
+            return v2.RandomApply([v2.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))], p=p)
+
+        def rrc(size: int, scale: tuple[float, float]):
+            return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+        self.n_local = n_local
+        self.global_1 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 1.0)])
+        self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 0.1),
+                                    v2.RandomSolarize(threshold=128, p=0.2)])
+        self.local = v2.Compose([rrc(local_size, local_scale), *flip_jitter(), blur(local_size, 0.5)])
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [self.global_1(image), self.global_2(image)] + [self.local(image) for _ in range(self.n_local)]
+
+
+def crop_names(n_local: int) -> list[str]:
+    """Batch keys of the crops, in the order the loss expects: global_0, global_1, local_0, ..."""
+    return ["global_0", "global_1"] + [f"local_{i}" for i in range(n_local)]
+
+
+def multicrop_batch(images: Sequence[np.ndarray], crop: MultiCrop) -> dict[str, np.ndarray]:
+    """(H, W, 3) uint8 images -> {crop name: (B, 3, s, s) uint8} (one MultiCrop draw per image)."""
+    views = [crop(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)) for im in images]
+    names = crop_names(crop.n_local)
+    return {name: torch.stack([v[i] for v in views]).numpy() for i, name in enumerate(names)}
+
+
+class DinoStep:
+    """The `pretrain` objective: batch {global_0, global_1, local_0.. : (B, 3, s, s) uint8} -> DINO loss.
+
+    The teacher (the EMA of the student, no gradient) sees the global crops only; the student sees every crop.
+    Metrics: teacher_entropy (nats, of the centred, sharpened teacher distribution; log K = uniform, 0 = one-hot).
+    """
+
+    def __init__(self, teacher: nn.Module, loss: DINOLoss, n_local: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        self.teacher, self.loss, self.names = teacher, loss, crop_names(n_local)
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        crops = [normalize(batch[n], self.mean, self.std) for n in self.names]
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:2])
+        student_out = model(crops)
+        loss = self.loss(student_out, teacher_out, step)
+        return loss, {"teacher_entropy": self.loss.last_teacher_entropy,
+                      "teacher_temp": self.loss.teacher_temp(step)}
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two AdamW groups as in the official code: weights (decayed, by the schedule) and biases / norms (ndim 1,
+    no decay). Frozen parameters (the fixed weight-norm magnitude) are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, clip: float) -> float:
+    """Per-parameter gradient-norm clipping of the official code (each parameter's gradient scaled to norm <= clip,
+    not the global norm). Returns the global gradient norm before clipping."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        n = p.grad.detach().norm(2)
+        norms.append(n)
+        if clip > 0:
+            coef = clip / (float(n) + 1e-6)
+            if coef < 1:
+                p.grad.mul_(coef)
+    return float(torch.stack(norms).norm(2)) if norms else 0.0
+
+
+def cancel_last_layer_gradients(model: nn.Module, step: int, freeze_steps: int) -> None:
+    """Drop the head's last-layer gradients during the first `freeze_steps` steps (official: the first epoch)."""
+    if step >= freeze_steps:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None

@@ -1,0 +1,181 @@
+"""The objective-independent parts of training, in the shape of timm's train.py: one optimiser step
+(`train_one_step`), validation (`validate_segmenter`), and the checkpoint contents (`save_train_state` /
+`load_train_state`). No Ray here (torch + numpy only): the Ray Train wiring is raydseg.train.loop, and a training
+objective is a *step function* (raydseg.train.steps for the teacher and student stages, raydseg.train.dino for
+DINO pretraining) plugged into a `Task`.
+
+A step function maps one micro-batch to a loss:
+
+    step_fn(model, batch, step) -> (loss (scalar tensor, differentiable), {name: float} extra metrics)
+
+where `model` is the trained module (DDP-wrapped on Ray Train), `batch` a dict of tensors on the device and `step` the
+0-based optimiser step.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from raydseg.models.ema import EMA
+
+StepFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Task:
+    """What one training stage plugs into the shared loop (raydseg.train.loop.fit).
+
+    model: the module that is optimised (unwrapped; the loop wraps it for DDP).
+    step_fn: the objective (see the module docstring).
+    make_optimizer: model -> optimiser (its param groups' lr are the peak lrs that `lr_lambda` multiplies).
+    lr_lambda: step -> multiplier of the optimiser's lr (a LambdaLR, saved in the checkpoint).
+    ema: an EMA copy of `model` made before DDP (student teacher, DINO teacher), updated after every step with
+        `ema_momentum(step)` when that is given; saved in the checkpoint.
+    before_update: (model, optimiser, step) -> metrics, called between backward and optimiser.step (gradient
+        clipping, frozen layers, weight-decay schedule).
+    validate: (step, final) -> metrics, on rank 0 at every log point (the task decides when it has work to do).
+    export: (logger, last_loss) -> None, on rank 0 after the last step (final model files, MLflow artifacts).
+    extra_state / load_extra_state: further tensors of the objective for the checkpoint (DINO's center).
+    """
+
+    model: nn.Module
+    step_fn: StepFn
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    lr_lambda: Callable[[int], float]
+    ema: EMA | None = None
+    ema_momentum: Callable[[int], float] | None = None
+    before_update: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, float]] | None = None
+    validate: Callable[[int, bool], dict[str, float]] | None = None
+    export: Callable[[Any, float], None] | None = None
+    extra_state: Callable[[], dict[str, torch.Tensor]] | None = None
+    load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params of the task
+
+
+def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over all parameters with one weight decay (`cfg`: optimizer, lr, momentum,
+    weight_decay)."""
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise ValueError(f"unknown optimizer '{cfg['optimizer']}' (sgd | adamw)")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: int, power: float = 0.9) -> float:
+    """Multiplier of the base LR at `step`: linear warmup, then poly(power) or cosine decay to 0 at `steps`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(steps - warmup, 1), 1.0)
+    if schedule == "poly":
+        return (1 - t) ** power
+    if schedule == "cosine":
+        return 0.5 * (1 + np.cos(np.pi * t))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule '{schedule}' (poly | cosine | constant)")
+
+
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict[str, torch.Tensor]],
+                   step_fn: StepFn, step: int, *, accum: int = 1, amp: bool = False,
+                   device_type: str = "cpu",
+                   before_update: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, float]] | None = None
+                   ) -> dict[str, float]:
+    """One optimiser step over `accum` micro-batches (DDP all-reduce on the last one only; bf16 autocast when
+    `amp`). Returns {loss, images, <step_fn metrics averaged over micro-batches>, <before_update metrics>}.
+    Raises FloatingPointError on a non-finite loss (so that Ray's failure handling sees it)."""
+    optimizer.zero_grad(set_to_none=True)
+    out: dict[str, float] = {"loss": 0.0, "images": 0.0}
+    for k in range(accum):
+        batch = next(batches)
+        sync = k == accum - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()), \
+                torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            loss, extra = step_fn(model, batch, step)
+            (loss / accum).backward()
+        out["loss"] += float(loss.detach()) / accum
+        out["images"] += len(next(iter(batch.values())))
+        for name, v in extra.items():
+            out[name] = out.get(name, 0.0) + float(v) / accum
+    if not np.isfinite(out["loss"]):
+        raise FloatingPointError(f"loss is {out['loss']} at step {step}")
+    if before_update is not None:
+        out.update(before_update(model, optimizer, step))
+    optimizer.step()
+    return out
+
+
+def confusion(pred: np.ndarray, label: np.ndarray, n: int, ignore: int = 255) -> np.ndarray:
+    """(n, n) confusion of pseudo-labels (rows) vs predictions (cols) over labelled pixels."""
+    m = label != ignore
+    return np.bincount(label[m].astype(np.int64) * n + np.clip(pred[m], 0, n - 1), minlength=n * n).reshape(n, n)
+
+
+def miou(conf: np.ndarray) -> float:
+    """Mean IoU over the classes present in the labels or predictions."""
+    inter = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+
+def validate_segmenter(model: nn.Module, rows: list[dict[str, Any]], n_cls: int) -> dict[str, float]:
+    """mIoU of a Segmenter's whole-image predictions against held-out pseudo-labels (`rows`: image, label)."""
+    from raydseg.models.infer import predict_image
+
+    was_training = model.training
+    model.eval()
+    conf = sum(confusion(predict_image(model, r["image"]), r["label"], n_cls) for r in rows)
+    model.train(was_training)
+    return {"val_miou": miou(conf)}
+
+
+def save_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+                     ema: EMA | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Everything a resume needs, loadable with torch.load(weights_only=True): model, optimizer, scheduler, step,
+    RNG states [, ema] [, extra (the objective's own tensors)]."""
+    model = getattr(model, "module", model)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "step": int(step), "rng_torch": torch.get_rng_state(),
+             "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if extra:
+        state["extra"] = extra
+    torch.save(state, path)
+
+
+def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     ema: EMA | None = None) -> int:
+    """Restore what `save_train_state` wrote (not `extra`: see `read_extra_state`); returns the step to continue
+    from."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    getattr(model, "module", model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    if ema is not None:
+        if "ema" not in state:
+            raise KeyError(f"{path} holds no EMA state but the run uses EMA")
+        ema.load_state_dict(state["ema"])
+    return int(state["step"])
+
+
+def read_extra_state(path: str) -> dict[str, torch.Tensor]:
+    """The objective's own tensors of a checkpoint written by `save_train_state` ({} when none)."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("extra", {}))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of all parameters (bytes): equal digests = bit-identical weights."""
+    h = hashlib.sha256()
+    for _, p in sorted(getattr(model, "module", model).state_dict().items()):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

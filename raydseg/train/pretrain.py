@@ -1,0 +1,343 @@
+"""DINO pretraining of the ViT backbone on Ray Train (the `pretrain` stage): data, task, k-NN probe, export.
+
+- Data: every camera image of the ingest stage's frames (no labels), decoded and multi-cropped (raydseg.train.dino
+  .MultiCrop) in Ray Data map_batches tasks, never on the driver.
+- Task (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit): the student is a timm ViT + DINO
+  head (raydseg.models.dino_head); the teacher is its EMA (momentum cosine-scheduled to 1); the step function is
+  `raydseg.train.dino.DinoStep`; per step the weight decay follows its cosine schedule, gradients are clipped and
+  the head's last layer stays frozen for `freeze_last_layer_steps`.
+- k-NN probe: LiDAR segments (the proposals stage's pure functions) of a few frames with ground truth, their
+  majority class; every `knn_every` steps rank 0 describes them with the teacher backbone (masked-crop [CLS], the
+  features stage's descriptor) and logs the k-NN accuracy (raydseg.eval.knn, train / test split by frame).
+- Export: the teacher backbone as a timm-layout safetensors file `<out_dir>/backbone.safetensors`, loadable by
+  `features.weights` / `teacher.weights` (raydseg.features.backbone) and by
+  `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from raydseg.models.dino_head import build_dino_model
+from raydseg.models.ema import EMA
+from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
+                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
+from raydseg.train.engine import Task
+
+CHECKPOINT = "backbone.safetensors"
+PROBE = "knn_probe.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def frame_part_paths(frames_dir: str) -> list[str]:
+    from raydseg import storage
+
+    names = sorted(n for n in storage.listdir(frames_dir) if n.startswith("part-") and n.endswith(".parquet"))
+    if not names:
+        raise FileNotFoundError(f"no part-*.parquet frame files in {frames_dir}")
+    return [storage.join(frames_dir, n) for n in names]
+
+
+def multicrop_frames(table: Any, *, global_crop_size: int, local_crop_size: int, local_crops: int,
+                     global_crop_scale_min: float, local_crop_scale_min: float, local_crop_scale_max: float
+                     ) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn (pyarrow format): every camera image of the frames -> its multi-crop views
+    {global_0, global_1, local_0, ...: (B, 3, s, s) uint8}, B = number of camera images."""
+    from raydseg.data.schema import decode_image
+
+    images = []
+    for cams in table.column("cameras").to_pylist():
+        for cam in cams or []:
+            im = decode_image(cam["image"])
+            images.append(np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3])
+    crop = MultiCrop(global_crop_size, local_crop_size, local_crops, (global_crop_scale_min, 1.0),
+                     (local_crop_scale_min, local_crop_scale_max))
+    if not images:
+        sizes = [global_crop_size] * 2 + [local_crop_size] * local_crops
+        return {n: np.zeros((0, 3, s, s), np.uint8) for n, s in zip(crop_names(local_crops), sizes)}
+    with torch.random.fork_rng(devices=[]):
+        torch.seed()  # Ray task processes start from the same torch seed: draw fresh crops in each batch
+        return multicrop_batch(images, crop)
+
+
+def build_pretrain_dataset(frames_dir: str, p: dict[str, Any]):
+    """Ray Dataset of multi-crop views of the camera images of `frames_dir` (lazy; executed by the trainer)."""
+    import ray
+
+    from raydseg import storage
+
+    fs, _ = storage.filesystem(frames_dir)
+    paths = [storage.filesystem(x)[1] for x in frame_part_paths(frames_dir)]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["frame_id", "cameras"])
+    return ds.map_batches(multicrop_frames, batch_format="pyarrow", batch_size=4,
+                          fn_kwargs={k: p[k] for k in ("global_crop_size", "local_crop_size", "local_crops",
+                                                       "global_crop_scale_min", "local_crop_scale_min",
+                                                       "local_crop_scale_max")})
+
+
+# ----------------------------------------------------------------------------------------------------- k-NN probe
+def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: int = 0, min_pixels: int = 16
+                    ) -> dict[str, Any]:
+    """LiDAR segments of `n_frames` evenly spaced frames that have ground truth, with their majority class.
+
+    Returns {frame_ids: [str], images: [(H, W, 3) uint8 tensors], segment_ids: [(H, W) int32 tensors],
+    seg_image: (S,) int64, seg_id: (S,) int64, seg_class: (S,) int64} (one image per frame x camera with
+    `gt_semantic`; segments with >= min_pixels pixels and a valid majority class). Empty lists when no frame has
+    ground truth.
+    """
+    from raydseg import storage
+    from raydseg.data.schema import decode_image, table_to_frames
+    from raydseg.eval.knn import segment_majority_class
+    from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
+
+    paths = frame_part_paths(frames_dir)
+    ids = [(p, f) for p in paths for f in storage.read_table(p, columns=["frame_id"]).column("frame_id").to_pylist()]
+    pick = set(np.unique(np.linspace(0, len(ids) - 1, min(n_frames, len(ids))).round().astype(int)).tolist()) \
+        if n_frames > 0 and ids else set()
+    wanted: dict[str, set[str]] = {}
+    for i in sorted(pick):
+        wanted.setdefault(ids[i][0], set()).add(ids[i][1])
+    probe: dict[str, Any] = {"frame_ids": [], "images": [], "segment_ids": [], "seg_image": [], "seg_id": [],
+                             "seg_class": []}
+    for path, fids in wanted.items():
+        for frame in table_to_frames(storage.read_table(path)):
+            if frame["frame_id"] not in fids:
+                continue
+            pts = np.asarray(frame["points"], np.float32).reshape(-1, 4)
+            sw = None
+            for cam in frame["cameras"]:
+                if cam.get("gt_semantic") is None:
+                    continue
+                if sw is None:
+                    sw = sweep_segments(pts, frame.get("ring"), proposals_cfg, seed=frame_seed(frame["frame_id"], seed))
+                out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], int(cam["width"]),
+                                      int(cam["height"]), proposals_cfg)
+                seg = out["segment_ids"].astype(np.int32)
+                sizes = np.bincount(seg.ravel())
+                majority = {s: c for s, c in segment_majority_class(seg, decode_image(cam["gt_semantic"])).items()
+                            if sizes[s] >= min_pixels}
+                if not majority:
+                    continue
+                image = decode_image(cam["image"])
+                image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+                k = len(probe["images"])
+                probe["frame_ids"].append(frame["frame_id"])
+                probe["images"].append(torch.from_numpy(np.ascontiguousarray(image)))
+                probe["segment_ids"].append(torch.from_numpy(seg))
+                for s, c in sorted(majority.items()):
+                    probe["seg_image"].append(k)
+                    probe["seg_id"].append(s)
+                    probe["seg_class"].append(c)
+    for key in ("seg_image", "seg_id", "seg_class"):
+        probe[key] = torch.tensor(probe[key], dtype=torch.int64)
+    return probe
+
+
+def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
+                       device: str = "cpu") -> dict[str, float]:
+    """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
+    ground-truth class; train / test split by frame (every other frame tests), as the evaluate stage does."""
+    from raydseg.eval.knn import knn_accuracy
+    from raydseg.features.pooling import crop_cls_descriptors
+
+    if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
+        return {}
+    was_training = backbone.training
+    backbone.eval()
+    seg_image, seg_id = probe["seg_image"].numpy(), probe["seg_id"].numpy()
+    x = np.zeros((len(seg_id), backbone.num_features), np.float32)
+    for i, (image, seg) in enumerate(zip(probe["images"], probe["segment_ids"])):
+        rows = np.nonzero(seg_image == i)[0]
+        x[rows] = crop_cls_descriptors(backbone, image.numpy(), seg.numpy(), seg_id[rows], crop_size=crop_size,
+                                       device=device)
+    backbone.train(was_training)
+    y = probe["seg_class"].numpy()
+    order = sorted(set(probe["frame_ids"]))
+    test_frames = set(order[1::2])
+    is_test = np.array([probe["frame_ids"][i] in test_frames for i in seg_image])
+    out = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
+    out["knn_n_segments"] = float(len(y))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ task
+def _model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    return {"weights": config["weights"], "drop_path": config["drop_path"], "out_dim": config["out_dim"],
+            "hidden_dim": config["hidden_dim"], "bottleneck_dim": config["bottleneck_dim"],
+            "norm_last_layer": config["norm_last_layer"]}
+
+
+def backbone_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The timm-layout state_dict of a DINO model's backbone (fp32, CPU, contiguous)."""
+    model = getattr(model, "module", model)
+    return {k: v.detach().float().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+
+
+def save_backbone(model: torch.nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write the backbone of a DINO model as safetensors (local or s3:// path)."""
+    from safetensors.torch import save
+
+    data = save(backbone_state_dict(model), metadata=metadata or {})
+    if path.startswith("s3://"):
+        from raydseg import storage
+
+        storage.write_bytes(path, data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
+                  ) -> Task:
+    """Student (ViT + DINO head), EMA teacher, DINO loss and schedules from the `pretrain` section (plain dict).
+    The k-NN probe (rank 0): `probe`, else the file config["knn_probe"] when set."""
+    steps = int(config["steps"])
+    student = build_dino_model(config["backbone"], **_model_kwargs(config))
+    ema = EMA(student)  # the teacher: same init, no gradient, eval mode (no drop-path)
+    teacher = ema.module.to(device)
+    lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
+    wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
+    momentum = cosine_schedule(config["momentum_teacher"], 1.0, steps)
+    temps = teacher_temp_schedule(config["warmup_teacher_temp"], config["teacher_temp"], steps,
+                                  config["teacher_temp_warmup_steps"])
+    loss = DINOLoss(config["out_dim"], 2 + config["local_crops"], temps, config["student_temp"],
+                    config["center_momentum"]).to(device)
+    base_lr = float(config["lr"]) or 1.0
+
+    def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        optimizer.param_groups[0]["weight_decay"] = float(wd[step])
+        grad_norm = clip_gradients(model, config["clip_grad"])
+        cancel_last_layer_gradients(model, step, config["freeze_last_layer_steps"])
+        return {"grad_norm": grad_norm, "weight_decay": float(wd[step]), "momentum": float(momentum[step])}
+
+    if rank != 0 or config["knn_every"] < 0:
+        probe = None
+    elif probe is None and config.get("knn_probe"):
+        from raydseg import storage
+
+        probe = torch.load(io.BytesIO(storage.read_bytes(config["knn_probe"])), map_location="cpu",
+                           weights_only=True)
+
+    def validate(done: int, final: bool) -> dict[str, float]:
+        every = config["knn_every"]
+        if probe is None or not ((every > 0 and done % every == 0) or final):
+            return {}
+        out = probe_knn_accuracy(teacher.backbone, probe, config["knn_k"], config["knn_crop_size"], str(device))
+        return {k: v for k, v in out.items() if k != "knn_n_segments"}
+
+    def export(log: Any, last_loss: float) -> None:
+        path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
+        meta = {"backbone": config["backbone"], "format": "timm", "source": "raydseg pretrain", "steps": str(steps)}
+        save_backbone(teacher, path, meta)
+        if log.client:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_backbone(teacher, os.path.join(tmp, CHECKPOINT), meta)
+                log.artifacts(tmp, "backbone")
+            log.metrics({"final_loss": last_loss}, step=steps)
+
+    return Task(model=student, step_fn=DinoStep(teacher, loss, config["local_crops"]),
+                make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
+                                                           weight_decay=config["weight_decay"]),
+                lr_lambda=lambda s: float(lr[min(s, steps - 1)]) / base_lr, ema=ema,
+                ema_momentum=lambda s: float(momentum[min(s, steps - 1)]), before_update=before_update,
+                validate=validate, export=export, extra_state=lambda: {"center": loss.center.detach().cpu()},
+                load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
+
+
+def local_batches(images: list[np.ndarray], config: dict[str, Any], batch_size: int, device: torch.device,
+                  seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless multi-crop batches of `batch_size` images drawn (without replacement within an epoch) from
+    `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `build_pretrain_dataset`."""
+    crop = MultiCrop(config["global_crop_size"], config["local_crop_size"], config["local_crops"],
+                     (config["global_crop_scale_min"], 1.0),
+                     (config["local_crop_scale_min"], config["local_crop_scale_max"]))
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += rng.permutation(len(images)).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield {k: torch.from_numpy(v).to(device) for k, v in multicrop_batch([images[i] for i in idx], crop).items()}
+
+
+def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str = "cpu",
+                   probe: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, float]]:
+    """DINO pretraining in one process on one device, without Ray (a GPU machine with torch + timm only): the same
+    task, step function, schedules and export as the stage. `config`: the `pretrain` section as a dict plus `seed`
+    and `out_dir` (local). Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
+    from types import SimpleNamespace
+
+    from raydseg.train.engine import train_one_step
+
+    dev = torch.device(device)
+    torch.manual_seed(config["seed"])
+    task = pretrain_task(config, dev, 0, probe=probe)
+    model = task.model.to(dev).train()
+    optimizer = task.make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
+    batches = local_batches(images, config, config["batch_size"], dev, config["seed"])
+    history = [{"step": 0, **task.validate(0, True)}] if probe is not None else []
+    steps, t0, seen = int(config["steps"]), time.time(), 0.0
+    for step in range(steps):
+        out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=bool(config["amp"]) and
+                             dev.type == "cuda", device_type=dev.type, before_update=task.before_update)
+        scheduler.step()
+        task.ema.update(model, task.ema_momentum(step))
+        seen += out.pop("images")
+        done = step + 1
+        if done % config["log_every"] == 0 or done == steps:
+            row = {"step": done, **out, "lr": scheduler.get_last_lr()[0], "images_per_s": seen / (time.time() - t0)}
+            row.update(task.validate(done, done == steps))
+            history.append(row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    task.export(SimpleNamespace(client=None), history[-1]["loss"] if history else float("nan"))
+    return history
+
+
+def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function of the pretrain stage."""
+    from raydseg.train.loop import fit
+
+    fit(config, pretrain_task)
+
+
+# ---------------------------------------------------------------------------------------------------------- driver
+def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
+          name: str = "pretrain", hooks: dict | None = None, timeout_s: int = 1800) -> tuple[Any, dict[str, float]]:
+    """DINO-pretrain `cfg.pretrain.backbone` on the camera images of `frames_dir`; writes
+    `<out_dir>/backbone.safetensors`. Returns (ray.train.Result, k-NN metrics of the initial backbone)."""
+    from raydseg import storage
+    from raydseg.train.loop import MlflowLogger
+    from raydseg.train.teacher import run_trainer
+
+    p = cfg.pretrain
+    config = p.model_dump()
+    config.update(seed=cfg.run.seed, out_dir=out_dir, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+                  params={f"pretrain.{k}": v for k, v in p.model_dump().items()}, hooks=hooks or {},
+                  prefix="pretrain/", knn_probe="")
+    before: dict[str, float] = {}
+    if p.knn_every >= 0 and p.knn_frames > 0:
+        probe = build_knn_probe(frames_dir, cfg.proposals, p.knn_frames, cfg.run.seed)
+        if len(probe["seg_id"]):
+            buf = io.BytesIO()
+            torch.save(probe, buf)
+            config["knn_probe"] = storage.join(out_dir, PROBE)
+            storage.write_bytes(config["knn_probe"], buf.getvalue())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.run.seed)  # the same initial backbone as the workers build
+                init = build_dino_model(p.backbone, **_model_kwargs(config)).backbone
+            before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size)
+            MlflowLogger(tracking_uri, mlflow_run_id, "pretrain/").metrics(
+                {k: v for k, v in before.items() if k != "knn_n_segments"}, step=0)
+    ds = build_pretrain_dataset(frames_dir, config)
+    result = run_trainer(p, config, ds, out_dir, name, timeout_s, loop=pretrain_loop_per_worker)
+    return result, before

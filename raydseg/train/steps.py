@@ -1,0 +1,70 @@
+"""Step functions of the segmentation stages (see raydseg.train.engine): a new objective is a new step function.
+
+- `SegmentationStep` (teacher stage): cross-entropy of the Segmenter on the sparse pseudo-labels.
+- `DistillationStep` (student stage): targets from the (EMA) teacher on the same view: soft probabilities with a
+  temperature or hard argmax labels, optionally refined with the LiDAR segments.
+No Ray here (torch only).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raydseg.models.losses import ce_loss, soft_target_loss
+from raydseg.models.segmenter import normalize
+from raydseg.refine import refine_with_segments
+
+
+class SegmentationStep:
+    """Teacher objective: batch {image (B,H,W,3) uint8, label (B,H,W) uint8 (255 = ignore)} -> CE loss."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None):
+        self.mean, self.std = mean, std
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(normalize(batch["image"], self.mean, self.std))
+        return ce_loss(logits, batch["label"]), {}
+
+
+def student_targets(teacher: nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor], n_cls: int, *,
+                    soft_targets: bool, temperature: float, refine: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student targets from the (EMA) teacher on the same view x (B,3,H,W): (hard labels (B,H,W), soft probs
+    (B,n_cls,H,W) or None). With `refine` and batch["segments"] (B,H,W) the LiDAR segments act as hard
+    constraints: the segment's majority class (one-hot in the soft targets)."""
+    with torch.no_grad():
+        logits = teacher(x).float()
+        hard = logits.argmax(1)
+        probs = F.softmax(logits / temperature, dim=1) if soft_targets else None
+        if refine and "segments" in batch:
+            segs = batch["segments"].long()
+            refined = refine_with_segments(hard, segs, n_cls)
+            if probs is not None:
+                inside = (segs > 0).unsqueeze(1)
+                probs = torch.where(inside, F.one_hot(refined, n_cls).permute(0, 3, 1, 2).float(), probs)
+            hard = refined
+    return hard, probs
+
+
+class DistillationStep:
+    """Student objective: the student's logits against the teacher's targets on the same view
+    (soft-target cross-entropy x T^2, or CE on the hard targets)."""
+
+    def __init__(self, teacher: nn.Module, n_cls: int, cfg: dict[str, Any], mean: Sequence[float] | None,
+                 std: Sequence[float] | None):
+        self.teacher, self.n_cls = teacher, n_cls
+        self.soft_targets, self.temperature, self.refine = cfg["soft_targets"], cfg["temperature"], cfg["refine"]
+        self.mean, self.std = mean, std
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = normalize(batch["image"], self.mean, self.std)
+        logits = model(x)
+        hard, probs = student_targets(self.teacher, x, batch, self.n_cls, soft_targets=self.soft_targets,
+                                      temperature=self.temperature, refine=self.refine)
+        loss = soft_target_loss(logits, probs, self.temperature) if probs is not None else ce_loss(logits, hard)
+        return loss, {}

@@ -1,0 +1,284 @@
+"""DINO pretraining: the loss against a hand computation, centering, schedules, the weight-normalised head,
+multi-crop, a few CPU steps through the shared engine, the exported backbone in timm / the project's loader, the
+step code without Ray, and one tiny `pretrain` stage run on Ray Train (smoke config)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raydseg.models.dino_head import DINOHead, MultiCropWrapper, build_dino_model
+from raydseg.models.ema import EMA
+from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
+                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
+from raydseg.train.engine import train_one_step
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_dino_loss_equals_hand_computed_cross_entropy_over_other_views():
+    """B=2, K=3, 2 global + 1 local crop: mean over the pairs (t0,s1), (t0,s2), (t1,s0), (t1,s2) of the batch mean
+    of -sum_k q log p, with q = softmax((t - c) / 0.04), p = softmax(s / 0.1)."""
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3 * 2, 3)).astype(np.float32)
+    t = rng.normal(size=(2 * 2, 3)).astype(np.float32)
+    center = np.array([[0.3, -0.2, 0.1]], np.float32)
+    loss_fn = DINOLoss(3, n_crops=3, teacher_temps=[0.04], student_temp=0.1)
+    loss_fn.center.copy_(torch.from_numpy(center))
+    got = float(loss_fn(torch.from_numpy(s), torch.from_numpy(t), step=0))
+
+    q = _softmax((t.astype(np.float64) - center) / 0.04).reshape(2, 2, 3)  # (global view, batch, K)
+    logp = np.log(_softmax(s.astype(np.float64) / 0.1)).reshape(3, 2, 3)
+    terms = [(-q[i] * logp[j]).sum(-1).mean() for i in range(2) for j in range(3) if j != i]
+    assert len(terms) == 4
+    assert got == pytest.approx(float(np.mean(terms)), rel=1e-5)
+
+
+def test_dino_loss_center_is_an_ema_of_the_teacher_batch_mean():
+    loss_fn = DINOLoss(4, n_crops=2, teacher_temps=[0.04], center_momentum=0.9)
+    t1, t2 = torch.randn(6, 4), torch.randn(6, 4)
+    loss_fn(torch.randn(6, 4), t1, 0)
+    assert torch.allclose(loss_fn.center, 0.1 * t1.mean(0, keepdim=True), atol=1e-6)
+    loss_fn(torch.randn(6, 4), t2, 0)
+    assert torch.allclose(loss_fn.center, 0.9 * 0.1 * t1.mean(0, keepdim=True) + 0.1 * t2.mean(0, keepdim=True),
+                          atol=1e-6)
+
+
+def test_teacher_entropy_is_log_k_for_identical_outputs_and_falls_with_sharpening():
+    loss_fn = DINOLoss(8, n_crops=2, teacher_temps=[0.04])
+    loss_fn(torch.randn(4, 8), torch.zeros(4, 8), 0)
+    assert loss_fn.last_teacher_entropy == pytest.approx(math.log(8), rel=1e-6)
+    t = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]]).repeat(4, 1)
+    loss_fn.center.zero_()
+    loss_fn(torch.randn(4, 8), t, 0)
+    assert loss_fn.last_teacher_entropy < 0.01  # 1 / 0.04 = 25 nats of margin: one-hot
+
+
+def test_schedules_hit_their_endpoints():
+    lr = cosine_schedule(5e-4, 1e-6, 100, warmup_steps=10)
+    assert len(lr) == 100 and lr[0] == 0.0 and lr[10] == pytest.approx(5e-4) and lr[-1] == pytest.approx(1e-6)
+    assert np.all(np.diff(lr[:11]) > 0) and np.all(np.diff(lr[10:]) <= 0)
+    assert lr.max() == pytest.approx(5e-4)
+    wd = cosine_schedule(0.04, 0.4, 50)
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4) and np.all(np.diff(wd) >= 0)
+    m = cosine_schedule(0.996, 1.0, 30)
+    assert m[0] == pytest.approx(0.996) and m[-1] == 1.0
+    temps = teacher_temp_schedule(0.04, 0.07, 20, warmup_steps=5)
+    assert temps[0] == pytest.approx(0.04) and temps[4] == pytest.approx(0.07) and np.all(temps[4:] == 0.07)
+    assert len(cosine_schedule(1.0, 0.0, 3, warmup_steps=5)) == 3  # warmup longer than the run: no crash
+
+
+def test_head_last_layer_is_weight_normalised_with_a_fixed_unit_magnitude():
+    torch.manual_seed(0)
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, norm_last_layer=True)
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    opt = torch.optim.AdamW(param_groups(head), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        head(torch.randn(5, 16)).logsumexp(-1).sum().backward()
+        opt.step()
+    w = head.last_layer.weight  # the effective weight g * v / |v|
+    assert torch.allclose(w.norm(dim=1), torch.ones(32), atol=1e-5)  # every prototype keeps unit norm
+    # bottleneck output is L2-normalised, so |logit| <= 1
+    assert head(torch.randn(7, 16)).abs().max() <= 1 + 1e-5
+    free = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, norm_last_layer=False)
+    assert free.last_layer.parametrizations.weight.original0.requires_grad
+    # 3-layer MLP: Linear-GELU-Linear-GELU-Linear
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+
+
+def test_param_groups_clip_and_frozen_last_layer():
+    head = DINOHead(4, 6, hidden_dim=5, bottleneck_dim=3)
+    decay, no_decay = param_groups(head)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    head(torch.randn(2, 4)).sum().mul(100).backward()
+    norm = clip_gradients(head, 0.5)
+    assert norm > 0.5 and all(float(p.grad.norm()) <= 0.5 + 1e-4 for p in head.parameters() if p.grad is not None)
+    cancel_last_layer_gradients(head, step=0, freeze_steps=1)
+    assert head.last_layer.parametrizations.weight.original1.grad is None
+    assert head.mlp[0].weight.grad is not None
+
+
+def test_multicrop_shapes_dtype_and_batch_keys():
+    crop = MultiCrop(global_size=32, local_size=16, n_local=3)
+    image = torch.randint(0, 256, (3, 40, 80), dtype=torch.uint8)
+    views = crop(image)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(v.dtype == torch.uint8 for v in views)
+    batch = multicrop_batch([np.zeros((40, 80, 3), np.uint8), np.full((50, 60, 3), 200, np.uint8)], crop)
+    assert list(batch) == crop_names(3) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    assert batch["global_1"].shape == (2, 3, 32, 32) and batch["local_2"].shape == (2, 3, 16, 16)
+
+
+def test_multicrop_wrapper_groups_resolutions_and_keeps_order():
+    calls = []
+
+    class Backbone(torch.nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return x.mean(dim=(2, 3))
+
+    model = MultiCropWrapper(Backbone(), torch.nn.Identity())
+    crops = [torch.full((2, 3, 8, 8), 1.0), torch.full((2, 3, 8, 8), 2.0), torch.full((2, 3, 4, 4), 3.0)]
+    out = model(crops)
+    assert calls == [(4, 3, 8, 8), (2, 3, 4, 4)]
+    assert out[:, 0].tolist() == [1, 1, 2, 2, 3, 3]
+
+
+def _tiny_dino(out_dim: int = 64):
+    return build_dino_model("vit_tiny_patch16_224", drop_path=0.0, out_dim=out_dim, hidden_dim=64, bottleneck_dim=32)
+
+
+def test_a_few_cpu_steps_lower_the_dino_loss():
+    """Fixed batch, teacher = EMA of the student: the student learns to match the teacher's sharpened targets."""
+    torch.manual_seed(0)
+    student = _tiny_dino()
+    ema = EMA(student)
+    steps = 12
+    loss_fn = DINOLoss(64, n_crops=4, teacher_temps=teacher_temp_schedule(0.04, 0.04, steps, 0))
+    step_fn = DinoStep(ema.module, loss_fn, n_local=2)
+    opt = torch.optim.AdamW(param_groups(student), lr=1e-3, weight_decay=0.04)
+    crop = MultiCrop(global_size=32, local_size=16, n_local=2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    batch = {k: torch.from_numpy(v) for k, v in multicrop_batch(images, crop).items()}
+    losses = []
+    for step in range(steps):
+        out = train_one_step(student, opt, iter([batch]), step_fn, step,
+                             before_update=lambda m, o, s: {"grad_norm": clip_gradients(m, 3.0)})
+        ema.update(student, 0.9)
+        losses.append(out["loss"])
+        assert out["images"] == 4 and 0 <= out["teacher_entropy"] <= math.log(64) + 1e-6
+    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
+
+
+def test_backbone_checkpoint_loads_into_timm_and_the_project_loader_with_identical_outputs(tmp_path):
+    import timm
+
+    from raydseg.features.backbone import create_backbone
+    from raydseg.train.pretrain import save_backbone
+
+    torch.manual_seed(1)
+    model = _tiny_dino()
+    with torch.no_grad():  # move away from the init so that a silently skipped key would show
+        for p in model.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(model, str(path), {"backbone": "vit_tiny_patch16_224"})
+    x = torch.randn(2, 3, 64, 96)
+    model.backbone.eval()
+    with torch.no_grad():
+        want = model.backbone(x)
+        ours = create_backbone("vit_tiny_patch16_224", str(path))
+        via_timm = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, dynamic_img_size=True,
+                                     pretrained_cfg_overlay=dict(file=str(path))).eval()
+        assert torch.equal(ours(x), want)
+        assert torch.equal(via_timm(x), want)
+    # the Segmenter encoder of the teacher stage loads it through teacher.weights the same way
+    from raydseg.models.segmenter import build_segmenter
+
+    seg = build_segmenter({"backbone": "vit_tiny_patch16_224", "n_cls": 3, "drop_path": 0.0}, weights=str(path))
+    sd = seg.encoder.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in model.backbone.state_dict().items())
+
+
+def test_model_and_step_code_import_without_ray():
+    """The GPU machine has torch + timm + numpy only: no Ray, pyarrow or MLflow may come in with these modules."""
+    code = ("import sys; import raydseg.train.engine, raydseg.train.steps, raydseg.train.dino, "
+            "raydseg.models.dino_head, raydseg.train.pretrain, raydseg.train.segmentation, raydseg.train.loop; "
+            "bad = [m for m in ('ray', 'pyarrow', 'mlflow') if m in sys.modules]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _blob_probe(n_images: int = 4) -> tuple[list[np.ndarray], dict]:
+    """Coloured-blob images (raydseg.train.synthetic) as unlabelled images and as a k-NN probe (blobs = segments)."""
+    from raydseg.eval.knn import segment_majority_class
+    from raydseg.train.synthetic import blob_example
+
+    rng = np.random.default_rng(0)
+    images, probe = [], {"frame_ids": [], "images": [], "segment_ids": [], "seg_image": [], "seg_id": [],
+                         "seg_class": []}
+    for i in range(n_images):
+        image, _, seg, gt = blob_example(rng, 48, 64)
+        images.append(image)
+        probe["frame_ids"].append(f"f{i}")
+        probe["images"].append(torch.from_numpy(image))
+        probe["segment_ids"].append(torch.from_numpy(seg.astype(np.int32)))
+        for sid, c in segment_majority_class(seg, gt).items():
+            probe["seg_image"].append(i)
+            probe["seg_id"].append(sid)
+            probe["seg_class"].append(c)
+    for k in ("seg_image", "seg_id", "seg_class"):
+        probe[k] = torch.tensor(probe[k])
+    return images, probe
+
+
+def test_pretrain_local_runs_without_ray_and_exports_a_timm_backbone(tmp_path):
+    from raydseg.config import PretrainConfig
+    from raydseg.features.backbone import create_backbone
+    from raydseg.train.pretrain import CHECKPOINT, pretrain_local
+
+    config = {**PretrainConfig().model_dump(), "seed": 0, "out_dir": str(tmp_path), "out_dim": 64,
+              "hidden_dim": 32, "bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2,
+              "steps": 3, "batch_size": 2, "warmup_steps": 1, "log_every": 3, "knn_k": 1, "knn_crop_size": 32}
+    images, probe = _blob_probe()
+    history = pretrain_local(config, images, probe=probe, log=lambda s: None)
+    assert [h["step"] for h in history] == [0, 3]
+    assert 0.0 <= history[0]["knn_acc"] <= 1.0 and 0.0 <= history[-1]["knn_acc"] <= 1.0
+    assert np.isfinite(history[-1]["loss"]) and history[-1]["teacher_entropy"] > 0
+    assert history[-1]["weight_decay"] == pytest.approx(0.4)  # the cosine schedule's last value
+    backbone = create_backbone("vit_tiny_patch16_224", str(tmp_path / CHECKPOINT))
+    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+
+
+def test_pretrain_stage_is_opt_in():
+    from raydseg.config import load_config
+    from raydseg.pipeline import STAGE_ORDER, default_stages
+
+    assert STAGE_ORDER.index("ingest") < STAGE_ORDER.index("pretrain") < STAGE_ORDER.index("proposals")
+    assert "pretrain" not in default_stages(load_config())
+    assert "pretrain" in default_stages(load_config(overrides=["pretrain.enabled=true"]))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(tmp_path):
+    import mlflow
+
+    from raydseg.config import load_config
+    from raydseg.features.backbone import create_backbone
+    from raydseg.pipeline import run_pipeline
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml",
+                      [f"run.output_root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       "synthetic.n_sequences=1", "synthetic.frames_per_sequence=4"])
+    result = run_pipeline(cfg, stages=["ingest", "pretrain"])
+    report = {r.name: r for r in result.reports}["pretrain"]
+    assert report.status == "ran" and report.counts["steps"] == cfg.pretrain.steps
+    path = Path(result.run_root) / "pretrain" / "backbone.safetensors"
+    backbone = create_backbone(cfg.pretrain.backbone, str(path))
+    assert backbone(torch.randn(1, 3, 32, 48)).shape == (1, backbone.num_features)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    child = [r for r in client.search_runs(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id)
+             if r.data.tags.get("mlflow.runName") == "pretrain"][0]
+    loss = [m for m in client.get_metric_history(child.info.run_id, "pretrain/loss") if m.step > 0]  # 0: summary
+    assert sorted(m.step for m in loss) == list(range(1, cfg.pretrain.steps + 1))
+    assert all(np.isfinite(m.value) for m in loss)
+    assert "pretrain/teacher_entropy" in child.data.metrics
+    knn = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "pretrain/knn_acc")}
+    assert 0 in knn and cfg.pretrain.steps in knn  # before training, and at the end
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "backbone")} == {"backbone/backbone.safetensors"}
