@@ -68,8 +68,8 @@ def test_bad_invocation_fails_at_once_naming_its_key_and_keeps_earlier_outputs(t
 
 def test_unknown_stage_and_unwritable_output_root(tmp_path, capsys):
     assert one_stage(["bogus"]) == 2
-    assert capsys.readouterr().err == ("error: unknown stage 'bogus' (stages: ingest, proposals, features, cluster, "
-                                       "teacher, student, evaluate)\n")
+    assert capsys.readouterr().err == ("error: unknown stage 'bogus' (stages: ingest, pretrain, proposals, features, "
+                                       "cluster, teacher, student, evaluate)\n")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert full_run(["--set", f"run.output_root={blocker}/out"]) == 2
