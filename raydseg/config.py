@@ -194,6 +194,7 @@ class TeacherConfig:
     weight_decay: float = 0.0001
     schedule: str = "poly"  # poly (power 0.9, paper) | cosine | constant
     warmup_steps: int = 5
+    class_balance: float = 0.0  # loss weight of a class n_c^-p over its pixels in the batch (0 = plain CE, 1 = equal)
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
     checkpoint_every: int = 20  # steps between Ray Train checkpoints
     log_every: int = 5  # steps between metric reports / MLflow points

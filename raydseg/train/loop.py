@@ -241,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     loss = soft_target_loss(logits, probs, config["temperature"]) if probs is not None \
                         else ce_loss(logits, hard)
                 else:
-                    loss = ce_loss(logits, batch["label"])
+                    loss = ce_loss(logits, batch["label"], balance=config.get("class_balance", 0.0))
                 (loss / accum).backward()
             total += float(loss.detach()) / accum
             imgs += x.shape[0]
