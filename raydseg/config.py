@@ -172,10 +172,10 @@ class TeacherConfig:
     backbone: str = "vit_tiny_patch16_224"  # paper: vit_small_patch16_224.dino (DINO ViT-S/16)
     weights: str = ""  # encoder init ("" = features.weights when the backbones match, else random)
     n_cls: int = 0  # output pseudo-classes (0 = cluster.k + cluster.ground_class; paper: 31)
-    decoder: str = "mask"  # mask (mask transformer, paper) | linear
+    decoder: str = "linear"  # mask (mask transformer, paper) | linear (learns faster at the embedded scale)
     n_layers: int = 1  # mask-transformer layers (released config: 1)
-    dropout: float = 0.1
-    drop_path: float = 0.1
+    dropout: float = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
+    drop_path: float = 0.0  # encoder stochastic depth (released config: 0.1)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
