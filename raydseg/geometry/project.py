@@ -343,8 +343,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
     use (N,) bool points to project (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a
     segment's mask / between ground scanlines (`fill_masks`; both 0 = the plain densification).
-    Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with both fills 0 the pixels
-    hit by a visible ground point, else the pixels the densified and filled ground owns), `n_in_image` points in
+    Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with ground_fill_px 0 the
+    pixels hit by a visible ground point, else the pixels the densified and filled ground owns), `n_in_image` points in
     front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels` (max(seg) + 1,) int64 pixel
     count of every segment id.
     """
@@ -366,7 +366,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
         dense_label = np.where(group >= 0, np.where(group == 0, n_seg + 1, label), n_seg + 2).astype(np.int32)
         dense, _ = _densify(px, py, z, dense_label, vis, width, height, int(radius_px), n_seg + 2)
         dense = fill_masks(dense, n_seg + 1, fill_gap_px, ground_fill_px)
-        ground_img = (dense == n_seg + 1).astype(np.uint8)
+        if ground_fill_px > 0:
+            ground_img = (dense == n_seg + 1).astype(np.uint8)
         seg_img = np.where(dense <= n_seg, dense, 0).astype(np.uint16)
         n_px = np.bincount(seg_img.ravel(), minlength=n_seg + 1).astype(np.int64)
     else:
