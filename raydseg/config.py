@@ -124,7 +124,7 @@ class ProposalsConfig:
     zbuf_rel_tol: float = 0.05  # depth margin of the occlusion test: abs + rel * depth
     zbuf_abs_tol_m: float = 0.3
     densify_radius_px: int = 4  # nearest-visible-point assignment radius (scale with image size / beam spacing)
-    fill_gap_px: int = 0  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
+    fill_gap_px: int = 12  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
     ground_fill_px: int = 0  # vertical gaps closed between ground scanlines and below the lowest (0 = ground hits only)
 
 
