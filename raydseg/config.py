@@ -144,6 +144,8 @@ class ProposalsConfig(Section):
     zbuf_rel_tol: NonNegFloat = 0.05  # depth margin of the occlusion test: abs + rel * depth
     zbuf_abs_tol_m: NonNegFloat = 0.3
     densify_radius_px: NonNegInt = 4  # nearest-visible-point assignment radius (scale with image / beam spacing)
+    fill_gap_px: NonNegInt = 12  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
+    ground_fill_px: NonNegInt = 0  # vertical gaps closed between ground scanlines and below the lowest (0 = hits only)
 
 
 class PretrainConfig(Section):
@@ -269,10 +271,11 @@ class TeacherConfig(TrainConfig):
     backbone: NonEmpty = "vit_tiny_patch16_224"  # paper: vit_small_patch16_224.dino (DINO ViT-S/16)
     weights: Text = ""  # encoder init ("" = features.weights when the backbones match, else random)
     n_cls: NonNegInt = 0  # output pseudo-classes (0 = cluster.k + cluster.ground_class; paper: 31)
-    decoder: Literal["mask", "linear"] = "mask"  # mask (mask transformer, paper) | linear
+    decoder: Literal["mask", "linear"] = "linear"  # mask (mask transformer, paper) | linear (faster to learn here)
     n_layers: PosInt = 1  # mask-transformer layers (released config: 1)
-    dropout: Probability = 0.1
-    drop_path: Probability = 0.1
+    dropout: Probability = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
+    drop_path: Probability = 0.0  # encoder stochastic depth (released config: 0.1)
+    class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0  # class weight n_c^-p over its batch pixels (0 = CE)
 
 
 class StudentConfig(TrainConfig):

@@ -11,7 +11,7 @@ from raydseg.geometry import analytic, quality
 from raydseg.geometry.column_bits import MAX_ROWS
 from raydseg.geometry.ground import (_angle_image, _ground_bfs, _ground_bits, ground_plane_ransac, ground_range_image,
                                      savgol_coeffs)
-from raydseg.geometry.project import densify_segments, project_points, project_segments, visible_points
+from raydseg.geometry.project import densify_segments, fill_masks, project_points, project_segments, visible_points
 from raydseg.geometry.proposals import camera_segments, density_mask, sweep_segments
 from raydseg.geometry.range_image import build_range_image, estimate_columns
 from raydseg.geometry.segment import _bfs_segments, _segment_bits, filter_segments, segment_stats
@@ -317,3 +317,78 @@ def test_ransac_ground_method_is_selectable_and_works_on_a_flat_street(street):
     assert p >= 0.97 and r >= 0.99, (p, r)
     with pytest.raises(ValueError, match="unknown ground method"):
         sweep_segments(street["points"], street["ring"], ProposalsConfig(ground_method="flat"))
+
+
+# ---------------------------------------------------------------- filled masks
+def test_fill_masks_closes_gaps_inside_a_surface_and_stops_at_other_surfaces():
+    G, U = 9, 10  # ground id, unsegmented id (segments are 1..8)
+    img = np.zeros((40, 6), np.int32)
+    img[[2, 3, 8, 9, 14, 15], 0] = 1  # a segment's scanlines 4 rows apart -> filled rows 2..15
+    img[[2, 3, 8, 9], 1] = 1
+    img[5, 1] = 2  # another segment between two rows of segment 1: an occlusion boundary, nothing filled
+    img[[20, 35], 2] = G  # ground scanlines 14 rows apart, then the bottom rows below the lowest one
+    img[[20, 27, 35], 3] = [G, 3, G]  # an obstacle between two ground scanlines: no ground over it
+    img[[20, 35], 4] = U  # unsegmented points are never filled
+    img[[2, 30], 5] = 1  # a gap longer than the limit stays empty
+    out = fill_masks(img, G, seg_gap_px=6, ground_gap_px=16)
+    assert (out[2:16, 0] == 1).all() and (out[16:, 0] == 0).all() and (out[:2, 0] == 0).all()
+    assert (out[2:4, 1] == 1).all() and (out[8:10, 1] == 1).all() and (out[[4, 6, 7], 1] == 0).all()
+    assert (out[20:, 2] == G).all() and (out[:20, 2] == 0).all()
+    assert (out[21:27, 3] == 0).all() and (out[28:35, 3] == 0).all() and (out[35:, 3] == G).all()
+    assert (out[21:35, 4] == 0).all() and (out[36:, 4] == 0).all()
+    assert (out[3:30, 5] == 0).all()
+    assert np.array_equal(fill_masks(img, G, 0, 0), img)  # both off: unchanged
+
+
+def _pixel_truth(boxes, K, width, height, sensor_height=1.8, max_range=40.0):
+    """Per-pixel analytic ground truth of analytic.camera(): -2 sky / beyond range, 0 ground, k = box k-1 + 1."""
+    v, u = np.mgrid[:height, :width]
+    rays_cam = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u, float)], -1)
+    d = rays_cam.reshape(-1, 3) @ analytic.R_CAM_LIDAR  # camera -> LiDAR axes (R is orthonormal)
+    t = np.full(len(d), np.inf)
+    inst = np.full(len(d), -2)
+    down = d[:, 2] < -1e-9
+    t[down] = -sensor_height / d[down, 2]
+    inst[down] = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k, (lo, hi) in enumerate(boxes):
+            t1, t2 = np.asarray(lo) / d, np.asarray(hi) / d
+            tmin = np.nanmax(np.minimum(t1, t2), axis=1)
+            tmax = np.nanmin(np.maximum(t1, t2), axis=1)
+            hit = (tmax >= tmin) & (tmin > 0) & (tmin < t)
+            t[hit], inst[hit] = tmin[hit], k + 1
+    inst[np.linalg.norm(d, axis=1) * t > max_range] = -2
+    return inst.reshape(height, width)
+
+
+def test_filled_masks_cover_the_ground_between_scanlines_and_keep_segments_on_their_objects():
+    # 16 beams seen by a 320x160 camera (focal 160): scanlines ~5 px apart on objects, far more on the near ground
+    boxes = analytic.street_boxes()
+    scene = analytic.raycast(boxes, beams=16, columns=1024, max_range=40.0)
+    sw = sweep_segments(scene["points"], scene["ring"], ProposalsConfig(n_beams=16))
+    K, T = analytic.camera()
+    truth = _pixel_truth(boxes, K, 320, 160)
+    box_of_seg = {s: np.bincount(scene["instance"][sw.segment_id == s]).argmax()
+                  for s in np.unique(sw.segment_id[sw.segment_id > 0])}
+    kw = dict(near=0.5, use=sw.use, radius_px=1)
+    plain = project_segments(scene["points"][:, :3], sw.segment_id, sw.ground, K, T, 320, 160, **kw)
+    filled = project_segments(scene["points"][:, :3], sw.segment_id, sw.ground, K, T, 320, 160, fill_gap_px=8,
+                              ground_fill_px=48, **kw)
+
+    def ground_recall_precision(g):
+        g = g > 0
+        return (g & (truth == 0)).sum() / (truth == 0).sum(), (g & (truth == 0)).sum() / g.sum()
+
+    def seg_stats(seg):
+        m = seg > 0
+        owner = np.vectorize(lambda s: box_of_seg.get(s, -1))(seg[m])
+        return m.sum(), (owner == truth[m]).mean()
+
+    r0, p0 = ground_recall_precision(plain["ground_px"])
+    r1, p1 = ground_recall_precision(filled["ground_px"])
+    (n0, a0), (n1, a1) = seg_stats(plain["segment_ids"]), seg_stats(filled["segment_ids"])
+    print(f"ground recall {r0:.3f} -> {r1:.3f}, precision {p0:.3f} -> {p1:.3f}; segment px {n0} -> {n1}, "
+          f"agreement {a0:.3f} -> {a1:.3f}")
+    assert r0 < 0.3 and r1 >= 0.85 and p1 >= 0.97  # the ground is filled between its scanlines, never over a box
+    assert n1 >= 1.3 * n0 and a1 >= 0.95  # segment masks grow into filled silhouettes, still on their own box
+    assert filled["n_pixels"][1:].sum() == (filled["segment_ids"] > 0).sum()

@@ -53,6 +53,22 @@ def test_ignored_pixels_do_not_change_the_loss():
     assert torch.allclose(ce_loss(logits, target), ref)
 
 
+def test_class_balanced_loss_weighs_every_class_alike_at_power_one():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)  # class 0 (the ground) fills 90 % of the labelled pixels
+    target[:, :2] = 3
+    target[:, 2:4, :5] = 255
+    per_px = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    class_means = torch.stack([per_px[target == c].mean() for c in (0, 3)])
+    assert torch.allclose(ce_loss(logits, target, balance=1.0), class_means.mean())  # each class counts once
+    assert torch.allclose(ce_loss(logits, target, balance=0.0), ce_loss(logits, target))
+    half = ce_loss(logits, target, balance=0.5)  # between the plain mean and the class-balanced mean
+    lo, hi = sorted([ce_loss(logits, target).item(), class_means.mean().item()])
+    assert lo <= half.item() <= hi
+    assert ce_loss(logits, torch.full_like(target, 255), balance=0.5).item() == 0.0
+
+
 def test_save_load_roundtrip_gives_identical_predictions(model, tmp_path):
     save_model(model, TINY, str(tmp_path / "m"))
     loaded = load_model(str(tmp_path / "m"))

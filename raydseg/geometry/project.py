@@ -282,6 +282,47 @@ def densify_segments(px: np.ndarray, py: np.ndarray, depth: np.ndarray, label: n
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _fill_columns(img, ground_id, seg_gap, ground_gap):  # pragma: no cover - numba
+    """Close the vertical gaps of a densified label image in place, column by column.
+
+    An empty run (label 0) whose pixels above and below carry the same label L is filled with L when it is at most
+    `ground_gap` rows long (L = ground_id) or `seg_gap` rows (a segment, 0 < L < ground_id); other labels (the
+    unsegmented points' id) are never filled. Below the lowest labelled pixel of a column, a ground pixel is
+    extended to the image bottom when that is at most `ground_gap` rows. A run bounded by two different labels is
+    an occlusion boundary and stays empty, so a mask never grows over another surface."""
+    H, W = img.shape
+    for x in range(W):
+        prev, prev_y = 0, -1
+        for y in range(H):
+            lab = img[y, x]
+            if lab == 0:
+                continue
+            if lab == prev and y - prev_y > 1:
+                gap = y - prev_y - 1
+                lim = ground_gap if lab == ground_id else (seg_gap if lab < ground_id else -1)
+                if gap <= lim:
+                    for yy in range(prev_y + 1, y):
+                        img[yy, x] = lab
+            prev, prev_y = lab, y
+        if prev == ground_id and prev_y >= 0 and H - 1 - prev_y <= ground_gap:
+            for yy in range(prev_y + 1, H):
+                img[yy, x] = ground_id
+
+
+def fill_masks(labels: np.ndarray, ground_id: int, seg_gap_px: int, ground_gap_px: int) -> np.ndarray:
+    """Filled silhouettes from a densified label image (copy; see `_fill_columns`).
+
+    Args: labels (H, W) int: 0 = no point, 1 .. ground_id - 1 segment ids, ground_id = ground, > ground_id
+    unsegmented points; seg_gap_px / ground_gap_px: the longest vertical gap closed inside a segment / between
+    ground scanlines (0 = none). Returns (H, W) same dtype.
+    """
+    out = np.array(labels, copy=True)
+    if seg_gap_px > 0 or ground_gap_px > 0:
+        _fill_columns(out, out.dtype.type(ground_id), int(seg_gap_px), int(ground_gap_px))
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _ground_hits(px, py, vis, group, width, height):  # pragma: no cover - numba
     """(height, width) uint8 image, 1 = hit by a visible ground point (group 0), and the number of visible points."""
     img = np.zeros((height, width), np.uint8)
@@ -296,14 +337,16 @@ def _ground_hits(px, py, vis, group, width, height):  # pragma: no cover - numba
 def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray,
                      width: int, height: int, *, near: float = 0.5, use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
-                     radius_px: int = 4) -> dict[str, np.ndarray | int]:
-    """Segment-id image and ground-hit mask of one camera.
+                     radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0) -> dict[str, np.ndarray | int]:
+    """Segment-id image and ground mask of one camera.
 
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
-    use (N,) bool points to project (None = all).
-    Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = hit by a visible ground point),
-    `n_in_image` points in front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels`
-    (max(seg) + 1,) int64 pixel count of every segment id.
+    use (N,) bool points to project (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a
+    segment's mask / between ground scanlines (`fill_masks`; both 0 = the plain densification).
+    Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with ground_fill_px 0 the
+    pixels hit by a visible ground point, else the pixels the densified and filled ground owns), `n_in_image` points in
+    front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels` (max(seg) + 1,) int64 pixel
+    count of every segment id.
     """
     if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
         raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
@@ -314,7 +357,20 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, P, float(width),
                                               float(height), float(near))
     vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)
-    seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), int(seg.max(initial=0)))
+    n_seg = int(seg.max(initial=0))
     ground_img, n_vis = _ground_hits(px, py, vis, group, width, height)
+    if fill_gap_px > 0 or ground_fill_px > 0:
+        if n_seg + 2 > 0xFFFF:
+            raise ValueError(f"{n_seg} segments leave no label for the ground in a uint16 image")
+        # ground and unsegmented points own pixels under labels of their own, then the column fill closes the gaps
+        dense_label = np.where(group >= 0, np.where(group == 0, n_seg + 1, label), n_seg + 2).astype(np.int32)
+        dense, _ = _densify(px, py, z, dense_label, vis, width, height, int(radius_px), n_seg + 2)
+        dense = fill_masks(dense, n_seg + 1, fill_gap_px, ground_fill_px)
+        if ground_fill_px > 0:
+            ground_img = (dense == n_seg + 1).astype(np.uint8)
+        seg_img = np.where(dense <= n_seg, dense, 0).astype(np.uint16)
+        n_px = np.bincount(seg_img.ravel(), minlength=n_seg + 1).astype(np.int64)
+    else:
+        seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), n_seg)
     return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": n_vis,
             "n_pixels": n_px}

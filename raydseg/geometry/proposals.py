@@ -81,7 +81,8 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
     """
     out = project_segments(xyz, sw.segment_id, sw.ground, K, T_cam_lidar, width, height, near=cfg.near_m,
                            use=sw.use, zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
-                           zbuf_abs_tol=cfg.zbuf_abs_tol_m, radius_px=cfg.densify_radius_px)
+                           zbuf_abs_tol=cfg.zbuf_abs_tol_m, radius_px=cfg.densify_radius_px,
+                           fill_gap_px=cfg.fill_gap_px, ground_fill_px=cfg.ground_fill_px)
     n_px = out.pop("n_pixels")
     st = sw.stats
     vis = n_px[st["id"]] > 0

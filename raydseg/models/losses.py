@@ -7,15 +7,26 @@ import torch.nn.functional as F
 IGNORE = 255
 
 
-def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
+            balance: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over labelled pixels. logits (B, C, H, W), target (B, H, W) int (ignore_index skipped).
 
-    All pixels ignored -> 0 with zero gradient (not NaN as `F.cross_entropy(reduction="mean")` gives).
+    balance: class-balancing power p >= 0. Each labelled pixel of class c is weighted by n_c^-p (n_c: the pixels of c
+    in this batch), normalised so the weights average 1 over the labelled pixels: 0 = plain cross-entropy, 1 = every
+    class present in the batch weighs the same, 0.5 in between (a frequent class such as the ground no longer
+    dominates the gradient). All pixels ignored -> 0 with zero gradient (not NaN as `F.cross_entropy` gives).
     """
     target = target.long()
-    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    n = (target != ignore_index).sum().clamp(min=1)
-    return total / n
+    valid = target != ignore_index
+    n = valid.sum().clamp(min=1)
+    if balance <= 0:
+        total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        return total / n
+    per_px = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # 0 where ignored
+    counts = torch.bincount(target[valid], minlength=logits.shape[1]).float()
+    w_cls = counts.clamp(min=1) ** -balance
+    w = torch.where(valid, w_cls[target.clamp(0, logits.shape[1] - 1)], torch.zeros_like(per_px))
+    return (per_px * w).sum() / w.sum().clamp(min=1e-12)
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0,

@@ -88,7 +88,8 @@ def teacher_task(config: dict[str, Any], device: torch.device, rank: int) -> Tas
     """CE of a Segmenter on the sparse pseudo-labels; exports the trained model."""
     model, model_cfg = _segmenter(config)
     rows = _val_rows(config, rank)
-    return Task(model=model, step_fn=SegmentationStep(model_cfg["mean"], model_cfg["std"]),
+    step_fn = SegmentationStep(model_cfg["mean"], model_cfg["std"], config.get("class_balance", 0.0))
+    return Task(model=model, step_fn=step_fn,
                 make_optimizer=lambda m: make_optimizer(m, config), lr_lambda=_lr_lambda(config),
                 validate=_validator(config, model, rows), export=_exporter(config, model_cfg, model, rows))
 

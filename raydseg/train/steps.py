@@ -19,15 +19,16 @@ from raydseg.refine import refine_with_segments
 
 
 class SegmentationStep:
-    """Teacher objective: batch {image (B,H,W,3) uint8, label (B,H,W) uint8 (255 = ignore)} -> CE loss."""
+    """Teacher objective: batch {image (B,H,W,3) uint8, label (B,H,W) uint8 (255 = ignore)} -> CE loss, classes
+    weighted n_c^-class_balance by their pixel count in the batch (0 = plain CE)."""
 
-    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, class_balance: float = 0.0):
+        self.mean, self.std, self.class_balance = mean, std, class_balance
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(normalize(batch["image"], self.mean, self.std))
-        return ce_loss(logits, batch["label"]), {}
+        return ce_loss(logits, batch["label"], balance=self.class_balance), {}
 
 
 def student_targets(teacher: nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor], n_cls: int, *,

@@ -89,7 +89,7 @@ def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlf
     params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
     config = loop_config(t, stage="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
-                         extra={"encoder_weights": encoder_weights(cfg)})
+                         extra={"encoder_weights": encoder_weights(cfg), "class_balance": t.class_balance})
     ds = build_train_dataset(pl_dir, {"crop_size": t.crop_size, "scale_min": t.scale_min, "scale_max": t.scale_max,
                                       "flip": t.flip, "jitter": t.jitter, "val_fraction": t.val_fraction})
     return run_trainer(t, config, ds, out_dir, name, timeout_s)

@@ -1,0 +1,87 @@
+"""Segment masks and pseudo-labels before / after filling, against the synthetic ground truth of one run's frames.
+
+`python jobs/benchmarks/filled_masks.py --run outputs/default --out FILE.json [--variants 0:0,12:0,0:48,12:48]`
+
+For every variant `fill_gap_px:ground_fill_px` the proposals of the run's `ingest/frames` are recomputed (all other
+proposals settings from the run's config) and painted with the run's k-means assignments (`cluster/assignments`),
+so only the masks change. Per variant: segment-image agreement with the ground-truth instances
+(`geometry.quality.image_agreement`), segment pixels per image, pseudo-label coverage, the ground's share of the
+labels, its recall / precision against road + sidewalk + terrain, and the Hungarian mIoU / pixel accuracy of the
+pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="a pipeline run directory with ingest and cluster outputs")
+    p.add_argument("--variants", default="0:0,12:0,0:48,12:48")
+    args = p.parse_args(argv)
+
+    from raydseg import storage
+    from raydseg.clustering.pseudolabels import paint_labels
+    from raydseg.config import load_config
+    from raydseg.data.schema import decode_image, table_to_frames
+    from raydseg.eval.matching import hungarian_mapping
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.geometry import quality
+    from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
+
+    run_cfg = load_config(os.path.join(args.run, "config.yaml"))
+    n_cls = run_cfg.cluster.k + int(run_cfg.cluster.ground_class)
+    frames = []
+    for path in sorted(glob.glob(os.path.join(args.run, "ingest", "frames", "part-*.parquet"))):
+        frames += table_to_frames(storage.read_table(path))
+    assign: dict = {}
+    for path in sorted(glob.glob(os.path.join(args.run, "cluster", "assignments", "part-*.parquet"))):
+        for r in storage.read_table(path).to_pylist():
+            assign.setdefault((r["frame_id"], r["camera"]), {})[r["segment_id"]] = r["pseudo_class"]
+    flat: dict = {"frames": len(frames)}
+    for variant in args.variants.split(","):
+        gap, ground_gap = (int(v) for v in variant.split(":"))
+        cfg = dataclasses.replace(run_cfg.proposals, fill_gap_px=gap, ground_fill_px=ground_gap)
+        agree, n_seg_px, labels, gts = 0.0, 0, [], []
+        for f in frames:
+            pts = np.asarray(f["points"], np.float32).reshape(-1, 4)
+            sw = sweep_segments(pts, f.get("ring"), cfg, seed=frame_seed(f["frame_id"], run_cfg.run.seed))
+            for cam in f["cameras"]:
+                out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg)
+                a, n = quality.image_agreement(out["segment_ids"], decode_image(cam["gt_instance"]))
+                agree, n_seg_px = agree + a * n, n_seg_px + n
+                m = assign.get((f["frame_id"], cam["name"]), {})
+                labels.append(paint_labels(out["segment_ids"], np.array(list(m), np.int64),
+                                           np.array(list(m.values()), np.int64), out["ground_px"],
+                                           run_cfg.cluster.ground_class))
+                gts.append(decode_image(cam["gt_semantic"]))
+        lab, gt = np.stack(labels), np.stack(gts)
+        cov = lab != 255
+        conf = confusion_matrix(lab[cov].astype(np.int64), gt[cov], n_cls, 19)
+        sc = scores(apply_mapping(conf, hungarian_mapping(conf)))
+        ground_gt, ground = np.isin(gt, quality.GROUND_TRAIN_IDS), lab == 0
+        key = f"fill{gap}_ground{ground_gap}"
+        flat.update({f"{key}_agreement": agree / max(n_seg_px, 1), f"{key}_segment_px_frac": n_seg_px / lab.size,
+                     f"{key}_coverage": float(cov.mean()),
+                     f"{key}_ground_share": float(ground.sum() / max(cov.sum(), 1)),
+                     f"{key}_ground_recall": float((ground & ground_gt).sum() / max(ground_gt.sum(), 1)),
+                     f"{key}_ground_precision": float((ground & ground_gt).sum() / max(ground.sum(), 1)),
+                     f"{key}_pl_miou_covered": 100 * sc["miou"], f"{key}_pl_pixel_acc_covered": 100 * sc["pixel_acc"]})
+        print(f"{key:18s} agreement {flat[f'{key}_agreement']:.3f} coverage {flat[f'{key}_coverage']:.3f} "
+              f"ground share {flat[f'{key}_ground_share']:.3f} recall {flat[f'{key}_ground_recall']:.3f} "
+              f"mIoU {flat[f'{key}_pl_miou_covered']:.1f}", flush=True)
+    with open(args.out, "w") as fh:
+        json.dump(flat, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Teacher recipe on one run's data, in process (plain torch, no Ray): what a recipe reaches in a step budget.
+
+`python jobs/benchmarks/teacher_recipe.py --run outputs/default --out FILE.json [--target label|gt]
+[--proposals fill_gap_px=12,ground_fill_px=48] [--set teacher.KEY=VALUE ...] [--eval-images 24]`
+
+Trains a Segmenter on the run's camera images (`cluster/pseudolabels`): `--target label` on its pseudo-labels
+(frames of the validation hash held out, as in the teacher stage) or `--target gt` on the ground truth (the
+**oracle**: the same architecture and step budget on dense true labels, 19 classes). With `--proposals`, the
+segment images are recomputed from `ingest/frames` with those proposals settings and painted with the run's
+k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the synthetic eval
+splits (day, night, fog; `--eval-images` per condition, rendered with the eval seed stream) with the Hungarian
+mapping fitted on day, as the evaluate stage does. Writes one flat JSON object and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def load_rows(run: str, proposals: dict) -> list[dict]:
+    """Training rows {frame_id, image, label, gt} of a run (pseudo-labels as stored, or repainted with new masks)."""
+    from raydseg import storage
+    from raydseg.clustering.pseudolabels import paint_labels
+    from raydseg.config import ProposalsConfig, load_config
+    from raydseg.data.schema import decode_image, table_to_frames
+    from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
+
+    rows = []
+    if not proposals:
+        for p in sorted(glob.glob(os.path.join(run, "cluster", "pseudolabels", "part-*.parquet"))):
+            d = storage.read_table(p).to_pydict()
+            for i, fid in enumerate(d["frame_id"]):
+                rows.append({"frame_id": fid, "image": decode_image(d["image"][i]),
+                             "label": decode_image(d["label"][i]), "gt": decode_image(d["gt_semantic"][i])})
+        return rows
+    run_cfg = load_config(os.path.join(run, "config.yaml"))
+    cfg = dataclasses.replace(run_cfg.proposals, **proposals)
+    assign: dict = {}
+    for p in sorted(glob.glob(os.path.join(run, "cluster", "assignments", "part-*.parquet"))):
+        for r in storage.read_table(p).to_pylist():
+            assign.setdefault((r["frame_id"], r["camera"]), {})[r["segment_id"]] = r["pseudo_class"]
+    for p in sorted(glob.glob(os.path.join(run, "ingest", "frames", "part-*.parquet"))):
+        for f in table_to_frames(storage.read_table(p)):
+            pts = np.asarray(f["points"], np.float32).reshape(-1, 4)
+            sw = sweep_segments(pts, f.get("ring"), cfg, seed=frame_seed(f["frame_id"], run_cfg.run.seed))
+            for cam in f["cameras"]:
+                out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg)
+                m = assign.get((f["frame_id"], cam["name"]), {})
+                lab = paint_labels(out["segment_ids"], np.array(list(m), np.int64),
+                                   np.array(list(m.values()), np.int64), out["ground_px"], run_cfg.cluster.ground_class)
+                rows.append({"frame_id": f["frame_id"], "image": decode_image(cam["image"]), "label": lab,
+                             "gt": decode_image(cam["gt_semantic"])})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="a pipeline run directory with ingest and cluster outputs")
+    p.add_argument("--target", choices=["label", "gt"], default="label")
+    p.add_argument("--proposals", default="", help="KEY=VALUE,... proposals settings to recompute the masks with")
+    p.add_argument("--set", action="append", default=[], help="teacher.KEY=VALUE (recipe overrides)")
+    p.add_argument("--eval-images", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from raydseg.config import load_config
+    from raydseg.data.sources.synthetic import render_eval_images
+    from raydseg.eval.matching import hungarian_mapping
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.models.infer import predict_image
+    from raydseg.models.losses import ce_loss
+    from raydseg.models.segmenter import build_segmenter, normalize
+    from raydseg.train.data import augment_example, is_val
+    from raydseg.train.loop import lr_factor, make_optimizer
+
+    cfg = load_config(overrides=args.set)
+    t = cfg.teacher
+    proposals = {k: int(v) for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
+    rows = load_rows(args.run, proposals)
+    n_cls = 19 if args.target == "gt" else (t.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class))
+    if args.target == "label":
+        rows = [r for r in rows if not is_val(r["frame_id"], t.val_fraction)]
+    labelled = np.stack([r[args.target] for r in rows])
+    syn = dataclasses.replace(cfg.synthetic, eval_images_per_condition=args.eval_images)
+    sets = {c: [(rgb, sem) for *_, rgb, sem in render_eval_images(c, syn, args.seed)] for c in ("day", "night", "fog")}
+
+    torch.set_num_threads(max(1, t.torch_threads))
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
+                             "dropout": t.dropout, "drop_path": t.drop_path})
+    opt = make_optimizer(model, dataclasses.asdict(t))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.schedule, t.warmup_steps))
+    losses, t0 = [], time.time()
+    model.train()
+    for _ in range(t.steps):
+        views = [augment_example(rows[i]["image"], rows[i][args.target], None, rng, t.crop_size,
+                                 (t.scale_min, t.scale_max), t.flip, t.jitter)
+                 for i in rng.integers(0, len(rows), t.batch_size)]
+        x = normalize(torch.from_numpy(np.stack([v[0] for v in views])))
+        loss = ce_loss(model(x), torch.from_numpy(np.stack([v[1] for v in views])), balance=t.class_balance)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    train_s = time.time() - t0
+    model.eval()
+    confs = {}
+    for name, ims in sets.items():
+        confs[name] = sum(confusion_matrix(predict_image(model, rgb), sem, n_cls, 19) for rgb, sem in ims)
+    mapping = hungarian_mapping(confs["day"])
+    out: dict = {"target": args.target, "proposals": args.proposals, "overrides": " ".join(args.set),
+                 "steps": t.steps, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
+                 "loss_last5": float(np.mean(losses[-5:])),
+                 "label_coverage": float((labelled != 255).mean()),
+                 "ground_share_of_labelled": float((labelled == 0).sum() / max((labelled != 255).sum(), 1))}
+    for name, c in confs.items():
+        sc = scores(apply_mapping(c, mapping))
+        out[f"{name}_miou"] = 100 * sc["miou"]
+        out[f"{name}_pixel_acc"] = 100 * sc["pixel_acc"]
+    out["day_pred_class0_share"] = float(confs["day"][0].sum() / confs["day"].sum())
+    print(json.dumps(out, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
