@@ -8,7 +8,7 @@ the paper finds stabilises training (ViT-B); its code defaults to it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -88,12 +88,14 @@ class MultiCropWrapper(nn.Module):
 
 
 def build_dino_model(backbone: str, *, weights: str = "", drop_path: float = 0.1, out_dim: int = 65536,
-                     hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True
-                     ) -> MultiCropWrapper:
-    """A timm ViT (no classifier, `dynamic_img_size=True`, weights as `create_backbone`) with a DINO head."""
+                     hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True,
+                     **backbone_kw: Any) -> MultiCropWrapper:
+    """A timm ViT (no classifier, `dynamic_img_size=True`, weights as `create_backbone`) with a DINO head.
+    `backbone_kw` go to timm's factory (e.g. depth=2 for tests)."""
     from raydseg.features.backbone import create_backbone
 
-    net = create_backbone(backbone, weights, dynamic_img_size=True, num_classes=0, drop_path_rate=drop_path).train()
+    net = create_backbone(backbone, weights, dynamic_img_size=True, num_classes=0, drop_path_rate=drop_path,
+                          **backbone_kw).train()
     head = DINOHead(net.num_features, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
                     norm_last_layer=norm_last_layer)
     return MultiCropWrapper(net, head)
