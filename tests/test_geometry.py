@@ -143,8 +143,10 @@ def test_dbscan_baseline_recovers_the_boxes(street):
     sw = sweep_segments(street["points"], street["ring"], cfg)
     rec, n = quality.instance_recall(sw.segment_id, street["instance"])
     assert n == 6 and rec >= 5 / 6
+    with pytest.raises(ValueError, match="segment_method\n  Input should be 'range_image' or 'dbscan'"):
+        ProposalsConfig(segment_method="nope")  # the config refuses it before any sweep
     with pytest.raises(ValueError, match="unknown segment method"):
-        sweep_segments(street["points"], street["ring"], ProposalsConfig(segment_method="nope"))
+        sweep_segments(street["points"], street["ring"], ProposalsConfig.model_construct(segment_method="nope"))
 
 
 def test_projection_lands_a_known_point_on_its_analytic_pixel():
@@ -315,8 +317,10 @@ def test_ransac_ground_method_is_selectable_and_works_on_a_flat_street(street):
     sw = sweep_segments(street["points"], street["ring"], ProposalsConfig(ground_method="ransac"))
     p, r = quality.ground_precision_recall(sw.ground, _labels(street), sw.use)
     assert p >= 0.97 and r >= 0.99, (p, r)
+    with pytest.raises(ValueError, match="ground_method\n  Input should be 'range_image' or 'ransac'"):
+        ProposalsConfig(ground_method="flat")  # the config refuses it before any sweep
     with pytest.raises(ValueError, match="unknown ground method"):
-        sweep_segments(street["points"], street["ring"], ProposalsConfig(ground_method="flat"))
+        sweep_segments(street["points"], street["ring"], ProposalsConfig.model_construct(ground_method="flat"))
 
 
 # ---------------------------------------------------------------- filled masks
