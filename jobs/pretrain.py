@@ -5,5 +5,5 @@ import sys
 from raydseg.cli import run_stages
 
 if __name__ == "__main__":
-    sys.exit(run_stages(sys.argv[1:], ["ingest", "pretrain"], "jobs/pretrain.py",
+    sys.exit(guarded(run_stages)(sys.argv[1:], ["ingest", "pretrain"], "jobs/pretrain.py",
                         "DINO-pretrain the ViT backbone on the camera images of the ingest stage."))

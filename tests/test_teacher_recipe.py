@@ -5,7 +5,6 @@ steps on blob images with sparse pseudo-labels (raydseg.train.synthetic) and sco
 """
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ def _train_and_score(t, steps: int = 20, seed: int = 0) -> tuple[float, float]:
     held_out = [blob_example(np.random.default_rng(99 + i), 64, 96, n_cls=N_CLS) for i in range(6)]
     model = build_segmenter({"backbone": t.backbone, "n_cls": N_CLS, "decoder": t.decoder, "n_layers": t.n_layers,
                              "dropout": t.dropout, "drop_path": t.drop_path}).train()
-    opt = make_optimizer(model, dataclasses.asdict(t))
+    opt = make_optimizer(model, t.model_dump())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, t.schedule, t.warmup_steps))
     for _ in range(steps):
         views = [augment_example(im, lb, None, rng, 48, (t.scale_min, t.scale_max), t.flip, t.jitter)

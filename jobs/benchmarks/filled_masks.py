@@ -12,7 +12,6 @@ pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     flat: dict = {"frames": len(frames)}
     for variant in args.variants.split(","):
         gap, ground_gap = (int(v) for v in variant.split(":"))
-        cfg = dataclasses.replace(run_cfg.proposals, fill_gap_px=gap, ground_fill_px=ground_gap)
+        cfg = run_cfg.proposals.model_copy(update=dict(fill_gap_px=gap, ground_fill_px=ground_gap))
         agree, n_seg_px, labels, gts = 0.0, 0, [], []
         for f in frames:
             pts = np.asarray(f["points"], np.float32).reshape(-1, 4)
@@ -84,4 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())

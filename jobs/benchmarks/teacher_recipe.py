@@ -14,7 +14,6 @@ mapping fitted on day, as the evaluate stage does. Writes one flat JSON object a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -41,7 +40,7 @@ def load_rows(run: str, proposals: dict) -> list[dict]:
                              "label": decode_image(d["label"][i]), "gt": decode_image(d["gt_semantic"][i])})
         return rows
     run_cfg = load_config(os.path.join(run, "config.yaml"))
-    cfg = dataclasses.replace(run_cfg.proposals, **proposals)
+    cfg = run_cfg.proposals.model_copy(update=proposals)
     assign: dict = {}
     for p in sorted(glob.glob(os.path.join(run, "cluster", "assignments", "part-*.parquet"))):
         for r in storage.read_table(p).to_pylist():
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "label":
         rows = [r for r in rows if not is_val(r["frame_id"], t.val_fraction)]
     labelled = np.stack([r[args.target] for r in rows])
-    syn = dataclasses.replace(cfg.synthetic, eval_images_per_condition=args.eval_images)
+    syn = cfg.synthetic.model_copy(update=dict(eval_images_per_condition=args.eval_images))
     sets = {c: [(rgb, sem) for *_, rgb, sem in render_eval_images(c, syn, args.seed)] for c in ("day", "night", "fog")}
 
     torch.set_num_threads(max(1, t.torch_threads))
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
                              "dropout": t.dropout, "drop_path": t.drop_path})
-    opt = make_optimizer(model, dataclasses.asdict(t))
+    opt = make_optimizer(model, t.model_dump())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.schedule, t.warmup_steps))
     losses, t0 = [], time.time()
     model.train()
@@ -137,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())
