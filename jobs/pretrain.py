@@ -2,7 +2,7 @@
 `python jobs/pretrain.py [--config FILE] [--set section.key=value ...]`. Prints where the backbone checkpoint is."""
 import sys
 
-from raydseg.cli import run_stages
+from raydseg.cli import guarded, run_stages
 
 if __name__ == "__main__":
     sys.exit(guarded(run_stages)(sys.argv[1:], ["ingest", "pretrain"], "jobs/pretrain.py",
