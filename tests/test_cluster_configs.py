@@ -427,10 +427,29 @@ def test_stage_requests_are_what_the_stages_pass_to_ray():
         "num_cpus": 1.0, "resources": {R.CPU_WORKER_RESOURCE: R.TASK_AMOUNT}}
 
 
-def test_train_workers_pack_onto_multi_gpu_nodes():
-    import inspect
+def test_ray_train_gets_the_preflight_request_and_packs_workers(monkeypatch, tmp_path):
+    """run_trainer's ScalingConfig asks Ray Train for exactly the WorkerRequest the preflight checks (6 CPU + 1 GPU
+    + the GPU node resource per worker, 4 workers) and packs them (NCCL inside a multi-GPU node), not SPREAD."""
+    import ray.train.torch
 
-    from raydseg.train import teacher
+    from raydseg import stage_requests as S
+    from raydseg.config import load_config
+    from raydseg.train.teacher import run_trainer
 
-    src = inspect.getsource(teacher.run_trainer)
-    assert 'placement_strategy="PACK"' in src and "SPREAD" not in src
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def fit(self):
+            return type("Result", (), {"error": None})()
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setenv(R.ENV_FLAG, "1")
+    cfg = load_config("configs/waymo.yaml")
+    run_trainer(cfg.teacher, {"mode": "teacher"}, None, str(tmp_path), "t")
+    sc = seen["scaling_config"]
+    assert sc.placement_strategy == "PACK" and sc.num_workers == 4 and sc.use_gpu
+    assert sc._resources_per_worker_not_none == S.train_worker(cfg, "teacher").resources == {
+        "CPU": 6, "GPU": 1, R.GPU_WORKER_RESOURCE: R.TASK_AMOUNT}
