@@ -256,7 +256,9 @@ def test_pretrain_stage_is_opt_in():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(tmp_path):
+def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri of an earlier test also sets MLFLOW_TRACKING_URI, which wins over tracking.uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
 
     from raydseg.config import load_config

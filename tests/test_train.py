@@ -112,7 +112,8 @@ def test_interrupted_run_restarts_at_its_step(two_node_cluster, blobs, tmp_path)
     from raydseg.train.teacher import train
 
     pl_dir, _ = blobs
-    cfg = small_cfg(**{"teacher.steps": 4, "teacher.max_failures": 0, "teacher.val_every": -1})
+    cfg = small_cfg(**{"teacher.steps": 4, "teacher.warmup_steps": 1, "teacher.max_failures": 0,
+                       "teacher.val_every": -1})
     out = str(tmp_path / "out")
     with pytest.raises(Exception, match="injected failure at step 3"):
         train(cfg, str(pl_dir), out, name="interrupted", timeout_s=120,
