@@ -102,4 +102,5 @@ def test_full_run_twice_second_skips_ingest(tmp_path, mlflow_server):
 
 def test_full_run_rejects_bad_config_with_clear_message(tmp_path, mlflow_server):
     bad = _full_run(tmp_path, mlflow_server, "--set", "cluster.k=many")
-    assert bad.returncode == 2 and "cluster.k: expected an integer" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1] == "error: cluster.k: input should be a valid integer, got 'many'"
