@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import bench as train_step_bench  # noqa: E402
-from train_step import peak_tflops  # noqa: E402
+from train_step import peak_tflops, sgd_step  # noqa: E402
 
-from raydseg.models.losses import ce_loss  # noqa: E402
 from raydseg.models.segmenter import build_segmenter  # noqa: E402
 
 GOALS = {"teacher_step_mfu": 0.35, "features_crops_per_s": 5000.0}
@@ -98,18 +97,11 @@ def ddp_step(args: argparse.Namespace, device: torch.device) -> dict[str, float]
         wrapped = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         y = torch.randint(0, args.n_cls, (args.batch, args.size, args.size), device=device)
-        amp = device.type == "cuda"
         out = {}
         for name, net in (("ddp", wrapped), ("plain", model)):
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-
-            def step() -> None:
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = ce_loss(net(x), y)
-                loss.backward()
-                opt.step()
-            out[name] = args.batch / _timed(step, device, args.warmup, args.reps)
+            out[name] = args.batch / _timed(lambda: sgd_step(net, opt, x, y, device), device, args.warmup,
+                                            args.reps)
     finally:
         dist.destroy_process_group()
     return {"ddp_step_backend": backend, "ddp_step_images_per_s": out["ddp"], "ddp_baseline": "no_ddp",

@@ -29,6 +29,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
 
 
+def sgd_step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             device: torch.device) -> float:
+    """One training step of a Segmenter on (x, y): CE on the sparse labels, bf16 autocast on CUDA; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = ce_loss(net(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def bench(decoder: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_segmenter({"backbone": args.backbone, "n_cls": args.n_cls, "decoder": decoder}).to(device).train()
@@ -40,15 +51,9 @@ def bench(decoder: str, args: argparse.Namespace, device: torch.device) -> dict:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.n_cls, (args.batch, args.size, args.size), device=device)
     y[:, :, : args.size // 3] = 255  # sparse pseudo-labels: a third unlabelled
-    amp = device.type == "cuda"
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = ce_loss(step_fn(x), y)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return sgd_step(step_fn, opt, x, y, device)
 
     for _ in range(args.warmup):
         step()
