@@ -11,8 +11,6 @@ from raydseg import storage
 from raydseg.config import Config
 from raydseg.errors import InputError
 
-HUB = "hub"  # weights value: timm's pretrained tag of the backbone name
-
 
 def _probe(key: str, path: str) -> str | None:
     """None when `path` exists; else why not, naming `key` (a missing local path, or S3 that cannot be reached)."""
@@ -24,12 +22,19 @@ def _probe(key: str, path: str) -> str | None:
     return f"{key}: {path} does not exist"
 
 
+def _hub() -> str:
+    """The weights value that means timm's pretrained tag (imported late: the backbone module imports torch)."""
+    from raydseg.features.backbone import HUB
+
+    return HUB
+
+
 def _backbone_problem(key: str, name: str, weights: str) -> str | None:
     import timm
 
     if not timm.is_model(name):
         return f"{key}: '{name}' is not a timm model (e.g. vit_small_patch16_224.dino; see timm.list_models('vit_*'))"
-    if weights == HUB and name not in timm.list_pretrained(name):
+    if weights == _hub() and name not in timm.list_pretrained(name):
         return f"{key}: timm has no pretrained weights named '{name}' (weights: hub)"
     return None
 
@@ -63,7 +68,7 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
             continue
         sec = getattr(cfg, section)
         out.append(_backbone_problem(f"{section}.backbone", sec.backbone, sec.weights))
-        if sec.weights and sec.weights != HUB:
+        if sec.weights and sec.weights != _hub():
             out.append(_probe(f"{section}.weights", sec.weights))
     if "evaluate" in stages and not cfg.eval.sets.strip() and cfg.data.source != "synthetic":
         out.append(f"eval.sets: required for data.source={cfg.data.source} (NAME:FORMAT:PATH,...); "

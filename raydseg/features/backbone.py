@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 
+HUB = "hub"  # weights value: timm's pretrained tag of the backbone name (the only path that downloads)
+
 class UnsafeCheckpointError(ValueError):
     """The weights file holds a pickled payload that is not a plain tensor state_dict."""
 
@@ -112,7 +114,7 @@ def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw:
 
     kw.setdefault("num_classes", 0)
     kw.setdefault("dynamic_img_size", True)
-    if weights == "hub":
+    if weights == HUB:
         model = timm.create_model(name, pretrained=True, **kw)
         return model.eval()
     if seed is None:
