@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from raydseg.errors import ConfigError
+from raydseg.train.feed import batch_split
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: installed with the wheel
 DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
@@ -190,6 +191,7 @@ class PretrainConfig(Section):
     cpus_per_worker: PosFloat = 1.0
     torch_threads: PosInt = 1  # intra-op threads per training worker
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    deterministic: bool = False  # forbid non-deterministic GPU kernels (bit-identical GPU runs; slower)
     checkpoint_every: PosInt = 50  # steps between Ray Train checkpoints
     log_every: PosInt = 10  # steps between metric reports / MLflow points
     max_failures: NonNegInt = 2  # Ray Train FailureConfig: restarts from the last checkpoint
@@ -242,7 +244,7 @@ class TrainConfig(Section):
     cpus_per_worker: PosFloat = 1.0
     torch_threads: PosInt = 1  # intra-op threads per training worker
     steps: PosInt = 60  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
-    batch_size: PosInt = 8  # global batch (fixed when num_workers changes: gradient accumulation)
+    batch_size: PosInt = 8  # global batch = micro x workers x accumulation, exactly (else a config error)
     micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)
     crop_size: PosInt = 192  # random-resized-crop side in px, a patch multiple (paper: 512)
     scale_min: Fraction = 0.3  # crop area as a fraction of min(H, W)^2
@@ -256,6 +258,7 @@ class TrainConfig(Section):
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # poly (power 0.9, paper) | cosine | constant
     warmup_steps: NonNegInt = 5
     amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    deterministic: bool = False  # forbid non-deterministic GPU kernels (bit-identical GPU runs; slower)
     checkpoint_every: PosInt = 20  # steps between Ray Train checkpoints
     log_every: PosInt = 5  # steps between metric reports / MLflow points
     max_failures: NonNegInt = 2  # Ray Train FailureConfig: restarts from the last checkpoint
@@ -401,8 +404,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         tc = getattr(cfg, t)
         if tc.warmup_steps > tc.steps:
             out.append(f"{t}.warmup_steps: {tc.warmup_steps} is more than {t}.steps ({tc.steps})")
-        if tc.micro_batch_size > tc.batch_size:
-            out.append(f"{t}.micro_batch_size: {tc.micro_batch_size} is above {t}.batch_size ({tc.batch_size})")
+        try:
+            batch_split(tc.batch_size, tc.micro_batch_size, tc.num_workers)
+        except ValueError as e:
+            out.append(f"{t}.batch_size: {e}")
     for t in ("teacher", "student"):
         tc: TrainConfig = getattr(cfg, t)
         if tc.scale_min > tc.scale_max:

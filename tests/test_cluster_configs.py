@@ -448,7 +448,7 @@ def test_ray_train_gets_the_preflight_request_and_packs_workers(monkeypatch, tmp
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     monkeypatch.setenv(R.ENV_FLAG, "1")
     cfg = load_config("configs/waymo.yaml")
-    run_trainer(cfg.teacher, {"prefix": "teacher/"}, None, str(tmp_path), "t")
+    run_trainer(cfg.teacher, {"prefix": "teacher/"}, str(tmp_path), "t")
     sc = seen["scaling_config"]
     assert sc.placement_strategy == "PACK" and sc.num_workers == 4 and sc.use_gpu
     assert sc._resources_per_worker_not_none == S.train_worker(cfg, "teacher").resources == {

@@ -2,6 +2,7 @@
 through `ray job submit` to a head started with `ray start`. All on configs/smoke.yaml (tiny, about a minute)."""
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import free_port
 from raydseg import storage
+from raydseg.eval.metrics import apply_mapping, scores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -75,9 +77,15 @@ def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["mlflow.runName"] for c in children) == sorted(STAGES)
     metrics = parent.data.metrics
-    for model in ("teacher", "student"):
+    for model in ("teacher", "student"):  # the logged mIoU is the saved confusion under the saved mapping
+        mapping = storage.read_json(storage.join(root, "evaluate", "mappings", f"{model}.json"))
+        (key,) = [k for k in mapping if k.endswith("/hungarian")]
         for split in ("day", "night"):
-            assert 0.0 <= metrics[f"eval/{model}/synthetic_{split}/miou"] <= 1.0
+            conf = np.load(io.BytesIO(storage.read_bytes(
+                storage.join(root, "evaluate", "confusion", model, f"synthetic_{split}.npy"))))
+            assert conf.sum() > 0
+            want = scores(apply_mapping(conf, np.asarray(mapping[key])))["miou"]
+            assert metrics[f"eval/{model}/synthetic_{split}/miou"] == pytest.approx(want, abs=1e-12)
     assert 0.0 < metrics["cluster/purity_random"] <= metrics["cluster/purity"] <= 1.0
     evaluate = next(c for c in children if c.data.tags["mlflow.runName"] == "evaluate")
     assert "evaluate/report.html" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")]
@@ -117,6 +125,13 @@ def _tables_equal(a_root: str, b_root: str, rel: str) -> None:
         np.testing.assert_allclose(da, db, atol=1e-5, err_msg=rel)
         a, b = a.drop(["descriptor"]), b.drop(["descriptor"])
     assert a.equals(b), rel
+
+
+def _model_digest(model_dir: str) -> str:
+    from raydseg.models.io import load_model
+    from raydseg.train.engine import weights_digest
+
+    return weights_digest(load_model(model_dir))
 
 
 def _markers(folder: Path) -> dict[str, int]:
@@ -160,6 +175,8 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
     assert {n: m for n, m in _markers(markers).items() if n in done} == done, "a finished part was redone"
     for rel in DETERMINISTIC:
         _tables_equal(str(root), s3_root, rel)
+    for stage in ("teacher", "student"):  # the same seed: bit-identical trained weights
+        assert _model_digest(str(root / stage / "model")) == _model_digest(f"{s3_root}/{stage}/model"), stage
     for stage in STAGES:
         assert (root / stage / "_manifest.json").exists(), stage
     assert not list(out.rglob("*.tmp*")), "half-written files left behind"

@@ -77,8 +77,6 @@ def test_pca_whitening_optional():
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="2026-12-02: with the packages a fresh venv resolves today, 1 and 2 actors "
-                   "converge to different optima (the code of a262d87 fails the same way); open defect, issue 19")
 def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
     import faiss
     from sklearn.metrics import adjusted_rand_score

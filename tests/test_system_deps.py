@@ -48,7 +48,10 @@ def test_missing_package_without_root_prints_the_command_and_stops():
 def test_makefile_checks_system_packages_before_building_the_venv():
     """`make -n run` on a checkout without a venv: the package check comes first, then the venv."""
     repo = SCRIPT.parent.parent
-    p = subprocess.run(["make", "-n", "run", "VENV=/nonexistent-venv"], cwd=repo, capture_output=True, text=True)
+    # under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines: run a top-level make
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    p = subprocess.run(["make", "-n", "--no-print-directory", "run", "VENV=/nonexistent-venv"], cwd=repo, env=env,
+                       capture_output=True, text=True)
     lines = p.stdout.splitlines()
     assert lines[0] == "scripts/system_deps.sh run" and "-m venv" in lines[1], lines
     assert RUN_PKGS in SCRIPT.read_text()

@@ -19,6 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 
+RESTART_MARGIN = 1e-6  # relative inertia gain a later restart needs to replace the best one so far
+
+
 @dataclass
 class KMeansResult:
     """centroids (k, D) float32; labels (N,) int64 in global row order; inertia = sum of squared distances."""
@@ -325,7 +328,9 @@ def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: 
             c = new
             it += 1
         restart_inertia.append(inertia)
-        if best is None or inertia < best.inertia:
+        # a later restart wins only by more than float rounding (RESTART_MARGIN): restarts that reach the same
+        # optimum (with other centroid orders) must not be told apart by how the shards summed their rows
+        if best is None or inertia < best.inertia * (1 - RESTART_MARGIN):
             best = KMeansResult(centroids=c.astype(np.float32), labels=np.zeros(0, np.int64), inertia=inertia,
                                 counts=stats["counts"].astype(np.int64), inertia_history=history, n_splits=n_split)
     assert best is not None

@@ -1,20 +1,22 @@
-"""Training data: `cluster/pseudolabels/part-*.parquet` through Ray Data, decoded and augmented in map_batches.
+"""Training data: `cluster/pseudolabels/part-*.parquet` as a raydseg.train.feed.Feed (decoded and augmented in Ray
+Data tasks, in a seeded order; see that module).
 
 Rows are frame x camera: `image` (PNG/JPEG bytes), `label` (PNG uint8 pseudo-classes, 255 = ignore),
 `segment_ids` (PNG uint16, 0 = no segment). A deterministic hash of `frame_id` holds out a fraction of the frames
 for validation (`is_val`); training batches never contain them. Decoding and augmentation (random resized crop,
-horizontal flip, photometric jitter) run in Ray Data tasks, never on the driver.
+horizontal flip, photometric jitter) draw from each sample's own generator, never on the driver.
 """
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from raydseg import storage
 from raydseg.data.schema import decode_image
-from raydseg.stage_requests import AUGMENT_TASK_CPUS
+from raydseg.train.feed import Feed
 
 IGNORE = 255
 
@@ -85,46 +87,43 @@ def augment_example(image: np.ndarray, label: np.ndarray, segments: np.ndarray |
             None if segments is None else np.ascontiguousarray(segments))
 
 
-def augment_batch(batch: dict[str, np.ndarray], *, crop: int, scale_min: float, scale_max: float, flip: bool,
-                  jitter: float, val_fraction: float, with_segments: bool) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn (numpy format): drop held-out frames, decode and augment every remaining row.
+def train_samples(index: Any, *, val_fraction: float) -> list[tuple[int, int]]:
+    """Feed.list_samples: the rows of a pseudo-label part (index columns: frame_id) that are not held out."""
+    return [(i, 0) for i, fid in enumerate(index.column("frame_id").to_pylist()) if not is_val(fid, val_fraction)]
+
+
+def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], *, crop: int,
+               scale_min: float, scale_max: float, flip: bool, jitter: float, with_segments: bool
+               ) -> dict[str, np.ndarray]:
+    """Feed.make_batch: decode and augment each pseudo-label row with its own generator.
 
     Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32].
     """
-    rng = np.random.default_rng()
     images, labels, segs = [], [], []
-    for i, fid in enumerate(batch["frame_id"]):
-        if is_val(str(fid), val_fraction):
-            continue
-        image = decode_image(batch["image"][i])
-        label = decode_image(batch["label"][i])
-        seg = decode_image(batch["segment_ids"][i]) if with_segments else None
+    for row, rng in zip(rows, rngs):
+        image = decode_image(row["image"])
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2).astype(np.uint8)
-        im, lb, sg = augment_example(image, label, seg, rng, crop, (scale_min, scale_max), flip, jitter)
+        seg = decode_image(row["segment_ids"]) if with_segments else None
+        im, lb, sg = augment_example(image, decode_image(row["label"]), seg, rng, crop, (scale_min, scale_max),
+                                     flip, jitter)
         images.append(im)
         labels.append(lb)
-        if with_segments:
-            segs.append(sg)
-    out = {"image": np.stack(images) if images else np.zeros((0, crop, crop, 3), np.uint8),
-           "label": np.stack(labels) if labels else np.zeros((0, crop, crop), np.uint8)}
+        segs.append(sg)
+    out = {"image": np.stack(images), "label": np.stack(labels)}
     if with_segments:
-        out["segments"] = np.stack(segs) if segs else np.zeros((0, crop, crop), np.int32)
+        out["segments"] = np.stack(segs)
     return out
 
 
-def build_train_dataset(pl_dir: str, aug: dict[str, Any], with_segments: bool = False):
-    """Ray Dataset of augmented training views from the pseudo-label parts (lazy; executed by the trainer)."""
-    import ray
-
-    fs, _ = storage.filesystem(pl_dir)
-    paths = [storage.filesystem(p)[1] for p in part_paths(pl_dir)]
-    columns = ["frame_id", "image", "label"] + (["segment_ids"] if with_segments else [])
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
-    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=4, num_cpus=AUGMENT_TASK_CPUS,
-                          fn_kwargs=dict(crop=aug["crop_size"], scale_min=aug["scale_min"],
-                                         scale_max=aug["scale_max"], flip=aug["flip"], jitter=aug["jitter"],
-                                         val_fraction=aug["val_fraction"], with_segments=with_segments))
+def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
+    """The training samples of the pseudo-label parts (held-out frames left out) and their augmentation, from the
+    stage's config section `t` (a raydseg.config.TrainConfig)."""
+    return Feed(paths=tuple(part_paths(pl_dir)), index_columns=("frame_id",),
+                list_samples=partial(train_samples, val_fraction=t.val_fraction),
+                columns=("image", "label") + (("segment_ids",) if with_segments else ()), make_batch=make_views,
+                kwargs=dict(crop=t.crop_size, scale_min=t.scale_min, scale_max=t.scale_max, flip=t.flip,
+                            jitter=t.jitter, with_segments=with_segments))
 
 
 def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:

@@ -137,14 +137,20 @@ def validate_segmenter(model: nn.Module, rows: list[dict[str, Any]], n_cls: int)
     return {"val_miou": miou(conf)}
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """torch's seed for optimiser step `step` on `rank`: a function of the step, not of the history, so that a
+    resumed run draws what an uninterrupted one draws (no RNG state needs saving)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
 def save_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
                      ema: EMA | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Everything a resume needs, loadable with torch.load(weights_only=True): model, optimizer, scheduler, step,
-    RNG states [, ema] [, extra (the objective's own tensors)]."""
+    """Everything a resume needs, loadable with torch.load(weights_only=True): model, optimizer, scheduler, step
+    [, ema] [, extra (the objective's own tensors)]. No RNG state: every draw is seeded by the step (`step_seed`,
+    raydseg.train.feed)."""
     model = getattr(model, "module", model)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": int(step), "rng_torch": torch.get_rng_state(),
-             "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+             "step": int(step)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if extra:
@@ -160,7 +166,6 @@ def load_train_state(path: str, model: nn.Module, optimizer: torch.optim.Optimiz
     getattr(model, "module", model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_torch"])
     if ema is not None:
         if "ema" not in state:
             raise KeyError(f"{path} holds no EMA state but the run uses EMA")

@@ -4,9 +4,12 @@ A stage's worker function (raydseg.train.segmentation: teacher / student, raydse
 `lambda config: fit(config, build_task)`, where `build_task(config, device, rank)` returns the stage's
 `raydseg.train.engine.Task` (model, step function, EMA, export...). `fit` does the rest, the same for every stage:
 
-- DDP (`prepare_model`), the optimiser and its LambdaLR schedule, per-rank RNG streams;
-- `accum` micro-batches per worker per step (global batch = micro x workers x accum stays fixed when the worker count
-  changes) through `engine.train_one_step`; the EMA update after every step;
+- DDP (`prepare_model`), the optimiser and its LambdaLR schedule;
+- determinism: each rank's data is `config["feed"]` (a raydseg.train.feed.Feed) on the seeded schedule of
+  raydseg.train.feed, and torch's RNG is reseeded from (seed, rank, step) before every step, so the same seed gives
+  the same weights and a resumed run continues exactly where the checkpoint left it;
+- `accum` micro-batches per worker per step (global batch = micro x workers x accum, exactly: feed.batch_split)
+  through `engine.train_one_step`; the EMA update after every step;
 - every `log_every` steps (and the last) the task's validation on rank 0 and a row of MLflow metrics
   `<prefix><name>` (loss, lr, images_per_s, gpu_mem_gb, the step function's metrics);
 - every `checkpoint_every` steps (and the last) rank 0 attaches a checkpoint (engine.save_train_state) to
@@ -24,8 +27,11 @@ from typing import Any, Callable
 
 import torch
 
+from raydseg.stage_requests import AUGMENT_TASK_CPUS
 from raydseg.train.engine import (Task, confusion, load_train_state, lr_factor, make_optimizer,  # noqa: F401
-                                  miou, read_extra_state, save_train_state, train_one_step, weights_digest)
+                                  miou, read_extra_state, save_train_state, step_seed, train_one_step,
+                                  weights_digest)
+from raydseg.train.feed import batch_split, rank_batches
 
 STATE = "state.pt"
 
@@ -65,15 +71,12 @@ class MlflowLogger:
             self.client.log_artifacts(self.run_id, local_dir, path)
 
 
-def shard_batches(shard: Any, micro: int, device: torch.device):
-    """Endless micro-batches from this worker's dataset shard (a new epoch when one ends)."""
-    while True:
-        n = 0
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device):
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError(f"the training shard yields no batch of {micro} images: too few training images")
+def use_deterministic_kernels() -> None:
+    """Bit-identical GPU runs: deterministic kernels only (an op without one raises), cuBLAS's fixed workspace, no
+    cuDNN autotuning. On CPU the runs are bit-identical without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _write_digest(hooks: dict[str, Any], done: int, rank: int, model: torch.nn.Module) -> None:
@@ -97,17 +100,18 @@ def _inject_failure(hooks: dict[str, Any], done: int, rank: int) -> None:
 def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.device, int], Task]) -> None:
     """Ray Train worker body. `config` (plain dict, see raydseg.train.teacher.loop_config): steps, batch_size,
     micro_batch_size, seed, torch_threads, amp, log_every, checkpoint_every, prefix, tracking_uri, mlflow_run_id,
-    params, hooks, + whatever `build_task` reads."""
+    params, hooks, feed, + whatever `build_task` reads."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    if config.get("deterministic"):
+        use_deterministic_kernels()
     device = ray.train.torch.get_device()
     steps = int(config["steps"])
-    micro = int(config["micro_batch_size"]) or max(1, config["batch_size"] // world)
-    accum = max(1, config["batch_size"] // (micro * world))
+    micro, accum = batch_split(int(config["batch_size"]), int(config["micro_batch_size"]), world)
     torch.manual_seed(config["seed"])  # same init on every rank (DDP broadcasts rank 0's anyway)
 
     task = build_task(config, device, rank)
@@ -125,7 +129,6 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
                 task.load_extra_state({k: v.to(device) for k, v in read_extra_state(os.path.join(d, STATE)).items()})
         if ema is not None:
             ema.module.to(device)
-    torch.manual_seed(config["seed"] * 1_000_003 + rank * 7919 + start)  # per-rank stream, continues after resume
 
     log = MlflowLogger(config.get("tracking_uri", ""), config.get("mlflow_run_id", ""), config.get("prefix", "")) \
         if rank == 0 else MlflowLogger("", "", "")
@@ -134,12 +137,14 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
                     "grad_accum": accum})
     hooks = config.get("hooks") or {}
     use_amp = bool(config.get("amp")) and device.type == "cuda"
-    batches = shard_batches(ray.train.get_dataset_shard("train"), micro, device)
+    batches = rank_batches(config["feed"], seed=config["seed"], start=start, steps=steps, micro=micro, world=world,
+                           accum=accum, rank=rank, device=device, task_cpus=AUGMENT_TASK_CPUS)
     raw = getattr(model, "module", model)
     last_loss = float("nan")
     t_last, imgs = time.time(), 0.0
     model.train()
     for step in range(start, steps):
+        torch.manual_seed(step_seed(config["seed"], rank, step))  # dropout etc.: the same draws after a resume
         out = train_one_step(model, optimizer, batches, task.step_fn, step, accum=accum, amp=use_amp,
                              device_type=device.type, before_update=task.before_update)
         scheduler.step()

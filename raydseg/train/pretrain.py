@@ -1,7 +1,7 @@
 """DINO pretraining of the ViT backbone on Ray Train (the `pretrain` stage): data, task, k-NN probe, export.
 
-- Data: every camera image of the ingest stage's frames (no labels), decoded and multi-cropped (raydseg.train.dino
-  .MultiCrop) in Ray Data map_batches tasks, never on the driver.
+- Data: every camera image of the ingest stage's frames (no labels), a raydseg.train.feed.Feed decoded and
+  multi-cropped (raydseg.train.dino.MultiCrop) in Ray Data tasks in a seeded order, never on the driver.
 - Task (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit): the student is a timm ViT + DINO
   head (raydseg.models.dino_head); the teacher is its EMA (momentum cosine-scheduled to 1); the step function is
   `raydseg.train.dino.DinoStep`; per step the weight decay follows its cosine schedule, gradients are clipped and
@@ -27,8 +27,9 @@ import torch
 from raydseg.models.dino_head import build_dino_model
 from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
-                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
+                                cosine_schedule, multicrop_batch, param_groups, teacher_temp_schedule)
 from raydseg.train.engine import Task
+from raydseg.train.feed import Feed
 
 CHECKPOINT = "backbone.safetensors"
 PROBE = "knn_probe.pt"
@@ -44,41 +45,36 @@ def frame_part_paths(frames_dir: str) -> list[str]:
     return [storage.join(frames_dir, n) for n in names]
 
 
-def multicrop_frames(table: Any, *, global_crop_size: int, local_crop_size: int, local_crops: int,
-                     global_crop_scale_min: float, local_crop_scale_min: float, local_crop_scale_max: float
-                     ) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn (pyarrow format): every camera image of the frames -> its multi-crop views
-    {global_0, global_1, local_0, ...: (B, 3, s, s) uint8}, B = number of camera images."""
+def camera_samples(index: Any) -> list[tuple[int, int]]:
+    """Feed.list_samples: every (frame row, camera) of a frames part (index column: the cameras' names)."""
+    return [(i, j) for i, cams in enumerate(index.column("cameras").to_pylist()) for j in range(len(cams or []))]
+
+
+def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], *,
+                    global_crop_size: int, local_crop_size: int, local_crops: int, global_crop_scale_min: float,
+                    local_crop_scale_min: float, local_crop_scale_max: float) -> dict[str, np.ndarray]:
+    """Feed.make_batch: camera `sub` of each frame row -> its multi-crop views {global_0, global_1, local_0, ...:
+    (B, 3, s, s) uint8}, each image's crops drawn from torch seeded by its own generator."""
     from raydseg.data.schema import decode_image
 
-    images = []
-    for cams in table.column("cameras").to_pylist():
-        for cam in cams or []:
-            im = decode_image(cam["image"])
-            images.append(np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3])
     crop = MultiCrop(global_crop_size, local_crop_size, local_crops, (global_crop_scale_min, 1.0),
                      (local_crop_scale_min, local_crop_scale_max))
-    if not images:
-        sizes = [global_crop_size] * 2 + [local_crop_size] * local_crops
-        return {n: np.zeros((0, 3, s, s), np.uint8) for n, s in zip(crop_names(local_crops), sizes)}
-    with torch.random.fork_rng(devices=[]):
-        torch.seed()  # Ray task processes start from the same torch seed: draw fresh crops in each batch
-        return multicrop_batch(images, crop)
+    views = []
+    for row, sub, rng in zip(rows, subs, rngs):
+        im = decode_image(row["cameras"][sub]["image"])
+        im = np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2 ** 63)))  # torchvision's v2 transforms draw from torch's RNG
+            views.append(multicrop_batch([im], crop))
+    return {k: np.concatenate([v[k] for v in views]) for k in views[0]}
 
 
-def build_pretrain_dataset(frames_dir: str, p: dict[str, Any]):
-    """Ray Dataset of multi-crop views of the camera images of `frames_dir` (lazy; executed by the trainer)."""
-    import ray
-
-    from raydseg import storage
-
-    fs, _ = storage.filesystem(frames_dir)
-    paths = [storage.filesystem(x)[1] for x in frame_part_paths(frames_dir)]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["frame_id", "cameras"])
-    return ds.map_batches(multicrop_frames, batch_format="pyarrow", batch_size=4,
-                          fn_kwargs={k: p[k] for k in ("global_crop_size", "local_crop_size", "local_crops",
-                                                       "global_crop_scale_min", "local_crop_scale_min",
-                                                       "local_crop_scale_max")})
+def pretrain_feed(frames_dir: str, p: dict[str, Any]) -> Feed:
+    """Every camera image of the frames of `frames_dir`, multi-cropped (the `pretrain` section `p` as a dict)."""
+    return Feed(paths=tuple(frame_part_paths(frames_dir)), index_columns=("cameras.list.element.name",),
+                list_samples=camera_samples, columns=("cameras",), make_batch=multicrop_views,
+                kwargs={k: p[k] for k in ("global_crop_size", "local_crop_size", "local_crops",
+                                          "global_crop_scale_min", "local_crop_scale_min", "local_crop_scale_max")})
 
 
 # ----------------------------------------------------------------------------------------------------- k-NN probe
@@ -128,7 +124,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                 image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
                 k = len(probe["images"])
                 probe["frame_ids"].append(frame["frame_id"])
-                probe["images"].append(torch.from_numpy(np.ascontiguousarray(image)))
+                probe["images"].append(torch.from_numpy(np.array(image))  # a writable copy)
                 probe["segment_ids"].append(torch.from_numpy(seg))
                 for s, c in sorted(majority.items()):
                     probe["seg_image"].append(k)
@@ -256,7 +252,7 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
 def local_batches(images: list[np.ndarray], config: dict[str, Any], batch_size: int, device: torch.device,
                   seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless multi-crop batches of `batch_size` images drawn (without replacement within an epoch) from
-    `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `build_pretrain_dataset`."""
+    `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `pretrain_feed` for images in memory."""
     crop = MultiCrop(config["global_crop_size"], config["local_crop_size"], config["local_crops"],
                      (config["global_crop_scale_min"], 1.0),
                      (config["local_crop_scale_min"], config["local_crop_scale_max"]))
@@ -338,6 +334,6 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
             before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size)
             MlflowLogger(tracking_uri, mlflow_run_id, "pretrain/").metrics(
                 {k: v for k, v in before.items() if k != "knn_n_segments"}, step=0)
-    ds = build_pretrain_dataset(frames_dir, config)
-    result = run_trainer(p, config, ds, out_dir, name, timeout_s, loop=pretrain_loop_per_worker)
+    config["feed"] = pretrain_feed(frames_dir, config)
+    result = run_trainer(p, config, out_dir, name, timeout_s, loop=pretrain_loop_per_worker)
     return result, before

@@ -1,6 +1,6 @@
 """Teacher training: Segmenter on the sparse pseudo-labels with Ray Train (`TorchTrainer`, DDP: gloo / NCCL).
 
-`train(cfg, pl_dir, out_dir, ...)` builds the Ray Dataset (decoding + augmentation in map_batches), the trainer
+`train(cfg, pl_dir, out_dir, ...)` builds the training feed (raydseg.train.data.train_feed), the trainer
 (ScalingConfig, RunConfig under `<out_dir>/ray_train`, FailureConfig) and runs `teacher_loop_per_worker`
 (raydseg.train.segmentation: the shared loop raydseg.train.loop.fit with the teacher's step function). Rerunning
 with the same `out_dir` resumes from the last checkpoint. `run_trainer` is shared by every training stage.
@@ -15,7 +15,7 @@ from raydseg.config import Config
 from raydseg.stage_requests import train_worker_for
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-              "warmup_steps", "amp", "checkpoint_every", "log_every", "val_fraction", "val_images", "val_every",
+              "warmup_steps", "amp", "deterministic", "checkpoint_every", "log_every", "val_fraction", "val_images", "val_every",
               "n_overlays", "torch_threads")
 
 
@@ -46,7 +46,7 @@ def loop_config(section: Any, *, stage: str, model_cfg: dict, pl_dir: str, out_d
     return c
 
 
-def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str, name: str,
+def run_trainer(section: Any, config: dict[str, Any], out_dir: str, name: str,
                 timeout_s: int = 1800, loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """Fit a TorchTrainer running `loop` (default: the teacher's worker function) on `section`'s scaling
     (num_workers, use_gpu, cpus_per_worker, max_failures); returns the ray.train.Result (raises when training failed
@@ -69,7 +69,7 @@ def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str
     if loop is None:
         from raydseg.train.segmentation import teacher_loop_per_worker as loop
     trainer = TorchTrainer(loop, train_loop_config=config, scaling_config=scaling,
-                           run_config=run_config, datasets={"train": dataset},
+                           run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if section.use_gpu else "gloo",
                                                     timeout_s=timeout_s))
     result = trainer.fit()
@@ -81,7 +81,7 @@ def run_trainer(section: Any, config: dict[str, Any], dataset: Any, out_dir: str
 def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
           name: str = "teacher", hooks: dict | None = None, timeout_s: int = 1800) -> Any:
     """Train the teacher on `pl_dir` (cluster/pseudolabels); writes `<out_dir>/model/`; returns the Result."""
-    from raydseg.train.data import build_train_dataset
+    from raydseg.train.data import train_feed
 
     t = cfg.teacher
     model_cfg = model_cfg_from(cfg)
@@ -89,7 +89,6 @@ def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlf
     params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
     config = loop_config(t, stage="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
                          tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
-                         extra={"encoder_weights": encoder_weights(cfg), "class_balance": t.class_balance})
-    ds = build_train_dataset(pl_dir, {"crop_size": t.crop_size, "scale_min": t.scale_min, "scale_max": t.scale_max,
-                                      "flip": t.flip, "jitter": t.jitter, "val_fraction": t.val_fraction})
-    return run_trainer(t, config, ds, out_dir, name, timeout_s)
+                         extra={"encoder_weights": encoder_weights(cfg), "class_balance": t.class_balance,
+                                "feed": train_feed(pl_dir, t)})
+    return run_trainer(t, config, out_dir, name, timeout_s)

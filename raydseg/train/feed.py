@@ -1,0 +1,142 @@
+"""Deterministic training data: which samples each rank reads at each step, and their augmentation seeds.
+
+The samples of a stage (a `Feed`: rows of parquet parts, or sub-items of rows such as the cameras of a frame) are
+visited in an endless stream, a fresh seeded permutation per epoch. The global batch of optimiser step s is stream
+positions [s*B, (s+1)*B), B = micro x world x accum; rank r's micro-batch k of that step is the slice starting at
+s*B + (k*world + r)*micro. A sample's augmentation draws from `np.random.default_rng([seed, epoch, sample])`.
+So what a rank trains on is a pure function of (seed, step, rank): a run resumed at step s reads exactly what an
+uninterrupted run reads from step s on, and the same seed gives bit-identical batches.
+
+Each rank runs its own remaining schedule through Ray Data (`from_items` -> `map_batches` reading + augmenting the
+samples in CPU tasks, `preserve_order`), so decoding stays off the training process with Ray Data's backpressure,
+and nothing of it lives on the driver. `local_batches` is the same schedule without Ray (tests, one process).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+Sample = tuple[int, int]  # (row in its part, sub-item of the row)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A training stage's samples and how a batch is made of them (module-level callables: they are pickled).
+
+    paths: parquet parts (storage paths, sorted).
+    index_columns: column paths (nested allowed, "cameras.list.element.name") read to list the samples.
+    list_samples: a part's index columns (pyarrow.Table) -> its samples [(row, sub), ...], held-out rows left out.
+    columns: the columns read to make samples.
+    make_batch: (rows: list[{column: value}], subs: list[int], rngs: list[np.random.Generator], **kwargs) ->
+        {name: (n, ...) array}, one output row per sample, in order.
+    """
+
+    paths: tuple[str, ...]
+    index_columns: tuple[str, ...]
+    list_samples: Callable[[Any], list[Sample]]
+    columns: tuple[str, ...]
+    make_batch: Callable[..., dict[str, np.ndarray]]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_split(batch_size: int, micro_batch_size: int, world: int) -> tuple[int, int]:
+    """(micro, accum) with micro x world x accum == batch_size exactly; micro 0 = batch_size // world.
+    Raises ValueError when no such split exists (checked at config time: raydseg.config.cross_field_problems)."""
+    micro = micro_batch_size or batch_size // world
+    if micro < 1 or batch_size % (micro * world):
+        raise ValueError(f"global batch {batch_size} is not micro_batch_size ({micro}) x num_workers ({world}) x "
+                         f"an integer number of accumulation steps")
+    return micro, batch_size // (micro * world)
+
+
+def _parquet(path: str):
+    import pyarrow.parquet as pq
+
+    from raydseg import storage
+
+    fs, p = storage.filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(p))
+
+
+def sample_index(feed: Feed) -> np.ndarray:
+    """(N, 3) int64 [part, row, sub] of every training sample, in part / row / sub order (the same on every rank)."""
+    out = [(i, row, sub) for i, path in enumerate(feed.paths)
+           for row, sub in feed.list_samples(_parquet(path).read(columns=list(feed.index_columns)))]
+    if not out:
+        raise RuntimeError(f"no training samples in the {len(feed.paths)} parts starting with {feed.paths[:1]}")
+    return np.asarray(out, np.int64).reshape(-1, 3)
+
+
+def rank_schedule(n: int, *, seed: int, start: int, steps: int, micro: int, world: int, accum: int, rank: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, epoch), each ((steps - start) * accum * micro,) int64: what `rank` reads from step `start` on, in
+    consumption order (micro-batch k of step s = entries [((s - start) * accum + k) * micro, ... + micro))."""
+    B = micro * world * accum
+    s = np.arange(start, steps)[:, None, None]
+    k = np.arange(accum)[None, :, None]
+    j = np.arange(micro)[None, None, :]
+    pos = (s * B + (k * world + rank) * micro + j).reshape(-1)
+    epoch = pos // n
+    sample = np.empty_like(pos)
+    for e in np.unique(epoch):
+        at = epoch == e
+        sample[at] = np.random.default_rng([seed, int(e)]).permutation(n)[pos[at] % n]
+    return sample, epoch
+
+
+_PARTS: OrderedDict[str, dict[str, list]] = OrderedDict()  # per-process cache of the parts last read (columns)
+
+
+def _rows(path: str, columns: tuple[str, ...]) -> dict[str, list]:
+    key = f"{path}|{','.join(columns)}"
+    if key not in _PARTS:
+        _PARTS[key] = _parquet(path).read(columns=list(columns)).to_pydict()
+        while len(_PARTS) > 2:  # a part is read once per task process per epoch, at most two in memory
+            _PARTS.popitem(last=False)
+    _PARTS.move_to_end(key)
+    return _PARTS[key]
+
+
+def read_samples(batch: dict[str, np.ndarray], *, feed: Feed, seed: int) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn (numpy): rows {part, row, sub, sample, epoch} -> feed.make_batch's arrays."""
+    rows, subs, rngs = [], [], []
+    for part, row, sub, sample, epoch in zip(batch["part"], batch["row"], batch["sub"], batch["sample"],
+                                             batch["epoch"]):
+        cols = _rows(feed.paths[int(part)], feed.columns)
+        rows.append({c: cols[c][int(row)] for c in feed.columns})
+        subs.append(int(sub))
+        rngs.append(np.random.default_rng([seed, int(epoch), int(sample)]))
+    return feed.make_batch(rows, subs, rngs, **feed.kwargs)
+
+
+def _schedule_columns(feed: Feed, index: np.ndarray, seed: int, **kw: int) -> dict[str, np.ndarray]:
+    sample, epoch = rank_schedule(len(index), seed=seed, **kw)
+    return {"part": index[sample, 0], "row": index[sample, 1], "sub": index[sample, 2], "sample": sample,
+            "epoch": epoch}
+
+
+def rank_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, world: int, accum: int, rank: int,
+                 device: Any, task_cpus: float) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches (torch tensors on `device`) from step `start` to `steps`, through Ray Data."""
+    import ray.data
+
+    cols = _schedule_columns(feed, sample_index(feed), seed, start=start, steps=steps, micro=micro, world=world,
+                             accum=accum, rank=rank)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items([{k: int(v[i]) for k, v in cols.items()} for i in range(len(cols["part"]))],
+                             override_num_blocks=max(1, len(cols["part"]) // (micro * 8)))
+    ds = ds.map_batches(read_samples, batch_format="numpy", batch_size=micro, num_cpus=task_cpus,
+                        fn_kwargs={"feed": feed, "seed": seed})
+    yield from ds.iter_torch_batches(batch_size=micro, device=device)
+
+
+def local_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, world: int = 1, accum: int = 1,
+                  rank: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """`rank_batches` without Ray: the same schedule and samples, as numpy micro-batches, read in this process."""
+    cols = _schedule_columns(feed, sample_index(feed), seed, start=start, steps=steps, micro=micro, world=world,
+                             accum=accum, rank=rank)
+    for i in range(0, len(cols["part"]), micro):
+        yield read_samples({k: v[i:i + micro] for k, v in cols.items()}, feed=feed, seed=seed)

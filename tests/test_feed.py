@@ -1,0 +1,121 @@
+"""The deterministic training feed (raydseg.train.feed) without Ray: which samples each rank reads at each step,
+the exact global batch, resume = suffix, per-sample augmentation seeds, and the pretrain / pseudo-label feeds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raydseg.train.feed import batch_split, local_batches, rank_schedule
+
+
+def test_batch_split_is_exact_or_an_error():
+    assert batch_split(8, 0, 2) == (4, 1)
+    assert batch_split(8, 2, 2) == (2, 2)
+    assert batch_split(16, 2, 4) == (2, 2)
+    for batch, micro, world in ((8, 0, 3), (8, 3, 1), (8, 2, 3), (8, 16, 1)):
+        with pytest.raises(ValueError) as e:
+            batch_split(batch, micro, world)
+        got = micro or batch // world
+        assert str(e.value) == (f"global batch {batch} is not micro_batch_size ({got}) x num_workers ({world}) x an "
+                                f"integer number of accumulation steps")
+
+
+def test_config_refuses_a_global_batch_the_workers_cannot_split():
+    from raydseg.config import load_config
+    from raydseg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["teacher.num_workers=3", "student.micro_batch_size=3"])
+    assert e.value.problems == [
+        "teacher.batch_size: global batch 8 is not micro_batch_size (2) x num_workers (3) x an integer number of "
+        "accumulation steps",
+        "student.batch_size: global batch 8 is not micro_batch_size (3) x num_workers (1) x an integer number of "
+        "accumulation steps"]
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (2, 3), (4, 2)])
+def test_every_step_reads_the_next_global_batch_and_every_epoch_every_sample_once(world, accum):
+    n, micro, steps, seed = 13, 2, 20, 7
+    B = micro * world * accum
+    per_rank = [rank_schedule(n, seed=seed, start=0, steps=steps, micro=micro, world=world, accum=accum, rank=r)
+                for r in range(world)]
+    # reassemble the global stream: step s, micro k, rank r
+    stream, epochs = [], []
+    for s in range(steps):
+        for k in range(accum):
+            for r in range(world):
+                i = (s * accum + k) * micro
+                stream += per_rank[r][0][i:i + micro].tolist()
+                epochs += per_rank[r][1][i:i + micro].tolist()
+    assert len(stream) == steps * B
+    assert epochs == [p // n for p in range(steps * B)]  # the stream position decides the epoch
+    for e in range(steps * B // n):  # each whole epoch is a permutation of all samples
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n:2 * n]  # a fresh order per epoch
+    other = rank_schedule(n, seed=seed + 1, start=0, steps=steps, micro=micro, world=world, accum=accum, rank=0)[0]
+    assert not np.array_equal(other, per_rank[0][0])  # the seed decides the order
+
+
+def test_a_resumed_schedule_is_the_suffix_of_the_uninterrupted_one():
+    kw = dict(seed=3, steps=9, micro=2, world=2, accum=2, rank=1)
+    full_s, full_e = rank_schedule(11, start=0, **kw)
+    for start in (1, 4, 8):
+        s, e = rank_schedule(11, start=start, **kw)
+        per_step = 2 * 2
+        assert np.array_equal(s, full_s[start * per_step:]) and np.array_equal(e, full_e[start * per_step:])
+
+
+def test_pseudo_label_feed_is_reproducible_per_sample_and_leaves_out_held_out_frames(tmp_path):
+    from raydseg.train.data import is_val, train_feed
+    from raydseg.train.synthetic import write_blob_parts
+
+    rows = write_blob_parts(str(tmp_path / "pl"), n_images=20, h=48, w=64, n_parts=3, n_cls=4, seed=0)
+    cfg = _section(val_fraction=0.3)
+    feed = train_feed(str(tmp_path / "pl"), cfg, with_segments=True)
+    from raydseg.train.feed import sample_index
+
+    index = sample_index(feed)
+    n_train = sum(not is_val(r["frame_id"], 0.3) for r in rows)
+    assert 0 < len(index) == n_train < 20
+    a = list(local_batches(feed, seed=5, start=0, steps=6, micro=2))
+    b = list(local_batches(feed, seed=5, start=0, steps=6, micro=2))
+    assert len(a) == 6 and all(x["image"].shape == (2, 32, 32, 3) and x["segments"].shape == (2, 32, 32) for x in a)
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)  # same seed: the same bytes
+    c = list(local_batches(feed, seed=6, start=0, steps=6, micro=2))
+    assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+    resumed = list(local_batches(feed, seed=5, start=4, steps=6, micro=2))  # a resume at step 4 reads steps 4, 5
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(a[4:], resumed) for k in x)
+
+
+def test_pretrain_feed_lists_every_camera_and_crops_reproducibly(tmp_path):
+    import pyarrow as pa
+
+    from raydseg import storage
+    from raydseg.config import load_config
+    from raydseg.data.schema import CAMERA_TYPE, encode_png
+    from raydseg.train.feed import sample_index
+    from raydseg.train.pretrain import pretrain_feed
+
+    rng = np.random.default_rng(0)
+    n_cams = [2, 0, 3]  # a frame without cameras has no sample
+    cams = [[{"name": f"c{j}", "image": encode_png(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)),
+              "K": [0.0] * 9, "T_cam_lidar": [0.0] * 16}
+             for j in range(n)] for n in n_cams]
+    storage.write_table(pa.table({"frame_id": ["a", "b", "c"], "cameras": pa.array(cams, pa.list_(CAMERA_TYPE))}),
+                        str(tmp_path / "frames" / "part-00000.parquet"))
+    p = load_config().pretrain.model_dump()
+    feed = pretrain_feed(str(tmp_path / "frames"), p)
+    assert sample_index(feed).tolist() == [[0, 0, 0], [0, 0, 1], [0, 2, 0], [0, 2, 1], [0, 2, 2]]
+    a = next(local_batches(feed, seed=1, start=0, steps=1, micro=2))
+    b = next(local_batches(feed, seed=1, start=0, steps=1, micro=2))
+    assert a["global_0"].shape == (2, 3, p["global_crop_size"], p["global_crop_size"])
+    assert a["local_0"].shape == (2, 3, p["local_crop_size"], p["local_crop_size"])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["global_0"], a["global_1"])  # two different draws of one image
+
+
+def _section(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"crop_size": 32, "scale_min": 0.3, "scale_max": 1.0, "flip": True, "jitter": 0.2,
+                              "val_fraction": 0.2, **kw})
