@@ -124,7 +124,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                 image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
                 k = len(probe["images"])
                 probe["frame_ids"].append(frame["frame_id"])
-                probe["images"].append(torch.from_numpy(np.array(image))  # a writable copy)
+                probe["images"].append(torch.from_numpy(np.array(image)))  # a writable copy
                 probe["segment_ids"].append(torch.from_numpy(seg))
                 for s, c in sorted(majority.items()):
                     probe["seg_image"].append(k)
