@@ -21,3 +21,8 @@ class ConfigError(UserError, ValueError):
 
 class InputError(UserError):
     """An input path is missing, unreadable or holds nothing usable (no frames, no shards, no images)."""
+
+
+class StorageError(UserError, OSError):
+    """A storage operation failed for good (after S3's retries): permission, missing bucket, endpoint down, disk
+    full. Its line names the path."""

@@ -3,10 +3,13 @@
 Every write goes to a temporary name first and is renamed into place (local) or uploaded as one object
 (S3 objects appear whole or not at all), so a reader never sees a half-written file. The S3 endpoint comes
 from `AWS_ENDPOINT_URL` (pyarrow ignores it, so we pass it explicitly), credentials and region from the
-standard AWS environment / instance profile.
+standard AWS environment / instance profile. Transient S3 failures (503 SlowDown, connection resets, truncated
+bodies) are retried by the AWS SDK's standard strategy with exponential backoff, up to S3_MAX_ATTEMPTS; what still
+fails is a raydseg.errors.StorageError whose one line names the path.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +22,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from raydseg.errors import StorageError
+
+S3_MAX_ATTEMPTS = 6  # tries per S3 request (the AWS SDK's standard retry strategy: exponential backoff, jitter)
 
 
 def is_s3(path: str) -> bool:
@@ -40,7 +47,19 @@ def _s3_filesystem() -> pafs.S3FileSystem:
         kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS), **kwargs)
+
+
+@contextlib.contextmanager
+def _failing(path: str, action: str):
+    """Re-raise a storage failure as one StorageError line naming `path` (not-found stays as it is: callers ask)."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, StorageError):
+        raise
+    except OSError as e:
+        reason = " ".join(str(e).split())
+        raise StorageError(f"{path}: {action} failed: {reason}") from e
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -82,7 +101,8 @@ def listdir(path: str) -> list[str]:
     """Names (not paths) directly under `path`, sorted; [] when it does not exist."""
     fs, p = filesystem(path)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+        with _failing(path, "list"):
+            infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
@@ -99,7 +119,7 @@ def rmtree(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
+    with _failing(path, "read"), fs.open_input_stream(p) as f:
         return f.read()
 
 
@@ -107,20 +127,21 @@ def write_bytes(path: str, data: bytes) -> None:
     """Write atomically: local files via a temp name in the same folder + rename; S3 as one PUT."""
     fs, p = filesystem(path)
     parent = posixpath.dirname(p) if is_s3(path) else os.path.dirname(p)
-    if is_s3(path):
-        with fs.open_output_stream(p) as f:
-            f.write(data)
-        return
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _failing(path, "write"):
+        if is_s3(path):
+            with fs.open_output_stream(p) as f:
+                f.write(data)
+            return
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def read_json(path: str) -> Any:
@@ -141,12 +162,13 @@ def write_table(table: pa.Table, path: str) -> None:
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """Read one parquet file, or every `part-*.parquet` directly in a folder (in name order; never rejects)."""
     fs, p = filesystem(path)
-    if fs.get_file_info(p).type == pafs.FileType.File:
-        return pq.read_table(p, filesystem=fs, columns=columns)
-    names = [n for n in listdir(path) if n.startswith("part-") and n.endswith(".parquet")]
-    if not names:
-        raise FileNotFoundError(f"no parquet files under {path}")
-    return pa.concat_tables([pq.read_table(fs_join(p, n, path), filesystem=fs, columns=columns) for n in names])
+    with _failing(path, "read"):
+        if fs.get_file_info(p).type == pafs.FileType.File:
+            return pq.read_table(p, filesystem=fs, columns=columns)
+        names = [n for n in listdir(path) if n.startswith("part-") and n.endswith(".parquet")]
+        if not names:
+            raise FileNotFoundError(f"no parquet files under {path}")
+        return pa.concat_tables([pq.read_table(fs_join(p, n, path), filesystem=fs, columns=columns) for n in names])
 
 
 def fs_join(fs_path: str, name: str, like: str) -> str:

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from raydseg import storage
+from raydseg.errors import StorageError
 
 
 def _roots(tmp_path, request):
@@ -65,3 +66,48 @@ def test_reader_never_sees_half_written_table_locally(tmp_path, monkeypatch):
         storage.write_table(pa.table({"v": [1, 2, 3]}), str(target))
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
+
+
+def test_transient_s3_faults_are_retried_and_leave_whole_objects(s3_bucket, s3_endpoint, monkeypatch):
+    """503 SlowDown, connection resets and truncated bodies between us and S3 (a fault proxy in front of moto's
+    server): every operation retries until it succeeds, with the same bytes, and no partial object is visible."""
+    from s3_faults import FaultProxy
+
+    root = f"s3://{s3_bucket}/faults"
+    t = pa.table({"v": np.arange(10_000, dtype=np.int64)})
+    blob = os.urandom(300_000)
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.plan = [("PUT", "/faults/blob.bin", "503"), ("PUT", "/faults/blob.bin", "reset"),
+                      ("PUT", "/faults/t/part-00000.parquet", "503")]
+        storage.write_bytes(f"{root}/blob.bin", blob)
+        storage.write_table(t, f"{root}/t/part-00000.parquet")
+        proxy.plan = [("GET", "/faults/blob.bin", "truncate"), ("GET", "/faults/blob.bin", "503"),
+                      ("GET", "/faults/blob.bin", "reset"), ("GET", "list-type", "503"),
+                      ("GET", "/faults/t/part-00000.parquet", "truncate"), ("HEAD", "/faults/t", "503")]
+        assert storage.read_bytes(f"{root}/blob.bin") == blob
+        assert storage.listdir(root) == ["blob.bin", "t"]
+        assert storage.read_table(f"{root}/t").equals(t)
+        assert not proxy.plan, f"faults not reached: {proxy.plan}"
+        assert len(proxy.faults()) == 9
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # straight to S3: the objects are whole
+    assert storage.read_bytes(f"{root}/blob.bin") == blob
+
+
+def test_persistent_s3_failure_names_the_path_and_leaves_the_object(s3_bucket, s3_endpoint, monkeypatch):
+    """An endpoint that keeps answering 503: the retries give up and the error names the path; the object that
+    was there before is untouched."""
+    from s3_faults import FaultProxy
+
+    path = f"s3://{s3_bucket}/keep/a.bin"
+    storage.write_bytes(path, b"before")
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.plan = [("PUT", "/keep/a.bin", "503")] * 50
+        with pytest.raises(StorageError) as e:
+            storage.write_bytes(path, b"after")
+        assert str(e.value).startswith(f"{path}: write failed: ") and "SLOW_DOWN" in str(e.value)
+        assert "\n" not in str(e.value)
+        assert sum(1 for m, p, f in proxy.log if m == "PUT") == storage.S3_MAX_ATTEMPTS  # retried, then gave up
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert storage.read_bytes(path) == b"before"
