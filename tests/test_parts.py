@@ -1,5 +1,8 @@
 """map_parts on a real local Ray cluster: outputs per part, resume after a crash redoes only unfinished parts."""
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +76,65 @@ def test_map_parts_actor_pool(ray_local, tmp_path):
     assert result.counts["rows_out"] == 12
     assert sorted(out.column("y").to_pylist()) == sorted(100 + v for i in range(4) for v in np.arange(3) + 10 * i)
     assert len(set(out.column("pid").to_pylist())) == 1  # one actor, model built once
+
+
+def _killed_once(log_dir, victim):
+    """A part function that, on the part starting at `victim`, the first time only, writes its pid and waits to be
+    SIGKILLed (`_kill_when_ready`); every part it finishes it records."""
+    def fn(table):
+        first = int(table.column("x")[0].as_py())
+        pid_file = os.path.join(log_dir, "victim.pid")
+        if first == victim and not os.path.exists(pid_file):
+            with open(pid_file + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(pid_file + ".tmp", pid_file)
+            time.sleep(120)  # killed long before
+        open(os.path.join(log_dir, f"ran-{first}"), "a").write("x")
+        return {"": pa.table({"y": pa.array(table.column("x").to_numpy() * 2)})}, []
+    return fn
+
+
+class KilledOnce:
+    """The actor-pool form of `_killed_once` (features, evaluate: a model per actor)."""
+
+    def __init__(self, log_dir, victim):
+        self.fn = _killed_once(log_dir, victim)
+
+    def __call__(self, table):
+        return self.fn(table)
+
+
+def _kill_when_ready(log_dir):
+    """SIGKILL the worker process that wrote victim.pid, as soon as it has."""
+    pid_file = os.path.join(log_dir, "victim.pid")
+    deadline = time.time() + 120
+    while not os.path.exists(pid_file):
+        assert time.time() < deadline, "the victim part never started"
+        time.sleep(0.05)
+    os.kill(int(open(pid_file).read()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["task", "actor_pool"])
+def test_a_sigkilled_worker_is_replaced_and_the_stage_finishes_with_every_part(ray_local, tmp_path, pool):
+    """Ray retries the task of a worker killed mid-part (Ray Data: task retries, actor-pool restarts); the map
+    finishes within the same call, and its outputs equal an unkilled run's."""
+    root = str(tmp_path)
+    _inputs(root)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    killer = threading.Thread(target=_kill_when_ready, args=(str(logs),), daemon=True)
+    killer.start()
+    if pool:
+        result = map_parts(storage.join(root, "in"), storage.join(root, "out"), KilledOnce,
+                           fn_constructor_kwargs={"log_dir": str(logs), "victim": 20}, actor_pool=(1, 1))
+    else:
+        result = map_parts(storage.join(root, "in"), storage.join(root, "out"), _killed_once(str(logs), 20))
+    killer.join(timeout=5)
+    assert (logs / "victim.pid").exists()
+    assert result.counts["parts"] == 4 and result.counts["rows_out"] == 12
+    assert sorted(p.name for p in logs.iterdir() if p.name.startswith("ran-")) == [f"ran-{i}" for i in (0, 10, 20, 30)]
+    out = storage.read_table(storage.join(root, "out"))
+    assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
 
 
 def test_single_operator_pipeline_lifts_the_reservation_and_restores_it():
