@@ -362,12 +362,13 @@ def test_preflight_reports_every_impossible_request_once_each(capsys):
     from raydseg.cli import main
 
     rc = main(["preflight", "--config", "configs/waymo.yaml", "--cluster", str(AWS), "--set", "eval.num_gpus=2",
-               "--set", "cluster.num_gpus=2", "--set", "student.num_workers=9"])
+               "--set", "cluster.num_gpus=2", "--set", "student.num_workers=16", "--set",
+               "student.batch_size=16"])
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(err) == 3, err
     assert err[0].startswith("error: cluster: one k-means shard actor asks for 1 CPU + 2 GPU + 0.001 gpu_worker "
                              "(cluster.num_gpus=2.0), but no node type of")
-    assert err[1] == ("error: student: 9 train workers must run at once (student.num_workers=9), each 6 CPU + 1 GPU "
+    assert err[1] == ("error: student: 16 train workers must run at once (student.num_workers=16), each 6 CPU + 1 GPU "
                       f"+ 0.001 gpu_worker, but {AWS} holds at most 8 at its largest")
     assert err[2].startswith("error: evaluate: one inference actor asks for 1 CPU + 2 GPU + 0.001 gpu_worker "
                              "(eval.num_gpus=2.0), but no node type of")
@@ -412,12 +413,12 @@ def test_stage_requests_are_what_the_stages_pass_to_ray():
     from raydseg import stage_requests as S
     from raydseg.config import load_config
     from raydseg.stages import cluster, evaluate, features, ingest, proposals
-    from raydseg.train import data, teacher
+    from raydseg.train import loop, teacher
 
     for module, call in ((ingest, "stage_requests.ingest("), (proposals, "stage_requests.proposals("),
                          (features, "stage_requests.features("), (cluster, "stage_requests.kmeans("),
                          (cluster, "stage_requests.pseudolabels("), (evaluate, "stage_requests.evaluate("),
-                         (teacher, "train_worker_for("), (data, "num_cpus=AUGMENT_TASK_CPUS")):
+                         (teacher, "train_worker_for("), (loop, "task_cpus=AUGMENT_TASK_CPUS")):
         assert call in inspect.getsource(module), (module.__name__, call)
     cfg = load_config("configs/waymo.yaml")
     w = S.train_worker(cfg, "teacher", use_node_resources=True)

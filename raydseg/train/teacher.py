@@ -15,8 +15,8 @@ from raydseg.config import Config
 from raydseg.stage_requests import train_worker_for
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-              "warmup_steps", "amp", "deterministic", "checkpoint_every", "log_every", "val_fraction", "val_images", "val_every",
-              "n_overlays", "torch_threads")
+              "warmup_steps", "amp", "deterministic", "checkpoint_every", "log_every", "val_fraction", "val_images",
+              "val_every", "n_overlays", "torch_threads")
 
 
 def n_pseudo_classes(cfg: Config) -> int:
