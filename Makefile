@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# test processes (pytest-xdist), each test file in one of them (its module fixtures, e.g. a cluster, made once):
+# the waits of Ray / MLflow start-ups overlap; wall times in docs/results.md
+TEST_WORKERS ?= 2
 
 .PHONY: run pretrain test venv venv-dev sysdeps-run sysdeps-test clean
 
@@ -39,7 +42,7 @@ pretrain: venv
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: venv-dev
-	$(PY) -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean:

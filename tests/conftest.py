@@ -35,6 +35,21 @@ def shared_data() -> Path:
 RAY_ENV = {"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}}  # workers can unpickle test-module classes
 
 
+_LOCAL_RAY: dict[str, str] = {}  # the GCS address of the cluster `ray_local` started
+
+
+@pytest.fixture(autouse=True)
+def _keep_mlflow_tracking_env():
+    """mlflow.set_tracking_uri (raydseg.tracking.setup) exports MLFLOW_TRACKING_URI, which would steer the next
+    test's in-process run to this test's store: restore it after every test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def ray_local(s3_endpoint):
     """A real local Ray cluster (2 CPUs, no dashboard), started once and shared by the tests that use it.
@@ -43,9 +58,12 @@ def ray_local(s3_endpoint):
     """
     import ray
 
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _LOCAL_RAY.get("gcs"):
+        ray.shutdown()  # a cluster another test started (its workers may lack the tests folder on their path)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
                  log_to_driver=False, runtime_env=RAY_ENV)
+        _LOCAL_RAY["gcs"] = ray.get_runtime_context().gcs_address
     yield ray
 
 

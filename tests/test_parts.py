@@ -137,6 +137,55 @@ def test_a_sigkilled_worker_is_replaced_and_the_stage_finishes_with_every_part(r
     assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
 
 
+def _stalls_on_a_worker_node(log_dir, head_node):
+    """A part function that stalls the first part it gets on a node other than `head_node` (writing that node's
+    id), so that the node can be removed under it."""
+    def fn(table):
+        import ray
+
+        first = int(table.column("x")[0].as_py())
+        node = ray.get_runtime_context().get_node_id()
+        flag = os.path.join(log_dir, "stalled.node")
+        if node != head_node and not os.path.exists(flag):
+            with open(flag + ".tmp", "w") as f:
+                f.write(node)
+            os.replace(flag + ".tmp", flag)
+            time.sleep(120)  # its node is removed long before
+        open(os.path.join(log_dir, f"ran-{first}"), "a").write("x")
+        return {"": pa.table({"y": pa.array(table.column("x").to_numpy() * 2)})}, []
+    return fn
+
+
+def test_a_worker_node_removed_mid_stage_is_survived(ray_two_nodes, tmp_path):
+    """`Cluster.remove_node` of the node running a part: the part is retried on the remaining node, the map
+    finishes with every part."""
+    cluster = ray_two_nodes
+    root = str(tmp_path)
+    _inputs(root)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def remove_when_stalled():
+        flag = logs / "stalled.node"
+        deadline = time.time() + 120
+        while not flag.exists():
+            if time.time() > deadline:
+                return
+            time.sleep(0.05)
+        node = next(n for n in cluster.worker_nodes if n.node_id == flag.read_text())
+        cluster.remove_node(node, allow_graceful=False)
+
+    remover = threading.Thread(target=remove_when_stalled, daemon=True)
+    remover.start()
+    result = map_parts(storage.join(root, "in"), storage.join(root, "out"),
+                       _stalls_on_a_worker_node(str(logs), cluster.head_node.node_id))
+    remover.join(timeout=5)
+    assert (logs / "stalled.node").exists() and not cluster.worker_nodes, "no part ran on the worker node"
+    assert result.counts["parts"] == 4 and result.counts["rows_out"] == 12
+    out = storage.read_table(storage.join(root, "out"))
+    assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
+
+
 def test_single_operator_pipeline_lifts_the_reservation_and_restores_it():
     import ray
 

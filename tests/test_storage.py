@@ -101,6 +101,7 @@ def test_persistent_s3_failure_names_the_path_and_leaves_the_object(s3_bucket, s
 
     path = f"s3://{s3_bucket}/keep/a.bin"
     storage.write_bytes(path, b"before")
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 3)  # fewer backoff waits; the count is what is checked
     with FaultProxy(s3_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         proxy.plan = [("PUT", "/keep/a.bin", "503")] * 50
