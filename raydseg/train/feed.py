@@ -125,7 +125,9 @@ def rank_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, w
 
     cols = _schedule_columns(feed, sample_index(feed), seed, start=start, steps=steps, micro=micro, world=world,
                              accum=accum, rank=rank)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # one bar per rank, redrawn into the driver's log; the loop logs its own metrics
     ds = ray.data.from_items([{k: int(v[i]) for k, v in cols.items()} for i in range(len(cols["part"]))],
                              override_num_blocks=max(1, len(cols["part"]) // (micro * 8)))
     ds = ds.map_batches(read_samples, batch_format="numpy", batch_size=micro, num_cpus=task_cpus,
