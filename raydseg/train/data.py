@@ -16,7 +16,7 @@ import numpy as np
 
 from raydseg import storage
 from raydseg.data.schema import decode_image
-from raydseg.train.feed import Feed
+from raydseg.train.feed import Feed, part_files
 
 IGNORE = 255
 
@@ -24,13 +24,6 @@ IGNORE = 255
 def is_val(frame_id: str, val_fraction: float) -> bool:
     """Deterministic held-out split by frame (all cameras of a frame fall on the same side)."""
     return (zlib.crc32(frame_id.encode()) % 10_000) < round(val_fraction * 10_000)
-
-
-def part_paths(pl_dir: str) -> list[str]:
-    names = sorted(n for n in storage.listdir(pl_dir) if n.startswith("part-") and n.endswith(".parquet"))
-    if not names:
-        raise FileNotFoundError(f"no part-*.parquet pseudo-label files in {pl_dir}")
-    return [storage.join(pl_dir, n) for n in names]
 
 
 def _resize(a: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
@@ -119,7 +112,7 @@ def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random
 def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
     """The training samples of the pseudo-label parts (held-out frames left out) and their augmentation, from the
     stage's config section `t` (a raydseg.config.TrainConfig)."""
-    return Feed(paths=tuple(part_paths(pl_dir)), index_columns=("frame_id",),
+    return Feed(paths=tuple(part_files(pl_dir, "pseudo-label")), index_columns=("frame_id",),
                 list_samples=partial(train_samples, val_fraction=t.val_fraction),
                 columns=("image", "label") + (("segment_ids",) if with_segments else ()), make_batch=make_views,
                 kwargs=dict(crop=t.crop_size, scale_min=t.scale_min, scale_max=t.scale_max, flip=t.flip,
@@ -129,7 +122,7 @@ def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
 def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:
     """Held-out rows `{frame_id, camera, image (H,W,3) uint8, label (H,W) uint8}` (read on rank 0, few images)."""
     rows: list[dict[str, Any]] = []
-    for path in part_paths(pl_dir):
+    for path in part_files(pl_dir, "pseudo-label"):
         ids = storage.read_table(path, columns=["frame_id"]).column("frame_id").to_pylist()
         if not any(is_val(f, val_fraction) for f in ids):
             continue

@@ -42,6 +42,16 @@ class Feed:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def part_files(folder: str, what: str) -> list[str]:
+    """The `part-*.parquet` files directly in `folder`, in name order; FileNotFoundError naming `what` if none."""
+    from raydseg import storage
+
+    names = sorted(n for n in storage.listdir(folder) if n.startswith("part-") and n.endswith(".parquet"))
+    if not names:
+        raise FileNotFoundError(f"no part-*.parquet {what} files in {folder}")
+    return [storage.join(folder, n) for n in names]
+
+
 def batch_split(batch_size: int, micro_batch_size: int, world: int) -> tuple[int, int]:
     """(micro, accum) with micro x world x accum == batch_size exactly; micro 0 = batch_size // world.
     Raises ValueError when no such split exists (checked at config time: raydseg.config.cross_field_problems)."""

@@ -29,22 +29,13 @@ from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
                                 cosine_schedule, multicrop_batch, param_groups, teacher_temp_schedule)
 from raydseg.train.engine import Task
-from raydseg.train.feed import Feed
+from raydseg.train.feed import Feed, part_files
 
 CHECKPOINT = "backbone.safetensors"
 PROBE = "knn_probe.pt"
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def frame_part_paths(frames_dir: str) -> list[str]:
-    from raydseg import storage
-
-    names = sorted(n for n in storage.listdir(frames_dir) if n.startswith("part-") and n.endswith(".parquet"))
-    if not names:
-        raise FileNotFoundError(f"no part-*.parquet frame files in {frames_dir}")
-    return [storage.join(frames_dir, n) for n in names]
-
-
 def camera_samples(index: Any) -> list[tuple[int, int]]:
     """Feed.list_samples: every (frame row, camera) of a frames part (index column: the cameras' names)."""
     return [(i, j) for i, cams in enumerate(index.column("cameras").to_pylist()) for j in range(len(cams or []))]
@@ -71,7 +62,7 @@ def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.r
 
 def pretrain_feed(frames_dir: str, p: dict[str, Any]) -> Feed:
     """Every camera image of the frames of `frames_dir`, multi-cropped (the `pretrain` section `p` as a dict)."""
-    return Feed(paths=tuple(frame_part_paths(frames_dir)), index_columns=("cameras.list.element.name",),
+    return Feed(paths=tuple(part_files(frames_dir, "frame")), index_columns=("cameras.list.element.name",),
                 list_samples=camera_samples, columns=("cameras",), make_batch=multicrop_views,
                 kwargs={k: p[k] for k in ("global_crop_size", "local_crop_size", "local_crops",
                                           "global_crop_scale_min", "local_crop_scale_min", "local_crop_scale_max")})
@@ -92,7 +83,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
     from raydseg.eval.knn import segment_majority_class
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
-    paths = frame_part_paths(frames_dir)
+    paths = part_files(frames_dir, "frame")
     ids = [(p, f) for p in paths for f in storage.read_table(p, columns=["frame_id"]).column("frame_id").to_pylist()]
     pick = set(np.unique(np.linspace(0, len(ids) - 1, min(n_frames, len(ids))).round().astype(int)).tolist()) \
         if n_frames > 0 and ids else set()
