@@ -21,6 +21,7 @@ Ray is imported inside the functions only: the engine, step functions and models
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from typing import Any, Callable
@@ -88,12 +89,15 @@ def _write_digest(hooks: dict[str, Any], done: int, rank: int, model: torch.nn.M
 
 
 def _inject_failure(hooks: dict[str, Any], done: int, rank: int) -> None:
-    """Test-only (`hooks` is {} in stage runs): raise once at step `fail_at_step` on rank `fail_rank` (a marker
-    file remembers that it happened, so the restarted attempt goes on)."""
+    """Test-only (`hooks` is {} in stage runs): once, at step `fail_at_step` on rank `fail_rank`, raise, or with
+    `sigkill` kill this worker process outright (a marker file remembers that it happened, so the restarted attempt
+    goes on)."""
     if hooks.get("fail_at_step") == done and rank == hooks.get("fail_rank", 0) \
             and not os.path.exists(hooks["marker"]):
         with open(hooks["marker"], "w") as f:
             f.write(str(rank))
+        if hooks.get("sigkill"):
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at step {done} on rank {rank}")
 
 
