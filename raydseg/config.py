@@ -243,7 +243,7 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: PosFloat = 1.0
     torch_threads: PosInt = 1  # intra-op threads per training worker
-    steps: PosInt = 60  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
+    steps: PosInt = 240  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
     batch_size: PosInt = 8  # global batch = micro x workers x accumulation, exactly (else a config error)
     micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)
     crop_size: PosInt = 192  # random-resized-crop side in px, a patch multiple (paper: 512)
@@ -284,7 +284,7 @@ class TeacherConfig(TrainConfig):
 class StudentConfig(TrainConfig):
     """EMA teacher-student distillation with soft targets and LiDAR-segment refinement."""
 
-    steps: PosInt = 40
+    steps: PosInt = 160
     lr: PosFloat = 0.0002
     warmup_steps: NonNegInt = 0
     ema: bool = True  # off: the teacher stays the frozen teacher-stage model
