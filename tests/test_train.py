@@ -85,17 +85,17 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(uninterrupted, blobs, 
     cfg = small_cfg(**{"teacher.num_workers": 2})
     out = tmp_path / "out"
     result = train(cfg, str(pl_dir), str(out), tracking_uri=mlflow_server, mlflow_run_id=run_id, name="ddp",
-                   timeout_s=120, hooks={"fail_at_step": 3, "fail_rank": 1, "sigkill": True, "marker": str(marker),
+                   timeout_s=120, hooks={"fail_at_step": 5, "fail_rank": 1, "sigkill": True, "marker": str(marker),
                           "digest_dir": str(digests)})
 
-    # rank 1 was SIGKILLed once at step 3 (its process gone); the restarted attempt resumed from the step-2
-    # checkpoint
+    # rank 1 was SIGKILLed once at step 5 (its process gone); the restarted attempt resumed from a checkpoint: the
+    # step-4 one, or the step-2 one when Ray Train had not yet registered step 4's when it saw the death (under load)
     assert marker.exists()
-    assert result.metrics["step"] == 6 and result.metrics["start_step"] == 2
+    assert result.metrics["step"] == 6 and result.metrics["start_step"] in (2, 4)
     # DDP: both ranks (one per node) hold bit-identical weights after the first step
     d0, d1 = (digests / "rank0.txt").read_text(), (digests / "rank1.txt").read_text()
     assert d0 == d1
-    # the run that lost a worker process at step 3 ends with the weights of the uninterrupted run, which moved
+    # the run that lost a worker process at step 5 ends with the weights of the uninterrupted run, which moved
     assert model_digest(out / "model") == uninterrupted != d0
     # MLflow: params, curves (loss falls), validation mIoU, throughput and the model artifact
     run = client.get_run(run_id)
