@@ -74,6 +74,7 @@ def test_report_renders_in_headless_chromium_with_images_loaded(tmp_path):
                    capture_output=True, text=True, timeout=90)
     pixels = np.array(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 10  # not blank
-    # the viridis heat map of the confusion plot puts many non-grey (coloured) pixels on screen
+    # the viridis heat map of the confusion plot puts non-grey (coloured) pixels on screen: 1.02 % of them in a full
+    # render here, 0.93 % once on a loaded machine, none on a page without the plot
     colourful = (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean()
-    assert colourful > 0.01
+    assert colourful > 0.005
