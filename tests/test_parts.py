@@ -78,40 +78,56 @@ def test_map_parts_actor_pool(ray_local, tmp_path):
     assert len(set(out.column("pid").to_pylist())) == 1  # one actor, model built once
 
 
-def _killed_once(log_dir, victim):
-    """A part function that, on the part starting at `victim`, the first time only, writes its pid and waits to be
-    SIGKILLed (`_kill_when_ready`); every part it finishes it records."""
+def _stalls_once(log_dir, who):
+    """A part function that stalls once, on the first part for which `who(first x)` names itself (its pid, its node):
+    it writes that name to `log_dir/stalled` and waits to be killed under it; every part it finishes it records."""
     def fn(table):
         first = int(table.column("x")[0].as_py())
-        pid_file = os.path.join(log_dir, "victim.pid")
-        if first == victim and not os.path.exists(pid_file):
-            with open(pid_file + ".tmp", "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(pid_file + ".tmp", pid_file)
+        flag = os.path.join(log_dir, "stalled")
+        name = who(first)
+        if name is not None and not os.path.exists(flag):
+            with open(flag + ".tmp", "w") as f:
+                f.write(name)
+            os.replace(flag + ".tmp", flag)
             time.sleep(120)  # killed long before
         open(os.path.join(log_dir, f"ran-{first}"), "a").write("x")
         return {"": pa.table({"y": pa.array(table.column("x").to_numpy() * 2)})}, []
     return fn
 
 
+def _pid_on_part(victim):
+    return lambda first: str(os.getpid()) if first == victim else None
+
+
 class KilledOnce:
-    """The actor-pool form of `_killed_once` (features, evaluate: a model per actor)."""
+    """The actor-pool form of `_stalls_once(log_dir, _pid_on_part(victim))` (features, evaluate: a model per actor)."""
 
     def __init__(self, log_dir, victim):
-        self.fn = _killed_once(log_dir, victim)
+        self.fn = _stalls_once(log_dir, _pid_on_part(victim))
 
     def __call__(self, table):
         return self.fn(table)
 
 
-def _kill_when_ready(log_dir):
-    """SIGKILL the worker process that wrote victim.pid, as soon as it has."""
-    pid_file = os.path.join(log_dir, "victim.pid")
-    deadline = time.time() + 120
-    while not os.path.exists(pid_file):
-        assert time.time() < deadline, "the victim part never started"
-        time.sleep(0.05)
-    os.kill(int(open(pid_file).read()), signal.SIGKILL)
+def _when_stalled(log_dir, act):
+    """A thread that calls `act(name)` with what `_stalls_once` wrote, as soon as it has."""
+    def wait():
+        flag = os.path.join(log_dir, "stalled")
+        deadline = time.time() + 120
+        while not os.path.exists(flag):
+            if time.time() > deadline:
+                return
+            time.sleep(0.05)
+        act(open(flag).read())
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def _assert_every_part_doubled(root, result):
+    assert result.counts["parts"] == 4 and result.counts["rows_out"] == 12
+    out = storage.read_table(storage.join(root, "out"))
+    assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["task", "actor_pool"])
@@ -122,68 +138,41 @@ def test_a_sigkilled_worker_is_replaced_and_the_stage_finishes_with_every_part(r
     _inputs(root)
     logs = tmp_path / "logs"
     logs.mkdir()
-    killer = threading.Thread(target=_kill_when_ready, args=(str(logs),), daemon=True)
-    killer.start()
+    killer = _when_stalled(str(logs), lambda pid: os.kill(int(pid), signal.SIGKILL))
     if pool:
         result = map_parts(storage.join(root, "in"), storage.join(root, "out"), KilledOnce,
                            fn_constructor_kwargs={"log_dir": str(logs), "victim": 20}, actor_pool=(1, 1))
     else:
-        result = map_parts(storage.join(root, "in"), storage.join(root, "out"), _killed_once(str(logs), 20))
+        result = map_parts(storage.join(root, "in"), storage.join(root, "out"),
+                           _stalls_once(str(logs), _pid_on_part(20)))
     killer.join(timeout=5)
-    assert (logs / "victim.pid").exists()
-    assert result.counts["parts"] == 4 and result.counts["rows_out"] == 12
+    assert (logs / "stalled").exists(), "the victim part never started"
     assert sorted(p.name for p in logs.iterdir() if p.name.startswith("ran-")) == [f"ran-{i}" for i in (0, 10, 20, 30)]
-    out = storage.read_table(storage.join(root, "out"))
-    assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
-
-
-def _stalls_on_a_worker_node(log_dir, head_node):
-    """A part function that stalls the first part it gets on a node other than `head_node` (writing that node's
-    id), so that the node can be removed under it."""
-    def fn(table):
-        import ray
-
-        first = int(table.column("x")[0].as_py())
-        node = ray.get_runtime_context().get_node_id()
-        flag = os.path.join(log_dir, "stalled.node")
-        if node != head_node and not os.path.exists(flag):
-            with open(flag + ".tmp", "w") as f:
-                f.write(node)
-            os.replace(flag + ".tmp", flag)
-            time.sleep(120)  # its node is removed long before
-        open(os.path.join(log_dir, f"ran-{first}"), "a").write("x")
-        return {"": pa.table({"y": pa.array(table.column("x").to_numpy() * 2)})}, []
-    return fn
+    _assert_every_part_doubled(root, result)
 
 
 def test_a_worker_node_removed_mid_stage_is_survived(ray_two_nodes, tmp_path):
     """`Cluster.remove_node` of the node running a part: the part is retried on the remaining node, the map
     finishes with every part."""
+    import ray
+
     cluster = ray_two_nodes
     root = str(tmp_path)
     _inputs(root)
     logs = tmp_path / "logs"
     logs.mkdir()
+    head = cluster.head_node.node_id
 
-    def remove_when_stalled():
-        flag = logs / "stalled.node"
-        deadline = time.time() + 120
-        while not flag.exists():
-            if time.time() > deadline:
-                return
-            time.sleep(0.05)
-        node = next(n for n in cluster.worker_nodes if n.node_id == flag.read_text())
-        cluster.remove_node(node, allow_graceful=False)
+    def off_head(first):
+        node = ray.get_runtime_context().get_node_id()
+        return node if node != head else None
 
-    remover = threading.Thread(target=remove_when_stalled, daemon=True)
-    remover.start()
-    result = map_parts(storage.join(root, "in"), storage.join(root, "out"),
-                       _stalls_on_a_worker_node(str(logs), cluster.head_node.node_id))
+    remover = _when_stalled(str(logs), lambda node: cluster.remove_node(
+        next(n for n in cluster.worker_nodes if n.node_id == node), allow_graceful=False))
+    result = map_parts(storage.join(root, "in"), storage.join(root, "out"), _stalls_once(str(logs), off_head))
     remover.join(timeout=5)
-    assert (logs / "stalled.node").exists() and not cluster.worker_nodes, "no part ran on the worker node"
-    assert result.counts["parts"] == 4 and result.counts["rows_out"] == 12
-    out = storage.read_table(storage.join(root, "out"))
-    assert sorted(out.column("y").to_pylist()) == sorted(2 * v for i in range(4) for v in np.arange(3) + 10 * i)
+    assert (logs / "stalled").exists() and not cluster.worker_nodes, "no part ran on the worker node"
+    _assert_every_part_doubled(root, result)
 
 
 def test_single_operator_pipeline_lifts_the_reservation_and_restores_it():
