@@ -45,8 +45,9 @@ class Feed:
 def part_files(folder: str, what: str) -> list[str]:
     """The `part-*.parquet` files directly in `folder`, in name order; FileNotFoundError naming `what` if none."""
     from raydseg import storage
+    from raydseg.parts import part_names
 
-    names = sorted(n for n in storage.listdir(folder) if n.startswith("part-") and n.endswith(".parquet"))
+    names = part_names(folder)
     if not names:
         raise FileNotFoundError(f"no part-*.parquet {what} files in {folder}")
     return [storage.join(folder, n) for n in names]
