@@ -4,11 +4,16 @@
 OUT/images.npy (N, H, W, 3) uint8 from train-stream sequences 1000.. (the default run uses 0..3), frames 3x the
 default spacing apart; OUT/frames/part-00000.parquet: the default run's 24 training frames (LiDAR + ground truth).
 """
-import sys, os, time, numpy as np, pickle
-from raydseg.config import load_config
-from raydseg.data.sources import synthetic as S
-from raydseg.data.schema import frames_to_table
+import os
+import sys
+import time
+
+import numpy as np
 import pyarrow.parquet as pq
+
+from raydseg.config import load_config
+from raydseg.data.schema import frames_to_table
+from raydseg.data.sources import synthetic as S
 
 cfg = load_config("configs/default.yaml")
 sc = cfg.synthetic
@@ -16,13 +21,13 @@ n_seq, per = int(sys.argv[1]), int(sys.argv[2])
 conds = sys.argv[3].split(",")
 out = sys.argv[4]
 os.makedirs(out, exist_ok=True)
+dt_s = 3 * sc.frame_interval_us * 1e-6  # 3x the default frame spacing: more varied images per sequence
 t0 = time.time()
 imgs = []
 for i in range(n_seq):
     cond = conds[i % len(conds)]
     seed = S._scene_seed(0, S._TRAIN_STREAM, 1000 + i)  # indices the default run (0..3) never uses
-    step = sc.ego_speed_mps * sc.frame_interval_us * 1e-6 * 3
-    rig = S._Rig(seed, per, step, sc.frame_interval_us * 1e-6 * 3, sc)
+    rig = S._Rig(seed, per, sc.ego_speed_mps * dt_s, dt_s, sc)
     for k in range(per):
         rng = np.random.default_rng([seed, k])
         _, rgb, _, _ = rig.camera(k, cond, rng, sc.width, sc.height)
