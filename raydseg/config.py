@@ -88,7 +88,7 @@ class SyntheticConfig(Section):
     beams: Annotated[int, Field(ge=2)] = 32
     conditions: Annotated[list[Condition], Field(min_length=1)] = Field(default_factory=lambda: ["day"])
     eval_conditions: list[Condition] = Field(default_factory=lambda: ["day", "night", "fog"])
-    eval_images_per_condition: PosInt = 8
+    eval_images_per_condition: PosInt = 32
     eval_images_per_scene: PosInt = 4  # eval images are taken this many at a time from one scene, 8 m apart
     eval_city: NonEmpty = "synthcity"  # <city> of the Cityscapes-layout eval splits
     hfov_deg: Annotated[float, Field(gt=0, lt=180)] = 90.0  # camera horizontal field of view
@@ -164,12 +164,14 @@ class PretrainConfig(Section):
     hidden_dim: PosInt = 2048  # head MLP width (paper: 2048)
     bottleneck_dim: PosInt = 256  # head bottleneck before the weight-normalised last layer (paper: 256)
     norm_last_layer: bool = True  # fix the last layer's weight-norm magnitude to 1 (paper code default)
+    head_bn: bool = False  # BatchNorm in the head's hidden layers (official --use_bn_in_head; code default off)
     global_crop_size: PosInt = 112  # px, a patch multiple (paper: 224)
     local_crop_size: PosInt = 48  # px, a patch multiple (paper: 96)
     local_crops: NonNegInt = 4  # local crops per image (paper: 8)
     global_crop_scale_min: Fraction = 0.4  # global crop area fraction in [min, 1] (paper: 0.4)
     local_crop_scale_min: Fraction = 0.05  # local crop area fraction in [min, max] (paper: 0.05 - 0.4)
     local_crop_scale_max: Fraction = 0.4
+    photometric: bool = True  # colour jitter, grayscale, solarisation (paper); false: crops, flips, blur only
     steps: PosInt = 200  # optimiser steps
     batch_size: PosInt = 16  # global batch of images (paper: 1024)
     micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raydseg.eval.matching import fit_mapping, hungarian_mapping, majority_mapping, map_prediction
+from raydseg.eval.matching import covered_scores, fit_mapping, hungarian_mapping, majority_mapping, map_prediction
 from raydseg.eval.metrics import ConfusionAccumulator, apply_mapping, confusion_matrix, scores
 from raydseg.eval.sets import labelid_to_trainid_lut
 
@@ -113,6 +113,18 @@ def test_hungarian_leaves_zero_overlap_pseudo_classes_unmatched():
     night[0, 3], night[4, 5] = 10, 10  # an unseen pseudo-class appears: an error, not an arbitrary class
     s = scores(apply_mapping(night, hungarian_mapping(cm)))
     assert s["pixel_acc"] == 0.5 and np.nansum(~np.isnan(s["iou"])) == 2  # classes 3 and 5 only
+
+
+def test_covered_scores_count_only_labelled_pixels_after_hungarian_matching():
+    """Pseudo-classes 0 / 1 stand for gt 2 / 0 on the covered half; one covered pixel is wrong. Uncovered pixels
+    (255) carry gt class 1, which therefore never enters the score."""
+    gt = np.array([[2, 2, 0, 0], [1, 1, 1, 1]])
+    labels = np.array([[0, 0, 1, 0], [255, 255, 255, 255]])
+    out = covered_scores(labels, gt, n_pred=2, n_gt=3)
+    assert out["coverage"] == 0.5
+    assert out["pixel_acc"] == 0.75
+    # gt 2: TP 2, FP 1 (pseudo-class 0 on a gt-0 pixel) -> 2/3; gt 0: TP 1, FN 1 -> 1/2; gt 1 absent (NaN)
+    assert np.isclose(out["miou"], (2 / 3 + 1 / 2) / 2) and np.isnan(out["iou"][1])
 
 
 def test_accumulator_grows_rows_and_adds_partial_matrices():

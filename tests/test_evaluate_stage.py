@@ -205,6 +205,24 @@ def test_knn_predict_majority_vote_and_segment_majority():
     assert segment_majority_class(seg, gt) == {1: 3, 2: 5}
 
 
+def test_frame_split_keeps_each_frame_on_one_side_and_alternates_sorted_frames():
+    from raydseg.eval.knn import frame_split
+
+    frames = ["f2", "f0", "f1", "f0", "f2", "f3"]
+    assert frame_split(frames).tolist() == [False, False, True, False, False, True]  # f1 and f3 test
+
+
+def test_colour_histogram_bins_each_segments_pixels():
+    """Segment 1: two red pixels and one black; segment 2: one white pixel. 4 levels: red is bin (3, 0, 0) = 48."""
+    from raydseg.eval.knn import colour_histogram
+
+    image = np.array([[[255, 0, 0], [250, 10, 10], [0, 0, 0], [255, 255, 255]]], np.uint8)
+    seg = np.array([[1, 1, 1, 2]])
+    h = colour_histogram(image, seg, np.array([1, 2]))
+    assert h.shape == (2, 64) and np.allclose(np.linalg.norm(h, axis=1), 1.0)
+    assert np.isclose(h[0, 48], np.sqrt(2 / 3)) and np.isclose(h[0, 0], np.sqrt(1 / 3)) and h[1, 63] == 1.0
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_evaluate_real_segmenter_sliding_window_metrics_equal_recount_of_written_predictions(

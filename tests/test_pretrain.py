@@ -122,6 +122,37 @@ def test_multicrop_shapes_dtype_and_batch_keys():
     assert batch["global_1"].shape == (2, 3, 32, 32) and batch["local_2"].shape == (2, 3, 16, 16)
 
 
+def test_multicrop_without_photometric_keeps_colours_and_the_default_changes_them():
+    """A flat-colour image: crops, flips and blur leave it exactly as it was; the paper's jitter / grayscale /
+    solarisation change the colour of most draws."""
+    image = torch.zeros((3, 40, 80), dtype=torch.uint8)
+    image[0], image[1], image[2] = 200, 40, 90
+    torch.manual_seed(0)
+    plain = [v for _ in range(10) for v in MultiCrop(32, 16, 2, photometric=False)(image)]
+    assert all(v[:, 0, 0].tolist() == [200, 40, 90] and bool((v == v[:, :1, :1]).all()) for v in plain)
+    torch.manual_seed(0)
+    paper = [v for _ in range(10) for v in MultiCrop(32, 16, 2)(image)]
+    changed = sum(v[:, 0, 0].tolist() != [200, 40, 90] for v in paper)
+    assert changed >= len(paper) // 2, changed
+
+
+def test_head_batchnorm_makes_near_identical_inputs_give_different_outputs():
+    """use_bn: hidden units normalised over the batch, so inputs that differ by 1e-4 of their norm (a random-init
+    ViT's [CLS] across images) are spread apart; without it their outputs are nearly the same vector."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16).repeat(8, 1) + 1e-4 * torch.randn(8, 16)
+
+    @torch.no_grad()
+    def spread(head):
+        out = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+        return float((out - out.mean(0)).norm(dim=-1).mean())
+
+    plain, bn = DINOHead(16, 32, hidden_dim=64, bottleneck_dim=8), DINOHead(16, 32, hidden_dim=64, bottleneck_dim=8,
+                                                                             use_bn=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2
+    assert spread(plain) < 1e-3 < 0.5 < spread(bn)
+
+
 def test_multicrop_wrapper_groups_resolutions_and_keeps_order():
     calls = []
 

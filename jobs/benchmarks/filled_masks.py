@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.clustering.pseudolabels import paint_labels
     from raydseg.config import load_config
     from raydseg.data.schema import decode_image, table_to_frames
-    from raydseg.eval.matching import hungarian_mapping
-    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.eval.matching import covered_scores
     from raydseg.geometry import quality
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
@@ -63,14 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                                            run_cfg.cluster.ground_class))
                 gts.append(decode_image(cam["gt_semantic"]))
         lab, gt = np.stack(labels), np.stack(gts)
-        cov = lab != 255
-        conf = confusion_matrix(lab[cov].astype(np.int64), gt[cov], n_cls, 19)
-        sc = scores(apply_mapping(conf, hungarian_mapping(conf)))
+        sc = covered_scores(lab, gt, n_cls)
         ground_gt, ground = np.isin(gt, quality.GROUND_TRAIN_IDS), lab == 0
         key = f"fill{gap}_ground{ground_gap}"
         flat.update({f"{key}_agreement": agree / max(n_seg_px, 1), f"{key}_segment_px_frac": n_seg_px / lab.size,
-                     f"{key}_coverage": float(cov.mean()),
-                     f"{key}_ground_share": float(ground.sum() / max(cov.sum(), 1)),
+                     f"{key}_coverage": sc["coverage"],
+                     f"{key}_ground_share": float(ground.sum() / max((lab != 255).sum(), 1)),
                      f"{key}_ground_recall": float((ground & ground_gt).sum() / max(ground_gt.sum(), 1)),
                      f"{key}_ground_precision": float((ground & ground_gt).sum() / max(ground.sum(), 1)),
                      f"{key}_pl_miou_covered": 100 * sc["miou"], f"{key}_pl_pixel_acc_covered": 100 * sc["pixel_acc"]})

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--run", required=True, help="a pipeline run directory with ingest and cluster outputs")
     p.add_argument("--target", choices=["label", "gt"], default="label")
+    p.add_argument("--config", default=None, help="config file (default: the embedded default)")
     p.add_argument("--proposals", default="", help="KEY=VALUE,... proposals settings to recompute the masks with")
     p.add_argument("--set", action="append", default=[], help="teacher.KEY=VALUE (recipe overrides)")
     p.add_argument("--eval-images", type=int, default=24)
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.segmenter import build_segmenter, normalize
     from raydseg.train.data import augment_example, is_val
     from raydseg.train.loop import lr_factor, make_optimizer
+    from raydseg.train.teacher import encoder_weights
 
-    cfg = load_config(overrides=args.set)
+    cfg = load_config(args.config, overrides=args.set)
     t = cfg.teacher
     proposals = {k: int(v) for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
     rows = load_rows(args.run, proposals)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
-                             "dropout": t.dropout, "drop_path": t.drop_path})
+                             "dropout": t.dropout, "drop_path": t.drop_path}, encoder_weights(cfg))
     opt = make_optimizer(model, t.model_dump())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.schedule, t.warmup_steps))
     losses, t0 = [], time.time()

@@ -58,3 +58,22 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     pred = knn_predict(train_x, train_y, test_x, k)
     per_class = [float(np.mean(pred[test_y == c] == c)) for c in np.unique(test_y)]
     return {"knn_acc": float(np.mean(pred == test_y)), "knn_mean_class_acc": float(np.mean(per_class))}
+
+
+def frame_split(frames: list[str]) -> np.ndarray:
+    """(N,) bool, True for the items of test frames: every other distinct frame id in sorted order, so that no
+    frame has segments on both sides of the split (neighbouring segments of one image look alike)."""
+    test = set(sorted(set(frames))[1::2])
+    return np.array([f in test for f in frames], dtype=bool)
+
+
+def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray, levels: int = 4) -> np.ndarray:
+    """Hand-made baseline descriptor: the square root of each segment's normalised RGB histogram (levels^3 bins).
+    image (H, W, 3) uint8, segment_ids (H, W), ids (S,) -> (S, levels^3) float32 (unit L2 norm)."""
+    q = (np.asarray(image[..., :3], np.int64) * levels) // 256
+    bins = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+    out = np.zeros((len(ids), levels ** 3), np.float32)
+    for i, sid in enumerate(ids):
+        h = np.bincount(bins[segment_ids == sid], minlength=levels ** 3).astype(np.float32)
+        out[i] = np.sqrt(h / max(h.sum(), 1.0))
+    return out

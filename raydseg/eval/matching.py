@@ -57,3 +57,20 @@ def map_prediction(pred: np.ndarray, mapping: np.ndarray, ignore_index: int = 25
     lut = np.full(max(int(np.max(pred, initial=0)) + 1, len(mapping)), ignore_index, dtype=np.int64)
     lut[: len(mapping)] = np.where(np.asarray(mapping) < 0, ignore_index, mapping)
     return lut[np.asarray(pred, dtype=np.int64)].astype(np.uint8)
+
+
+def covered_scores(labels: np.ndarray, gt: np.ndarray, n_pred: int, n_gt: int = 19, ignore_index: int = 255
+                   ) -> dict:
+    """Scores of sparse pseudo-labels on the pixels they cover, Hungarian-matched to the ground truth.
+
+    labels, gt: (..., H, W) integer pseudo-classes in [0, n_pred) or `ignore_index` (uncovered) / classes in
+    [0, n_gt) or `ignore_index`. Returns `scores` of the mapped confusion plus "coverage" (labelled / all pixels).
+    """
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+
+    labels, gt = np.asarray(labels), np.asarray(gt)
+    covered = labels != ignore_index
+    conf = confusion_matrix(labels[covered].astype(np.int64), gt[covered], n_pred, n_gt, ignore_index)
+    out = scores(apply_mapping(conf, hungarian_mapping(conf)))
+    out["coverage"] = float(covered.mean()) if covered.size else float("nan")
+    return out

@@ -32,18 +32,24 @@ class DINOHead(nn.Module):
         bottleneck_dim: width of the L2-normalised bottleneck (paper: 256).
         n_layers: MLP layers before the bottleneck output (paper: 3).
         norm_last_layer: fix the weight-norm magnitude of the last layer to 1.
+        use_bn: BatchNorm1d after each hidden layer (the official `--use_bn_in_head`): the hidden units are
+            normalised over the batch, so the head's output depends on the image even when the backbone's barely
+            does (a random-init ViT), which keeps centering from flattening the teacher to uniform.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3, norm_last_layer: bool = True):
+                 n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         n_layers = max(n_layers, 1)
         if n_layers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            def hidden(n_in: int) -> list[nn.Module]:
+                return [nn.Linear(n_in, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+
+            layers: list[nn.Module] = hidden(in_dim)
             for _ in range(n_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(_trunc_normal_init)
@@ -89,7 +95,7 @@ class MultiCropWrapper(nn.Module):
 
 def build_dino_model(backbone: str, *, weights: str = "", drop_path: float = 0.1, out_dim: int = 65536,
                      hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True,
-                     **backbone_kw: Any) -> MultiCropWrapper:
+                     use_bn: bool = False, **backbone_kw: Any) -> MultiCropWrapper:
     """A timm ViT (no classifier, `dynamic_img_size=True`, weights as `create_backbone`) with a DINO head.
     `backbone_kw` go to timm's factory (e.g. depth=2 for tests)."""
     from raydseg.features.backbone import create_backbone
@@ -97,5 +103,5 @@ def build_dino_model(backbone: str, *, weights: str = "", drop_path: float = 0.1
     net = create_backbone(backbone, weights, dynamic_img_size=True, num_classes=0, drop_path_rate=drop_path,
                           **backbone_kw).train()
     head = DINOHead(net.num_features, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                    norm_last_layer=norm_last_layer)
+                    norm_last_layer=norm_last_layer, use_bn=use_bn)
     return MultiCropWrapper(net, head)

@@ -182,7 +182,7 @@ def knn_analysis(run_root: str, k: int, max_segments: int = 20000) -> tuple[dict
     """k-NN accuracy of segment descriptors (train/test split by frame) vs the segments' majority gt class, and a
     PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing."""
     from raydseg.data.schema import decode_image
-    from raydseg.eval.knn import knn_accuracy, segment_majority_class
+    from raydseg.eval.knn import frame_split, knn_accuracy, segment_majority_class
 
     feat_dir, pl_dir = storage.join(run_root, "features"), storage.join(run_root, "cluster", "pseudolabels")
     if k <= 0 or not storage.exists(feat_dir) or not storage.exists(pl_dir):
@@ -206,9 +206,7 @@ def knn_analysis(run_root: str, k: int, max_segments: int = 20000) -> tuple[dict
     if len(set(frames)) < 2:
         return {}, None
     x, y = np.stack(xs), np.array(ys)
-    order = sorted(set(frames))
-    test_frames = set(order[1::2])  # every other frame is a test frame: no segment of a frame in both halves
-    is_test = np.array([f in test_frames for f in frames])
+    is_test = frame_split(frames)
     metrics = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     metrics["knn_n_segments"] = float(len(y))
     png = plots.pca_plot(x, y, class_names(19), title=f"PCA of {len(y)} segment descriptors (majority gt class)")

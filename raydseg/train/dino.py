@@ -105,16 +105,18 @@ class MultiCrop:
 
     __call__(image (3, H, W) uint8 tensor) -> [global_1, global_2, local_1, ...], uint8 (3, size, size) tensors.
     Scales are fractions of the image area (torchvision's RandomResizedCrop); the torch global RNG drives them.
+    `photometric=False` drops the colour jitter, grayscale and solarisation (crops, flips and blur stay).
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
-                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4)):
+                 global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+                 photometric: bool = True):
         from torchvision.transforms import v2
 
         def flip_jitter():
-            return [v2.RandomHorizontalFlip(p=0.5),
-                    v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                    v2.RandomGrayscale(p=0.2)]
+            colour = [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                      v2.RandomGrayscale(p=0.2)]
+            return [v2.RandomHorizontalFlip(p=0.5)] + (colour if photometric else [])
 
         def blur(size: int, p: float):
             return v2.RandomApply([v2.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))], p=p)
@@ -124,8 +126,8 @@ class MultiCrop:
 
         self.n_local = n_local
         self.global_1 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 1.0)])
-        self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 0.1),
-                                    v2.RandomSolarize(threshold=128, p=0.2)])
+        self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 0.1)]
+                                   + ([v2.RandomSolarize(threshold=128, p=0.2)] if photometric else []))
         self.local = v2.Compose([rrc(local_size, local_scale), *flip_jitter(), blur(local_size, 0.5)])
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:

@@ -41,15 +41,23 @@ def camera_samples(index: Any) -> list[tuple[int, int]]:
     return [(i, j) for i, cams in enumerate(index.column("cameras").to_pylist()) for j in range(len(cams or []))]
 
 
-def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], *,
-                    global_crop_size: int, local_crop_size: int, local_crops: int, global_crop_scale_min: float,
-                    local_crop_scale_min: float, local_crop_scale_max: float) -> dict[str, np.ndarray]:
+MULTICROP_KEYS = ("global_crop_size", "local_crop_size", "local_crops", "global_crop_scale_min",
+                  "local_crop_scale_min", "local_crop_scale_max", "photometric")
+
+
+def make_multicrop(p: dict[str, Any]) -> MultiCrop:
+    """The MultiCrop of the `pretrain` section `p` (a dict holding at least MULTICROP_KEYS)."""
+    return MultiCrop(p["global_crop_size"], p["local_crop_size"], p["local_crops"], (p["global_crop_scale_min"], 1.0),
+                     (p["local_crop_scale_min"], p["local_crop_scale_max"]), p["photometric"])
+
+
+def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator],
+                    **crop_kw: Any) -> dict[str, np.ndarray]:
     """Feed.make_batch: camera `sub` of each frame row -> its multi-crop views {global_0, global_1, local_0, ...:
-    (B, 3, s, s) uint8}, each image's crops drawn from torch seeded by its own generator."""
+    (B, 3, s, s) uint8}, each image's crops drawn from torch seeded by its own generator. `crop_kw`: MULTICROP_KEYS."""
     from raydseg.data.schema import decode_image
 
-    crop = MultiCrop(global_crop_size, local_crop_size, local_crops, (global_crop_scale_min, 1.0),
-                     (local_crop_scale_min, local_crop_scale_max))
+    crop = make_multicrop(crop_kw)
     views = []
     for row, sub, rng in zip(rows, subs, rngs):
         im = decode_image(row["cameras"][sub]["image"])
@@ -64,8 +72,7 @@ def pretrain_feed(frames_dir: str, p: dict[str, Any]) -> Feed:
     """Every camera image of the frames of `frames_dir`, multi-cropped (the `pretrain` section `p` as a dict)."""
     return Feed(paths=tuple(part_files(frames_dir, "frame")), index_columns=("cameras.list.element.name",),
                 list_samples=camera_samples, columns=("cameras",), make_batch=multicrop_views,
-                kwargs={k: p[k] for k in ("global_crop_size", "local_crop_size", "local_crops",
-                                          "global_crop_scale_min", "local_crop_scale_min", "local_crop_scale_max")})
+                kwargs={k: p[k] for k in MULTICROP_KEYS})
 
 
 # ----------------------------------------------------------------------------------------------------- k-NN probe
@@ -130,7 +137,6 @@ def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int 
                        device: str = "cpu") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
     ground-truth class; train / test split by frame (every other frame tests), as the evaluate stage does."""
-    from raydseg.eval.knn import knn_accuracy
     from raydseg.features.pooling import crop_cls_descriptors
 
     if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
@@ -144,10 +150,16 @@ def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int 
         x[rows] = crop_cls_descriptors(backbone, image.numpy(), seg.numpy(), seg_id[rows], crop_size=crop_size,
                                        device=device)
     backbone.train(was_training)
+    return probe_knn_scores(probe, x, k)
+
+
+def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5) -> dict[str, float]:
+    """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by frame
+    (`frame_split`, as the evaluate stage)."""
+    from raydseg.eval.knn import frame_split, knn_accuracy
+
     y = probe["seg_class"].numpy()
-    order = sorted(set(probe["frame_ids"]))
-    test_frames = set(order[1::2])
-    is_test = np.array([probe["frame_ids"][i] in test_frames for i in seg_image])
+    is_test = frame_split([probe["frame_ids"][i] for i in probe["seg_image"].numpy()])
     out = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     out["knn_n_segments"] = float(len(y))
     return out
@@ -157,7 +169,7 @@ def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int 
 def _model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return {"weights": config["weights"], "drop_path": config["drop_path"], "out_dim": config["out_dim"],
             "hidden_dim": config["hidden_dim"], "bottleneck_dim": config["bottleneck_dim"],
-            "norm_last_layer": config["norm_last_layer"]}
+            "norm_last_layer": config["norm_last_layer"], "use_bn": config["head_bn"]}
 
 
 def backbone_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -191,6 +203,9 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
     student = build_dino_model(config["backbone"], **_model_kwargs(config))
     ema = EMA(student)  # the teacher: same init, no gradient, eval mode (no drop-path)
     teacher = ema.module.to(device)
+    for m in teacher.head.modules():  # the teacher's head normalises with its own batch, as the official code
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train()
     lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
     wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
     momentum = cosine_schedule(config["momentum_teacher"], 1.0, steps)
@@ -244,9 +259,7 @@ def local_batches(images: list[np.ndarray], config: dict[str, Any], batch_size: 
                   seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless multi-crop batches of `batch_size` images drawn (without replacement within an epoch) from
     `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `pretrain_feed` for images in memory."""
-    crop = MultiCrop(config["global_crop_size"], config["local_crop_size"], config["local_crops"],
-                     (config["global_crop_scale_min"], 1.0),
-                     (config["local_crop_scale_min"], config["local_crop_scale_max"]))
+    crop = make_multicrop(config)
     rng = np.random.default_rng(seed)
     order: list[int] = []
     while True:

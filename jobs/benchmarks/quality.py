@@ -1,0 +1,234 @@
+"""Quality ladder on the synthetic world over several seeds (issue 15): descriptors, pseudo-labels, teacher,
+student, oracle, and the paired distillation ablation.
+
+`python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
+[--pretrained FILE] [--set section.key=value ...] [--skip-ablation]`
+
+A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
+(`--seeds 0`, `--seeds 1`, ... side by side; the training stages use one core each), then all seeds together to
+aggregate.
+
+Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval scenes), under --root:
+- `q<S>`: `jobs/full_run.py` of the embedded default plus --set;
+- `knn_random` / `knn_pretrained` / `knn_colour`: k-NN accuracy (k = eval.knn_k) of descriptors of 16 frames'
+  LiDAR segments against their majority ground-truth class (the pretrain stage's probe): masked-crop [CLS] of a
+  random-init ViT and of the checkpoint --pretrained (default: the config's features.weights when set), and the
+  hand-made baseline of a 64-bin colour histogram of the segment's pixels;
+- `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
+- `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
+- `oracle_*`: the teacher's architecture, init and step budget trained on the dense ground truth of the same
+  images (jobs/benchmarks/teacher_recipe.py --target gt), scored on the same eval images;
+- `no_ema_*` / `no_soft_targets_*` / `no_refine_*`: the student rerun with one part off, from the same teacher,
+  data and seed (a copy of q<S> without its student and evaluate outputs), so differences are paired.
+Writes {"seeds": [per-seed rows], "summary": {metric: mean, std, se}, "paired": {...}} and prints a markdown
+table. All figures are mIoU / accuracy in points (0-100).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONDITIONS = ("day", "night", "fog")
+ABLATIONS = ("ema", "soft_targets", "refine")  # student switches turned off one at a time
+JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def run_pipeline(root: str, name: str, seed: int, cli: list[str], env: dict[str, str]) -> float:
+    """`jobs/full_run.py` as run `name` under `root` (one sqlite MLflow per seed, so that seeds can run as parallel
+    processes); returns the wall time in s. `cli`: --config FILE / --set overrides, as given to this script."""
+    args = [sys.executable, os.path.join(JOBS, "full_run.py"), "--set", f"run.name={name}", "--set",
+            f"run.seed={seed}", "--set", f"run.output_root={root}", "--set",
+            f"tracking.uri=sqlite:///{os.path.abspath(root)}/mlflow_seed{seed}.db", *cli]
+    t0 = time.time()
+    subprocess.run(args, check=True, env=env)
+    return time.time() - t0
+
+
+def eval_miou(run: str, model: str) -> dict[str, float]:
+    """{condition: mIoU points} of `model` from the run's evaluate/metrics.json (sets synthetic_<condition>)."""
+    with open(os.path.join(run, "evaluate", "metrics.json")) as f:
+        m = json.load(f)
+    keys = {c: f"eval/{model}/synthetic_{c}/miou" for c in CONDITIONS}
+    return {c: 100 * m[k] for c, k in keys.items() if k in m}
+
+
+def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
+    """{condition: standard error (points) of `model`'s mIoU}: the std of the mIoU over `n_boot` resamples (with
+    replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed."""
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.eval.sets import EvalSet, list_samples, load_label
+    from raydseg.stages.evaluate import _read_pred
+
+    with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
+        mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
+    rng, out = np.random.default_rng(seed), {}
+    for c in CONDITIONS:
+        eval_set = EvalSet(f"synthetic_{c}", "cityscapes", os.path.join(run, "ingest", "eval", c))
+        samples = list_samples(eval_set) if os.path.isdir(eval_set.root) else []
+        if not samples:
+            continue
+        pred_root = os.path.join(run, "evaluate", "predictions", model)
+        mapped = np.stack([apply_mapping(confusion_matrix(_read_pred(pred_root, eval_set.name, x.sample_id),
+                                                          load_label(x, 19), len(mapping), 19), mapping)
+                           for x in samples])
+        boot = [scores(mapped[rng.integers(0, len(mapped), len(mapped))].sum(0))["miou"] for _ in range(n_boot)]
+        out[c] = 100 * float(np.std(boot, ddof=1))
+    return out
+
+
+def pseudo_label_miou(run: str) -> dict[str, float]:
+    """Hungarian mIoU / pixel accuracy (points) of the stored pseudo-labels on the pixels they cover, and their
+    coverage, against the ground truth of the same images."""
+    from raydseg import storage
+    from raydseg.config import load_config
+    from raydseg.data.schema import decode_image
+    from raydseg.eval.matching import covered_scores
+    from raydseg.parts import part_names
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    pl_dir = os.path.join(run, "cluster", "pseudolabels")
+    labels, gts = [], []
+    for name in part_names(pl_dir):
+        t = storage.read_table(os.path.join(pl_dir, name), columns=["label", "gt_semantic"])
+        labels += [decode_image(v) for v in t.column("label").to_pylist()]
+        gts += [decode_image(v) for v in t.column("gt_semantic").to_pylist()]
+    sc = covered_scores(np.stack(labels), np.stack(gts), cfg.cluster.k + int(cfg.cluster.ground_class))
+    return {"pseudo_miou": 100 * sc["miou"], "pseudo_pixel_acc": 100 * sc["pixel_acc"],
+            "pseudo_coverage": 100 * sc["coverage"]}
+
+
+def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float]:
+    """k-NN accuracy (points) of the colour-histogram baseline, a random-init ViT and `weights` on the run's probe
+    segments."""
+    import torch
+
+    from raydseg.config import load_config
+    from raydseg.eval.knn import colour_histogram
+    from raydseg.features.backbone import create_backbone
+    from raydseg.train.pretrain import build_knn_probe, probe_knn_accuracy, probe_knn_scores
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    probe = build_knn_probe(os.path.join(run, "ingest", "frames"), cfg.proposals, 16, seed)
+    seg_image, seg_id = probe["seg_image"].numpy(), probe["seg_id"].numpy()
+    hist = np.zeros((len(seg_id), 64), np.float32)
+    for i, (image, seg) in enumerate(zip(probe["images"], probe["segment_ids"])):
+        rows = np.nonzero(seg_image == i)[0]
+        hist[rows] = colour_histogram(image.numpy(), seg.numpy(), seg_id[rows])
+    out = {"knn_colour": 100 * probe_knn_scores(probe, hist, k)["knn_acc"]}
+    for key, w in (("knn_random", ""), ("knn_pretrained", weights)):
+        if key == "knn_pretrained" and not w:
+            continue
+        torch.manual_seed(seed)
+        net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0)
+        acc = probe_knn_accuracy(net, probe, k, cfg.features.crop_size)
+        out[key] = 100 * acc["knn_acc"]
+    return out
+
+
+def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str, str]) -> dict[str, float]:
+    """The teacher recipe trained on ground truth (teacher_recipe.py --target gt) on the run's images."""
+    out_json = os.path.join(run, "oracle.json")
+    if not os.path.exists(out_json):
+        args = [sys.executable, os.path.join(JOBS, "benchmarks", "teacher_recipe.py"), "--run", run, "--target", "gt",
+                "--out", out_json, "--seed", str(seed), "--eval-images", str(eval_images), *cli]
+        subprocess.run(args, check=True, env=env)
+    with open(out_json) as f:
+        o = json.load(f)
+    return {c: o[f"{c}_miou"] for c in CONDITIONS}
+
+
+def ablation_run(root: str, base: str, flag: str, seed: int, cli: list[str], env: dict[str, str]) -> dict:
+    """The student with `student.<flag>=false`, from a copy of run `base` without its student / evaluate outputs."""
+    name = f"{base}_no_{flag}"
+    dst = os.path.join(root, name)
+    if not os.path.exists(dst):
+        shutil.copytree(os.path.join(root, base), dst, ignore=shutil.ignore_patterns("student", "evaluate"))
+    wall = run_pipeline(root, name, seed, cli + ["--set", f"student.{flag}=false"], env)
+    return {"student": eval_miou(dst, "student"), "wall_s": wall}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "std": std, "se": std / np.sqrt(len(v)) if len(v) > 1 else float("nan"),
+            "n": len(v)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--root", default="/tmp/quality")
+    p.add_argument("--pretrained", default="", help="checkpoint for knn_pretrained (default: features.weights)")
+    p.add_argument("--config", default=None, help="config file of every run (default: the embedded default)")
+    p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
+    p.add_argument("--skip-ablation", action="store_true")
+    args = p.parse_args(argv)
+
+    from raydseg.config import load_config
+
+    cfg = load_config(args.config, overrides=args.set)
+    passed = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
+    pretrained = args.pretrained or cfg.features.weights
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    os.makedirs(args.root, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        base = f"q{seed}"
+        run = os.path.join(args.root, base)
+        done = os.path.join(run, "quality_row.json")  # a finished seed (seeds may run as parallel processes)
+        if os.path.exists(done):
+            with open(done) as f:
+                rows.append(json.load(f))
+            continue
+        row: dict = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
+        row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
+        row.update(pseudo_label_miou(run))
+        for model in ("teacher", "student"):
+            row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
+            row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
+        t0 = time.time()
+        row.update({f"oracle_{c}": v for c, v in
+                    oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})
+        row["oracle_s"] = time.time() - t0
+        if not args.skip_ablation:
+            for flag in ABLATIONS:
+                a = ablation_run(args.root, base, flag, seed, passed, env)
+                row.update({f"no_{flag}_{c}": v for c, v in a["student"].items()})
+        rows.append(row)
+        with open(done, "w") as f:
+            json.dump(row, f)
+        print(json.dumps(row), flush=True)
+    metrics = [k for k in rows[0] if k != "seed" and not k.endswith("_s")]
+    summary = {k: stats([r[k] for r in rows if k in r]) for k in metrics}
+    paired = {}
+    for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
+        paired[f"student_minus_teacher_{c}"] = stats([r[f"student_{c}"] - r[f"teacher_{c}"] for r in rows])
+        paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
+        for flag in ([] if args.skip_ablation else ABLATIONS):
+            paired[f"student_minus_no_{flag}_{c}"] = stats([r[f"student_{c}"] - r[f"no_{flag}_{c}"] for r in rows])
+    if "knn_pretrained" in rows[0]:
+        paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])
+    out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
+           "pretrained": pretrained}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print("| metric | mean ± std (n) |\n|---|---|")
+    for k, s in {**summary, **paired}.items():
+        print(f"| {k} | {s['mean']:.2f} ± {s['std']:.2f} ({s['n']}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())
