@@ -14,31 +14,24 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from raydseg.config import load_config
 from raydseg.data.schema import decode_image, frames_to_table
 from raydseg.data.sources import synthetic as S
-from raydseg.features.pooling import _bbox
+from raydseg.features.pooling import masked_crops, normalize_image
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
-from raydseg.models.segmenter import IMAGENET_MEAN
+from raydseg.models.segmenter import IMAGENET_MEAN, IMAGENET_STD
 
 
-def segment_crops(image: np.ndarray, seg: np.ndarray, size: int, min_pixels: int) -> list[np.ndarray]:
-    """(H, W, 3) uint8 image, (H, W) segment ids (0 = none) -> masked, resized (size, size, 3) uint8 crops."""
-    fill = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.float32)[:, None, None]
-    x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float()
-    out = []
-    for sid in np.unique(seg):
-        mask = seg == sid
-        if sid == 0 or mask.sum() < min_pixels:
-            continue
-        r0, r1, c0, c1 = _bbox(mask, 0)
-        m = torch.from_numpy(mask[r0:r1, c0:c1]).float()
-        crop = x[:, r0:r1, c0:c1] * m + fill * (1 - m)
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        out.append(crop.round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-    return out
+def segment_crops(image: np.ndarray, seg: np.ndarray, size: int, min_pixels: int) -> np.ndarray:
+    """(H, W, 3) uint8 image, (H, W) segment ids (0 = none) -> (S, size, size, 3) uint8: the features stage's
+    masked crops (`masked_crops`, zero outside the mask after normalisation) of the segments of >= min_pixels,
+    mapped back to uint8, so the background is the ImageNet mean colour."""
+    sizes = np.bincount(seg.ravel())
+    ids = np.nonzero(sizes >= min_pixels)[0]
+    crops = masked_crops(normalize_image(image), seg, ids[ids > 0], size)
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (255 * (crops * std + mean)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +52,7 @@ def main(argv: list[str]) -> None:
             for cam in frame["cameras"]:
                 seg = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], int(cam["width"]),
                                       int(cam["height"]), cfg.proposals)["segment_ids"]
-                crops += segment_crops(decode_image(cam["image"]), seg, size, min_pixels)
+                crops += list(segment_crops(decode_image(cam["image"]), seg, size, min_pixels))
         print("sequence", i, "crops", len(crops), f"{time.time() - t0:.0f} s", flush=True)
     np.save(f"{out}/images.npy", np.stack(crops))
     rows = []

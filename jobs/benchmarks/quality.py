@@ -62,24 +62,21 @@ def eval_miou(run: str, model: str) -> dict[str, float]:
 def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
     """{condition: standard error (points) of `model`'s mIoU}: the std of the mIoU over `n_boot` resamples (with
     replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed."""
+    from raydseg.config import load_config
     from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
-    from raydseg.eval.sets import EvalSet, list_samples, load_label
-    from raydseg.stages.evaluate import _read_pred
+    from raydseg.eval.sets import list_samples, load_label
+    from raydseg.stages.evaluate import _read_pred, eval_sets
 
     with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
         mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
     rng, out = np.random.default_rng(seed), {}
-    for c in CONDITIONS:
-        eval_set = EvalSet(f"synthetic_{c}", "cityscapes", os.path.join(run, "ingest", "eval", c))
-        samples = list_samples(eval_set) if os.path.isdir(eval_set.root) else []
-        if not samples:
-            continue
-        pred_root = os.path.join(run, "evaluate", "predictions", model)
+    pred_root = os.path.join(run, "evaluate", "predictions", model)
+    for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), run):
         mapped = np.stack([apply_mapping(confusion_matrix(_read_pred(pred_root, eval_set.name, x.sample_id),
                                                           load_label(x, 19), len(mapping), 19), mapping)
-                           for x in samples])
+                           for x in list_samples(eval_set)])
         boot = [scores(mapped[rng.integers(0, len(mapped), len(mapped))].sum(0))["miou"] for _ in range(n_boot)]
-        out[c] = 100 * float(np.std(boot, ddof=1))
+        out[eval_set.name.removeprefix("synthetic_")] = 100 * float(np.std(boot, ddof=1))
     return out
 
 
@@ -112,15 +109,11 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
     from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
     from raydseg.features.backbone import create_backbone
-    from raydseg.train.pretrain import build_knn_probe, probe_knn_accuracy, probe_knn_scores
+    from raydseg.train.pretrain import build_knn_probe, probe_descriptors, probe_knn_accuracy, probe_knn_scores
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     probe = build_knn_probe(os.path.join(run, "ingest", "frames"), cfg.proposals, 16, seed)
-    seg_image, seg_id = probe["seg_image"].numpy(), probe["seg_id"].numpy()
-    hist = np.zeros((len(seg_id), 64), np.float32)
-    for i, (image, seg) in enumerate(zip(probe["images"], probe["segment_ids"])):
-        rows = np.nonzero(seg_image == i)[0]
-        hist[rows] = colour_histogram(image.numpy(), seg.numpy(), seg_id[rows])
+    hist = probe_descriptors(probe, colour_histogram, 64)
     out = {"knn_colour": 100 * probe_knn_scores(probe, hist, k)["knn_acc"]}
     for key, w in (("knn_random", ""), ("knn_pretrained", weights)):
         if key == "knn_pretrained" and not w:

@@ -143,14 +143,21 @@ def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int 
         return {}
     was_training = backbone.training
     backbone.eval()
-    seg_image, seg_id = probe["seg_image"].numpy(), probe["seg_id"].numpy()
-    x = np.zeros((len(seg_id), backbone.num_features), np.float32)
-    for i, (image, seg) in enumerate(zip(probe["images"], probe["segment_ids"])):
-        rows = np.nonzero(seg_image == i)[0]
-        x[rows] = crop_cls_descriptors(backbone, image.numpy(), seg.numpy(), seg_id[rows], crop_size=crop_size,
-                                       device=device)
+    x = probe_descriptors(probe, lambda image, seg, ids: crop_cls_descriptors(
+        backbone, image, seg, ids, crop_size=crop_size, device=device), backbone.num_features)
     backbone.train(was_training)
     return probe_knn_scores(probe, x, k)
+
+
+def probe_descriptors(probe: dict[str, Any], describe: Any, dim: int) -> np.ndarray:
+    """(S, dim) float32 descriptors of the probe's segments: describe(image (H, W, 3) uint8, segment_ids (H, W),
+    ids (s,)) -> (s, dim) for the segments of each probe image."""
+    seg_image, seg_id = probe["seg_image"].numpy(), probe["seg_id"].numpy()
+    x = np.zeros((len(seg_id), dim), np.float32)
+    for i, (image, seg) in enumerate(zip(probe["images"], probe["segment_ids"])):
+        rows = np.nonzero(seg_image == i)[0]
+        x[rows] = describe(image.numpy(), seg.numpy(), seg_id[rows])
+    return x
 
 
 def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5) -> dict[str, float]:
