@@ -2,9 +2,8 @@
 
 glibc's malloc serves every block over M_MMAP_THRESHOLD (128 KiB at start, raised dynamically as blocks are
 freed) with a fresh mmap and unmaps it on free, so a kernel's scratch images can come back as new pages each
-call: one page fault per 4 KiB touched. A loop of 64 x 2048 sweeps (about 10 MB of scratch each) measured ~1550
-faults and 10.6 ms per sweep with the defaults, 23 faults and 7.5 ms with this setting, on the 2-core VM.
-Raising the mmap and trim thresholds keeps freed blocks in the heap for the next sweep.
+call: one page fault per 4 KiB touched. Raising the mmap and trim thresholds keeps freed blocks in the heap for the
+next sweep (page faults and time per sweep: docs/results.md, "Engineering measurements").
 """
 from __future__ import annotations
 

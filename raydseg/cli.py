@@ -8,15 +8,7 @@ import sys
 from typing import Callable
 
 from raydseg.config import load_config
-from raydseg.errors import UserError
-
-
-def user_problems(exc: BaseException) -> list[str] | None:
-    """The problem lines of a user error, also of one that Ray re-raised around its cause; None for anything else."""
-    for e in (exc, getattr(exc, "cause", None)):
-        if isinstance(e, UserError) and hasattr(e, "problems"):
-            return list(e.problems)
-    return None
+from raydseg.errors import UserError, user_problems
 
 
 def guarded(main: Callable[..., int | None]) -> Callable[..., int]:

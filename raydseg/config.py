@@ -253,6 +253,7 @@ class TrainConfig(Section):
     scale_max: Fraction = 1.0
     flip: bool = True
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2  # photometric jitter (factors 1 +- jitter)
+    degrade: Annotated[float, Field(ge=0, le=1)] = 0.0  # degraded-view strength (gamma, contrast, blur, noise); 0 = off
     optimizer: Literal["sgd", "adamw"] = "adamw"  # sgd (paper: momentum 0.9, lr 1e-3..1e-2) | adamw
     lr: PosFloat = 0.001
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9

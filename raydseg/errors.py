@@ -5,6 +5,9 @@ Every entry point prints a user error as `error: ...` lines without a traceback 
 """
 from __future__ import annotations
 
+import re
+import sys
+
 
 class UserError(Exception):
     """One or more problems, each a line that names the key or path at fault."""
@@ -26,3 +29,50 @@ class InputError(UserError):
 class StorageError(UserError, OSError):
     """A storage operation failed for good (after S3's retries): permission, missing bucket, endpoint down, disk
     full. Its line names the path."""
+
+
+def _causes(exc: BaseException):
+    """exc, then what it wraps: Ray's task errors keep the original in `.cause`, Ray Data's user-code errors in
+    `__cause__`."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+
+
+_REMOTE = re.compile(r"^raydseg\.errors\.(\w+): (.+)$", re.M)
+
+
+def user_error(exc: BaseException) -> UserError | None:
+    """The user error in `exc` or what it wraps, also one raised in a Ray Data task, where Ray keeps only the
+    traceback text of the original (its cause chain is not pickled); None for anything else."""
+    for e in _causes(exc):
+        if isinstance(e, UserError) and hasattr(e, "problems"):
+            return e
+    found = _REMOTE.search(str(exc))
+    cls = getattr(sys.modules[__name__], found.group(1), None) if found else None
+    if isinstance(cls, type) and issubclass(cls, UserError):
+        return cls(found.group(2).strip())
+    return None
+
+
+def user_problems(exc: BaseException) -> list[str] | None:
+    """The problem lines of a user error, also of one that Ray re-raised around its cause; None for anything else."""
+    e = user_error(exc)
+    return list(e.problems) if e is not None else None
+
+
+def in_stage(stage: str, exc: BaseException) -> UserError | None:
+    """A stage's failure that the user can act on, with the stage named on each line: a user error (also one Ray
+    re-raised around its cause; a StorageError stays one, e.g. a full disk naming the part's path) or a worker
+    killed for lack of memory. None for anything else (a bug: keep its traceback)."""
+    found = user_error(exc)
+    if found is not None:
+        return type(found)([f"stage '{stage}': {p}" for p in found.problems])
+    ray_exceptions = sys.modules.get("ray.exceptions")  # loaded whenever a Ray worker could have run out of memory
+    if ray_exceptions is not None and any(isinstance(e, ray_exceptions.OutOfMemoryError) for e in _causes(exc)):
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return UserError(f"stage '{stage}': a worker ran out of memory ({first}); give its workers more memory or "
+                         f"smaller batches and rerun: finished parts are kept")
+    return None

@@ -21,7 +21,7 @@ from raydseg import storage, tracking
 from raydseg.checks import check_inputs
 from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
-from raydseg.errors import UserError
+from raydseg.errors import UserError, in_stage
 
 STAGE_ORDER = ["ingest", "pretrain", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
 OPT_IN = {"pretrain": "pretrain.enabled"}  # stages left out of the default list unless this config flag is true
@@ -163,7 +163,13 @@ def run_stage(cfg: Config, name: str, root: str, uri: str, parent_run_id: str,
     with tracking.child_run(name, parent_run_id) as child_id:
         ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir, tracking_uri=uri, mlflow_run_id=child_id,
                            parent_run_id=parent_run_id)
-        result: StageResult = stage.run(ctx)
+        try:
+            result: StageResult = stage.run(ctx)
+        except Exception as e:  # noqa: BLE001 - re-raised: named when the user can act on it, else unchanged
+            named = in_stage(name, e)
+            if named is None:
+                raise
+            raise named from e
         seconds = time.time() - t0
         storage.write_table(rejects_table(result.rejects), storage.join(out_dir, "rejects.parquet"))
         tracking.log_metrics({**result.counts, **result.metrics, "rejects": len(result.rejects),

@@ -120,8 +120,11 @@ def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local, tmp_path):
+    """Also: a student whose training worker is SIGKILLed at step 2 is restarted by Ray Train from its checkpoint
+    (model, optimiser, EMA, data position) and exports the uninterrupted run's weights, degraded views included."""
     from raydseg.config import load_config
     from raydseg.models.io import load_model, save_model
+    from raydseg.train.engine import weights_digest
     from raydseg.train.student import train
     from raydseg.train.synthetic import write_blob_parts
 
@@ -129,8 +132,9 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
     torch.manual_seed(1)
     teacher = build_segmenter(TINY)
     save_model(teacher, TINY, str(tmp_path / "teacher"))
-    sets = {"student.steps": 3, "student.batch_size": 2, "student.crop_size": 48, "student.checkpoint_every": 3,
-            "student.log_every": 1, "student.val_every": -1, "student.ema_momentum": 0.5, "student.lr": 1e-3}
+    sets = {"student.steps": 3, "student.batch_size": 2, "student.crop_size": 48, "student.checkpoint_every": 1,
+            "student.log_every": 1, "student.val_every": -1, "student.ema_momentum": 0.5, "student.lr": 1e-3,
+            "student.degrade": 0.5}
     cfg = load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
     result = train(cfg, str(tmp_path / "pl"), str(tmp_path / "teacher"), str(tmp_path / "out"), name="student")
     assert result.metrics["step"] == 3
@@ -143,3 +147,53 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
     t0 = teacher.state_dict()["decoder.cls_emb"]
     e, s = state["ema"]["decoder.cls_emb"], state["model"]["decoder.cls_emb"]
     assert not torch.equal(e, t0) and (e - t0).norm() < (s - t0).norm()
+
+    marker = tmp_path / "killed_once"
+    killed = train(cfg, str(tmp_path / "pl"), str(tmp_path / "teacher"), str(tmp_path / "killed"), name="killed",
+                   hooks={"fail_at_step": 2, "fail_rank": 0, "sigkill": True, "marker": str(marker)})
+    # restarted from the step-1 checkpoint, or from scratch when Ray Train saw the death before registering it
+    assert marker.exists() and killed.metrics["step"] == 3 and killed.metrics["start_step"] in (0, 1)
+    assert weights_digest(load_model(str(tmp_path / "killed" / "model"))) == weights_digest(load_model(
+        str(tmp_path / "out" / "model")))
+
+
+def test_distillation_student_sees_the_degraded_view_and_teacher_the_clean_one():
+    """With batch["degraded"], the loss is the student's logits on the degraded view against the teacher's
+    softmax on the clean view; without it, both see the clean view."""
+    from raydseg.models.segmenter import normalize
+    from raydseg.train.steps import DistillationStep
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False}
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    step = DistillationStep(teacher, 4, cfg, mean, std)
+    norm = lambda im: normalize(im, mean, std)  # noqa: E731
+    with torch.no_grad():
+        probs = torch.softmax(teacher(norm(clean)) / 2.0, 1)
+        expect = soft_target_loss(student(norm(degraded)), probs, 2.0)
+        same_view = soft_target_loss(student(norm(clean)), probs, 2.0)
+        loss, _ = step(student, {"image": clean, "degraded": degraded}, 0)
+        plain, _ = step(student, {"image": clean}, 0)
+    assert torch.allclose(loss, expect) and torch.allclose(plain, same_view)
+    assert not torch.allclose(loss, plain)
+
+
+def test_segmentation_step_trains_on_the_degraded_view_when_the_batch_has_one():
+    from raydseg.models.segmenter import normalize
+    from raydseg.train.steps import SegmentationStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1)
+    g = torch.Generator().manual_seed(2)
+    clean, degraded = (torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8) for _ in range(2))
+    label = torch.randint(0, 4, (2, 8, 8), generator=g)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    step = SegmentationStep(mean, std)
+    with torch.no_grad():
+        loss, _ = step(model, {"image": clean, "degraded": degraded, "label": label}, 0)
+        assert torch.allclose(loss, ce_loss(model(normalize(degraded, mean, std)), label))
+        assert not torch.allclose(loss, ce_loss(model(normalize(clean, mean, std)), label))

@@ -14,7 +14,8 @@ from raydseg.models.infer import predict_image
 from raydseg.models.losses import ce_loss
 from raydseg.models.segmenter import build_segmenter, normalize
 from raydseg.train.data import augment_example
-from raydseg.train.loop import confusion, lr_factor, make_optimizer, miou
+from raydseg.eval.metrics import confusion_matrix, scores
+from raydseg.train.loop import lr_factor, make_optimizer
 from raydseg.train.synthetic import blob_example
 
 N_CLS = 4
@@ -40,9 +41,9 @@ def _train_and_score(t, steps: int = 20, seed: int = 0) -> tuple[float, float]:
         opt.step()
         sched.step()
     model.eval()
-    trained = sum(confusion(predict_image(model, im), gt, N_CLS) for im, _, _, gt in held_out)
-    constant = sum(confusion(np.zeros_like(gt, np.int64), gt, N_CLS) for *_, gt in held_out)
-    return miou(trained), miou(constant)
+    trained = sum(confusion_matrix(predict_image(model, im), gt, N_CLS, N_CLS) for im, _, _, gt in held_out)
+    constant = sum(confusion_matrix(np.zeros_like(gt, np.int64), gt, N_CLS, N_CLS) for *_, gt in held_out)
+    return scores(trained)["miou"], scores(constant)["miou"]
 
 
 def test_default_teacher_recipe_beats_a_constant_predictor_within_twenty_steps():

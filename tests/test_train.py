@@ -179,3 +179,30 @@ def test_augmentation_keeps_labels_aligned():
         if inner.any():  # bilinear image vs nearest labels: allow a few blended pixels along boundaries
             err = np.abs(im[inner].astype(int) - COLOURS[lb[inner]].astype(int)).max(axis=1)
             assert (err <= 10).mean() > 0.9
+
+
+def test_degraded_view_is_seeded_lowers_contrast_with_strength_and_leaves_the_clean_view_unchanged():
+    from raydseg.data.schema import encode_png
+    from raydseg.train.data import degraded_view, make_views
+    from raydseg.train.synthetic import COLOURS, blob_example
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(60, 200, (32, 48, 3), dtype=np.uint8)
+    assert degraded_view(image, np.random.default_rng(1), 0.0) is image
+    a, b = degraded_view(image, np.random.default_rng(1), 1.0), degraded_view(image, np.random.default_rng(1), 1.0)
+    assert np.array_equal(a, b) and a.shape == image.shape and a.dtype == np.uint8
+    views = {s: [degraded_view(image, np.random.default_rng(i), s) for i in range(40)] for s in (0.2, 1.0)}
+    change = {s: np.mean([np.abs(v.astype(int) - image).mean() for v in vs]) for s, vs in views.items()}
+    assert 5 < change[0.2] < change[1.0] / 2  # magnitudes scale with the strength
+    assert np.mean([v.std() for v in views[1.0]]) < 0.6 * image.std()  # contrast, haze and blur flatten the view
+    assert sum(np.array_equal(v, image) for v in views[1.0]) <= 2
+
+    rows = []
+    for _ in range(4):
+        im, label, seg, gt = blob_example(rng, 48, 64)
+        rows.append({"image": encode_png(COLOURS[gt]), "label": encode_png(label), "segment_ids": encode_png(seg)})
+    kw = dict(crop=32, scale_min=0.3, scale_max=1.0, flip=True, jitter=0.2, with_segments=False)
+    plain = make_views(rows, [0] * 4, [np.random.default_rng(i) for i in range(4)], **kw)
+    both = make_views(rows, [0] * 4, [np.random.default_rng(i) for i in range(4)], degrade=0.8, **kw)
+    assert "degraded" not in plain and both["degraded"].shape == both["image"].shape
+    assert np.array_equal(plain["image"], both["image"]) and np.array_equal(plain["label"], both["label"])

@@ -104,3 +104,52 @@ def test_scripts_print_one_line_and_exit_2_without_traceback(tmp_path):
         assert p.returncode == 2, p.stderr
         assert p.stderr.strip() == line or p.stderr.startswith(line), p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs as output root (root only), unmounted afterwards; `grow()` frees space by resizing it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+    yield disk, grow
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.ray
+def test_full_disk_names_the_stage_and_path_and_the_rerun_finishes_after_space_is_freed(small_disk, capsys):
+    disk, grow = small_disk
+    args = ["--config", str(REPO / "configs" / "smoke.yaml"), "--set", f"run.output_root={disk}",
+            "--set", "run.stages=ingest", "--set", f"tracking.uri=sqlite:///{disk.parent}/mlflow.db"]
+    assert full_run(args) == 2
+    err = capsys.readouterr().err  # Ray's own log lines go to stderr too (in process)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: stage 'ingest': {disk}/smoke/ingest/frames/part-"), errors
+    assert errors[0].endswith(".parquet: write failed: [Errno 28] No space left on device"), errors
+    grow()
+    assert full_run(args) == 0
+    out = capsys.readouterr().out
+    assert "[ingest] resuming an interrupted run" in out and (disk / "smoke" / "ingest" / "_manifest.json").exists()
+
+
+def test_stage_failures_name_the_stage_and_bugs_keep_their_traceback():
+    import ray.exceptions
+
+    from raydseg.errors import StorageError, UserError, in_stage
+
+    oom = ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node")
+    named = in_stage("features", oom)
+    assert type(named) is UserError and named.problems == [
+        "stage 'features': a worker ran out of memory (Task was killed due to the node running low on memory.); give "
+        "its workers more memory or smaller batches and rerun: finished parts are kept"]
+    remote = RuntimeError("ray::MapBatches(work)()\nTraceback ...\nraydseg.errors.StorageError: /o/part-1.parquet: "
+                          "write failed: [Errno 28] No space left on device\n\nThe above exception was ...")
+    named = in_stage("proposals", remote)  # Ray Data keeps only the text of a task's error
+    assert type(named) is StorageError and named.problems == [
+        "stage 'proposals': /o/part-1.parquet: write failed: [Errno 28] No space left on device"]
+    assert in_stage("cluster", KeyError("a bug")) is None

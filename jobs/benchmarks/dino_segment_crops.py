@@ -14,13 +14,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from raydseg.config import load_config
 from raydseg.data.schema import decode_image, frames_to_table
 from raydseg.data.sources import synthetic as S
 from raydseg.features.pooling import masked_crops, normalize_image
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
-from raydseg.models.segmenter import IMAGENET_MEAN, IMAGENET_STD
 
 
 def segment_crops(image: np.ndarray, seg: np.ndarray, size: int, min_pixels: int) -> np.ndarray:
@@ -30,7 +30,8 @@ def segment_crops(image: np.ndarray, seg: np.ndarray, size: int, min_pixels: int
     sizes = np.bincount(seg.ravel())
     ids = np.nonzero(sizes >= min_pixels)[0]
     crops = masked_crops(normalize_image(image), seg, ids[ids > 0], size)
-    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None]
+                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return (255 * (crops * std + mean)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 

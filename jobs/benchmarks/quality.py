@@ -16,6 +16,7 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   hand-made baseline of a 64-bin colour histogram of the segment's pixels;
 - `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
 - `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
+  `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
 - `oracle_*`: the teacher's architecture, init and step budget trained on the dense ground truth of the same
   images (jobs/benchmarks/teacher_recipe.py --target gt), scored on the same eval images;
 - `no_ema_*` / `no_soft_targets_*` / `no_refine_*`: the student rerun with one part off, from the same teacher,
@@ -37,6 +38,7 @@ import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
 ABLATIONS = ("ema", "soft_targets", "refine")  # student switches turned off one at a time
+UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -77,6 +79,27 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
                            for x in list_samples(eval_set)])
         boot = [scores(mapped[rng.integers(0, len(mapped), len(mapped))].sum(0))["miou"] for _ in range(n_boot)]
         out[eval_set.name.removeprefix("synthetic_")] = 100 * float(np.std(boot, ddof=1))
+    return out
+
+
+def unseen_world_miou(run: str, model: str, seed: int) -> dict[str, float]:
+    """{condition: mIoU points} of the run's `model` on eval scenes of another world (run.seed `seed`, never seen by
+    the run: its own eval seed stream too), under the run's own Hungarian mapping (fitted on its day split)."""
+    from raydseg.config import load_config
+    from raydseg.data.sources.synthetic import render_eval_images
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.models.infer import predict_image
+    from raydseg.models.io import load_model
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
+        mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
+    net = load_model(os.path.join(run, model, "model"))
+    out = {}
+    for c in CONDITIONS:
+        conf = sum(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19)
+                   for *_, rgb, sem in render_eval_images(c, cfg.synthetic, seed))
+        out[c] = 100 * scores(apply_mapping(conf, mapping))["miou"]
     return out
 
 
@@ -189,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in ("teacher", "student"):
             row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
             row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
+            row.update({f"{model}_unseen_{c}": v for c, v in unseen_world_miou(run, model, UNSEEN + seed).items()})
         t0 = time.time()
         row.update({f"oracle_{c}": v for c, v in
                     oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.infer import predict_image
     from raydseg.models.losses import ce_loss
     from raydseg.models.segmenter import build_segmenter, normalize
-    from raydseg.train.data import augment_example, is_val
+    from raydseg.train.data import augment_example, degraded_view, is_val
     from raydseg.train.loop import lr_factor, make_optimizer
     from raydseg.train.teacher import encoder_weights
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         views = [augment_example(rows[i]["image"], rows[i][args.target], None, rng, t.crop_size,
                                  (t.scale_min, t.scale_max), t.flip, t.jitter)
                  for i in rng.integers(0, len(rows), t.batch_size)]
-        x = normalize(torch.from_numpy(np.stack([v[0] for v in views])))
+        x = normalize(torch.from_numpy(np.stack([degraded_view(v[0], rng, t.degrade) for v in views])))
         loss = ce_loss(model(x), torch.from_numpy(np.stack([v[1] for v in views])), balance=t.class_balance)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = 255
+from raydseg.eval.metrics import IGNORE_INDEX
 
 
 def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
@@ -16,23 +16,23 @@ def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.n
     """Paint a segment-id image into pseudo-classes.
 
     segment_ids (H, W) uint16 (0 = no segment); seg_ids (S,) / seg_classes (S,) the class of each labelled
-    segment (segments not listed stay IGNORE); ground_px (H, W) bool-like pixels hit by ground points, painted
+    segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) bool-like pixels hit by ground points, painted
     0 when `ground_class` (segment pixels win over ground). Returns (H, W) uint8, 255 = ignore.
     """
     sid = np.asarray(segment_ids).astype(np.int64)
-    lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE, np.uint8)
+    lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE_INDEX, np.uint8)
     if len(seg_ids):
-        if np.max(seg_classes) >= IGNORE:
+        if np.max(seg_classes) >= IGNORE_INDEX:
             raise ValueError(f"pseudo-class {int(np.max(seg_classes))} does not fit uint8 labels (255 = ignore)")
         lut[np.asarray(seg_ids, np.int64)] = np.asarray(seg_classes, np.uint8)
-    lut[0] = IGNORE
+    lut[0] = IGNORE_INDEX
     label = lut[sid]
     if ground_class and ground_px is not None:
         label[(np.asarray(ground_px) > 0) & (sid == 0)] = 0
     return label
 
 
-def purity(labels: list[np.ndarray], gts: list[np.ndarray], ignore: int = IGNORE) -> float:
+def purity(labels: list[np.ndarray], gts: list[np.ndarray], ignore: int = IGNORE_INDEX) -> float:
     """Majority-class fraction of labelled pixels: for every pseudo-class, the share of its pixels (with a valid
     ground truth) that belong to its most frequent ground-truth class, pooled over all images. labels / gts are
     lists of (H, W) uint8 images; pixels with label or gt == ignore are skipped."""

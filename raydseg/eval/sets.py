@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 
 from raydseg import storage
+from raydseg.eval.metrics import IGNORE_INDEX
 
 FORMATS = ("cityscapes", "cityscapes27", "acdc", "darkzurich", "nightdriving")
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
-IGNORE_INDEX = 255
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # set names become folder names: no separators, no '..'
 
 

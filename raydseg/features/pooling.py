@@ -9,16 +9,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def normalize_image(image: np.ndarray, model: nn.Module | None = None) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - mean) / std with the model's pretrained_cfg statistics."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN), dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.get("std", IMAGENET_STD), dtype=torch.float32)[:, None, None]
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)[:, None, None]
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32)[:, None, None]
     x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / 255.0  # a copy: inputs may be read-only
     return (x - mean) / std
 

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from raydseg.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, normalize
+from raydseg.models.segmenter import normalize
 
 
 def _windows(length: int, window: int, stride: int) -> list[int]:
@@ -55,7 +56,7 @@ def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = Non
     device = next(model.parameters()).device
     cfg = getattr(model, "model_cfg", {}) or {}
     x = normalize(torch.from_numpy(np.array(image, copy=True))[None].to(device),
-                  cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+                  cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
     H, W = image.shape[:2]
     if size:
         scale = size / min(H, W)

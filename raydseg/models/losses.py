@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from raydseg.eval.metrics import IGNORE_INDEX
 
 
-def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
             balance: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over labelled pixels. logits (B, C, H, W), target (B, H, W) int (ignore_index skipped).
 

@@ -13,9 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 DEFAULT_MODEL_CFG: dict[str, Any] = {
     "arch": "segmenter",
@@ -27,8 +25,8 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "n_heads": 0,  # decoder heads (0 = encoder width // 64, at least 1)
     "dropout": 0.1,  # decoder dropout (released config: 0.1)
     "drop_path": 0.1,  # encoder stochastic depth (released config: 0.1)
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
+    "mean": list(IMAGENET_DEFAULT_MEAN),
+    "std": list(IMAGENET_DEFAULT_STD),
 }
 
 
@@ -151,8 +149,8 @@ def build_segmenter(model_cfg: dict[str, Any] | None = None, weights: str = "") 
     return Segmenter(encoder, decoder, cfg["n_cls"])
 
 
-def normalize(images: torch.Tensor, mean: list[float] | tuple = IMAGENET_MEAN,
-              std: list[float] | tuple = IMAGENET_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: list[float] | tuple = IMAGENET_DEFAULT_MEAN,
+              std: list[float] | tuple = IMAGENET_DEFAULT_STD) -> torch.Tensor:
     """uint8 (B, H, W, 3) or (B, 3, H, W) -> float (B, 3, H, W) normalised with mean/std (0..1 scale)."""
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)

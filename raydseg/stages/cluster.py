@@ -203,7 +203,8 @@ def run(ctx: StageContext) -> StageResult:
                "size_min": float(sizes.min()), "size_max": float(sizes.max()), "n_splits": float(res.n_splits),
                "n_pseudo_classes": float(cfg.k + int(cfg.ground_class)),
                "shard_peak_rss_gb": max(res.shard_peak_rss_gb, default=0.0),
-               **purity_metrics(storage.join(ctx.out_dir, "pseudolabels"), pa.concat_tables(keys), classes, ctx.cfg.run.seed)}
+               **purity_metrics(storage.join(ctx.out_dir, "pseudolabels"), pa.concat_tables(keys), classes,
+                                ctx.cfg.run.seed)}
     counts = {"segments": int(len(xp)), "clusters": int(cfg.k),
               "label_images": parts.counts.get("rows_out_pseudolabels", 0),
               "actor_restarts": int(res.n_actor_restarts)}

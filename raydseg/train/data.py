@@ -18,8 +18,6 @@ from raydseg import storage
 from raydseg.data.schema import decode_image
 from raydseg.train.feed import Feed, part_files
 
-IGNORE = 255
-
 
 def is_val(frame_id: str, val_fraction: float) -> bool:
     """Deterministic held-out split by frame (all cameras of a frame fall on the same side)."""
@@ -62,6 +60,38 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator, strength: fl
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def degraded_view(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A photometrically degraded copy of a uint8 (H, W, 3) view, for training that must hold in poor light and
+    visibility. Each of these applies with probability 0.5, with a magnitude u drawn in [0, strength] (0..1):
+    gamma 1 + 2u or 1 / (1 + 2u) (darker or brighter), brightness x (1 - 0.7u), contrast x (1 - 0.7u), a uniform
+    haze (blend of weight 0.7u towards a grey level in [100, 230]), Gaussian blur (sigma 2u px) and sensor noise
+    (sigma 15u grey levels). Generic degradations (torchvision v2 ops), not the renderer's night or fog model.
+    Parameters come from `rng`, so the view is seeded like the rest of the sample."""
+    if strength <= 0:
+        return image
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    u = lambda: float(rng.uniform(0, strength))  # noqa: E731
+    if rng.random() < 0.5:
+        gamma = 1 + 2 * u()
+        x = TF.adjust_gamma(x, gamma if rng.random() < 0.5 else 1 / gamma)
+    if rng.random() < 0.5:
+        x = TF.adjust_brightness(x, 1 - 0.7 * u())
+    if rng.random() < 0.5:
+        x = TF.adjust_contrast(x, 1 - 0.7 * u())
+    if rng.random() < 0.5:
+        x = TF.gaussian_blur(x, [7, 7], [max(2 * u(), 0.1)])
+    out = x.permute(1, 2, 0).numpy().astype(np.float32)
+    if rng.random() < 0.5:
+        a = 0.7 * u()
+        out = (1 - a) * out + a * rng.uniform(100, 230)
+    if rng.random() < 0.5:
+        out = out + rng.normal(0, 15 * u(), out.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def augment_example(image: np.ndarray, label: np.ndarray, segments: np.ndarray | None, rng: np.random.Generator,
                     crop: int, scale: tuple[float, float], flip: bool, jitter: float
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -86,13 +116,14 @@ def train_samples(index: Any, *, val_fraction: float) -> list[tuple[int, int]]:
 
 
 def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], *, crop: int,
-               scale_min: float, scale_max: float, flip: bool, jitter: float, with_segments: bool
-               ) -> dict[str, np.ndarray]:
+               scale_min: float, scale_max: float, flip: bool, jitter: float, with_segments: bool,
+               degrade: float = 0.0) -> dict[str, np.ndarray]:
     """Feed.make_batch: decode and augment each pseudo-label row with its own generator.
 
-    Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32].
+    Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32]
+    [, degraded (B, crop, crop, 3) uint8: `degraded_view` of image, when degrade > 0].
     """
-    images, labels, segs = [], [], []
+    images, labels, segs, degraded = [], [], [], []
     for row, rng in zip(rows, rngs):
         image = decode_image(row["image"])
         if image.ndim == 2:
@@ -103,7 +134,10 @@ def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random
         images.append(im)
         labels.append(lb)
         segs.append(sg)
+        degraded.append(degraded_view(im, rng, degrade))
     out = {"image": np.stack(images), "label": np.stack(labels)}
+    if degrade > 0:
+        out["degraded"] = np.stack(degraded)
     if with_segments:
         out["segments"] = np.stack(segs)
     return out
@@ -116,7 +150,7 @@ def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
                 list_samples=partial(train_samples, val_fraction=t.val_fraction),
                 columns=("image", "label") + (("segment_ids",) if with_segments else ()), make_batch=make_views,
                 kwargs=dict(crop=t.crop_size, scale_min=t.scale_min, scale_max=t.scale_max, flip=t.flip,
-                            jitter=t.jitter, with_segments=with_segments))
+                            jitter=t.jitter, with_segments=with_segments, degrade=t.degrade))
 
 
 def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:

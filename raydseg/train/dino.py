@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from raydseg.models.segmenter import IMAGENET_MEAN, IMAGENET_STD, normalize
+from raydseg.models.segmenter import normalize
 
 
 def cosine_schedule(base: float, final: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
@@ -153,8 +154,8 @@ class DinoStep:
     Metrics: teacher_entropy (nats, of the centred, sharpened teacher distribution; log K = uniform, 0 = one-hot).
     """
 
-    def __init__(self, teacher: nn.Module, loss: DINOLoss, n_local: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, teacher: nn.Module, loss: DINOLoss, n_local: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
         self.teacher, self.loss, self.names = teacher, loss, crop_names(n_local)
         self.mean, self.std = list(mean), list(std)
 

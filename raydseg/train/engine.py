@@ -112,29 +112,18 @@ def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: 
     return out
 
 
-def confusion(pred: np.ndarray, label: np.ndarray, n: int, ignore: int = 255) -> np.ndarray:
-    """(n, n) confusion of pseudo-labels (rows) vs predictions (cols) over labelled pixels."""
-    m = label != ignore
-    return np.bincount(label[m].astype(np.int64) * n + np.clip(pred[m], 0, n - 1), minlength=n * n).reshape(n, n)
-
-
-def miou(conf: np.ndarray) -> float:
-    """Mean IoU over the classes present in the labels or predictions."""
-    inter = np.diag(conf).astype(float)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
-
-
 def validate_segmenter(model: nn.Module, rows: list[dict[str, Any]], n_cls: int) -> dict[str, float]:
-    """mIoU of a Segmenter's whole-image predictions against held-out pseudo-labels (`rows`: image, label)."""
+    """mIoU of a Segmenter's whole-image predictions against held-out pseudo-labels (`rows`: image, label), over
+    the classes present in either (raydseg.eval.metrics; 0 when nothing is labelled)."""
+    from raydseg.eval.metrics import confusion_matrix, scores
     from raydseg.models.infer import predict_image
 
     was_training = model.training
     model.eval()
-    conf = sum(confusion(predict_image(model, r["image"]), r["label"], n_cls) for r in rows)
+    conf = sum(confusion_matrix(predict_image(model, r["image"]), r["label"], n_cls, n_cls) for r in rows)
     model.train(was_training)
-    return {"val_miou": miou(conf)}
+    miou = scores(conf)["miou"]
+    return {"val_miou": 0.0 if np.isnan(miou) else miou}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

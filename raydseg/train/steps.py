@@ -1,8 +1,11 @@
 """Step functions of the segmentation stages (see raydseg.train.engine): a new objective is a new step function.
 
-- `SegmentationStep` (teacher stage): cross-entropy of the Segmenter on the sparse pseudo-labels.
-- `DistillationStep` (student stage): targets from the (EMA) teacher on the same view: soft probabilities with a
-  temperature or hard argmax labels, optionally refined with the LiDAR segments.
+- `SegmentationStep` (teacher stage): cross-entropy of the Segmenter on the sparse pseudo-labels (of the degraded
+  view when the batch has one).
+- `DistillationStep` (student stage): targets from the (EMA) teacher on the clean view: soft probabilities with a
+  temperature or hard argmax labels, optionally refined with the LiDAR segments. The student sees the same view, or
+  its degraded copy (batch["degraded"], the `degrade` option): it must then predict in poor conditions what the
+  teacher sees in good ones.
 No Ray here (torch only).
 """
 from __future__ import annotations
@@ -19,15 +22,16 @@ from raydseg.refine import refine_with_segments
 
 
 class SegmentationStep:
-    """Teacher objective: batch {image (B,H,W,3) uint8, label (B,H,W) uint8 (255 = ignore)} -> CE loss, classes
-    weighted n_c^-class_balance by their pixel count in the batch (0 = plain CE)."""
+    """Teacher objective: batch {image (B,H,W,3) uint8, label (B,H,W) uint8 (255 = ignore)[, degraded (B,H,W,3)
+    uint8]} -> CE loss on the degraded view if present, else on image; classes weighted n_c^-class_balance by their
+    pixel count in the batch (0 = plain CE)."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None, class_balance: float = 0.0):
         self.mean, self.std, self.class_balance = mean, std, class_balance
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(normalize(batch["image"], self.mean, self.std))
+        logits = model(normalize(batch.get("degraded", batch["image"]), self.mean, self.std))
         return ce_loss(logits, batch["label"], balance=self.class_balance), {}
 
 
@@ -52,8 +56,8 @@ def student_targets(teacher: nn.Module, x: torch.Tensor, batch: dict[str, torch.
 
 
 class DistillationStep:
-    """Student objective: the student's logits against the teacher's targets on the same view
-    (soft-target cross-entropy x T^2, or CE on the hard targets)."""
+    """Student objective: the student's logits (on batch["degraded"] if present, else on the teacher's view) against
+    the teacher's targets on the clean view (soft-target cross-entropy x T^2, or CE on the hard targets)."""
 
     def __init__(self, teacher: nn.Module, n_cls: int, cfg: dict[str, Any], mean: Sequence[float] | None,
                  std: Sequence[float] | None):
@@ -64,7 +68,7 @@ class DistillationStep:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         x = normalize(batch["image"], self.mean, self.std)
-        logits = model(x)
+        logits = model(normalize(batch["degraded"], self.mean, self.std) if "degraded" in batch else x)
         hard, probs = student_targets(self.teacher, x, batch, self.n_cls, soft_targets=self.soft_targets,
                                       temperature=self.temperature, refine=self.refine)
         loss = soft_target_loss(logits, probs, self.temperature) if probs is not None else ce_loss(logits, hard)
