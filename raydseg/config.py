@@ -290,6 +290,7 @@ class StudentConfig(TrainConfig):
     steps: PosInt = 160
     lr: PosFloat = 0.0002
     warmup_steps: NonNegInt = 0
+    degrade: Annotated[float, Field(ge=0, le=1)] = 0.8  # the student's view is degraded, its EMA teacher's is not
     ema: bool = True  # off: the teacher stays the frozen teacher-stage model
     ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99  # paper: about 0.999 for long runs
     soft_targets: bool = True  # soft teacher probabilities (temperature) vs hard argmax targets

@@ -1,6 +1,6 @@
 """Part-wise Ray Data map: every input part file becomes output part files of the same name, written atomically.
 
-A part (`part-XXXXX.parquet`, a few sweeps) is the unit of parallelism and of resume: parts whose outputs all
+A part (`part-*.parquet`, a few sweeps) is the unit of parallelism and of resume: parts whose outputs all
 exist are skipped, so a rerun after a crash redoes only the unfinished parts. Part names stay aligned across
 stages (part-00003 of every stage holds the same frames).
 """

@@ -2,7 +2,7 @@
 student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
-[--pretrained FILE] [--set section.key=value ...] [--skip-ablation]`
+[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine,degrade]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
 (`--seeds 0`, `--seeds 1`, ... side by side; the training stages use one core each), then all seeds together to
@@ -19,8 +19,9 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
 - `oracle_*`: the teacher's architecture, init and step budget trained on the dense ground truth of the same
   images (jobs/benchmarks/teacher_recipe.py --target gt), scored on the same eval images;
-- `no_ema_*` / `no_soft_targets_*` / `no_refine_*`: the student rerun with one part off, from the same teacher,
-  data and seed (a copy of q<S> without its student and evaluate outputs), so differences are paired.
+- `no_ema_*` / `no_soft_targets_*` / `no_refine_*` / `no_degrade_*` (those named by --ablate): the student rerun
+  with one part off, from the same teacher, data and seed (a copy of q<S> without its student and evaluate
+  outputs), so differences are paired.
 Writes {"seeds": [per-seed rows], "summary": {metric: mean, std, se}, "paired": {...}} and prints a markdown
 table. All figures are mIoU / accuracy in points (0-100).
 """
@@ -37,7 +38,7 @@ import time
 import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
-ABLATIONS = ("ema", "soft_targets", "refine")  # student switches turned off one at a time
+ABLATIONS = {"ema": "false", "soft_targets": "false", "refine": "false", "degrade": "0"}  # student part: its "off"
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -161,12 +162,13 @@ def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str,
 
 
 def ablation_run(root: str, base: str, flag: str, seed: int, cli: list[str], env: dict[str, str]) -> dict:
-    """The student with `student.<flag>=false`, from a copy of run `base` without its student / evaluate outputs."""
+    """The student with part `flag` off (ABLATIONS), from a copy of run `base` without its student / evaluate
+    outputs."""
     name = f"{base}_no_{flag}"
     dst = os.path.join(root, name)
     if not os.path.exists(dst):
         shutil.copytree(os.path.join(root, base), dst, ignore=shutil.ignore_patterns("student", "evaluate"))
-    wall = run_pipeline(root, name, seed, cli + ["--set", f"student.{flag}=false"], env)
+    wall = run_pipeline(root, name, seed, cli + ["--set", f"student.{flag}={ABLATIONS[flag]}"], env)
     return {"student": eval_miou(dst, "student"), "wall_s": wall}
 
 
@@ -185,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", default="", help="checkpoint for knn_pretrained (default: features.weights)")
     p.add_argument("--config", default=None, help="config file of every run (default: the embedded default)")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
-    p.add_argument("--skip-ablation", action="store_true")
+    p.add_argument("--ablate", default=",".join(ABLATIONS), help="student parts turned off one at a time ('' = none)")
     args = p.parse_args(argv)
+    ablate = [a for a in args.ablate.split(",") if a]
+    unknown = sorted(set(ablate) - set(ABLATIONS))
+    if unknown:
+        p.error(f"--ablate: unknown student part(s) {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
 
     from raydseg.config import load_config
 
@@ -217,10 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         row.update({f"oracle_{c}": v for c, v in
                     oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})
         row["oracle_s"] = time.time() - t0
-        if not args.skip_ablation:
-            for flag in ABLATIONS:
-                a = ablation_run(args.root, base, flag, seed, passed, env)
-                row.update({f"no_{flag}_{c}": v for c, v in a["student"].items()})
+        for flag in ablate:
+            a = ablation_run(args.root, base, flag, seed, passed, env)
+            row.update({f"no_{flag}_{c}": v for c, v in a["student"].items()})
         rows.append(row)
         with open(done, "w") as f:
             json.dump(row, f)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
         paired[f"student_minus_teacher_{c}"] = stats([r[f"student_{c}"] - r[f"teacher_{c}"] for r in rows])
         paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
-        for flag in ([] if args.skip_ablation else ABLATIONS):
+        for flag in [f for f in ablate if f"no_{f}_{c}" in rows[0]]:
             paired[f"student_minus_no_{flag}_{c}"] = stats([r[f"student_{c}"] - r[f"no_{flag}_{c}"] for r in rows])
     if "knn_pretrained" in rows[0]:
         paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])

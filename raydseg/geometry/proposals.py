@@ -1,7 +1,7 @@
 """Per-sweep proposals: density subsampling -> range image -> ground -> segments -> per-camera segment images.
 
 Pure functions over Frame rows (raydseg.data.schema row form) and a ProposalsConfig; the Ray stage
-(raydseg.stages.proposals) only maps `frame_proposals` over part files.
+(raydseg.stages.proposals) only maps `sweep_segments` / `camera_segments` over part files.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raydseg.eval.metrics import IGNORE_INDEX
+
 GROUND_TRAIN_IDS = (0, 1, 9)
 
 
@@ -14,7 +16,7 @@ def ground_precision_recall(pred: np.ndarray, gt_label: np.ndarray, use: np.ndar
                             ground_ids: tuple[int, ...] = GROUND_TRAIN_IDS) -> tuple[float, float]:
     """(precision, recall) of the predicted ground points (N,) bool against trainIds (N,); void (255) ignored."""
     use = np.ones(len(pred), bool) if use is None else use
-    use = use & (gt_label != 255)
+    use = use & (gt_label != IGNORE_INDEX)
     gt = np.isin(gt_label, ground_ids)
     tp = float((pred & gt & use).sum())
     return tp / max(float((pred & use).sum()), 1.0), tp / max(float((gt & use).sum()), 1.0)

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from raydseg import storage
 from raydseg.data.schema import encode_png
+from raydseg.eval.metrics import IGNORE_INDEX
 
 COLOURS = np.array([[110, 110, 110], [220, 40, 40], [40, 200, 60], [50, 70, 230], [230, 220, 50]], np.uint8)
 
@@ -27,7 +28,7 @@ def blob_example(rng: np.random.Generator, h: int, w: int, n_cls: int = 4, n_blo
         seg[y:y + bh, x:x + bw] = b + 1
     image = COLOURS[gt].astype(np.float32) + rng.normal(0, 12, (h, w, 3))
     image = np.clip(image, 0, 255).astype(np.uint8)
-    label = np.full((h, w), 255, np.uint8)
+    label = np.full((h, w), IGNORE_INDEX, np.uint8)
     inside = seg > 0
     label[inside] = gt[inside]
     strip = np.zeros((h, w), bool)
