@@ -122,7 +122,7 @@ def model_dir(tmp_path_factory):
 
 def test_predictor_cpu_path_is_unchanged_full_precision(model_dir, tmp_path):
     """Without a GPU the actor predicts on CPU, in fp32, exactly as `predict_image` on the loaded model does."""
-    from raydseg.stages.evaluate import Predictor
+    from raydseg.eval.inference import Predictor
 
     img, _, _ = _scene(48, 64)
     for num_gpus in (0.0, 1.0):  # asking for a GPU where CUDA is absent still runs on CPU
@@ -138,7 +138,7 @@ def test_predictor_cpu_path_is_unchanged_full_precision(model_dir, tmp_path):
 def test_predictor_bf16_autocast_path_runs_on_cpu(model_dir, tmp_path):
     """The GPU path's autocast (forced on CPU): bf16 forwards, float32 window averaging, int64 classes that agree
     with fp32 on nearly every pixel."""
-    from raydseg.stages.evaluate import Predictor
+    from raydseg.eval.inference import Predictor
 
     img, _, _ = _scene(48, 64)
     p = Predictor(model_dir, str(tmp_path), window=32, stride=16, device="cpu", amp=True)
@@ -155,7 +155,7 @@ def test_predictor_bf16_autocast_path_runs_on_cpu(model_dir, tmp_path):
 @pytest.mark.gpu
 def test_gpu_and_cpu_evaluate_predictions_agree(model_dir, tmp_path):
     """On a GPU actor the model lives on CUDA and predicts under bf16 autocast; the classes match the CPU's."""
-    from raydseg.stages.evaluate import Predictor
+    from raydseg.eval.inference import Predictor
 
     img, _, _ = _scene(96, 128)
     gpu = Predictor(model_dir, str(tmp_path), window=64, stride=32, num_gpus=1)

@@ -114,8 +114,7 @@ def test_evaluate_fits_matching_on_day_and_logs_metrics_report_and_predictions(
     with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
         ctx = StageContext(cfg=cfg, run_root=str(root), out_dir=str(out_dir), tracking_uri=mlflow_server,
                            mlflow_run_id=child.info.run_id, parent_run_id=parent.info.run_id)
-        result = evaluate.run_evaluation(ctx, loader="test_evaluate_stage:load_tiny",
-                                         predictor="test_evaluate_stage:predict_tiny")
+        result = evaluate.run_evaluation(ctx, loader=load_tiny, predictor=predict_tiny)
     assert result.counts == {"images_synthetic_day": 3, "images_synthetic_night": 2}
     assert result.rejects == []
     client = MlflowClient(mlflow_server)
@@ -153,7 +152,7 @@ def test_evaluate_fits_matching_on_day_and_logs_metrics_report_and_predictions(
 
 def test_fit_sets_one_per_protocol_and_rejects_unknown_fit_set():
     from raydseg.eval.sets import EvalSet
-    from raydseg.stages.evaluate import fit_sets
+    from raydseg.eval.scoring import fit_sets
 
     sets = [EvalSet("cs", "cityscapes", "/a"), EvalSet("cs27", "cityscapes27", "/a"),
             EvalSet("dz", "darkzurich", "/b")]
@@ -165,7 +164,7 @@ def test_fit_sets_one_per_protocol_and_rejects_unknown_fit_set():
 
 def test_knn_analysis_on_feature_and_pseudolabel_parts(tmp_path):
     from raydseg.data.schema import encode_png
-    from raydseg.stages.evaluate import knn_analysis
+    from raydseg.eval.knn import knn_analysis
 
     rng = np.random.default_rng(0)
     centres = {0: rng.normal(size=16), 2: rng.normal(size=16), 13: rng.normal(size=16)}

@@ -8,6 +8,7 @@ import pytest
 from raydseg.config import load_config
 from raydseg.data.schema import validate_frame
 from raydseg.data.sources import fixtures, waymo
+from raydseg.geometry.project import project_points
 
 
 def cfg_for(root, *extra):
@@ -50,14 +51,43 @@ def test_vehicle_points_land_on_waymo_camera_model_pixels(tmp_path):
     for r in rows:
         fr, cam = oracle["frames"][r["frame_id"]], r["cameras"][0]
         assert cam["name"] == "FRONT" and (cam["width"], cam["height"]) == (96, 64)
-        np.testing.assert_allclose(cam["K"], oracle["K"])
+        np.testing.assert_allclose(cam["K"], oracle["K"] - [[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])  # half-pixel
         xyz = np.c_[r["points"][:, :3].astype(np.float64), np.ones(len(r["points"]))]
         c = (cam["T_cam_lidar"] @ xyz.T).T[:, :3]
         front = fr["front"]
         assert front.sum() > 100 and np.all(c[front, 2] > 0)  # OpenCV z forward == Waymo x forward
         uvw = (cam["K"] @ c[front].T).T
-        assert np.abs(uvw[:, :2] / uvw[:, 2:3] - fr["pixels"][front]).max() < 0.5
+        # float32 points: within 1e-3 px of Waymo's pixel moved to integer pixel centres
+        assert np.abs(uvw[:, :2] / uvw[:, 2:3] - (fr["pixels"][front] - 0.5)).max() < 1e-3
         assert cam["timestamp_us"] - r["timestamp_us"] == 10_000
+
+
+def test_principal_point_moves_half_a_pixel_to_opencv_pixel_centres(tmp_path):
+    # Waymo's camera model (camera_model.cc CameraToImage, no distortion) in its camera frame (x fwd, y left, z up):
+    # u = c_u - f_u y / x, v = c_v - f_v z / x, measured from the left/top edge of the first pixel. The Frame puts
+    # pixel centres at integers (OpenCV), so the same point must land on (u - 0.5, v - 0.5).
+    f_u, f_v, c_u, c_v = 50.0, 52.5, 47.25, 33.75
+    fixtures.write_waymo(str(tmp_path), n_frames=1, H=4, W=24)
+    path = tmp_path / "training" / "camera_calibration" / "seg-0001.parquet"
+    t = pq.read_table(path)
+    for name, value in (("f_u", f_u), ("f_v", f_v), ("c_u", c_u), ("c_v", c_v)):
+        col = f"[CameraCalibrationComponent].intrinsic.{name}"
+        t = t.set_column(t.column_names.index(col), col, [[value] * t.num_rows])
+    pq.write_table(t, path)
+    rows, rejects = read_all(cfg_for(tmp_path))
+    assert rejects == [] and len(rows) == 1
+    cam = rows[0]["cameras"][0]
+    p_cam = np.array([[10.0, 0.0, 0.0], [10.0, 1.0, 0.5], [5.0, -0.8, -0.6], [20.0, 2.0, 1.5], [7.5, 0.3, -1.1]])
+    u_waymo = c_u - f_u * p_cam[:, 1] / p_cam[:, 0]
+    v_waymo = c_v - f_v * p_cam[:, 2] / p_cam[:, 0]
+    assert (u_waymo[0], v_waymo[0]) == (c_u, c_v)
+    # camera -> vehicle -> TOP LiDAR frame in float64 (the Frame's float32 points are tested above)
+    p_veh = (fixtures.WAYMO_CAM_EXT @ np.c_[p_cam, np.ones(len(p_cam))].T).T
+    p_lidar = (np.linalg.inv(fixtures.WAYMO_TOP_EXT) @ p_veh.T).T[:, :3]
+    u, v, depth, inside = project_points(p_lidar, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"])
+    np.testing.assert_allclose(depth, p_cam[:, 0], atol=1e-9)
+    assert np.abs(u - (u_waymo - 0.5)).max() < 1e-6 and np.abs(v - (v_waymo - 0.5)).max() < 1e-6
+    assert inside.all()
 
 
 def test_out_of_tolerance_camera_is_rejected_with_the_reason(tmp_path):

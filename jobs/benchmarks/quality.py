@@ -68,14 +68,15 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
     from raydseg.config import load_config
     from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
     from raydseg.eval.sets import list_samples, load_label
-    from raydseg.stages.evaluate import _read_pred, eval_sets
+    from raydseg.eval.sets import read_prediction
+    from raydseg.stages.evaluate import eval_sets
 
     with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
         mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
     rng, out = np.random.default_rng(seed), {}
     pred_root = os.path.join(run, "evaluate", "predictions", model)
     for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), run):
-        mapped = np.stack([apply_mapping(confusion_matrix(_read_pred(pred_root, eval_set.name, x.sample_id),
+        mapped = np.stack([apply_mapping(confusion_matrix(read_prediction(pred_root, eval_set.name, x.sample_id),
                                                           load_label(x, 19), len(mapping), 19), mapping)
                            for x in list_samples(eval_set)])
         boot = [scores(mapped[rng.integers(0, len(mapped), len(mapped))].sum(0))["miou"] for _ in range(n_boot)]

@@ -8,6 +8,8 @@ Row form used in Python (`frames_to_table` / `table_to_frames` convert to and fr
   cameras: list of {name, image (PNG/JPEG bytes), width, height, K (3, 3) float64,
                     T_cam_lidar (4, 4) float64, LiDAR -> OpenCV camera (x right, y down, z forward),
                     timestamp_us, gt_semantic (PNG uint8 trainIds) | None, gt_instance (PNG uint16) | None}.
+K maps to pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV: pixel (0, 0) covers
+[-0.5, 0.5)^2). Sources measuring from the image edge convert at ingest: Waymo's c_u, c_v are shifted by -0.5.
 Points are stored as `large_list<float32>` of 4N values plus `n_points`, readable by plain pyarrow.
 """
 from __future__ import annotations

@@ -77,3 +77,41 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
         h = np.bincount(bins[segment_ids == sid], minlength=levels ** 3).astype(np.float32)
         out[i] = np.sqrt(h / max(h.sum(), 1.0))
     return out
+
+
+def knn_analysis(run_root: str, k: int, max_segments: int = 20000) -> tuple[dict[str, float], bytes | None]:
+    """k-NN accuracy of segment descriptors (train/test split by frame) vs the segments' majority gt class, and a
+    PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing."""
+    from raydseg import storage
+    from raydseg.data.schema import decode_image
+    from raydseg.eval import plots
+    from raydseg.eval.sets import class_names
+    from raydseg.parts import part_names
+
+    feat_dir, pl_dir = storage.join(run_root, "features"), storage.join(run_root, "cluster", "pseudolabels")
+    if k <= 0 or not storage.exists(feat_dir) or not storage.exists(pl_dir):
+        return {}, None
+    majority: dict[tuple[str, str, int], int] = {}
+    for name in part_names(pl_dir):
+        t = storage.read_table(storage.join(pl_dir, name), columns=["frame_id", "camera", "segment_ids", "gt_semantic"])
+        for fid, cam, seg, gt in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            if seg is not None and gt is not None:
+                for sid, c in segment_majority_class(decode_image(seg), decode_image(gt)).items():
+                    majority[(fid, cam, sid)] = c
+    xs, ys, frames = [], [], []
+    for name in part_names(feat_dir):
+        t = storage.read_table(storage.join(feat_dir, name), columns=["frame_id", "camera", "segment_id", "descriptor"])
+        for fid, cam, sid, d in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            c = majority.get((fid, cam, int(sid)))
+            if c is not None and len(xs) < max_segments:
+                xs.append(np.asarray(d, dtype=np.float32))
+                ys.append(c)
+                frames.append(fid)
+    if len(set(frames)) < 2:
+        return {}, None
+    x, y = np.stack(xs), np.array(ys)
+    is_test = frame_split(frames)
+    metrics = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
+    metrics["knn_n_segments"] = float(len(y))
+    png = plots.pca_plot(x, y, class_names(19), title=f"PCA of {len(y)} segment descriptors (majority gt class)")
+    return metrics, png

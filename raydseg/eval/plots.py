@@ -97,3 +97,11 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, n_classes: int,
         return np.where(void, img, (1 - alpha) * img + alpha * col).astype(np.uint8)
 
     return np.concatenate([img.astype(np.uint8), blend(pred), blend(gt)], axis=1)
+
+
+def shrink(strip: np.ndarray, max_width: int = 960) -> np.ndarray:
+    """An image strip resized (nearest) to at most `max_width` px wide, for the report."""
+    if strip.shape[1] <= max_width:
+        return strip
+    h = max(1, round(strip.shape[0] * max_width / strip.shape[1]))
+    return np.array(Image.fromarray(strip).resize((max_width, h), Image.NEAREST))

@@ -1,11 +1,15 @@
 """One self-contained HTML evaluation report per run: images embedded as data URIs so the single file renders in
-MLflow's artifact view (and anywhere else) without sibling files."""
+MLflow's artifact view (and anywhere else) without sibling files; and the evaluate stage's sections of it (summary,
+per model and set: per-class IoU, confusion matrix, overlays; the descriptors' k-NN and PCA)."""
 from __future__ import annotations
 
 import base64
 import html
 import math
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 
 
 @dataclass
@@ -69,3 +73,53 @@ def render_report(title: str, meta: dict[str, str], sections: list[Section]) -> 
     parts.append("<p style='font-size:11px'>IoU / accuracy in %. Unmatched pseudo-classes count as errors.</p>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def model_set_section(model: str, eval_set, samples: list, detail: dict, mapped: np.ndarray, mapping: np.ndarray,
+                      fit_name: str, headline: str, pred_root: str, n_overlays: int,
+                      save_png: Callable[[str, bytes], None]) -> Section:
+    """Per-class IoU under both mappings, the mapped confusion matrix and the first `n_overlays` overlays
+    (image | mapped prediction | ground truth) of `model` on one eval set; each PNG also goes to
+    `save_png(rel, png)`."""
+    from raydseg.eval import plots
+    from raydseg.eval.matching import METHODS, map_prediction
+    from raydseg.eval.sets import class_names, load_image, load_label, read_prediction
+
+    names = class_names(eval_set.n_classes)
+    other = [m for m in METHODS if m != headline][0]
+    table = Table("per-class IoU", ["class", f"IoU ({headline})", f"IoU ({other})"],
+                  [[names[c], float(detail[headline]["iou"][c]), float(detail[other]["iou"][c])]
+                   for c in range(eval_set.n_classes)])
+    title = f"{model} on {eval_set.name} ({headline} mapping fitted on {fit_name})"
+    cm_png = plots.confusion_plot(mapped, names + ["ignore (unmatched)"], names, title=title)
+    save_png(f"{model}/{eval_set.name}/confusion.png", cm_png)
+    figs = [Figure("confusion matrix", cm_png, "rows: mapped prediction, columns: ground truth")]
+    for x in samples[:n_overlays]:
+        pred = map_prediction(read_prediction(pred_root, eval_set.name, x.sample_id), mapping)
+        png = plots.png_bytes(plots.shrink(plots.overlay(load_image(x), pred, load_label(x, eval_set.n_classes),
+                                                         eval_set.n_classes)))
+        save_png(f"{model}/{eval_set.name}/overlay_{x.sample_id}.png", png)
+        figs.append(Figure(x.sample_id, png, f"{x.sample_id}: image | prediction | ground truth"))
+    return Section(f"{model} / {eval_set.name}", tables=[table], figures=figs)
+
+
+def knn_section(metrics: dict[str, float], k: int, pca_png: bytes | None,
+                save_png: Callable[[str, bytes], None]) -> Section:
+    """The segment descriptors' k-NN metrics and PCA plot."""
+    figs = []
+    if pca_png is not None:
+        save_png("features/pca.png", pca_png)
+        figs.append(Figure("PCA", pca_png))
+    return Section("Segment descriptors", tables=[Table(
+        f"k-NN (k={k}) vs majority gt class of segments", ["metric", "value"],
+        [[name, v] for name, v in metrics.items() if name != "knn_n_segments"])], figures=figs)
+
+
+def summary_section(rows: list[list], headline: str) -> Section:
+    """One row per (model, set): model, set, fit set, images, mIoU and pixel accuracy under both mappings."""
+    from raydseg.eval.matching import METHODS
+
+    other = [m for m in METHODS if m != headline][0]
+    return Section("Metrics", tables=[Table(f"summary (headline mapping: {headline})",
+                                            ["model", "set", "mapping fitted on", "images", "mIoU", "pixel acc",
+                                             f"mIoU ({other})", f"pixel acc ({other})"], rows)])

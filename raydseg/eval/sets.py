@@ -189,3 +189,8 @@ def load_label(sample: EvalSample, n_classes: int = 19) -> np.ndarray:
     out = raw.astype(np.uint8)
     out[raw >= 19] = IGNORE_INDEX
     return out
+
+
+def read_prediction(pred_root: str, set_name: str, sample_id: str) -> np.ndarray:
+    """(H, W) int64 pseudo-classes stored by the evaluate stage at `pred_root/<set_name>/<sample_id>.png`."""
+    return _read_png(storage.join(pred_root, set_name, f"{sample_id}.png")).astype(np.int64)

@@ -20,9 +20,9 @@ import pyarrow as pa
 from raydseg import stage_requests, storage
 from raydseg.clustering.pseudolabels import (class_of_cluster, montage, paint_labels, purity, segment_purity,
                                              segment_thumbnail)
+from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.pipeline import StageContext, StageResult
-from raydseg.stages.features import camera_records, frame_index
 
 NAME = "cluster"
 INPUTS: tuple[str, ...] = ("features", "proposals", "ingest")

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from raydseg import stage_requests, storage
 from raydseg.config import config_from_dict
+from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image
 from raydseg.pipeline import StageContext, StageResult
 
@@ -25,30 +26,6 @@ CONFIG_SECTIONS = ("features",)
 FEATURES_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("segment_id", pa.uint16()),
                              ("descriptor", pa.list_(pa.float32()))])
 STATS_SCHEMA = pa.schema([("seconds", pa.float64()), ("images", pa.int64()), ("segments", pa.int64())])
-
-
-def frame_index(frames_dir: str) -> dict[str, str]:
-    """frame_id -> ingest part name (reads only the frame_id column of every part)."""
-    from raydseg.parts import part_names
-
-    index = {}
-    for name in part_names(frames_dir):
-        for fid in storage.read_table(storage.join(frames_dir, name), columns=["frame_id"])["frame_id"].to_pylist():
-            index[fid] = name
-    return index
-
-
-def camera_records(frames_dir: str, index: dict[str, str], frame_ids: list[str]) -> dict[tuple[str, str], dict]:
-    """(frame_id, camera) -> camera struct (name, image bytes, gt_semantic...) for the given frames."""
-    out = {}
-    wanted = set(frame_ids)
-    for part in sorted({index[f] for f in wanted if f in index}):
-        t = storage.read_table(storage.join(frames_dir, part), columns=["frame_id", "cameras"])
-        for fid, cams in zip(t["frame_id"].to_pylist(), t["cameras"].to_pylist()):
-            if fid in wanted:
-                for cam in cams:
-                    out[(fid, cam["name"])] = cam
-    return out
 
 
 def descriptors_table(rows: list[tuple[str, str, int, np.ndarray]]) -> pa.Table:

@@ -14,7 +14,9 @@ extrinsic (sensor -> vehicle). With a per-pixel pose (TOP only, `[LiDARPoseCompo
 vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`.
 Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`. Intensity is squashed with tanh to 0..1.
 Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic maps camera -> vehicle, so
-T_cam_lidar = C @ inv(E_cam) @ E_top with C the axis swap to OpenCV (x right, y down, z forward). Lens distortion
+T_cam_lidar = C @ inv(E_cam) @ E_top with C the axis swap to OpenCV (x right, y down, z forward). Waymo's camera
+model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5), the Frame puts
+pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
 (k1, k2, p1, p2, k3) is ignored.
 """
 from __future__ import annotations
@@ -249,7 +251,9 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 except Exception as e:  # noqa: BLE001 - any decoder failure is the reason
                     raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
                 g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", ic))  # noqa: E731
-                K = np.array([[g("f_u"), 0, g("c_u")], [0, g("f_v"), g("c_v")], [0, 0, 1]], dtype=np.float64)
+                # Waymo measures pixels from the first pixel's edge (centre 0.5), the Frame from its centre (OpenCV)
+                c_u, c_v = g("c_u"), g("c_v")
+                K = np.array([[g("f_u"), 0, c_u], [0, g("f_v"), c_v], [0, 0, 1]], dtype=np.float64)
                 E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
                 T = WAYMO_TO_OPENCV @ np.linalg.inv(E_cam) @ E_top
                 cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K,
