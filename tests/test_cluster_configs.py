@@ -412,12 +412,13 @@ def test_stage_requests_are_what_the_stages_pass_to_ray():
 
     from raydseg import stage_requests as S
     from raydseg.config import load_config
-    from raydseg.stages import cluster, evaluate, features, ingest, proposals
+    from raydseg.eval import inference
+    from raydseg.stages import cluster, features, ingest, proposals
     from raydseg.train import loop, teacher
 
     for module, call in ((ingest, "stage_requests.ingest("), (proposals, "stage_requests.proposals("),
                          (features, "stage_requests.features("), (cluster, "stage_requests.kmeans("),
-                         (cluster, "stage_requests.pseudolabels("), (evaluate, "stage_requests.evaluate("),
+                         (cluster, "stage_requests.pseudolabels("), (inference, "stage_requests.evaluate("),
                          (teacher, "train_worker_for("), (loop, "task_cpus=AUGMENT_TASK_CPUS")):
         assert call in inspect.getsource(module), (module.__name__, call)
     cfg = load_config("configs/waymo.yaml")

@@ -90,15 +90,22 @@ def test_shipped_configs_load():
     """default.yaml is exactly the dataclass defaults (so the two never drift); the paper configs hold its numbers."""
     import pathlib
     configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
-    assert {p.name for p in configs.glob("*.yaml")} >= {"default.yaml", "waymo.yaml", "nuscenes.yaml"}
+    assert {p.name for p in configs.glob("*.yaml")} >= {"default.yaml", "waymo.yaml", "waymo_all_cameras.yaml",
+                                                       "nuscenes.yaml"}
     assert load_config(configs / "default.yaml") == Config()
-    for name, source in [("waymo.yaml", "waymo"), ("nuscenes.yaml", "nuscenes")]:
+    for name, source in [("waymo.yaml", "waymo"), ("waymo_all_cameras.yaml", "waymo"), ("nuscenes.yaml", "nuscenes")]:
         cfg = load_config(configs / name)
         assert cfg.data.source == source and cfg.run.output_root.startswith("s3://")
         assert cfg.cluster.k == 30 and cfg.teacher.n_cls == 31 and cfg.features.crop_size == 224
         assert cfg.features.backbone == cfg.teacher.backbone == "vit_small_patch16_224.dino"
         assert cfg.teacher.crop_size == cfg.student.crop_size == 512 and cfg.student.ema_momentum == 0.999
         assert (cfg.eval.size, cfg.eval.window, cfg.eval.stride) == (1024, 512, 128)
+    # the paper's Waymo selection (TOP LiDAR, FRONT camera, every 20th frame); the all-camera variant differs only there
+    paper, every = load_config(configs / "waymo.yaml"), load_config(configs / "waymo_all_cameras.yaml")
+    assert (paper.data.lidars, paper.data.cameras, paper.data.frame_stride) == (["TOP"], ["FRONT"], 20)
+    assert (every.data.lidars, every.data.cameras, every.data.frame_stride) == (["TOP"], [], 1)
+    for section in ("proposals", "features", "cluster", "teacher", "student", "eval"):
+        assert paper.section_hash(section) == every.section_hash(section), section
 
 
 def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatch):

@@ -13,8 +13,6 @@ import os
 import sys
 import tempfile
 
-import numpy as np
-
 
 def evaluate(model_dir: str, rows: list[dict], n_cls: int) -> dict[str, float]:
     from raydseg.eval.matching import fit_mapping

@@ -27,7 +27,7 @@ def load_rows(run: str, proposals: dict) -> list[dict]:
     """Training rows {frame_id, image, label, gt} of a run (pseudo-labels as stored, or repainted with new masks)."""
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
-    from raydseg.config import ProposalsConfig, load_config
+    from raydseg.config import load_config
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from raydseg import stage_requests, storage
-from raydseg.clustering.pseudolabels import (class_of_cluster, montage, paint_labels, purity, segment_purity,
-                                             segment_thumbnail)
+from raydseg.clustering.diagnostics import montage_png, purity_metrics
+from raydseg.clustering.pseudolabels import class_of_cluster, paint_labels
 from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.pipeline import StageContext, StageResult
@@ -30,7 +30,6 @@ CONFIG_SECTIONS = ("cluster",)
 
 ASSIGN_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("segment_id", pa.uint16()),
                            ("pseudo_class", pa.uint8())])
-PURITY_MAX_IMAGES = 200  # images scored against ground truth (a sample is enough for a 3-digit figure)
 PSEUDOLABELS_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("image", pa.binary()),
                                  ("label", pa.binary()), ("segment_ids", pa.binary()), ("gt_semantic", pa.binary())])
 
@@ -82,78 +81,6 @@ def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[st
     return {"pseudolabels": pa.Table.from_pylist(rows, schema=PSEUDOLABELS_SCHEMA)}, rejects
 
 
-def _log_montage(x: np.ndarray, res, keys: pa.Table, ctx: StageContext, index: dict[str, str]) -> None:
-    """Per cluster, the segments nearest to its centroid as masked thumbnails -> MLflow artifact."""
-    import mlflow
-
-    cfg = ctx.cfg.cluster
-    d2 = ((x - res.centroids[res.labels]) ** 2).sum(1)
-    picks: dict[int, list[int]] = {}
-    for j in range(len(res.centroids)):
-        members = np.nonzero(res.labels == j)[0]
-        picks[j] = members[np.argsort(d2[members], kind="stable")[:cfg.montage_per_cluster]].tolist()
-    wanted = sorted({i for v in picks.values() for i in v})
-    fids, cams_, sids = keys["frame_id"].to_pylist(), keys["camera"].to_pylist(), keys["segment_id"].to_pylist()
-    frames_dir = storage.join(ctx.stage_dir("ingest"), "frames")
-    images = camera_records(frames_dir, index, [fids[i] for i in wanted])
-    seg_dir = storage.join(ctx.stage_dir("proposals"), "segments")
-    segs: dict[tuple[str, str], bytes] = {}
-    need = {(fids[i], cams_[i]) for i in wanted}
-    for part in sorted({index[f] for f, _ in need if f in index}):
-        t = storage.read_table(storage.join(seg_dir, part), columns=["frame_id", "camera", "segment_ids"])
-        for r in t.to_pylist():
-            if (r["frame_id"], r["camera"]) in need:
-                segs[(r["frame_id"], r["camera"])] = r["segment_ids"]
-    thumbs, names = [], []
-    for j, members in picks.items():
-        row = []
-        for i in members:
-            key = (fids[i], cams_[i])
-            if key in images and key in segs:
-                row.append(segment_thumbnail(decode_image(images[key]["image"]), decode_image(segs[key]), sids[i],
-                                             cfg.montage_px))
-        thumbs.append(row)
-        names.append(f"{int(class_of_cluster(j, cfg.ground_class))} (n={int(res.counts[j])})")
-    png = encode_png(montage(thumbs, names, cfg.montage_px))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "cluster_montage.png")
-        with open(path, "wb") as f:
-            f.write(png)
-        mlflow.log_artifact(path)
-
-
-def purity_metrics(pl_dir: str, keys: pa.Table, classes: np.ndarray, seed: int,
-                   max_images: int = PURITY_MAX_IMAGES) -> dict[str, float]:
-    """Pseudo-label purity against the ground truth of the first `max_images` labelled images ({} without gt):
-    `purity` over all labelled pixels (ground class included), `purity_segments` over segment pixels and
-    `purity_random` for the same segments under randomly permuted clusters (the control)."""
-    from raydseg.parts import part_names
-
-    by_image: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-    for f, c, sid, k in zip(keys["frame_id"].to_pylist(), keys["camera"].to_pylist(),
-                            keys["segment_id"].to_pylist(), classes.tolist()):
-        ids, cls = by_image.setdefault((f, c), ([], []))
-        ids.append(sid)
-        cls.append(k)
-    labels, gts, segs = [], [], []
-    for name in part_names(pl_dir):
-        t = storage.read_table(storage.join(pl_dir, name), columns=["frame_id", "camera", "label", "segment_ids",
-                                                                     "gt_semantic"])
-        for f, c, lab, sid, gt in zip(*(t[n].to_pylist() for n in t.column_names)):
-            if gt is None or len(labels) >= max_images:
-                continue
-            gt_img = decode_image(gt)
-            ids, cls = by_image.get((f, c), ([], []))
-            labels.append(decode_image(lab))
-            gts.append(gt_img)
-            segs.append((decode_image(sid).astype(np.int64), gt_img, np.array(ids, np.int64), np.array(cls, np.int64)))
-    if not labels:
-        return {}
-    seg_purity, control = segment_purity(segs, seed)
-    return {"purity": purity(labels, gts), "purity_segments": seg_purity, "purity_random": control,
-            "purity_images": float(len(labels))}
-
-
 def _kmeans_actor_args(req: stage_requests.WorkerRequest) -> dict:
     """`kmeans_distributed`'s num_cpus / num_gpus / resources of one shard actor."""
     return {"num_cpus": req.cpus, "num_gpus": req.gpus, "resources": req.custom}
@@ -197,7 +124,12 @@ def run(ctx: StageContext) -> StageResult:
         for r, v in enumerate(res.restart_inertia):
             mlflow.log_metric("cluster/restart_inertia", v, step=r)
         if cfg.montage_per_cluster > 0:
-            _log_montage(xp, res, pa.concat_tables(keys), ctx, index)
+            png = montage_png(xp, res, pa.concat_tables(keys), frames_dir, storage.join(ctx.stage_dir("proposals"),
+                              "segments"), index, cfg.montage_per_cluster, cfg.montage_px, cfg.ground_class)
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "cluster_montage.png"), "wb") as f:
+                    f.write(png)
+                mlflow.log_artifact(f.name)
     sizes = res.counts.astype(np.float64)
     metrics = {"inertia": res.inertia, "mean_sq_dist": res.inertia / len(xp), "kmeans_s": res.seconds,
                "size_min": float(sizes.min()), "size_max": float(sizes.max()), "n_splits": float(res.n_splits),

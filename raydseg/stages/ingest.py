@@ -66,8 +66,8 @@ def ingest_shard(index: int, shard: dict, cfg: Config, out_dir: str) -> dict[str
         name = f"part-{index:05d}-{c // per:03d}.parquet"
         storage.write_table(frames_to_table(good[c:c + per]), storage.join(out_dir, "frames", name))
         parts.append(name)
-    stats = {"shard": index, "frames": len(good), "points": int(sum(len(r["points"]) for r in good)),
-             "parts": parts, "rejects": rejects + bad}
+    stats = {"shard": index, "frames": len(good), "images": sum(len(r["cameras"]) for r in good),
+             "points": int(sum(len(r["points"]) for r in good)), "parts": parts, "rejects": rejects + bad}
     storage.write_json(_shard_marker(out_dir, index), stats)
     return stats
 
@@ -75,6 +75,7 @@ def ingest_shard(index: int, shard: dict, cfg: Config, out_dir: str) -> dict[str
 def _dedupe(out_dir: str, stats: list[dict]) -> list[dict]:
     """Drop frames whose frame_id already appeared earlier (reads only the id column; rewrites only affected parts)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     seen: set[str] = set()
     rejects = []
@@ -90,7 +91,10 @@ def _dedupe(out_dir: str, stats: list[dict]) -> list[dict]:
                     rejects.append({"id": frame_id, "reason": "duplicate frame_id"})
             if not all(keep):
                 s["frames"] -= keep.count(False)
-                storage.write_table(storage.read_table(path).filter(pa.array(keep)), path)
+                table = storage.read_table(path)
+                n_cams = pc.list_value_length(table.column("cameras")).to_numpy(zero_copy_only=False)
+                s["images"] = s.get("images", 0) - int(n_cams[~np.array(keep)].sum())
+                storage.write_table(table.filter(pa.array(keep)), path)
     return rejects
 
 
@@ -118,8 +122,10 @@ def run(ctx: StageContext) -> StageResult:
     stats = [storage.read_json(_shard_marker(out_dir, i)) for i in range(len(shards))]
     rejects = [r for s in stats for r in s["rejects"]] + _dedupe(out_dir, stats)
     counts = {"shards": len(shards), "shards_resumed": len(shards) - len(todo),
-              "frames": sum(s["frames"] for s in stats), "points": sum(s["points"] for s in stats),
-              "parts": sum(len(s["parts"]) for s in stats)}
+              "frames": sum(s["frames"] for s in stats), "images": sum(s.get("images", 0) for s in stats),
+              "points": sum(s["points"] for s in stats), "parts": sum(len(s["parts"]) for s in stats)}
+    print(f"[ingest] selected {counts['frames']} frames, {counts['images']} camera images (data.frame_stride "
+          f"{cfg.data.frame_stride}, cameras {', '.join(cfg.data.cameras) or 'all'}, {len(rejects)} rejects)")
     if counts["frames"] == 0:
         where = f"data.root {cfg.data.root}" if cfg.data.root else f"data.source {cfg.data.source}"
         raise InputError(f"{where}: no valid frames in {len(shards)} shards ({len(rejects)} rejects, first: "

@@ -252,7 +252,7 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                     raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
                 g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", ic))  # noqa: E731
                 # Waymo measures pixels from the first pixel's edge (centre 0.5), the Frame from its centre (OpenCV)
-                c_u, c_v = g("c_u"), g("c_v")
+                c_u, c_v = g("c_u") - 0.5, g("c_v") - 0.5
                 K = np.array([[g("f_u"), 0, c_u], [0, g("f_v"), c_v], [0, 0, 1]], dtype=np.float64)
                 E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
                 T = WAYMO_TO_OPENCV @ np.linalg.inv(E_cam) @ E_top
