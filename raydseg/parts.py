@@ -36,8 +36,9 @@ def single_operator_pipeline() -> Iterator[None]:
     """Let a one-operator Ray Data pipeline (items -> map_batches) use every CPU it may.
 
     Ray Data reserves a share of the cluster per operator, so on a small cluster (2 CPUs) a map ran one task at
-    a time (figures: docs/results.md, "Engineering measurements"). Our stage pipelines have a single operator, so there is nothing to reserve for. Create *and* run the dataset inside the block
-    (set around either step alone, the setting was not applied). The driver's previous setting is restored after.
+    a time (figures: docs/results.md, "Engineering measurements"). Our stage pipelines have a single operator,
+    so there is nothing to reserve for. Create *and* run the dataset inside the block (set around either step
+    alone, the setting was not applied). The driver's previous setting is restored after.
     """
     import ray
 

@@ -62,6 +62,12 @@ def eval_miou(run: str, model: str) -> dict[str, float]:
     return {c: 100 * m[k] for c, k in keys.items() if k in m}
 
 
+def stage_mapping(run: str, model: str) -> np.ndarray:
+    """(n_pred,) the evaluate stage's Hungarian mapping of `model` onto the 19 classes (fitted on day)."""
+    with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
+        return np.asarray(json.load(f)["19/hungarian"], np.int64)
+
+
 def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
     """{condition: standard error (points) of `model`'s mIoU}: the std of the mIoU over `n_boot` resamples (with
     replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed."""
@@ -71,8 +77,7 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
     from raydseg.eval.sets import read_prediction
     from raydseg.stages.evaluate import eval_sets
 
-    with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
-        mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
+    mapping = stage_mapping(run, model)
     rng, out = np.random.default_rng(seed), {}
     pred_root = os.path.join(run, "evaluate", "predictions", model)
     for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), run):
@@ -94,8 +99,7 @@ def unseen_world_miou(run: str, model: str, seed: int) -> dict[str, float]:
     from raydseg.models.io import load_model
 
     cfg = load_config(os.path.join(run, "config.yaml"))
-    with open(os.path.join(run, "evaluate", "mappings", f"{model}.json")) as f:
-        mapping = np.asarray(json.load(f)["19/hungarian"], np.int64)
+    mapping = stage_mapping(run, model)
     net = load_model(os.path.join(run, model, "model"))
     out = {}
     for c in CONDITIONS:

@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from raydseg.eval.metrics import IGNORE_INDEX
+
 METHODS = ("hungarian", "majority")
+
+
+def other_method(method: str) -> str:
+    """The mapping method of METHODS that is not `method` (reports show both: the headline one and this)."""
+    return next(m for m in METHODS if m != method)
 
 
 def hungarian_mapping(matrix: np.ndarray) -> np.ndarray:
@@ -52,7 +59,7 @@ def fit_mapping(matrix: np.ndarray, method: str) -> np.ndarray:
     raise ValueError(f"unknown matching method {method!r} (known: {', '.join(METHODS)})")
 
 
-def map_prediction(pred: np.ndarray, mapping: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+def map_prediction(pred: np.ndarray, mapping: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """(H, W) pseudo-classes -> (H, W) uint8 classes, `ignore_index` where unmatched or beyond the mapping."""
     lut = np.full(max(int(np.max(pred, initial=0)) + 1, len(mapping)), ignore_index, dtype=np.int64)
     lut[: len(mapping)] = np.where(np.asarray(mapping) < 0, ignore_index, mapping)

@@ -82,11 +82,11 @@ def model_set_section(model: str, eval_set, samples: list, detail: dict, mapped:
     (image | mapped prediction | ground truth) of `model` on one eval set; each PNG also goes to
     `save_png(rel, png)`."""
     from raydseg.eval import plots
-    from raydseg.eval.matching import METHODS, map_prediction
+    from raydseg.eval.matching import map_prediction, other_method
     from raydseg.eval.sets import class_names, load_image, load_label, read_prediction
 
     names = class_names(eval_set.n_classes)
-    other = [m for m in METHODS if m != headline][0]
+    other = other_method(headline)
     table = Table("per-class IoU", ["class", f"IoU ({headline})", f"IoU ({other})"],
                   [[names[c], float(detail[headline]["iou"][c]), float(detail[other]["iou"][c])]
                    for c in range(eval_set.n_classes)])
@@ -117,9 +117,9 @@ def knn_section(metrics: dict[str, float], k: int, pca_png: bytes | None,
 
 def summary_section(rows: list[list], headline: str) -> Section:
     """One row per (model, set): model, set, fit set, images, mIoU and pixel accuracy under both mappings."""
-    from raydseg.eval.matching import METHODS
+    from raydseg.eval.matching import other_method
 
-    other = [m for m in METHODS if m != headline][0]
+    other = other_method(headline)
     return Section("Metrics", tables=[Table(f"summary (headline mapping: {headline})",
                                             ["model", "set", "mapping fitted on", "images", "mIoU", "pixel acc",
                                              f"mIoU ({other})", f"pixel acc ({other})"], rows)])

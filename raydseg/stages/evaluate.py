@@ -24,6 +24,7 @@ from raydseg import storage
 from raydseg.config import Config
 from raydseg.eval.inference import infer_model
 from raydseg.eval.knn import knn_analysis
+from raydseg.eval.matching import other_method
 from raydseg.eval.metrics import apply_mapping
 from raydseg.eval.report import Section, knn_section, model_set_section, render_report, summary_section
 from raydseg.eval.scoring import fit_sets, score_model
@@ -116,7 +117,7 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
         for s in sets:
             np.save(buf := io.BytesIO(), conf[s.name].matrix)
             storage.write_bytes(storage.join(ctx.out_dir, "confusion", model, f"{s.name}.npy"), buf.getvalue())
-            d, other = detail[s.name], [m for m in detail[s.name] if m != headline][0]
+            d, other = detail[s.name], other_method(headline)
             summary_rows.append([model, s.name, fit[s.n_classes], len(samples[s.name]), d[headline]["miou"],
                                  d[headline]["pixel_acc"], d[other]["miou"], d[other]["pixel_acc"]])
             mapping = mappings[f"{s.n_classes}/{headline}"]

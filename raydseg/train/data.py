@@ -134,9 +134,10 @@ def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random
         images.append(im)
         labels.append(lb)
         segs.append(sg)
-        degraded.append(degraded_view(im, rng, degrade))
+        if degrade > 0:
+            degraded.append(degraded_view(im, rng, degrade))
     out = {"image": np.stack(images), "label": np.stack(labels)}
-    if degrade > 0:
+    if degraded:
         out["degraded"] = np.stack(degraded)
     if with_segments:
         out["segments"] = np.stack(segs)
