@@ -54,7 +54,9 @@ SUBCOMMANDS = {
     # console script works from a wheel install (jobs/*.py are thin wrappers of the same functions)
     "run": ("raydseg.cli:full_run", "run the whole pipeline (skips finished stages)"),
     "stage": ("raydseg.cli:one_stage", "run one stage: raydseg stage NAME [--set ...]"),
-    "predict": ("raydseg.predict:main", "predict label images with a trained model"),
+    "predict": ("raydseg.predict:main", "predict label images with a trained model (also an exported .onnx)"),
+    "export": ("raydseg.models.export:main", "export a trained model to ONNX or TorchScript"),
+    "serve": ("raydseg.serve:main", "serve a trained model over HTTP with Ray Serve (POST /predict)"),
     "prepare-data": ("raydseg.prepare_data:main", "ingest a dataset into Frame parquet"),
     "compare": ("raydseg.compare_runs:main", "compare MLflow runs of an experiment"),
     "preflight": ("raydseg.preflight:main", "check every stage's worker request against a cluster file"),

@@ -186,6 +186,7 @@ class PretrainConfig(Section):
     teacher_temp_warmup_steps: NonNegInt = 60
     student_temp: PosFloat = 0.1
     center_momentum: Annotated[float, Field(ge=0, le=1)] = 0.9
+    centering: Literal["ema", "sinkhorn"] = "ema"  # teacher centering: EMA centre (DINO) | Sinkhorn-Knopp (DINOv2)
     clip_grad: NonNegFloat = 3.0  # per-parameter gradient-norm clip (0 = off)
     freeze_last_layer_steps: NonNegInt = 10  # the head's last layer is frozen this long (paper: 1 epoch)
     num_workers: PosInt = 1

@@ -128,11 +128,11 @@ def test_predictor_cpu_path_is_unchanged_full_precision(model_dir, tmp_path):
     for num_gpus in (0.0, 1.0):  # asking for a GPU where CUDA is absent still runs on CPU
         if num_gpus and torch.cuda.is_available():
             continue
-        p = Predictor(model_dir, str(tmp_path), window=32, stride=16, num_gpus=num_gpus)
-        assert p.device == "cpu" and next(p.model.parameters()).device.type == "cpu"
+        p = Predictor({"m": model_dir}, {"m": str(tmp_path)}, window=32, stride=16, num_gpus=num_gpus)
+        assert p.device == "cpu" and next(p.models['m'].parameters()).device.type == "cpu"
         assert "autocast_dtype" not in p.kwargs
         ref = predict_image(load_model(model_dir), img, window=32, stride=16)
-        np.testing.assert_array_equal(p.predict(p.model, img, **p.kwargs), ref)
+        np.testing.assert_array_equal(p.predict(p.models['m'], img, **p.kwargs), ref)
 
 
 def test_predictor_bf16_autocast_path_runs_on_cpu(model_dir, tmp_path):
@@ -141,10 +141,10 @@ def test_predictor_bf16_autocast_path_runs_on_cpu(model_dir, tmp_path):
     from raydseg.eval.inference import Predictor
 
     img, _, _ = _scene(48, 64)
-    p = Predictor(model_dir, str(tmp_path), window=32, stride=16, device="cpu", amp=True)
+    p = Predictor({"m": model_dir}, {"m": str(tmp_path)}, window=32, stride=16, device="cpu", amp=True)
     assert p.kwargs["autocast_dtype"] == BF16
-    rec = _OutputDtypes(p.model)
-    low = p.predict(p.model, img, **p.kwargs)
+    rec = _OutputDtypes(p.models['m'])
+    low = p.predict(p.models['m'], img, **p.kwargs)
     rec.close()
     assert rec.seen == {BF16}
     ref = predict_image(load_model(model_dir), img, window=32, stride=16)
@@ -158,9 +158,9 @@ def test_gpu_and_cpu_evaluate_predictions_agree(model_dir, tmp_path):
     from raydseg.eval.inference import Predictor
 
     img, _, _ = _scene(96, 128)
-    gpu = Predictor(model_dir, str(tmp_path), window=64, stride=32, num_gpus=1)
-    cpu = Predictor(model_dir, str(tmp_path), window=64, stride=32, num_gpus=0)
-    assert gpu.device == "cuda" and next(gpu.model.parameters()).is_cuda and gpu.kwargs["autocast_dtype"] == BF16
-    a = gpu.predict(gpu.model, img, **gpu.kwargs)
-    b = cpu.predict(cpu.model, img, **cpu.kwargs)
+    gpu = Predictor({"m": model_dir}, {"m": str(tmp_path)}, window=64, stride=32, num_gpus=1)
+    cpu = Predictor({"m": model_dir}, {"m": str(tmp_path)}, window=64, stride=32, num_gpus=0)
+    assert gpu.device == "cuda" and next(gpu.models['m'].parameters()).is_cuda and gpu.kwargs["autocast_dtype"] == BF16
+    a = gpu.predict(gpu.models['m'], img, **gpu.kwargs)
+    b = cpu.predict(cpu.models['m'], img, **cpu.kwargs)
     assert (a == b).mean() > 0.98

@@ -137,11 +137,12 @@ def _markers(folder: Path) -> dict[str, int]:
 
 
 def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp_path, mlflow_server):
-    """SIGKILL the whole job (driver and its local Ray) while `features` has finished some parts, rerun."""
+    """SIGKILL the whole job (driver and its local Ray) while `features` has finished some parts, rerun. It stops
+    after the teacher (the student's own restart is tests/test_student.py's)."""
     _, s3_root = s3_run
     out = tmp_path / "out"
     root = out / "smoke"
-    args = full_run_args(str(out), "--set", "features.batch_size=1")
+    args = full_run_args(str(out), "--set", "features.batch_size=1", "--set", f"run.stages={','.join(STAGES[:5])}")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=job_env(mlflow_server), cwd=tmp_path, start_new_session=True)
     markers = root / "features" / "_parts"
@@ -172,8 +173,8 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
     assert {n: m for n, m in _markers(markers).items() if n in done} == done, "a finished part was redone"
     for rel in DETERMINISTIC:
         _tables_equal(str(root), s3_root, rel)
-    for stage in ("teacher", "student"):  # the same seed: bit-identical trained weights
-        assert _model_digest(str(root / stage / "model")) == _model_digest(f"{s3_root}/{stage}/model"), stage
-    for stage in STAGES:
+    # the same seed: bit-identical trained weights
+    assert _model_digest(str(root / "teacher" / "model")) == _model_digest(f"{s3_root}/teacher/model")
+    for stage in STAGES[:5]:
         assert (root / stage / "_manifest.json").exists(), stage
     assert not list(out.rglob("*.tmp*")), "half-written files left behind"

@@ -15,7 +15,8 @@ import torch
 from raydseg.models.dino_head import DINOHead, MultiCropWrapper, build_dino_model
 from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
-                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
+                                cosine_schedule, crop_names, multicrop_batch, param_groups, sinkhorn_knopp,
+                                teacher_temp_schedule)
 from raydseg.train.engine import train_one_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +53,28 @@ def test_dino_loss_center_is_an_ema_of_the_teacher_batch_mean():
     loss_fn(torch.randn(6, 4), t2, 0)
     assert torch.allclose(loss_fn.center, 0.9 * 0.1 * t1.mean(0, keepdim=True) + 0.1 * t2.mean(0, keepdim=True),
                           atol=1e-6)
+
+
+def test_sinkhorn_centering_spreads_a_collapsed_batch_over_the_prototypes():
+    """Every image's logits favour prototype 0 (with a little image-dependent noise): the EMA centre of one batch
+    leaves prototype 0 on top for all of them, while Sinkhorn-Knopp gives each image a distribution (rows sum to 1)
+    and gives the prototypes nearly equal shares of the batch."""
+    torch.manual_seed(0)
+    t = torch.randn(64, 8) * 0.1
+    t[:, 0] += 2.0
+    q = sinkhorn_knopp(t, 0.1, iterations=20)
+    torch.testing.assert_close(q.sum(1), torch.ones(64))
+    shares = q.sum(0) / 64
+    assert float(shares.max() / shares.min()) < 1.05  # uniform share 1/8 each (up to 20 iterations)
+    assert int(torch.bincount(q.argmax(1), minlength=8).min()) >= 4  # each prototype is some images' top
+    ema = DINOLoss(8, n_crops=2, teacher_temps=[0.1])
+    ema(torch.randn(64, 8), t, 0)  # centre = 0.1 x batch mean: prototype 0 stays on top everywhere
+    assert bool((((t - ema.center) / 0.1).argmax(1) == 0).all())
+    sk = DINOLoss(8, n_crops=2, teacher_temps=[0.1], centering="sinkhorn")
+    s = torch.randn(64, 8)  # 2 crops x 32 images, as the teacher rows
+    expected = torch.stack([-(sinkhorn_knopp(t, 0.1).chunk(2)[i] * torch.log_softmax(s.chunk(2)[1 - i] / 0.1, -1))
+                            .sum(-1).mean() for i in range(2)]).mean()
+    torch.testing.assert_close(sk(s, t, 0), expected)
 
 
 def test_teacher_entropy_is_log_k_for_identical_outputs_and_falls_with_sharpening():

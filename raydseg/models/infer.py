@@ -53,7 +53,7 @@ def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = Non
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape}")
     model.eval()
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.empty(0)).device  # an onnxruntime model has none: CPU tensors
     cfg = getattr(model, "model_cfg", {}) or {}
     x = normalize(torch.from_numpy(np.array(image, copy=True))[None].to(device),
                   cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))

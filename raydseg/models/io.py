@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from raydseg import storage
 from raydseg.errors import InputError
+from raydseg.models.export import FORMATS as EXPORT_FORMATS, load_exported
 from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
 
 WEIGHTS = "model.pt"
@@ -51,7 +52,12 @@ def _mlflow_dir(src: str) -> str | None:
 
 
 def load_model(src: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved by `save_model` (directory or MLflow run) in eval mode."""
+    """Rebuild the model saved by `save_model` (directory or MLflow run) in eval mode; an exported file
+    (`raydseg export`: .onnx, .torchscript) loads through `raydseg.models.export.load_exported`."""
+    if src.endswith(tuple(EXPORT_FORMATS.values())):
+        if not os.path.isfile(src):
+            raise InputError(f"--model: no such file: {src}")
+        return load_exported(src)
     d = _mlflow_dir(src) or src
     cfg_path, w_path = storage.join(d, CONFIG), storage.join(d, WEIGHTS)
     if not storage.exists(w_path):

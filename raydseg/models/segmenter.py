@@ -123,9 +123,7 @@ class Segmenter(nn.Module):
     def forward(self, im: torch.Tensor) -> torch.Tensor:
         H, W = im.shape[2:]
         p = self.patch_size
-        pad_h, pad_w = (-H) % p, (-W) % p
-        if pad_h or pad_w:
-            im = F.pad(im, (0, pad_w, 0, pad_h))
+        im = F.pad(im, (0, (-W) % p, 0, (-H) % p))  # unconditional (a no-op at a patch multiple): exports trace it
         tokens, grid = self.forward_features(im)
         masks = self.decoder(tokens, grid)
         masks = F.interpolate(masks, size=im.shape[2:], mode="bilinear", align_corners=False)

@@ -22,7 +22,7 @@ import numpy as np
 
 from raydseg import storage
 from raydseg.config import Config
-from raydseg.eval.inference import infer_model
+from raydseg.eval.inference import infer_models
 from raydseg.eval.knn import knn_analysis
 from raydseg.eval.matching import other_method
 from raydseg.eval.metrics import apply_mapping
@@ -101,13 +101,16 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
             f.write(data)
         files.append((local, os.path.dirname(f"evaluate/plots/{rel}")))
 
+    model_dirs = {}
     for model in cfg.eval.models:
-        model_dir = storage.join(ctx.run_root, model, "model")
-        if not storage.exists(model_dir):
-            rejects.append({"id": f"model:{model}", "reason": f"no model at {model_dir}"})
-            continue
-        pred_root = storage.join(ctx.out_dir, "predictions", model)
-        inf = infer_model(cfg, model_dir, {s.name: samples[s.name] for s in sets}, sets, pred_root, loader, predictor)
+        model_dirs[model] = storage.join(ctx.run_root, model, "model")
+        if not storage.exists(model_dirs[model]):
+            rejects.append({"id": f"model:{model}", "reason": f"no model at {model_dirs.pop(model)}"})
+    pred_roots = {model: storage.join(ctx.out_dir, "predictions", model) for model in model_dirs}
+    inferred = infer_models(cfg, model_dirs, {s.name: samples[s.name] for s in sets}, sets, pred_roots, loader,
+                            predictor)
+    for model, inf in inferred.items():
+        pred_root = pred_roots[model]
         conf = inf["confusion"]
         flat, detail, mappings = score_model(conf, sets, fit, headline)
         all_metrics.update({f"eval/{model}/{k}": v for k, v in {**flat, "images_per_s": inf["images_per_s"]}.items()})

@@ -4,7 +4,8 @@
 - `teacher_temp_schedule`: linear warmup 0.04 -> 0.07, then constant;
 - `DINOLoss`: cross-entropy between the centred, sharpened teacher distribution of each global crop and the student
   distribution of every *other* crop; the center is an EMA (momentum 0.9) of the teacher outputs, all-reduced
-  across DDP ranks;
+  across DDP ranks, or (`centering="sinkhorn"`) the teacher distribution is balanced over the batch by
+  Sinkhorn-Knopp, as DINOv2 does (Oquab et al. 2023);
 - `MultiCrop`: 2 global + n local crops of one image (torchvision.transforms.v2 on uint8 tensors): random resized
   crop, flip, colour jitter, grayscale, Gaussian blur, solarisation;
 - `DinoStep`: the step function (raydseg.train.engine) of the `pretrain` stage;
@@ -52,12 +53,14 @@ class DINOLoss(nn.Module):
     (global crop i, any crop j != i) pairs of  sum_k -p_t,i[k] log p_s,j[k]  averaged over the batch, with
     p_t = softmax((teacher - center) / teacher_temp[step]) and p_s = softmax(student / student_temp). Updates the
     center afterwards (no gradient): center <- m * center + (1 - m) * mean of teacher_out over every rank.
+    centering="sinkhorn": p_t = sinkhorn_knopp(teacher, teacher_temp[step]) instead (no center is used).
     """
 
     def __init__(self, out_dim: int, n_crops: int, teacher_temps: Sequence[float] | np.ndarray,
-                 student_temp: float = 0.1, center_momentum: float = 0.9, n_global: int = 2):
+                 student_temp: float = 0.1, center_momentum: float = 0.9, n_global: int = 2,
+                 centering: str = "ema"):
         super().__init__()
-        self.n_crops, self.n_global = n_crops, n_global
+        self.n_crops, self.n_global, self.centering = n_crops, n_global, centering
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.teacher_temps = np.asarray(teacher_temps, dtype=np.float64)
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -70,7 +73,10 @@ class DINOLoss(nn.Module):
         student_out = student_out.float() / self.student_temp
         s_chunks = student_out.chunk(self.n_crops)
         teacher_out = teacher_out.float().detach()
-        q = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1)
+        if self.centering == "sinkhorn":
+            q = sinkhorn_knopp(teacher_out, self.teacher_temp(step))
+        else:
+            q = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1)
         t_chunks = q.chunk(self.n_global)
         total, n_terms = student_out.new_zeros(()), 0
         for i, qi in enumerate(t_chunks):
@@ -92,6 +98,27 @@ class DINOLoss(nn.Module):
             torch.distributed.all_reduce(batch_sum)
             torch.distributed.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """(B, K) logits -> (B, K) teacher targets whose rows sum to 1 and whose prototypes share the global batch
+    (every rank's rows) equally: DINOv2's Sinkhorn-Knopp centering. The batch cannot collapse onto one prototype,
+    and images that differ keep different targets (the EMA centre subtracts a trailing batch mean instead)."""
+    q = torch.exp((teacher_out.float() - teacher_out.float().max()) / temp).t()  # (K, B)
+    n_prototypes = q.shape[0]
+    n_samples = float(_all_reduce(torch.tensor([q.shape[1]], dtype=torch.float32, device=q.device)))
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)) * n_prototypes
+        q /= q.sum(dim=0, keepdim=True) * n_samples
+    return (q * n_samples).t()
 
 
 def _blur_kernel(size: int) -> int:

@@ -219,7 +219,7 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
     temps = teacher_temp_schedule(config["warmup_teacher_temp"], config["teacher_temp"], steps,
                                   config["teacher_temp_warmup_steps"])
     loss = DINOLoss(config["out_dim"], 2 + config["local_crops"], temps, config["student_temp"],
-                    config["center_momentum"]).to(device)
+                    config["center_momentum"], centering=config["centering"]).to(device)
     base_lr = float(config["lr"]) or 1.0
 
     def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
