@@ -11,7 +11,8 @@ from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_CLS = 4
-COMMON = {"crop_size": 96, "batch_size": 8, "log_every": 10, "val_every": -1, "checkpoint_every": 1000}
+COMMON = {"crop_size": 96, "batch_size": 8, "log_every": 10, "val_every": -1, "checkpoint_every": 1000,
+          "torch_threads": 1}  # the thresholds below were measured with one thread
 
 
 def heldout_miou(model_dir: str, rows: list[dict]) -> float:
