@@ -46,22 +46,14 @@ def decode_request(body: bytes) -> np.ndarray:
 
 def predict_batch(model: Any, images: list[np.ndarray]) -> list[np.ndarray]:
     """(H, W, 3) uint8 images -> (H, W) int64 labels, one forward per group of equal-sized images."""
-    import torch
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from raydseg.models.infer import model_inputs, predict_logits
 
-    from raydseg.models.infer import predict_logits
-    from raydseg.models.segmenter import normalize
-
-    cfg = getattr(model, "model_cfg", {}) or {}
-    device = next(iter(model.parameters()), torch.empty(0)).device
     out: list[np.ndarray | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(im.shape, []).append(i)
     for idx in by_shape.values():
-        x = normalize(torch.from_numpy(np.stack([images[i] for i in idx])).to(device),
-                      cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
-        labels = predict_logits(model, x).argmax(1).cpu().numpy()
+        labels = predict_logits(model, model_inputs(model, np.stack([images[i] for i in idx]))).argmax(1).cpu().numpy()
         for i, lab in zip(idx, labels):
             out[i] = lab
     return out  # type: ignore[return-value]

@@ -40,6 +40,19 @@ def predict_logits(model: nn.Module, x: torch.Tensor, window: int | None = None,
     return (acc / count).log()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any, e.g. an onnxruntime session)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def model_inputs(model: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) images -> normalised float (B, 3, H, W) on the model's device, with the mean / std of its
+    `model_cfg` (ImageNet's by default)."""
+    cfg = getattr(model, "model_cfg", {}) or {}
+    return normalize(torch.from_numpy(images).to(model_device(model)), cfg.get("mean", IMAGENET_DEFAULT_MEAN),
+                     cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
 @torch.no_grad()
 def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = None, window: int | None = None,
                   stride: int | None = None, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
@@ -53,10 +66,8 @@ def predict_image(model: nn.Module, image: np.ndarray, *, size: int | None = Non
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {image.shape}")
     model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device  # an onnxruntime model has none: CPU tensors
-    cfg = getattr(model, "model_cfg", {}) or {}
-    x = normalize(torch.from_numpy(np.array(image, copy=True))[None].to(device),
-                  cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
+    device = model_device(model)
+    x = model_inputs(model, np.array(image, copy=True)[None])
     H, W = image.shape[:2]
     if size:
         scale = size / min(H, W)
