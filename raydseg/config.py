@@ -245,7 +245,7 @@ class TrainConfig(Section):
     num_workers: PosInt = 1
     use_gpu: bool = False
     cpus_per_worker: PosFloat = 1.0
-    torch_threads: PosInt = 1  # intra-op threads per training worker
+    torch_threads: PosInt = 2  # intra-op threads per training worker (both cores of the embedded default)
     steps: PosInt = 240  # optimiser steps (paper recipe: Segmenter's 160k at batch 8 on Cityscapes-size data)
     batch_size: PosInt = 8  # global batch = micro x workers x accumulation, exactly (else a config error)
     micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)
