@@ -1,4 +1,5 @@
 """Waymo v2 reader: parquet components written from known geometry, range-image round trip, rejects, S3 == disk."""
+import io
 import json
 
 import numpy as np
@@ -138,3 +139,57 @@ def test_s3_and_disk_give_identical_frames(tmp_path, s3_bucket):
     disk, _ = read_all(cfg_for(tmp_path / "w"))
     s3, _ = read_all(cfg_for(url))
     assert len(disk) == 3 and fixtures.frames_differ(disk, s3) is None
+
+
+def test_distorted_camera_is_undistorted_at_ingest_onto_the_pinhole_k(tmp_path):
+    """Waymo's camera model with distortion (camera_model.cc: OpenCV's k1, k2, p1, p2, k3 on u_n = -y/x, v_n = -z/x,
+    then u = f_u u_nd + c_u from the pixel edge): a blob drawn where that model puts five known camera points lands,
+    after ingest, where the Frame's pinhole K and T_cam_lidar project them (to 0.15 px); a camera without distortion
+    keeps its image bytes."""
+    from PIL import Image
+
+    from raydseg.data.schema import decode_image
+    from raydseg.geometry.distortion import distort
+
+    w, h, sigma = 96, 64, 1.2
+    coeffs = np.array([-0.25, 0.08, 0.002, -0.003, 0.01])
+    oracle = fixtures.write_waymo(str(tmp_path), n_frames=1, H=4, W=24, w=w, h=h)
+    plain = read_all(cfg_for(tmp_path))[0][0]["cameras"][0]["image"]
+    assert plain == pq.read_table(tmp_path / "training" / "camera_image" / "seg-0001.parquet").column(
+        "[CameraImageComponent].image")[0].as_py()  # no distortion: the bytes as stored
+    (f_u, _, c_u), (_, f_v, c_v) = oracle["K"][0], oracle["K"][1]
+    p_cam = np.array([[10.0, 0.0, 0.0], [10.0, 8.0, 5.0], [8.0, -6.0, -3.5], [12.0, 5.0, -3.0], [9.0, -7.0, 4.0]])
+    u_n, v_n = -p_cam[:, 1] / p_cam[:, 0], -p_cam[:, 2] / p_cam[:, 0]
+    u_nd, v_nd = distort(u_n, v_n, coeffs)
+    # the distorted image: Gaussian blobs at Waymo's pixels, moved to pixel-centre coordinates
+    uu, vv = np.meshgrid(np.arange(w), np.arange(h))
+    img = sum(np.exp(-((uu - (f_u * a + c_u - 0.5)) ** 2 + (vv - (f_v * b + c_v - 0.5)) ** 2) / (2 * sigma ** 2))
+              for a, b in zip(u_nd, v_nd))
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat((255 * np.clip(img, 0, 1)).astype(np.uint8)[..., None], 3, 2)).save(buf, format="PNG")
+    for comp, cols in (("camera_image", {"[CameraImageComponent].image": buf.getvalue()}),
+                       ("camera_calibration", {f"[CameraCalibrationComponent].intrinsic.{c}": float(k)
+                                               for c, k in zip(waymo.DISTORTION, coeffs)})):
+        path = tmp_path / "training" / comp / "seg-0001.parquet"
+        t = pq.read_table(path)
+        for col, value in cols.items():
+            t = t.set_column(t.column_names.index(col), col, [[value] * t.num_rows])
+        pq.write_table(t, path)
+    rows, rejects = read_all(cfg_for(tmp_path))
+    assert rejects == []
+    cam = rows[0]["cameras"][0]
+    out = decode_image(cam["image"])[..., 0].astype(np.float64)
+    assert out.shape == (h, w)
+    p_veh = (fixtures.WAYMO_CAM_EXT @ np.c_[p_cam, np.ones(len(p_cam))].T).T
+    p_lidar = (np.linalg.inv(fixtures.WAYMO_TOP_EXT) @ p_veh.T).T[:, :3]
+    u, v, _, inside = project_points(p_lidar, cam["K"], cam["T_cam_lidar"], w, h)
+    assert inside.all()
+    ud, vd = f_u * u_nd + c_u - 0.5, f_v * v_nd + c_v - 0.5
+    moved = np.hypot(ud - u, vd - v) > 3  # where the lens moves a point by > 3 px, ignoring it would miss the blob
+    assert moved.sum() >= 3
+    for ui, vi, udi, vdi, m in zip(u, v, ud, vd, moved):
+        win = (np.abs(uu - ui) <= 3) & (np.abs(vv - vi) <= 3)
+        cu, cv = (out * win * uu).sum() / (out * win).sum(), (out * win * vv).sum() / (out * win).sum()
+        assert np.hypot(cu - ui, cv - vi) < 0.15, (cu, cv, ui, vi)
+        if m:
+            assert out[int(round(vdi)), int(round(udi))] < 0.2 * out[int(round(vi)), int(round(ui))]

@@ -10,6 +10,7 @@ Row form used in Python (`frames_to_table` / `table_to_frames` convert to and fr
                     timestamp_us, gt_semantic (PNG uint8 trainIds) | None, gt_instance (PNG uint16) | None}.
 K maps to pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV: pixel (0, 0) covers
 [-0.5, 0.5)^2). Sources measuring from the image edge convert at ingest: Waymo's c_u, c_v are shifted by -0.5.
+Cameras are pinhole: a source with lens distortion undistorts its images at ingest (Waymo; raydseg.geometry.distortion).
 Points are stored as `large_list<float32>` of 4N values plus `n_points`, readable by plain pyarrow.
 """
 from __future__ import annotations

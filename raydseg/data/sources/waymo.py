@@ -17,10 +17,13 @@ Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic maps 
 T_cam_lidar = C @ inv(E_cam) @ E_top with C the axis swap to OpenCV (x right, y down, z forward). Waymo's camera
 model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5), the Frame puts
 pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
-(k1, k2, p1, p2, k3) is ignored.
+(k1, k2, p1, p2, k3, Waymo's camera_model = OpenCV's) is removed at ingest: a camera with any non-zero coefficient
+has its image resampled onto the pinhole camera with the same K (`raydseg.geometry.distortion`) and re-encoded as
+JPEG, so the Frame stays pinhole; a camera without distortion keeps its bytes.
 """
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,8 @@ CAMERAS = {"FRONT": 1, "FRONT_LEFT": 2, "FRONT_RIGHT": 3, "SIDE_LEFT": 4, "SIDE_
 WAYMO_TO_OPENCV = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 SEG, TS, CAM, LASER = "key.segment_context_name", "key.frame_timestamp_micros", "key.camera_name", "key.laser_name"
+DISTORTION = ("k1", "k2", "p1", "p2", "k3")  # Waymo's intrinsic columns, OpenCV's coefficient order
+UNDISTORTED_JPEG_QUALITY = 95  # a distorted camera's image is re-encoded after undistortion (the source is JPEG)
 COLUMNS = {  # component folder -> columns this reader needs
     "lidar": [SEG, TS, LASER, "[LiDARComponent].range_image_return1.values",
               "[LiDARComponent].range_image_return1.shape"],
@@ -47,12 +52,26 @@ COLUMNS = {  # component folder -> columns this reader needs
     "camera_calibration": [SEG, CAM, "[CameraCalibrationComponent].intrinsic.f_u",
                            "[CameraCalibrationComponent].intrinsic.f_v", "[CameraCalibrationComponent].intrinsic.c_u",
                            "[CameraCalibrationComponent].intrinsic.c_v",
+                           *(f"[CameraCalibrationComponent].intrinsic.{c}" for c in DISTORTION),
                            "[CameraCalibrationComponent].extrinsic.transform"],
     "lidar_pose": [SEG, TS, LASER, "[LiDARPoseComponent].range_image_return1.values",
                    "[LiDARPoseComponent].range_image_return1.shape"],
     "vehicle_pose": [SEG, TS, "[VehiclePoseComponent].world_from_vehicle.transform"],
 }
 OPTIONAL = ("lidar_pose", "vehicle_pose")
+
+
+def undistorted_jpeg(data: bytes, K: np.ndarray, coeffs: np.ndarray) -> bytes:
+    """A distorted camera's encoded image -> the JPEG of what the pinhole camera K sees (same size)."""
+    from PIL import Image
+
+    from raydseg.data.schema import decode_image
+    from raydseg.geometry.distortion import undistort_image
+
+    buf = io.BytesIO()
+    Image.fromarray(undistort_image(decode_image(data), K, coeffs)).save(buf, format="JPEG",
+                                                                          quality=UNDISTORTED_JPEG_QUALITY)
+    return buf.getvalue()
 
 
 class WaymoError(ValueError):
@@ -254,6 +273,9 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 # Waymo measures pixels from the first pixel's edge (centre 0.5), the Frame from its centre (OpenCV)
                 c_u, c_v = g("c_u") - 0.5, g("c_v") - 0.5
                 K = np.array([[g("f_u"), 0, c_u], [0, g("f_v"), c_v], [0, 0, 1]], dtype=np.float64)
+                coeffs = np.array([g(c) for c in DISTORTION])
+                if coeffs.any():
+                    data = undistorted_jpeg(data, K, coeffs)
                 E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
                 T = WAYMO_TO_OPENCV @ np.linalg.inv(E_cam) @ E_top
                 cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K,

@@ -1,0 +1,73 @@
+"""Lens distortion (Brown-Conrady: radial k1, k2, k3 and tangential p1, p2; OpenCV's and Waymo's camera model) and
+the undistortion of an image onto the pinhole camera with the same K, so that the Frame contract stays pinhole.
+
+Distortion acts on normalised coordinates (x, y) = (X / Z, Y / Z) of the OpenCV camera frame, with r^2 = x^2 + y^2:
+    x_d = x (1 + k1 r^2 + k2 r^4 + k3 r^6) + 2 p1 x y + p2 (r^2 + 2 x^2)
+    y_d = y (1 + k1 r^2 + k2 r^4 + k3 r^6) + p1 (r^2 + 2 y^2) + 2 p2 x y
+and the pixel is K (x_d, y_d, 1).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+
+def distort(x: np.ndarray, y: np.ndarray, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised undistorted (x, y) -> distorted (x_d, y_d); coeffs (5,) = (k1, k2, p1, p2, k3)."""
+    k1, k2, p1, p2, k3 = (float(c) for c in coeffs)
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
+
+
+def _maps(K_bytes: bytes, coeff_bytes: bytes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(src_u, src_v), each (height, width) float32: where each pixel of the pinhole image lies in the distorted one
+    (pixel centres at integers)."""
+    K = np.frombuffer(K_bytes, np.float64).reshape(3, 3)
+    u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    x, y = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
+    xd, yd = distort(x, y, np.frombuffer(coeff_bytes, np.float64))
+    return (K[0, 0] * xd + K[0, 2]).astype(np.float32), (K[1, 1] * yd + K[1, 2]).astype(np.float32)
+
+
+def bilinear_plan(src_u: np.ndarray, src_v: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear sampling at (src_u, src_v) px of a (height, width) image as (4, N) flat source indices (int32) and
+    weights (float32, 0 for neighbours outside the image), N = src_u.size."""
+    u0, v0 = np.floor(src_u).astype(np.int64).ravel(), np.floor(src_v).astype(np.int64).ravel()
+    fu, fv = (src_u.ravel() - u0).astype(np.float32), (src_v.ravel() - v0).astype(np.float32)
+    idx, wts = [], []
+    for du, dv, wt in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
+        uu, vv = u0 + du, v0 + dv
+        ok = (uu >= 0) & (uu < width) & (vv >= 0) & (vv < height)
+        idx.append((np.clip(vv, 0, height - 1) * width + np.clip(uu, 0, width - 1)).astype(np.int32))
+        wts.append(np.where(ok, wt, 0).astype(np.float32))
+    return np.stack(idx), np.stack(wts)
+
+
+def apply_plan(image: np.ndarray, plan: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W[, C]) image sampled by a `bilinear_plan` into an image of `shape` (h, w); same dtype (rounded)."""
+    idx, wts = plan
+    flat = image.reshape(image.shape[0] * image.shape[1], -1)
+    out = np.zeros((idx.shape[1], flat.shape[1]), np.float32)
+    for i in range(4):
+        out += np.take(flat, idx[i], axis=0) * wts[i][:, None]
+    if np.issubdtype(image.dtype, np.integer):
+        out = np.clip(np.rint(out), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
+    return out.astype(image.dtype).reshape(shape + image.shape[2:])
+
+
+@lru_cache(maxsize=16)
+def _undistort_plan(K_bytes: bytes, coeff_bytes: bytes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    return bilinear_plan(*_maps(K_bytes, coeff_bytes, width, height), width, height)
+
+
+def undistort_image(image: np.ndarray, K: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    """The distorted camera's (H, W[, C]) image as the pinhole camera K (same size) sees it. The sampling plan is
+    cached per camera, so each further frame costs four gathers."""
+    h, w = image.shape[:2]
+    plan = _undistort_plan(np.ascontiguousarray(K, np.float64).tobytes(),
+                           np.ascontiguousarray(coeffs, np.float64).tobytes(), w, h)
+    return apply_plan(image, plan, (h, w))
