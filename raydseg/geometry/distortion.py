@@ -13,7 +13,6 @@ from functools import lru_cache
 import numpy as np
 
 
-
 def distort(x: np.ndarray, y: np.ndarray, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalised undistorted (x, y) -> distorted (x_d, y_d); coeffs (5,) = (k1, k2, p1, p2, k3)."""
     k1, k2, p1, p2, k3 = (float(c) for c in coeffs)
