@@ -2,8 +2,8 @@
 and image size, and loaders that make either a drop-in for the PyTorch model in `raydseg.models.infer`.
 
 Both files map normalised float images (B, 3, H, W) to logits (B, n_cls, H, W), as `Segmenter.forward` does; the
-model config (n_cls, mean, std, ...) travels inside the file (ONNX metadata `model_config`, TorchScript extra file
-`model_config.json`), so inference normalises the same way.
+model config (n_cls, mean, std, ...) travels inside the file (ONNX metadata, TorchScript extra file), so inference
+normalises the same way.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}
-CONFIG_KEY = "model_config"
+CONFIG_KEY = "model_config"  # ONNX metadata key
+TS_CONFIG_FILE = "model_config.json"  # TorchScript extra file
 OPSET = 18
 # the traced example; any other size runs too (the ViT's position embeddings are resampled to the patch grid)
 EXAMPLE_HW = (96, 160)
@@ -33,14 +34,14 @@ def export_model(model: nn.Module, fmt: str, out: str) -> str:
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(traced, out, _extra_files={"model_config.json": cfg})
+            torch.jit.save(traced, out, _extra_files={TS_CONFIG_FILE: cfg})
         else:
             import onnx
 
             dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=16),
                     3: torch.export.Dim("width", min=16)}
             torch.onnx.export(model, (example,), out, input_names=["images"], output_names=["logits"],
-                              dynamic_shapes=({k: v for k, v in dims.items()},), opset_version=OPSET, dynamo=True,
+                              dynamic_shapes=(dims,), opset_version=OPSET, dynamo=True,
                               external_data=False, verbose=False)
             proto = onnx.load(out)
             onnx.helper.set_model_props(proto, {CONFIG_KEY: cfg})
@@ -66,12 +67,12 @@ class OnnxSegmenter(nn.Module):
 
 
 def load_exported(path: str) -> nn.Module:
-    """The model of an exported file, by its extension (.onnx: OnnxSegmenter; .torchscript / .pt: torch.jit)."""
+    """The model of an exported file, by its extension (.onnx: OnnxSegmenter; .torchscript: torch.jit)."""
     if path.endswith(".onnx"):
         return OnnxSegmenter(path).eval()
-    extra = {"model_config.json": ""}
+    extra = {TS_CONFIG_FILE: ""}
     model = torch.jit.load(path, map_location="cpu", _extra_files=extra)
-    model.model_cfg = json.loads(extra["model_config.json"] or "{}")
+    model.model_cfg = json.loads(extra[TS_CONFIG_FILE] or "{}")
     return model.eval()
 
 
