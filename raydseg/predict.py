@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = p.parse_args(argv)
 
-    from raydseg.data.schema import decode_image, encode_png
+    from raydseg.data.schema import as_rgb, decode_image, encode_png
     from raydseg.models.infer import predict_image
     from raydseg.models.io import load_model
 
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         with open(path, "rb") as f:
             image = decode_image(f.read())
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2).astype(np.uint8)
+        image = as_rgb(image)
         pred = predict_image(model, image, size=args.size or None, window=args.window or None,
                              stride=args.stride or None)
         rel = os.path.splitext(os.path.relpath(path, args.images))[0] + ".png"

@@ -29,7 +29,7 @@ class BadRequest(ValueError):
 
 def decode_request(body: bytes) -> np.ndarray:
     """Request body -> (H, W, 3) uint8 RGB image, or BadRequest naming what is wrong."""
-    from raydseg.data.schema import decode_image
+    from raydseg.data.schema import as_rgb, decode_image
 
     if not body:
         raise BadRequest("empty body: POST an encoded PNG or JPEG image")
@@ -39,9 +39,7 @@ def decode_request(body: bytes) -> np.ndarray:
         raise BadRequest(f"the body is not a PNG or JPEG image ({type(e).__name__}: {e})") from None
     if image.dtype != np.uint8:
         raise BadRequest(f"expected an 8-bit image, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    return image
+    return as_rgb(image)
 
 
 def predict_batch(model: Any, images: list[np.ndarray]) -> list[np.ndarray]:

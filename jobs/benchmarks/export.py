@@ -32,8 +32,7 @@ def main() -> None:
     from raydseg.models.infer import predict_image
     from raydseg.models.io import load_model
 
-    torch.set_num_threads(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)  # PyTorch and TorchScript; onnxruntime keeps its default (one per core)
     images = [load_image(s) for s in list_samples(EvalSet("bench", "cityscapes", args.eval_dir))[: args.images]]
     tmp = tempfile.mkdtemp(prefix="raydseg-export-")
     models = {"pytorch": load_model(args.model)}

@@ -138,6 +138,11 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A decoded HxW single-channel image as HxWx3 uint8 (the channel repeated); HxWx3 unchanged."""
+    return np.repeat(image[:, :, None], 3, axis=2).astype(np.uint8) if image.ndim == 2 else image
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """HxW uint8/uint16 or HxWx3 uint8 -> PNG bytes (lossless, so labels survive)."""
     from PIL import Image

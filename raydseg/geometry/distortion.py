@@ -22,13 +22,12 @@ def distort(x: np.ndarray, y: np.ndarray, coeffs: np.ndarray) -> tuple[np.ndarra
             y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
 
 
-def _maps(K_bytes: bytes, coeff_bytes: bytes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def _maps(K: np.ndarray, coeffs: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """(src_u, src_v), each (height, width) float32: where each pixel of the pinhole image lies in the distorted one
     (pixel centres at integers)."""
-    K = np.frombuffer(K_bytes, np.float64).reshape(3, 3)
     u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
     x, y = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
-    xd, yd = distort(x, y, np.frombuffer(coeff_bytes, np.float64))
+    xd, yd = distort(x, y, coeffs)
     return (K[0, 0] * xd + K[0, 2]).astype(np.float32), (K[1, 1] * yd + K[1, 2]).astype(np.float32)
 
 
@@ -60,7 +59,8 @@ def apply_plan(image: np.ndarray, plan: tuple[np.ndarray, np.ndarray], shape: tu
 
 @lru_cache(maxsize=16)
 def _undistort_plan(K_bytes: bytes, coeff_bytes: bytes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    return bilinear_plan(*_maps(K_bytes, coeff_bytes, width, height), width, height)
+    K, coeffs = np.frombuffer(K_bytes, np.float64).reshape(3, 3), np.frombuffer(coeff_bytes, np.float64)
+    return bilinear_plan(*_maps(K, coeffs, width, height), width, height)
 
 
 def undistort_image(image: np.ndarray, K: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
