@@ -60,6 +60,8 @@ SUBCOMMANDS = {
     "prepare-data": ("raydseg.prepare_data:main", "ingest a dataset into Frame parquet"),
     "compare": ("raydseg.compare_runs:main", "compare MLflow runs of an experiment"),
     "preflight": ("raydseg.preflight:main", "check every stage's worker request against a cluster file"),
+    "sweep": ("raydseg.sweep:main", "run config variants (the paper's ablations) and compare them"),
+    "gc": ("raydseg.outputs:main", "remove stage outputs that no run references (lists them first)"),
 }
 
 

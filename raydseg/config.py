@@ -50,7 +50,7 @@ class Section(BaseModel):
 class RunConfig(Section):
     """Where outputs go and how the run is named and seeded."""
 
-    name: RunName = "default"  # outputs under <output_root>/<name>/<stage>/
+    name: RunName = "default"  # run folder <output_root>/<name>/ (stage outputs: raydseg.outputs)
     output_root: NonEmpty = "outputs"  # local path or s3://bucket/prefix
     seed: NonNegInt = 0
     ray_address: Text = ""  # "" = RAY_ADDRESS when set (ray job submit), else a local cluster

@@ -1,13 +1,12 @@
 """Stage registry and resume logic: run the stages in order under one MLflow parent run, skip finished ones.
 
-A stage is finished when its `_manifest.json` (written last) carries the same key as now: the hash of the
-config sections it depends on plus the hashes of its inputs' manifests. A stage folder without a manifest is
-an interrupted run: it resumes (finished parts are kept) when `_started.json` has the same key, and is
-cleared otherwise so that no stale output survives.
+Each stage writes into its content-keyed store folder (`raydseg.outputs`): the key hashes the config sections the
+stage reads plus its inputs' keys. A store folder with its `_manifest.json` (written last) is finished and is
+skipped; one with only `_started.json` is an interrupted run and resumes (finished parts are kept). A changed
+config gives new keys, so it never clears an earlier output; `run.force` clears and reruns a stage's folder.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
 
-from raydseg import storage, tracking
+from raydseg import outputs, storage, tracking
 from raydseg.checks import check_inputs
 from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
@@ -49,9 +48,10 @@ class StageContext:
     tracking_uri: str
     mlflow_run_id: str = ""
     parent_run_id: str = ""
+    dirs: dict[str, str] = field(default_factory=dict)  # stage -> its output folder (the run's store folders)
 
     def stage_dir(self, name: str) -> str:
-        return storage.join(self.run_root, name)
+        return self.dirs.get(name) or storage.join(self.run_root, name)
 
 
 @dataclass
@@ -64,10 +64,14 @@ class StageReport:
     n_rejects: int
 
 
+def output_root(cfg: Config) -> str:
+    """run.output_root; a local root is made absolute, since Ray workers run in other directories."""
+    return cfg.run.output_root if storage.is_s3(cfg.run.output_root) else os.path.abspath(cfg.run.output_root)
+
+
 def run_root(cfg: Config) -> str:
-    """<output_root>/<name>; a local root is made absolute, since Ray workers run in other directories."""
-    root = cfg.run.output_root if storage.is_s3(cfg.run.output_root) else os.path.abspath(cfg.run.output_root)
-    return storage.join(root, cfg.run.name)
+    """<output_root>/<name>: the run folder (config.yaml, run.json and, locally, a link per stage)."""
+    return storage.join(output_root(cfg), cfg.run.name)
 
 
 def available_stages() -> list[str]:
@@ -97,17 +101,9 @@ def code_version() -> str:
         return "unknown"
 
 
-def stage_key(cfg: Config, stage: ModuleType, root: str) -> dict[str, Any]:
-    """What decides whether a stage's output is still valid: its config sections + its inputs' manifests."""
-    inputs = {}
-    for name in stage.INPUTS:
-        path = storage.join(root, name, MANIFEST)
-        if not storage.exists(path):
-            raise RuntimeError(f"stage '{stage.NAME}' needs stage '{name}', which has not finished ({path} missing)")
-        inputs[name] = storage.read_json(path)["hash"]
-    config_hash = cfg.section_hash(*stage.CONFIG_SECTIONS) + f"-seed{cfg.run.seed}"
-    digest = hashlib.sha256(f"{config_hash}|{sorted(inputs.items())}".encode()).hexdigest()[:16]
-    return {"hash": digest, "config_hash": config_hash, "inputs": inputs}
+def stage_keys(cfg: Config) -> dict[str, dict]:
+    """Every available stage's key (`raydseg.outputs.stage_keys`), in pipeline order."""
+    return outputs.stage_keys(cfg, {s: load_stage(s) for s in available_stages()})
 
 
 def read_manifest(stage_dir: str) -> dict | None:
@@ -139,30 +135,34 @@ def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = p
     tracking.check_locality(tracking.tracking_uri(cfg))
 
 
-def run_stage(cfg: Config, name: str, root: str, uri: str, parent_run_id: str,
-              log: Callable[[str], None] = print) -> StageReport:
+def run_stage(cfg: Config, name: str, root: str, dirs: dict[str, str], key: dict[str, Any], uri: str,
+              parent_run_id: str, log: Callable[[str], None] = print) -> StageReport:
+    """Run stage `name` into its store folder `dirs[name]` (skip it when finished; resume it when interrupted)."""
     stage = load_stage(name)
-    out_dir = storage.join(root, name)
-    key = stage_key(cfg, stage, root)
+    out_dir = dirs[name]
+    for i in stage.INPUTS:
+        if read_manifest(dirs[i]) is None:
+            raise RuntimeError(f"stage '{name}' needs stage '{i}', which has not finished "
+                               f"({storage.join(dirs[i], MANIFEST)} missing)")
     manifest = read_manifest(out_dir)
     if manifest and manifest["hash"] == key["hash"] and name not in cfg.run.force:
         log(f"[{name}] skipped: finished output with matching manifest in {out_dir}")
         return StageReport(name, "skipped", 0.0, manifest.get("counts", {}), manifest.get("metrics", {}),
                            manifest.get("n_rejects", 0))
     started_path = storage.join(out_dir, STARTED)
-    started = storage.read_json(started_path) if storage.exists(started_path) else None
-    if manifest or (started and started["hash"] != key["hash"]) or name in cfg.run.force:
-        log(f"[{name}] config or inputs changed: clearing {out_dir}")
+    if manifest or name in cfg.run.force:  # a manifest of another key cannot be in a keyed folder unless forced
+        log(f"[{name}] forced: clearing {out_dir}")
         storage.rmtree(out_dir)
-    elif started:
+    elif storage.exists(started_path):
         log(f"[{name}] resuming an interrupted run in {out_dir}")
     storage.makedirs(out_dir)
+    outputs.link(output_root(cfg), cfg.run.name, name)
     storage.write_json(started_path, key)
     log(f"[{name}] running ...")
     t0 = time.time()
     with tracking.child_run(name, parent_run_id) as child_id:
-        ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir, tracking_uri=uri, mlflow_run_id=child_id,
-                           parent_run_id=parent_run_id)
+        ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir,
+                           tracking_uri=uri, mlflow_run_id=child_id, parent_run_id=parent_run_id, dirs=dirs)
         try:
             result: StageResult = stage.run(ctx)
         except Exception as e:  # noqa: BLE001 - re-raised: named when the user can act on it, else unchanged
@@ -191,11 +191,13 @@ class PipelineResult:
     parent_run_id: str
     run_root: str
     reports: list[StageReport]
+    stage_dirs: dict[str, str]  # stage -> its store folder (every available stage, run or not)
 
 
-def run_pipeline(cfg: Config, stages: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> PipelineResult:
-    """Run `stages` (default: cfg.run.stages or `default_stages`) in pipeline order under one MLflow parent run."""
+def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[str], None] = print,
+                 parent_run_id: str | None = None) -> PipelineResult:
+    """Run `stages` (default: cfg.run.stages or `default_stages`) in pipeline order under one MLflow run (nested
+    under `parent_run_id` when given: a sweep's variant)."""
     import mlflow
 
     wanted = stages or cfg.run.stages or default_stages(cfg)
@@ -209,21 +211,27 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None,
     uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
+    keys = stage_keys(cfg)
+    for name in keys:
+        outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
+    dirs = outputs.write_run(output_root(cfg), cfg.run.name, {s: k["hash"] for s, k in keys.items()})
+    for name in keys:
+        outputs.link(output_root(cfg), cfg.run.name, name)
     reports = []
-    with mlflow.start_run(run_name=cfg.run.name) as parent:
+    with mlflow.start_run(run_name=cfg.run.name, parent_run_id=parent_run_id) as parent:
         tracking.log_params(cfg.flat())
         mlflow.log_text(dump_yaml(cfg), "config.yaml")
         mlflow.set_tag("raydseg.run_root", root)
         log(f"MLflow parent run {parent.info.run_id} ({uri}); outputs in {root}")
         for name in wanted:
-            r = run_stage(cfg, name, root, uri, parent.info.run_id, log)
+            r = run_stage(cfg, name, root, dirs, keys[name], uri, parent.info.run_id, log)
             reports.append(r)
-            mlflow.set_tag(f"raydseg.{name}", r.status)
+            mlflow.set_tags({f"raydseg.{name}": r.status, f"raydseg.output.{name}": dirs[name]})
             # the parent carries every stage's figures too (also of skipped stages, from their manifest), so
             # that runs compare side by side in the MLflow UI without opening child runs
             tracking.log_metrics({**r.counts, **r.metrics, "rejects": r.n_rejects}, prefix=f"{name}/")
     log(summary_table(reports))
-    return PipelineResult(parent.info.run_id, root, reports)
+    return PipelineResult(parent.info.run_id, root, reports, dirs)
 
 
 HEADLINE = ("miou", "purity", "loss", "per_s", "recall")  # metrics the summary table shows

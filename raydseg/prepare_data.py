@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run_pipeline(cfg, stages=["ingest"])
     report = result.reports[-1]
     print(f"ingest {report.status}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
-    rej_path = storage.join(result.run_root, "ingest", "rejects.parquet")
+    rej_path = storage.join(result.stage_dirs["ingest"], "rejects.parquet")
     rejects = storage.read_table(rej_path).to_pylist() if storage.exists(rej_path) else []
     print(f"rejects: {len(rejects)}")
     for reason, n in Counter(r["reason"] for r in rejects).most_common(20):
         print(f"  {n:6d}  {reason}")
-    print(f"frames: {storage.join(result.run_root, 'ingest', 'frames')}")
+    print(f"frames: {storage.join(result.stage_dirs['ingest'], 'frames')}")
     return 0
 
 

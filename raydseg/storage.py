@@ -117,6 +117,14 @@ def rmtree(path: str) -> None:
         fs.delete_file(p)
 
 
+def tree_size(path: str) -> int:
+    """Bytes of every file under `path` (0 when it does not exist)."""
+    fs, p = filesystem(path)
+    with _failing(path, "list"):
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with _failing(path, "read"), fs.open_input_stream(p) as f:

@@ -187,10 +187,10 @@ def test_knn_analysis_on_feature_and_pseudolabel_parts(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(feat_rows), tmp_path / "features" / "part-00000.parquet")
     pq.write_table(pa.Table.from_pylist(pl_rows), tmp_path / "cluster" / "pseudolabels" / "part-00000.parquet")
-    metrics, png = knn_analysis(str(tmp_path), k=3)
+    metrics, png = knn_analysis(str(tmp_path / "features"), str(tmp_path / "cluster" / "pseudolabels"), k=3)
     assert metrics["knn_acc"] == 1.0 and metrics["knn_n_segments"] == 18
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert knn_analysis(str(tmp_path / "missing"), k=3) == ({}, None)
+    assert knn_analysis(str(tmp_path / "missing"), str(tmp_path / "missing"), k=3) == ({}, None)
 
 
 def test_knn_predict_majority_vote_and_segment_majority():

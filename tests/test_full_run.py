@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raydseg import storage
+from raydseg import outputs, storage
 from raydseg.eval.metrics import apply_mapping, scores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -26,6 +26,11 @@ STAGES = ["ingest", "proposals", "features", "cluster", "teacher", "student", "e
 SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": "awssecret" + secrets.token_hex(12),
               "RAY_AUTH_TOKEN": "raytoken" + secrets.token_hex(12)}
 DETERMINISTIC = ["ingest/frames", "proposals/segments", "features", "cluster/assignments", "cluster/pseudolabels"]
+
+
+def at(root: str, *rel: str) -> str:
+    """A path of a run folder: on s3:// through its run.json (there are no links there)."""
+    return outputs.resolve(storage.join(root, *rel))
 
 
 def job_env(tracking_uri: str) -> dict[str, str]:
@@ -63,7 +68,7 @@ def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
     proc, root = s3_run
     for stage in STAGES:
         assert f"[{stage}] done" in proc.stdout, stage
-        manifest = storage.read_json(storage.join(root, stage, "_manifest.json"))
+        manifest = storage.read_json(at(root, stage, "_manifest.json"))
         assert manifest["stage"] == stage and manifest["n_rejects"] == 0
     assert not os.path.exists("outputs/smoke"), "an s3:// output root must not write locally"
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
@@ -75,18 +80,18 @@ def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
     assert sorted(c.data.tags["mlflow.runName"] for c in children) == sorted(STAGES)
     metrics = parent.data.metrics
     for model in ("teacher", "student"):  # the logged mIoU is the saved confusion under the saved mapping
-        mapping = storage.read_json(storage.join(root, "evaluate", "mappings", f"{model}.json"))
+        mapping = storage.read_json(at(root, "evaluate", "mappings", f"{model}.json"))
         (key,) = [k for k in mapping if k.endswith("/hungarian")]
         for split in ("day", "night"):
             conf = np.load(io.BytesIO(storage.read_bytes(
-                storage.join(root, "evaluate", "confusion", model, f"synthetic_{split}.npy"))))
+                at(root, "evaluate", "confusion", model, f"synthetic_{split}.npy"))))
             assert conf.sum() > 0
             want = scores(apply_mapping(conf, np.asarray(mapping[key])))["miou"]
             assert metrics[f"eval/{model}/synthetic_{split}/miou"] == pytest.approx(want, abs=1e-12)
     assert 0.0 < metrics["cluster/purity_random"] <= metrics["cluster/purity"] <= 1.0
     evaluate = next(c for c in children if c.data.tags["mlflow.runName"] == "evaluate")
     assert "evaluate/report.html" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")]
-    assert storage.exists(storage.join(root, "evaluate", "report.html"))
+    assert storage.exists(at(root, "evaluate", "report.html"))
 
 
 def test_no_secret_reaches_mlflow(s3_run, mlflow_server, tmp_path):
@@ -115,7 +120,7 @@ def test_no_secret_reaches_mlflow(s3_run, mlflow_server, tmp_path):
 
 
 def _tables_equal(a_root: str, b_root: str, rel: str) -> None:
-    a, b = storage.read_table(storage.join(a_root, rel)), storage.read_table(storage.join(b_root, rel))
+    a, b = storage.read_table(at(a_root, rel)), storage.read_table(at(b_root, rel))
     assert a.num_rows == b.num_rows > 0, rel
     if rel == "features":  # floats from two processes: equal up to kernel-level rounding
         da, db = (np.array(t["descriptor"].to_pylist(), np.float32) for t in (a, b))
@@ -178,3 +183,47 @@ def test_run_killed_mid_stage_restarts_and_matches_uninterrupted_run(s3_run, tmp
     for stage in STAGES[:5]:
         assert (root / stage / "_manifest.json").exists(), stage
     assert not list(out.rglob("*.tmp*")), "half-written files left behind"
+
+
+def test_sweep_reuses_an_earlier_runs_outputs_and_deletes_nothing(s3_run, s3_endpoint, mlflow_server, tmp_path):
+    """`jobs/sweep.py` on the S3 run's output root: the variant whose config equals the earlier run's skips every
+    stage; the other reruns only the stages downstream of its change; no object of the earlier run changes."""
+    import boto3
+    import mlflow
+
+    _, s3_root = s3_run
+    bucket = s3_root.split("/")[2]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def objects() -> dict[str, str]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+    before = objects()
+    args = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", SMOKE, "--name", "abl",
+            "--set", f"run.output_root=s3://{bucket}/runs", "--grid", "student.refine=true,false"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=job_env(mlflow_server), cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    same, changed = proc.stdout.split("== variant refinefalse")
+    assert all(f"[{s}] skipped" in same for s in STAGES), same[-3000:]
+    assert all(f"[{s}] skipped" in changed for s in STAGES[:5]) and "[student] done" in changed
+    assert "[evaluate] done" in changed
+    after = objects()
+    assert {k: after.get(k) for k in before} == before, "an object of the earlier run changed or went"
+    assert not any(k.startswith("runs/_store/teacher/") for k in set(after) - set(before)), "the teacher reran"
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    sweep_id = proc.stdout.split("MLflow sweep run:")[1].split()[0]
+    sweep = client.get_run(sweep_id)
+    children = client.search_runs([sweep.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
+    assert sorted(c.data.tags["mlflow.runName"] for c in children) == ["abl-refinefalse", "abl-refinetrue"]
+    assert {a.path for a in client.list_artifacts(sweep_id, "sweep")} >= {
+        "sweep/table.md", "sweep/table.csv", "sweep/spec.yaml", "sweep/teacher_miou.png", "sweep/student_miou.png"}
+    table = storage.read_bytes(f"s3://{bucket}/runs/_sweeps/abl/table.md").decode().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["variant", "student.refine", "seeds"]
+    col = header.index("eval/student/synthetic_day/miou")
+    for line, child in zip(table[2:], sorted(children, key=lambda c: c.data.tags["mlflow.runName"], reverse=True)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == child.data.tags["mlflow.runName"].removeprefix("abl-")
+        assert float(cells[col]) == pytest.approx(100 * child.data.metrics["eval/student/synthetic_day/miou"], abs=0.051)

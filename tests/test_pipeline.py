@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raydseg import storage
+from raydseg import outputs, storage
 from raydseg.config import load_config
 from raydseg.data.schema import table_to_frames, validate_frame
 from raydseg.pipeline import run_pipeline
@@ -55,11 +55,45 @@ def test_interrupted_stage_resumes_only_unfinished_shards(ray_local, tmp_path):
     after = {p.name: p.read_bytes() for p in (ingest_dir / "frames").iterdir()}
     assert after.keys() == before.keys()
     assert table_to_frames(storage.read_table(str(ingest_dir / "frames"))) is not None
-    # a change of config clears the stale output instead of mixing it in
+    # a change of config writes under a new key next to the earlier output, which stays whole
+    old_dir = Path(second.stage_dirs["ingest"])
     third = run_pipeline(tiny_cfg(tmp_path, "synthetic.frames_per_sequence=2"), log=logs.append)
-    assert any("config or inputs changed" in m for m in logs)
-    assert third.reports[0].counts["frames"] == 4
-    assert len(list((ingest_dir / "frames").iterdir())) == 2
+    assert third.reports[0].counts["frames"] == 4 and third.stage_dirs["ingest"] != str(old_dir)
+    assert len(list((ingest_dir / "frames").iterdir())) == 2  # the run folder's link follows the new key
+    assert {p.name: p.read_bytes() for p in (old_dir / "frames").iterdir()} == after
+    assert (old_dir / "_manifest.json").exists()
+
+
+def test_variants_share_outputs_and_gc_removes_only_unreferenced_ones(ray_local, tmp_path, capsys):
+    a = run_pipeline(tiny_cfg(tmp_path, "run.name=a"), log=lambda m: None)
+    logs = []
+    b = run_pipeline(tiny_cfg(tmp_path, "run.name=b"), log=logs.append)  # same config, another run: shared
+    assert b.reports[0].status == "skipped" and b.stage_dirs == a.stage_dirs
+    assert os.path.realpath(Path(b.run_root, "ingest")) == a.stage_dirs["ingest"]
+    run_pipeline(tiny_cfg(tmp_path, "run.name=b", "synthetic.frames_per_sequence=2"), log=lambda m: None)
+    out = str(tmp_path / "out")
+    assert outputs.gc(out, yes=True, log=logs.append) == []  # run a still maps the first ingest
+    (Path(a.run_root) / outputs.RUN_FILE).unlink()  # run a is forgotten: its ingest is b's old one, unreferenced
+    assert outputs.gc(out, yes=False, log=logs.append) == []  # listed, not removed without --yes
+    stale = os.path.relpath(a.stage_dirs["ingest"], out)
+    assert any(m.endswith(stale) and "MiB" in m for m in logs) and "kept 1 outputs" in logs[-1]
+    assert Path(a.stage_dirs["ingest"], "_manifest.json").exists()
+    assert subprocess.run([sys.executable, "-m", "raydseg.cli", "gc", "--output-root", out, "--yes"],
+                          capture_output=True, text=True, cwd=REPO).returncode == 0
+    assert not Path(a.stage_dirs["ingest"]).exists()
+    assert len(list(Path(out, outputs.STORE, "ingest").iterdir())) == 1  # b's current ingest is kept
+
+
+def test_output_of_the_layout_before_the_store_is_adopted_not_rerun(ray_local, tmp_path):
+    first = run_pipeline(tiny_cfg(tmp_path), log=lambda m: None)
+    link = Path(first.run_root, "ingest")
+    store_dir = Path(first.stage_dirs["ingest"])
+    link.unlink()
+    store_dir.rename(link)  # the old layout: a real folder <run>/ingest with its manifest
+    logs = []
+    second = run_pipeline(tiny_cfg(tmp_path), log=logs.append)
+    assert second.reports[0].status == "skipped" and any("moved the earlier output" in m for m in logs)
+    assert link.is_symlink() and Path(second.stage_dirs["ingest"], "_manifest.json").exists()
 
 
 def test_ingest_on_s3(ray_local, tmp_path, s3_bucket):
@@ -67,9 +101,11 @@ def test_ingest_on_s3(ray_local, tmp_path, s3_bucket):
                    "synthetic.eval_conditions=day")
     result = run_pipeline(cfg, log=lambda m: None)
     assert result.run_root == f"s3://{s3_bucket}/runs/default"
-    rows = table_to_frames(storage.read_table(storage.join(result.run_root, "ingest", "frames")))
-    assert len(rows) == 3
-    assert storage.read_json(storage.join(result.run_root, "ingest", "_manifest.json"))["counts"]["frames"] == 3
+    assert result.stage_dirs["ingest"].startswith(f"s3://{s3_bucket}/runs/_store/ingest/")
+    frames_dir = outputs.resolve(storage.join(result.run_root, "ingest", "frames"))  # through run.json
+    assert frames_dir == storage.join(result.stage_dirs["ingest"], "frames")
+    assert len(table_to_frames(storage.read_table(frames_dir))) == 3
+    assert storage.read_json(storage.join(result.stage_dirs["ingest"], "_manifest.json"))["counts"]["frames"] == 3
 
 
 def _full_run(tmp_path, tracking_uri, *extra):

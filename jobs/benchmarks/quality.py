@@ -80,7 +80,7 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
     mapping = stage_mapping(run, model)
     rng, out = np.random.default_rng(seed), {}
     pred_root = os.path.join(run, "evaluate", "predictions", model)
-    for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), run):
+    for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), os.path.join(run, "ingest")):
         mapped = np.stack([apply_mapping(confusion_matrix(read_prediction(pred_root, eval_set.name, x.sample_id),
                                                           load_label(x, 19), len(mapping), 19), mapping)
                            for x in list_samples(eval_set)])

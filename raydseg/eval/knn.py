@@ -79,7 +79,8 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
     return out
 
 
-def knn_analysis(run_root: str, k: int, max_segments: int = 20000) -> tuple[dict[str, float], bytes | None]:
+def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
+                 ) -> tuple[dict[str, float], bytes | None]:
     """k-NN accuracy of segment descriptors (train/test split by frame) vs the segments' majority gt class, and a
     PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing."""
     from raydseg import storage
@@ -88,7 +89,6 @@ def knn_analysis(run_root: str, k: int, max_segments: int = 20000) -> tuple[dict
     from raydseg.eval.sets import class_names
     from raydseg.parts import part_names
 
-    feat_dir, pl_dir = storage.join(run_root, "features"), storage.join(run_root, "cluster", "pseudolabels")
     if k <= 0 or not storage.exists(feat_dir) or not storage.exists(pl_dir):
         return {}, None
     majority: dict[tuple[str, str, int], int] = {}

@@ -34,7 +34,7 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _fig_png(fig) -> bytes:
+def fig_png(fig) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -58,7 +58,7 @@ def confusion_plot(matrix: np.ndarray, row_names: list[str], col_names: list[str
     ax.set_ylabel("prediction")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of gt pixels")
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def pca_plot(features: np.ndarray, labels: np.ndarray, names: list[str], title: 
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    return _fig_png(fig)
+    return fig_png(fig)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, n_classes: int, alpha: float = 0.5) -> np.ndarray:

@@ -58,7 +58,9 @@ def load_model(src: str, map_location: str | torch.device = "cpu") -> nn.Module:
         if not os.path.isfile(src):
             raise InputError(f"--model: no such file: {src}")
         return load_exported(src)
-    d = _mlflow_dir(src) or src
+    from raydseg.outputs import resolve
+
+    d = _mlflow_dir(src) or resolve(src)  # a run folder's `<run>/<stage>/model` also on s3://, through run.json
     cfg_path, w_path = storage.join(d, CONFIG), storage.join(d, WEIGHTS)
     if not storage.exists(w_path):
         raise InputError(f"no {WEIGHTS} in {src} (expected a model dir or runs:/<run_id>)")

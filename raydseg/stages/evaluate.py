@@ -36,11 +36,11 @@ INPUTS: tuple[str, ...] = ("ingest", "teacher", "student")
 CONFIG_SECTIONS = ("eval",)
 
 
-def eval_sets(cfg: Config, run_root: str) -> list[EvalSet]:
-    """`eval.sets`, or the synthetic source's splits `synthetic_<cond>` from `ingest/eval/<cond>` when empty."""
+def eval_sets(cfg: Config, ingest_dir: str) -> list[EvalSet]:
+    """`eval.sets`, or the synthetic source's splits `synthetic_<cond>` from `<ingest_dir>/eval/<cond>` when empty."""
     if cfg.eval.sets.strip():
         return parse_eval_sets(cfg.eval.sets)
-    return [EvalSet(f"synthetic_{c}", "cityscapes", storage.join(run_root, "ingest", "eval", c))
+    return [EvalSet(f"synthetic_{c}", "cityscapes", storage.join(ingest_dir, "eval", c))
             for c in cfg.synthetic.eval_conditions]
 
 
@@ -80,7 +80,7 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
     """The stage body; `loader` / `predictor` as raydseg.eval.inference.Predictor takes them (default: the real
     model loader and predictor)."""
     cfg, headline = ctx.cfg, ctx.cfg.eval.matching
-    sets = eval_sets(cfg, ctx.run_root)
+    sets = eval_sets(cfg, ctx.stage_dir("ingest"))
     samples, rejects = _samples(cfg, sets)
     sets = [s for s in sets if samples[s.name]]
     if not sets:
@@ -103,7 +103,7 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
 
     model_dirs = {}
     for model in cfg.eval.models:
-        model_dirs[model] = storage.join(ctx.run_root, model, "model")
+        model_dirs[model] = storage.join(ctx.stage_dir(model), "model")
         if not storage.exists(model_dirs[model]):
             rejects.append({"id": f"model:{model}", "reason": f"no model at {model_dirs.pop(model)}"})
     pred_roots = {model: storage.join(ctx.out_dir, "predictions", model) for model in model_dirs}
@@ -128,7 +128,8 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
                                               mapping, fit[s.n_classes], headline, pred_root, cfg.eval.n_overlays,
                                               save_png))
 
-    knn_metrics, pca_png = knn_analysis(ctx.run_root, cfg.eval.knn_k)
+    pl_dir = storage.join(ctx.stage_dir("cluster"), "pseudolabels")
+    knn_metrics, pca_png = knn_analysis(ctx.stage_dir("features"), pl_dir, cfg.eval.knn_k)
     all_metrics.update({f"eval/features/{k}": v for k, v in knn_metrics.items()})
     sections = [summary_section(summary_rows, headline)] + \
         ([knn_section(knn_metrics, cfg.eval.knn_k, pca_png, save_png)] if knn_metrics else []) + sections
