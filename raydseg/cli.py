@@ -61,6 +61,7 @@ SUBCOMMANDS = {
     "compare": ("raydseg.compare_runs:main", "compare MLflow runs of an experiment"),
     "preflight": ("raydseg.preflight:main", "check every stage's worker request against a cluster file"),
     "sweep": ("raydseg.sweep:main", "run config variants (the paper's ablations) and compare them"),
+    "finetune": ("raydseg.finetune:main", "fine-tune a run's models on N labelled images (mIoU vs N per init)"),
     "gc": ("raydseg.outputs:main", "remove stage outputs that no run references (lists them first)"),
 }
 

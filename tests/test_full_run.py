@@ -227,3 +227,44 @@ def test_sweep_reuses_an_earlier_runs_outputs_and_deletes_nothing(s3_run, s3_end
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == child.data.tags["mlflow.runName"].removeprefix("abl-")
         assert float(cells[col]) == pytest.approx(100 * child.data.metrics["eval/student/synthetic_day/miou"], abs=0.051)
+
+
+def test_finetune_from_the_student_on_nested_labelled_subsets_scored_on_the_eval_sets(s3_run, mlflow_server,
+                                                                                      tmp_path):
+    """`jobs/finetune.py` on the S3 run: a labelled split from unseen scenes, N=2 inside N=4, the student's encoder
+    under a 19-class head, each model's logged mIoU its saved confusion's; a rerun keeps the trained models."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from raydseg.finetune import N_CLASSES
+
+    _, s3_root = s3_run
+    args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--run", s3_root, "--n", "4,2", "--inits", "student",
+            "--steps", "1"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=job_env(mlflow_server), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = s3_root.rsplit("/", 1)[0] + "/_finetune/smoke"
+    parts = {n: pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/data/n{n}/part-00000.parquet"))).to_pydict()
+             for n in (2, 4)}
+    assert parts[2]["frame_id"] == parts[4]["frame_id"][:2] and len(set(parts[4]["frame_id"])) == 4
+    eval_images = {storage.read_bytes(f"{d}/{f}") for d in [at(s3_root, "ingest", "eval", "day", "leftImg8bit",
+                                                                "val", "synthcity")] for f in storage.listdir(d)}
+    assert eval_images and not eval_images & set(parts[4]["image"]), "a labelled image is an eval image"
+    results = storage.read_json(f"{out}/results.json")["results"]
+    assert [(r["init"], r["n"]) for r in results] == [("student", 2), ("student", 4)]
+    for r in results:
+        assert sorted(r["sets"]) == ["synthetic_day", "synthetic_night"]
+        for v in r["sets"].values():
+            conf = np.array(v["confusion"])
+            assert conf.shape == (N_CLASSES, N_CLASSES) and conf.sum() > 0
+            assert v["miou"] == pytest.approx(scores(conf)["miou"], abs=1e-12)
+    run_id = proc.stdout.split("MLflow run:")[1].split()[0]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert {a.path for a in client.list_artifacts(run_id, "finetune")} == {
+        "finetune/table.md", "finetune/results.json", "finetune/miou_vs_n.png"}
+    assert client.get_run(run_id).data.metrics["finetune/student/n4/seed0/synthetic_day/miou"] == pytest.approx(
+        results[1]["sets"]["synthetic_day"]["miou"])
+    again = subprocess.run(args, capture_output=True, text=True, env=job_env(mlflow_server), cwd=tmp_path,
+                           timeout=600)
+    assert again.returncode == 0 and "student-n2-seed0: kept" in again.stdout, again.stderr[-3000:]
+    assert storage.read_json(f"{out}/results.json")["results"] == results

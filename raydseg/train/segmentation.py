@@ -27,6 +27,10 @@ def _segmenter(config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         from raydseg.models.io import load_model
 
         model.load_state_dict(load_model(config["init_model"]).state_dict())
+    if config.get("init_encoder_from"):  # fine-tuning: a trained model's encoder under a new decoder / classes
+        from raydseg.models.io import load_model
+
+        model.encoder.load_state_dict(load_model(config["init_encoder_from"]).encoder.state_dict())
     return model, model_cfg
 
 

@@ -24,7 +24,7 @@ CONDITIONS = ("day", "night", "fog")
 CAMERA_NAME = "front"
 CAMERA_IN_LIDAR = np.array([0.3, 0.0, -0.25])  # camera centre in the LiDAR frame (m)
 EVAL_SPACING_M = 8.0
-_TRAIN_STREAM, _EVAL_STREAM = 1, 2
+_TRAIN_STREAM, _EVAL_STREAM, _LABELLED_STREAM = 1, 2, 3  # scene seed streams: disjoint places
 _T0_US = 1_700_000_000_000_000
 
 # Cityscapes trainId -> labelId (255 void -> 0 unlabeled)
@@ -146,18 +146,19 @@ def generate_sequence(shard: dict, cfg: SyntheticConfig) -> list[dict]:
     return rows
 
 
-def render_eval_images(condition: str, cfg: SyntheticConfig, seed: int):
-    """Yield (scene index, frame index, rgb (H, W, 3) uint8, trainIds (H, W) uint8) of the eval split.
+def render_eval_images(condition: str, cfg: SyntheticConfig, seed: int, labelled_train: int = 0):
+    """Yield (scene index, frame index, rgb (H, W, 3) uint8, trainIds (H, W) uint8) of the eval split, or with
+    `labelled_train` > 0 that many images of the labelled training split (supervised fine-tuning).
 
-    Scenes come from the eval seed stream (disjoint from training) and do not depend on the condition, so the
-    day, night and fog splits show the same places."""
+    Scenes come from the eval (or labelled) seed stream, disjoint from the unlabelled training scenes and from each
+    other, and do not depend on the condition, so the day, night and fog splits show the same places."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown synthetic condition '{condition}' (known: {', '.join(CONDITIONS)})")
     per = max(cfg.eval_images_per_scene, 1)
-    total = cfg.eval_images_per_condition
+    total = labelled_train or cfg.eval_images_per_condition
     for s in range(-(-total // per)):
         n = min(per, total - s * per)
-        sseed = _scene_seed(seed, _EVAL_STREAM, s)
+        sseed = _scene_seed(seed, _LABELLED_STREAM if labelled_train else _EVAL_STREAM, s)
         rig = _Rig(sseed, per, EVAL_SPACING_M, EVAL_SPACING_M / max(cfg.ego_speed_mps, 0.1), cfg)
         for k in range(n):
             rng = np.random.default_rng([sseed, k, CONDITIONS.index(condition)])
@@ -165,19 +166,20 @@ def render_eval_images(condition: str, cfg: SyntheticConfig, seed: int):
             yield s, k, rgb, sem
 
 
-def write_eval_split(out_dir: str, condition: str, cfg: SyntheticConfig, seed: int) -> int:
+def write_eval_split(out_dir: str, condition: str, cfg: SyntheticConfig, seed: int, labelled_train: int = 0) -> int:
     """Render the camera-only eval split of `condition` in the Cityscapes layout under out_dir (local or s3://):
     leftImg8bit/val/<city>/<city>_<seq:06d>_<frame:06d>_leftImg8bit.png and
-    gtFine/val/<city>/<same>_gtFine_labelIds.png (Cityscapes labelIds). Returns the number of images."""
+    gtFine/val/<city>/<same>_gtFine_labelIds.png (Cityscapes labelIds); with `labelled_train` > 0, that many
+    images of the labelled training split under leftImg8bit/train, gtFine/train. Returns the number of images."""
     from raydseg import storage
 
-    city = cfg.eval_city
+    city, split = cfg.eval_city, "train" if labelled_train else "val"
     count = 0
-    for s, k, rgb, sem in render_eval_images(condition, cfg, seed):
+    for s, k, rgb, sem in render_eval_images(condition, cfg, seed, labelled_train):
         stem = f"{city}_{s:06d}_{k:06d}"
-        storage.write_bytes(storage.join(out_dir, "leftImg8bit", "val", city, f"{stem}_leftImg8bit.png"),
+        storage.write_bytes(storage.join(out_dir, "leftImg8bit", split, city, f"{stem}_leftImg8bit.png"),
                             encode_png(rgb))
-        storage.write_bytes(storage.join(out_dir, "gtFine", "val", city, f"{stem}_gtFine_labelIds.png"),
+        storage.write_bytes(storage.join(out_dir, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"),
                             encode_png(TRAINID_TO_LABELID[sem]))
         count += 1
     return count
