@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -213,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                                          prefix=f"finetune/{init}/n{n}/seed{seed}/")
         names = [s.name for s in sets]
         md = table(results, names)
-        storage.write_json(storage.join(out, "results.json"), {"steps": steps, "results": results})
-        storage.write_bytes(storage.join(out, "table.md"), md.encode())
-        storage.write_bytes(storage.join(out, "miou_vs_n.png"), plot(results, names))
-        mlflow.log_text(md, "finetune/table.md")
-        mlflow.log_text(json.dumps({"steps": steps, "results": results}), "finetune/results.json")
-        mlflow.log_artifact(storage.local_copy(storage.join(out, "miou_vs_n.png")), "finetune")
+        files = {"results.json": json.dumps({"steps": steps, "results": results}).encode(), "table.md": md.encode(),
+                 "miou_vs_n.png": plot(results, names)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                storage.write_bytes(storage.join(out, name), data)
+                storage.write_bytes(os.path.join(tmp, name), data)
+            mlflow.log_artifacts(tmp, "finetune")
     print(md)
     print(f"fine-tuned models and results: {out}\nMLflow run: {mrun.info.run_id}")
     return 0

@@ -41,12 +41,11 @@ def store_rel(stage: str, key: str) -> str:
     return posixpath.join(STORE, stage, key)
 
 
-def write_run(output_root: str, run_name: str, keys: dict[str, str]) -> dict[str, str]:
+def write_run(output_root: str, run_name: str, keys: dict[str, str]) -> None:
     """Record the run's stage -> store folder map in `<run>/run.json` before any stage runs (so that `gc`, even
-    while this run is going on, keeps its outputs); returns {stage: absolute store folder}."""
-    rel = {s: store_rel(s, k) for s, k in keys.items()}
-    storage.write_json(storage.join(output_root, run_name, RUN_FILE), {"stages": rel})
-    return {s: storage.join(output_root, r) for s, r in rel.items()}
+    while this run is going on, keeps its outputs)."""
+    storage.write_json(storage.join(output_root, run_name, RUN_FILE), {"stages": {s: store_rel(s, k)
+                                                                                  for s, k in keys.items()}})
 
 
 def link(output_root: str, run_name: str, stage: str) -> None:

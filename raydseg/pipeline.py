@@ -135,23 +135,28 @@ def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = p
     tracking.check_locality(tracking.tracking_uri(cfg))
 
 
+def check_upstream(wanted: list[str], dirs: dict[str, str]) -> None:
+    """Every input of a wanted stage that this run does not make has finished under the same config."""
+    for name in wanted:
+        for i in load_stage(name).INPUTS:
+            if i not in wanted and read_manifest(dirs[i]) is None:
+                raise UserError(f"stage '{name}' needs stage '{i}' of the same config, which has not finished "
+                                f"({storage.join(dirs[i], MANIFEST)} missing): run it first, or the whole pipeline")
+
+
 def run_stage(cfg: Config, name: str, root: str, dirs: dict[str, str], key: dict[str, Any], uri: str,
               parent_run_id: str, log: Callable[[str], None] = print) -> StageReport:
     """Run stage `name` into its store folder `dirs[name]` (skip it when finished; resume it when interrupted)."""
     stage = load_stage(name)
     out_dir = dirs[name]
-    for i in stage.INPUTS:
-        if read_manifest(dirs[i]) is None:
-            raise RuntimeError(f"stage '{name}' needs stage '{i}', which has not finished "
-                               f"({storage.join(dirs[i], MANIFEST)} missing)")
     manifest = read_manifest(out_dir)
     if manifest and manifest["hash"] == key["hash"] and name not in cfg.run.force:
         log(f"[{name}] skipped: finished output with matching manifest in {out_dir}")
         return StageReport(name, "skipped", 0.0, manifest.get("counts", {}), manifest.get("metrics", {}),
                            manifest.get("n_rejects", 0))
     started_path = storage.join(out_dir, STARTED)
-    if manifest or name in cfg.run.force:  # a manifest of another key cannot be in a keyed folder unless forced
-        log(f"[{name}] forced: clearing {out_dir}")
+    if manifest or name in cfg.run.force:  # run.force (a keyed folder holds no other key's manifest)
+        log(f"[{name}] run.force: clearing {out_dir} to rerun it")
         storage.rmtree(out_dir)
     elif storage.exists(started_path):
         log(f"[{name}] resuming an interrupted run in {out_dir}")
@@ -161,8 +166,8 @@ def run_stage(cfg: Config, name: str, root: str, dirs: dict[str, str], key: dict
     log(f"[{name}] running ...")
     t0 = time.time()
     with tracking.child_run(name, parent_run_id) as child_id:
-        ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir,
-                           tracking_uri=uri, mlflow_run_id=child_id, parent_run_id=parent_run_id, dirs=dirs)
+        ctx = StageContext(cfg=cfg, run_root=root, out_dir=out_dir, tracking_uri=uri, mlflow_run_id=child_id,
+                           parent_run_id=parent_run_id, dirs=dirs)
         try:
             result: StageResult = stage.run(ctx)
         except Exception as e:  # noqa: BLE001 - re-raised: named when the user can act on it, else unchanged
@@ -205,16 +210,17 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
         load_stage(s)  # fail fast on unknown names
     wanted = [s for s in STAGE_ORDER if s in wanted]
     check_inputs(cfg, wanted)  # every bad path, backbone or weights file now, before Ray starts
-    root = run_root(cfg)
+    root, keys = run_root(cfg), stage_keys(cfg)
+    for name in keys:
+        outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
+    dirs = {s: storage.join(output_root(cfg), outputs.store_rel(s, k["hash"])) for s, k in keys.items()}
+    check_upstream(wanted, dirs)
     init_ray(cfg)
     check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
     uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
-    keys = stage_keys(cfg)
-    for name in keys:
-        outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
-    dirs = outputs.write_run(output_root(cfg), cfg.run.name, {s: k["hash"] for s, k in keys.items()})
+    outputs.write_run(output_root(cfg), cfg.run.name, {s: k["hash"] for s, k in keys.items()})
     for name in keys:
         outputs.link(output_root(cfg), cfg.run.name, name)
     reports = []

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +93,24 @@ def build_configs(spec: SweepSpec) -> list[tuple[Variant, Config]]:
     return out
 
 
+def eval_digest(cfg: Config, stage_dirs: dict[str, str]) -> str:
+    """8 hex digits of the variant's eval images and labels: variants compared "on the same eval sets" (e.g. two
+    sources or sensor set-ups, `configs/sweeps/sources.yaml`) show the same digest."""
+    import hashlib
+
+    from raydseg import storage
+    from raydseg.eval.sets import list_samples
+    from raydseg.stages.evaluate import eval_sets
+
+    h = hashlib.sha256()
+    for s in eval_sets(cfg, stage_dirs["ingest"]):
+        for x in list_samples(s)[:cfg.eval.max_images or None]:
+            h.update(s.name.encode())
+            for path in (x.image_path, x.label_path):
+                h.update(hashlib.sha256(storage.read_bytes(path)).digest())
+    return h.hexdigest()[:8]
+
+
 def variant_metrics(stage_dirs: dict[str, str]) -> dict[str, float]:
     """A finished variant's figures: every metric of evaluate/metrics.json plus the cluster stage's purity."""
     from raydseg import storage
@@ -105,8 +125,10 @@ def variant_metrics(stage_dirs: dict[str, str]) -> dict[str, float]:
     return metrics
 
 
-def table(rows: list[tuple[Variant, dict[str, float]]], swept: list[str]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows (one per label: seeds pooled into mean and std in points) of the comparison table."""
+def table(rows: list[tuple[Variant, dict[str, float]]], swept: list[str], digests: dict[str, str] | None = None
+          ) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (one per label: seeds pooled into mean and std in points) of the comparison table; with
+    `digests` (variant name -> eval-set digest) a last column of the labels' digests."""
     names = sorted({k for _, m in rows for k in m if k.startswith("eval/") and k.endswith("/miou")})
     names += [k for k in TABLE_METRICS if any(k in m for _, m in rows)]
     keys = [k for k in swept if k != SEED_KEY]
@@ -121,7 +143,9 @@ def table(rows: list[tuple[Variant, dict[str, float]]], swept: list[str]) -> tup
             cells.append("" if not len(vals) else f"{vals.mean():.1f}" + (f" ± {vals.std(ddof=1):.1f}"
                                                                            if len(vals) > 1 else ""))
         out.append([label, *(group[0][0].values.get(k, "") for k in keys), len(group) if seeds > 1 else 1, *cells])
-    return header, out
+        if digests:
+            out[-1].append(" ".join(dict.fromkeys(digests[v.name] for v, _ in group)))
+    return header + (["eval sets"] if digests else []), out
 
 
 def to_markdown(header: list[str], rows: list[list[Any]]) -> str:
@@ -187,24 +211,27 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
     parent_id = parent.info.run_id
     client.log_text(parent_id, yaml.safe_dump(spec.model_dump(), sort_keys=False), "sweep/spec.yaml")
     log(f"MLflow sweep run {parent_id}: {len(built)} variants: {', '.join(v.name for v, _ in built)}")
-    rows, dirs = [], {}
+    rows, dirs, digests = [], {}, {}
     try:
         for v, cfg in built:
             log(f"== variant {v.name}: {' '.join(v.overrides) or '(base config)'}")
             result = run_pipeline(cfg, log=log, parent_run_id=parent_id)
             dirs[v.name] = result.stage_dirs
             rows.append((v, variant_metrics(result.stage_dirs)))
+            digests[v.name] = eval_digest(cfg, result.stage_dirs)
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    header, body = table(rows, list(spec.grid))
+    header, body = table(rows, list(spec.grid), digests)
     md = to_markdown(header, body)
     files = {"table.md": md.encode(), "table.csv": "\n".join(",".join(map(str, r)) for r in [header, *body]).encode(),
              **plots(header, body, len([k for k in spec.grid if k != SEED_KEY]))}
     out_dir = storage.join(output_root(first), SWEEPS_DIR, spec.name)
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out_dir, name), data)
-        client.log_artifact(parent_id, storage.local_copy(storage.join(out_dir, name)), "sweep")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            storage.write_bytes(storage.join(out_dir, name), data)
+            storage.write_bytes(os.path.join(tmp, name), data)
+        client.log_artifacts(parent_id, tmp, "sweep")
     client.set_terminated(parent_id, "FINISHED")
     log(md)
     log(f"sweep table and plots: {out_dir}")

@@ -223,6 +223,7 @@ def test_sweep_reuses_an_earlier_runs_outputs_and_deletes_nothing(s3_run, s3_end
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:3] == ["variant", "student.refine", "seeds"]
     col = header.index("eval/student/synthetic_day/miou")
+    assert header[-1] == "eval sets" and len({line.split("|")[-2].strip() for line in table[2:]}) == 1
     for line, child in zip(table[2:], sorted(children, key=lambda c: c.data.tags["mlflow.runName"], reverse=True)):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == child.data.tags["mlflow.runName"].removeprefix("abl-")

@@ -9,6 +9,7 @@ import pytest
 from raydseg import outputs, storage
 from raydseg.config import load_config
 from raydseg.data.schema import table_to_frames, validate_frame
+from raydseg.errors import UserError
 from raydseg.pipeline import run_pipeline
 
 pytestmark = pytest.mark.ray
@@ -94,6 +95,11 @@ def test_output_of_the_layout_before_the_store_is_adopted_not_rerun(ray_local, t
     second = run_pipeline(tiny_cfg(tmp_path), log=logs.append)
     assert second.reports[0].status == "skipped" and any("moved the earlier output" in m for m in logs)
     assert link.is_symlink() and Path(second.stage_dirs["ingest"], "_manifest.json").exists()
+    forced = run_pipeline(tiny_cfg(tmp_path, "run.force=ingest"), log=logs.append)
+    assert forced.reports[0].status == "ran" and f"[ingest] run.force: clearing {store_dir} to rerun it" in logs
+    with pytest.raises(UserError, match=r"^stage 'proposals' needs stage 'ingest' of the same config, which has "
+                                        r"not finished \(.*/_store/ingest/[0-9a-f]{16}/_manifest.json missing\): "):
+        run_pipeline(tiny_cfg(tmp_path, "run.stages=proposals", "synthetic.n_sequences=1"), log=logs.append)
 
 
 def test_ingest_on_s3(ray_local, tmp_path, s3_bucket):

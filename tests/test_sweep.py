@@ -29,10 +29,10 @@ def test_grid_crossed_with_variants_names_runs_and_pools_seeds_in_the_label():
 def test_shipped_sweeps_build_valid_configs_with_distinct_run_names():
     from raydseg.sweep import build_configs
 
-    for name in ("k", "density", "distillation"):
-        built = build_configs(load_spec(name, _args()))
-        names = [cfg.run.name for _, cfg in built]
-        assert len(set(names)) == len(names) > 1 and all(n.startswith("ablation-") for n in names)
+    for name in ("k", "density", "distillation", "sources"):
+        spec = load_spec(name, _args())
+        names = [cfg.run.name for _, cfg in build_configs(spec)]
+        assert len(set(names)) == len(names) > 1 and all(n.startswith(f"{spec.name}-") for n in names)
 
 
 def test_table_pools_seeds_into_mean_and_spread_and_plots_each_model():
@@ -44,6 +44,9 @@ def test_table_pools_seeds_into_mean_and_spread_and_plots_each_model():
                       "eval/teacher/synthetic_day/miou", "cluster/purity"]
     assert body[0] == ["k8", "8", 2, "12.0 ± 2.8", "6.0 ± 1.4", "50.0 ± 0.0"]
     assert body[1][3] == "30.0 ± 0.0"
+    digests = {"k8-seed0": "aa", "k8-seed1": "aa", "k20-seed0": "aa", "k20-seed1": "bb"}
+    header2, body2 = table(rows, ["cluster.k", "run.seed"], digests)
+    assert header2 == [*header, "eval sets"] and [r[-1] for r in body2] == ["aa", "aa bb"]
     pngs = plots(header, body, 1)
     assert sorted(pngs) == ["student_miou.png", "teacher_miou.png"]
     assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs.values())
