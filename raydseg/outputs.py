@@ -91,7 +91,7 @@ def resolve(path: str) -> str:
         return path
     sep = "/" if storage.is_s3(path) else os.sep
     head, tail = path.rstrip(sep), []
-    for _ in range(4):  # a model or file lies at most a few levels below its stage folder
+    while True:
         head, name = head.rsplit(sep, 1) if sep in head else ("", head)
         tail.insert(0, name)
         if not head or head.endswith(":/"):  # the top of a local path or of s3://bucket

@@ -236,6 +236,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
             # the parent carries every stage's figures too (also of skipped stages, from their manifest), so
             # that runs compare side by side in the MLflow UI without opening child runs
             tracking.log_metrics({**r.counts, **r.metrics, "rejects": r.n_rejects}, prefix=f"{name}/")
+            reused = getattr(load_stage(name), "parent_metrics", None)  # what the stage logs to the parent itself
+            if r.status == "skipped" and reused is not None:
+                tracking.log_metrics(reused(dirs[name]))
     log(summary_table(reports))
     return PipelineResult(parent.info.run_id, root, reports, dirs)
 

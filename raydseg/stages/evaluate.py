@@ -150,3 +150,10 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
 
 def run(ctx: StageContext) -> StageResult:
     return run_evaluation(ctx)
+
+
+def parent_metrics(out_dir: str) -> dict[str, float]:
+    """The metrics a finished evaluation logged to its parent run (`metrics.json`), for a run that reuses it."""
+    path = storage.join(out_dir, "metrics.json")
+    metrics = storage.read_json(path) if storage.exists(path) else {}
+    return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
