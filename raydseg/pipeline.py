@@ -214,9 +214,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
     for name in keys:
         outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
     dirs = {s: storage.join(output_root(cfg), outputs.store_rel(s, k["hash"])) for s, k in keys.items()}
-    check_upstream(wanted, dirs)
     init_ray(cfg)
     check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
+    check_upstream(wanted, dirs)
     uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
