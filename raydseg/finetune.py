@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     if not inits or set(inits) - set(INITS):
         raise UserError(f"--inits: expected some of {', '.join(INITS)}, got '{args.inits}'")
-    run = args.run.rstrip("/")
+    run = args.run.rstrip("/") if storage.is_s3(args.run) else os.path.abspath(args.run)  # workers run elsewhere
     if not storage.exists(storage.join(run, "config.yaml")):
         raise InputError(f"--run: no run folder at {run} (its config.yaml is missing)")
     cfg = load_config(storage.local_copy(storage.join(run, "config.yaml")))
