@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -217,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         md = table(results, names)
         files = {"results.json": json.dumps({"steps": steps, "results": results}).encode(), "table.md": md.encode(),
                  "miou_vs_n.png": plot(results, names)}
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                storage.write_bytes(storage.join(out, name), data)
-                storage.write_bytes(os.path.join(tmp, name), data)
-            mlflow.log_artifacts(tmp, "finetune")
+        tracking.save_and_log(files, out, "finetune", mrun.info.run_id)
     print(md)
     print(f"fine-tuned models and results: {out}\nMLflow run: {mrun.info.run_id}")
     return 0

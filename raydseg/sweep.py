@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -227,11 +225,7 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
     files = {"table.md": md.encode(), "table.csv": "\n".join(",".join(map(str, r)) for r in [header, *body]).encode(),
              **plots(header, body, len([k for k in spec.grid if k != SEED_KEY]))}
     out_dir = storage.join(output_root(first), SWEEPS_DIR, spec.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            storage.write_bytes(storage.join(out_dir, name), data)
-            storage.write_bytes(os.path.join(tmp, name), data)
-        client.log_artifacts(parent_id, tmp, "sweep")
+    tracking.save_and_log(files, out_dir, "sweep", parent_id)
     client.set_terminated(parent_id, "FINISHED")
     log(md)
     log(f"sweep table and plots: {out_dir}")

@@ -90,3 +90,19 @@ def child_run(name: str, parent_run_id: str) -> Iterator[str]:
     with mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id) as run:
         mlflow.set_tag("raydseg.stage", name)
         yield run.info.run_id
+
+
+def save_and_log(files: dict[str, bytes], out_dir: str, artifact_path: str, run_id: str) -> None:
+    """Write each {name: bytes} file to `out_dir` (local or s3://) and log it under its own name to `artifact_path`
+    of MLflow run `run_id` (the tracking URI `setup` set)."""
+    import tempfile
+
+    import mlflow
+
+    from raydseg import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            storage.write_bytes(storage.join(out_dir, name), data)
+            storage.write_bytes(os.path.join(tmp, name), data)
+        mlflow.MlflowClient().log_artifacts(run_id, tmp, artifact_path)
