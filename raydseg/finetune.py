@@ -119,6 +119,8 @@ def score(cfg: Config, model_dir: str, sets: list) -> dict[str, dict[str, Any]]:
 
 def table(results: list[dict[str, Any]], set_names: list[str]) -> str:
     """Markdown: one row per (init, N), mIoU per eval set in % (mean ± std over seeds)."""
+    from raydseg.eval.compare import mean_spread
+
     lines = ["| init | N | seeds | " + " | ".join(set_names) + " |", "|---|---|---|" + "---|" * len(set_names)]
     keys = list(dict.fromkeys((r["init"], r["n"]) for r in results))
     for init, n in keys:
@@ -126,7 +128,7 @@ def table(results: list[dict[str, Any]], set_names: list[str]) -> str:
         cells = []
         for s in set_names:
             v = 100 * np.array([r["sets"][s]["miou"] for r in group])
-            cells.append(f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""))
+            cells.append(mean_spread(v))
         lines.append(f"| {init} | {n} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -41,21 +41,16 @@ def store_rel(stage: str, key: str) -> str:
     return posixpath.join(STORE, stage, key)
 
 
-def write_run(output_root: str, run_name: str, keys: dict[str, str]) -> None:
-    """Record the run's stage -> store folder map in `<run>/run.json` before any stage runs (so that `gc`, even
-    while this run is going on, keeps its outputs)."""
-    storage.write_json(storage.join(output_root, run_name, RUN_FILE), {"stages": {s: store_rel(s, k)
-                                                                                  for s, k in keys.items()}})
+def write_run(run_dir: str, rel: dict[str, str]) -> None:
+    """Record the run's stage -> store folder (`store_rel`) map in `<run_dir>/run.json` before any stage runs (so
+    that `gc`, even while this run is going on, keeps its outputs)."""
+    storage.write_json(storage.join(run_dir, RUN_FILE), {"stages": rel})
 
 
-def link(output_root: str, run_name: str, stage: str) -> None:
-    """On a local root, point `<run>/<stage>` at the stage's store folder (a relative link, so that the whole
-    output root can move); nothing on s3:// or before the store folder exists."""
-    if storage.is_s3(output_root):
-        return
-    run_dir = os.path.join(output_root, run_name)
-    target = os.path.join(output_root, storage.read_json(os.path.join(run_dir, RUN_FILE))["stages"][stage])
-    if not os.path.isdir(target):
+def link(run_dir: str, stage: str, target: str) -> None:
+    """On a local root, point `<run_dir>/<stage>` at the stage's store folder `target` (a relative link, so that
+    the whole output root can move); nothing on s3:// or before the store folder exists."""
+    if storage.is_s3(run_dir) or not os.path.isdir(target):
         return
     path, rel = os.path.join(run_dir, stage), os.path.relpath(target, run_dir)
     if os.path.islink(path) and os.readlink(path) == rel:

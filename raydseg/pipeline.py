@@ -161,7 +161,7 @@ def run_stage(cfg: Config, name: str, root: str, dirs: dict[str, str], key: dict
     elif storage.exists(started_path):
         log(f"[{name}] resuming an interrupted run in {out_dir}")
     storage.makedirs(out_dir)
-    outputs.link(output_root(cfg), cfg.run.name, name)
+    outputs.link(root, name, out_dir)
     storage.write_json(started_path, key)
     log(f"[{name}] running ...")
     t0 = time.time()
@@ -213,16 +213,17 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
     root, keys = run_root(cfg), stage_keys(cfg)
     for name in keys:
         outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
-    dirs = {s: storage.join(output_root(cfg), outputs.store_rel(s, k["hash"])) for s, k in keys.items()}
+    rel = {s: outputs.store_rel(s, k["hash"]) for s, k in keys.items()}
+    dirs = {s: storage.join(output_root(cfg), r) for s, r in rel.items()}
     init_ray(cfg)
     check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
     check_upstream(wanted, dirs)
     uri = tracking.setup(cfg)
     storage.makedirs(root)
     storage.write_bytes(storage.join(root, "config.yaml"), dump_yaml(cfg).encode())
-    outputs.write_run(output_root(cfg), cfg.run.name, {s: k["hash"] for s, k in keys.items()})
+    outputs.write_run(root, rel)
     for name in keys:
-        outputs.link(output_root(cfg), cfg.run.name, name)
+        outputs.link(root, name, dirs[name])
     reports = []
     with mlflow.start_run(run_name=cfg.run.name, parent_run_id=parent_run_id) as parent:
         tracking.log_params(cfg.flat())

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydseg.config import PACKAGED_CONFIGS, Config, ConfigError, RunName, load_config
+from raydseg.eval.compare import mean_spread, to_csv, to_markdown
 
 SWEEPS_DIR = "_sweeps"  # under the output root, next to outputs.STORE
 SEED_KEY = "run.seed"  # a swept seed is averaged over in the table (mean and spread), not shown as a variant
@@ -138,17 +139,11 @@ def table(rows: list[tuple[Variant, dict[str, float]]], swept: list[str], digest
         cells = []
         for n in names:
             vals = np.array([m[n] for _, m in group if n in m], dtype=np.float64) * 100
-            cells.append("" if not len(vals) else f"{vals.mean():.1f}" + (f" ± {vals.std(ddof=1):.1f}"
-                                                                           if len(vals) > 1 else ""))
+            cells.append(mean_spread(vals) if len(vals) else "")
         out.append([label, *(group[0][0].values.get(k, "") for k in keys), len(group) if seeds > 1 else 1, *cells])
         if digests:
             out[-1].append(" ".join(dict.fromkeys(digests[v.name] for v, _ in group)))
     return header + (["eval sets"] if digests else []), out
-
-
-def to_markdown(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
 
 
 def plots(header: list[str], rows: list[list[Any]], n_keys: int) -> dict[str, bytes]:
@@ -222,7 +217,7 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> SweepResul
         raise
     header, body = table(rows, list(spec.grid), digests)
     md = to_markdown(header, body)
-    files = {"table.md": md.encode(), "table.csv": "\n".join(",".join(map(str, r)) for r in [header, *body]).encode(),
+    files = {"table.md": md.encode(), "table.csv": to_csv(header, body).encode(),
              **plots(header, body, len([k for k in spec.grid if k != SEED_KEY]))}
     out_dir = storage.join(output_root(first), SWEEPS_DIR, spec.name)
     tracking.save_and_log(files, out_dir, "sweep", parent_id)

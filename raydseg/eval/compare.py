@@ -40,6 +40,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def mean_spread(values: Any) -> str:
+    """`mean` or `mean ± std` (sample std, when there are several) of values already in display units, 1 decimal."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "")
+
+
 def to_markdown(header: list[str], rows: list[list[Any]]) -> str:
     """Markdown table; metric values as percentages with one decimal."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
