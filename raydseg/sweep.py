@@ -159,7 +159,7 @@ def plots(header: list[str], rows: list[list[Any]], n_keys: int) -> dict[str, by
             xs = [float(r[1]) for r in rows]
         except (TypeError, ValueError):
             pass
-    models = sorted({h.split("/")[1] for h in header if h.startswith("eval/") and h.endswith("/miou")} - {"features"})
+    models = sorted({h.split("/")[1] for h in header if h.startswith("eval/") and h.endswith("/miou")})
     out = {}
     for model in models:
         fig = Figure(figsize=(1.2 * len(rows) + 3, 3.5))
