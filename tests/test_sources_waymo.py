@@ -1,8 +1,11 @@
-"""Waymo v2 reader: parquet components written from known geometry, range-image round trip, rejects, S3 == disk."""
+"""Waymo v2 reader: parquet components written from known geometry, range-image round trip, camera motion, rejects,
+S3 == disk."""
 import io
 import json
+import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -193,3 +196,126 @@ def test_distorted_camera_is_undistorted_at_ingest_onto_the_pinhole_k(tmp_path):
         assert np.hypot(cu - ui, cv - vi) < 0.15, (cu, cv, ui, vi)
         if m:
             assert out[int(round(vdi)), int(round(udi))] < 0.2 * out[int(round(vi)), int(round(ui))]
+
+
+def moving_car_pose(t_s, speed=12.0, yaw_rate=0.2, yaw0=0.7, climb=0.2, start=(1234.5, -4321.0, 56.0)):
+    """(4, 4) float64 world_from_vehicle at t_s seconds after the first frame: a car on a circular arc at `speed`
+    m/s (x forward), turning at `yaw_rate` rad/s and climbing at `climb` m/s, far from the world origin."""
+    yaw = yaw0 + yaw_rate * t_s
+    r = speed / yaw_rate
+    t = [start[0] + r * (np.sin(yaw) - np.sin(yaw0)), start[1] - r * (np.cos(yaw) - np.cos(yaw0)),
+         start[2] + climb * t_s]
+    c, s = np.cos(yaw), np.sin(yaw)
+    return fixtures.rigid(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]), t)
+
+
+def write_moving_car(root, n_frames=2, cam_offset_us=50_000, f=200.0, w=192, h=128, **motion):
+    """A segment in the official v2 layout where the ego car drives `moving_car_pose`: vehicle_pose at each frame
+    timestamp, and the camera_image rows carry the v2 CameraImageComponent pose (world_from_vehicle at
+    pose_timestamp = frame + cam_offset_us), velocity and rolling_shutter_params (column names and Arrow types of
+    waymo_open_dataset/v2/perception/camera_image.py). No lidar_pose: the points are the vehicle-frame points at the
+    frame time. f: focal length (px) of a Waymo-like field of view. Returns write_waymo's oracle."""
+    oracle = fixtures.write_waymo(str(root), n_frames=n_frames, w=w, h=h, pixel_pose=False,
+                                  cam_offsets_us=(cam_offset_us,) * n_frames)
+    base = root / "training"
+    (base / "lidar_pose" / "seg-0001.parquet").unlink()
+    ts = [int(fid.rsplit("/", 1)[1]) for fid in oracle["frames"]]
+    t0, pre = ts[0], "[CameraImageComponent]"
+
+    def pose(us):
+        return moving_car_pose((us - t0) * 1e-6, **motion)
+
+    def velocity(us, dt=1e-3):  # linear (m/s, world frame) and angular (rad/s; a yaw about z in both frames)
+        lin = (pose(us + dt * 1e6)[:3, 3] - pose(us - dt * 1e6)[:3, 3]) / (2 * dt)
+        R = pose(us)[:3, :3].T @ pose(us + dt * 1e6)[:3, :3]
+        return lin, np.array([0.0, 0.0, np.arctan2(R[1, 0], R[0, 0]) / dt])
+
+    cam_us = [t + cam_offset_us for t in ts]
+    cols = {"[VehiclePoseComponent].world_from_vehicle.transform":
+            pa.array([pose(t).reshape(-1).tolist() for t in ts], pa.list_(pa.float64(), 16))}
+    t = pq.read_table(base / "vehicle_pose" / "seg-0001.parquet")
+    for col, arr in cols.items():
+        t = t.set_column(t.column_names.index(col), col, arr)
+    pq.write_table(t, base / "vehicle_pose" / "seg-0001.parquet")
+    vel = [velocity(u) for u in cam_us]
+    readout, shutter = 0.02, 0.004
+    cols = {f"{pre}.pose.transform": pa.array([pose(u).reshape(-1).tolist() for u in cam_us],
+                                              pa.list_(pa.float64(), 16)),
+            **{f"{pre}.velocity.linear_velocity.{a}": pa.array([v[0][i] for v in vel], pa.float32())
+               for i, a in enumerate("xyz")},
+            **{f"{pre}.velocity.angular_velocity.{a}": pa.array([v[1][i] for v in vel], pa.float64())
+               for i, a in enumerate("xyz")},
+            f"{pre}.pose_timestamp": pa.array([u * 1e-6 for u in cam_us], pa.float64()),
+            f"{pre}.rolling_shutter_params.shutter": pa.array([shutter] * n_frames, pa.float64()),
+            f"{pre}.rolling_shutter_params.camera_trigger_time":
+                pa.array([u * 1e-6 - shutter / 2 - readout / 2 for u in cam_us], pa.float64()),
+            f"{pre}.rolling_shutter_params.camera_readout_done_time":
+                pa.array([u * 1e-6 + shutter / 2 + readout / 2 for u in cam_us], pa.float64())}
+    t = pq.read_table(base / "camera_image" / "seg-0001.parquet")
+    for col, arr in cols.items():
+        t = t.set_column(t.column_names.index(col), col, arr) if col in t.column_names else t.append_column(col, arr)
+    pq.write_table(t, base / "camera_image" / "seg-0001.parquet")
+    path = base / "camera_calibration" / "seg-0001.parquet"
+    t = pq.read_table(path)
+    for name in ("f_u", "f_v"):
+        col = f"[CameraCalibrationComponent].intrinsic.{name}"
+        t = t.set_column(t.column_names.index(col), col, [[f] * t.num_rows])
+    pq.write_table(t, path)
+    oracle.update(K=np.array([[f, 0, oracle["K"][0, 2]], [0, f, oracle["K"][1, 2]], [0, 0, 1]]), pose=pose,
+                  cam_us=dict(zip(oracle["frames"], cam_us)))
+    return oracle
+
+
+def test_moving_car_points_land_on_the_camera_pixel_at_its_pose_time(tmp_path):
+    """Ego car at 12 m/s turning at 0.2 rad/s; the camera's pose_timestamp is 50 ms after the LiDAR frame. World
+    points (the fixture's vehicle points at the frame pose) go through the camera's true pose at its time and
+    Waymo's camera model (u = c_u - f_u y / x, v = c_v - f_v z / x from the pixel edge): the Frame's points, K and
+    T_cam_lidar must land there within 0.5 px; the static extrinsics miss by many pixels."""
+    w, h = 192, 128
+    oracle = write_moving_car(tmp_path, w=w, h=h)
+    rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
+    assert rejects == [] and len(rows) == 2
+    (f_u, _, c_u), (_, f_v, c_v) = oracle["K"][0], oracle["K"][1]
+    static = waymo.WAYMO_TO_OPENCV @ np.linalg.inv(fixtures.WAYMO_CAM_EXT) @ fixtures.WAYMO_TOP_EXT
+    for r in rows:
+        fid, cam = r["frame_id"], r["cameras"][0]
+        assert cam["timestamp_us"] == oracle["cam_us"][fid] == r["timestamp_us"] + 50_000
+        assert validate_frame(r) is None
+        vehicle = oracle["frames"][fid]["vehicle_points"]
+        world = (oracle["pose"](r["timestamp_us"]) @ np.c_[vehicle, np.ones(len(vehicle))].T).T
+        cam_world = oracle["pose"](cam["timestamp_us"]) @ fixtures.WAYMO_CAM_EXT  # camera -> world at its time
+        p = np.linalg.solve(cam_world, world.T).T  # Waymo camera frame: x forward, y left, z up
+        u_true, v_true = c_u - f_u * p[:, 1] / p[:, 0] - 0.5, c_v - f_v * p[:, 2] / p[:, 0] - 0.5
+        seen = (p[:, 0] > 1) & (u_true > 0) & (u_true < w - 1) & (v_true > 0) & (v_true < h - 1)
+        assert seen.sum() > 50
+        u, v, _, _ = project_points(r["points"][:, :3], cam["K"], cam["T_cam_lidar"], w, h)
+        err = np.hypot(u - u_true, v - v_true)[seen]
+        assert err.max() < 0.5, err.max()
+        u0, v0, _, _ = project_points(r["points"][:, :3], cam["K"], static, w, h)
+        err0 = np.hypot(u0 - u_true, v0 - v_true)[seen]
+        assert np.median(err0) > 2 and err0.max() > 5, (np.median(err0), err0.max())
+        print(f"{fid}: {seen.sum()} points, with the motion {err.max():.1e} px max, static extrinsics "
+              f"{np.median(err0):.2f} px median / {err0.max():.2f} px max")
+
+
+def test_camera_without_pose_keeps_the_static_extrinsics(tmp_path, caplog):
+    """A camera row whose pose is null, or a frame without a vehicle pose, gets T_cam_lidar from the static
+    extrinsics (no failure) and the segment logs how many cameras did."""
+    oracle = write_moving_car(tmp_path)
+    path = tmp_path / "training" / "camera_image" / "seg-0001.parquet"
+    t = pq.read_table(path)
+    col = "[CameraImageComponent].pose.transform"
+    poses = t.column(col).to_pylist()
+    # as list<double>: pyarrow 25 cannot read back a null in a parquet fixed_size_list column
+    t = t.set_column(t.column_names.index(col), col, pa.array([None] + poses[1:], pa.list_(pa.float64())))
+    pq.write_table(t, path)
+    static = waymo.WAYMO_TO_OPENCV @ np.linalg.inv(fixtures.WAYMO_CAM_EXT) @ fixtures.WAYMO_TOP_EXT
+    with caplog.at_level(logging.DEBUG, logger=waymo.__name__):
+        rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
+    assert rejects == [] and [r["frame_id"] for r in rows] == list(oracle["frames"])
+    np.testing.assert_allclose(rows[0]["cameras"][0]["T_cam_lidar"], static, atol=1e-12)
+    assert np.abs(rows[1]["cameras"][0]["T_cam_lidar"] - static).max() > 0.1  # 0.6 m of motion in 50 ms
+    assert "seg-0001: 1 of 2 camera images have no camera or vehicle pose" in caplog.text
+    (tmp_path / "training" / "vehicle_pose" / "seg-0001.parquet").unlink()
+    rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
+    assert rejects == [] and all(np.allclose(r["cameras"][0]["T_cam_lidar"], static, atol=1e-12) for r in rows)

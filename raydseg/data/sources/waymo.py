@@ -13,10 +13,23 @@ Range image -> points (as waymo_open_dataset's range_image_utils): row i has inc
 extrinsic (sensor -> vehicle). With a per-pixel pose (TOP only, `[LiDARPoseComponent]`, roll pitch yaw x y z =
 vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`.
 Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`. Intensity is squashed with tanh to 0..1.
-Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic maps camera -> vehicle, so
-T_cam_lidar = C @ inv(E_cam) @ E_top with C the axis swap to OpenCV (x right, y down, z forward). Waymo's camera
-model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5), the Frame puts
-pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
+
+Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic E_cam maps camera -> vehicle. With C the
+axis swap to OpenCV (x right, y down, z forward) and the points in the TOP frame at the frame time,
+  T_cam_lidar = C @ inv(E_cam) @ inv(world_from_vehicle(t_cam)) @ world_from_vehicle(t_frame) @ E_top
+(`lidar_to_camera`): the camera sees the world from where the vehicle was at its `pose_timestamp`, tens of ms from
+the frame time (the five cameras fire as the LiDAR sweeps past them; at 10 m/s 50 ms is 0.5 m).
+world_from_vehicle(t_cam) is the camera_image row's `[CameraImageComponent].pose.transform`,
+world_from_vehicle(t_frame) the vehicle_pose row's, as in Waymo's camera_model.cc for a global shutter. A camera
+row without a pose (older or partial conversions) or a frame without a vehicle pose keeps the static
+T_cam_lidar = C @ inv(E_cam) @ E_top, and `read_shard` logs at DEBUG how many camera images of the segment did.
+Not corrected: the rolling shutter. The image is read out line by line over
+readout = camera_readout_done_time - camera_trigger_time - shutter, and the Frame holds one T per image, so a line
+exposed at t sees the world from speed x |t - pose_timestamp| away from the pose used; across the image that spans
+speed x readout (at 10 m/s, 0.1 m per 10 ms of readout). The velocity columns are not read.
+
+Waymo's camera model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5),
+the Frame puts pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
 (k1, k2, p1, p2, k3, Waymo's camera_model = OpenCV's) is removed at ingest: a camera with any non-zero coefficient
 has its image resampled onto the pinhole camera with the same K (`raydseg.geometry.distortion`) and re-encoded as
 JPEG, so the Frame stays pinhole; a camera without distortion keeps its bytes.
@@ -24,6 +37,7 @@ JPEG, so the Frame stays pinhole; a camera without distortion keeps its bytes.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import numpy as np
@@ -40,6 +54,9 @@ CAMERAS = {"FRONT": 1, "FRONT_LEFT": 2, "FRONT_RIGHT": 3, "SIDE_LEFT": 4, "SIDE_
 WAYMO_TO_OPENCV = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 SEG, TS, CAM, LASER = "key.segment_context_name", "key.frame_timestamp_micros", "key.camera_name", "key.laser_name"
+CAM_POSE = "[CameraImageComponent].pose.transform"  # world_from_vehicle at pose_timestamp, 16 doubles row-major
+CAM_POSE_TS = "[CameraImageComponent].pose_timestamp"  # seconds
+VEHICLE_POSE = "[VehiclePoseComponent].world_from_vehicle.transform"  # at the frame timestamp, 16 doubles row-major
 DISTORTION = ("k1", "k2", "p1", "p2", "k3")  # Waymo's intrinsic columns, OpenCV's coefficient order
 UNDISTORTED_JPEG_QUALITY = 95  # a distorted camera's image is re-encoded after undistortion (the source is JPEG)
 COLUMNS = {  # component folder -> columns this reader needs
@@ -56,9 +73,10 @@ COLUMNS = {  # component folder -> columns this reader needs
                            "[CameraCalibrationComponent].extrinsic.transform"],
     "lidar_pose": [SEG, TS, LASER, "[LiDARPoseComponent].range_image_return1.values",
                    "[LiDARPoseComponent].range_image_return1.shape"],
-    "vehicle_pose": [SEG, TS, "[VehiclePoseComponent].world_from_vehicle.transform"],
+    "vehicle_pose": [SEG, TS, VEHICLE_POSE],
 }
 OPTIONAL = ("lidar_pose", "vehicle_pose")
+log = logging.getLogger(__name__)
 
 
 def undistorted_jpeg(data: bytes, K: np.ndarray, coeffs: np.ndarray) -> bytes:
@@ -72,6 +90,30 @@ def undistorted_jpeg(data: bytes, K: np.ndarray, coeffs: np.ndarray) -> bytes:
     Image.fromarray(undistort_image(decode_image(data), K, coeffs)).save(buf, format="JPEG",
                                                                           quality=UNDISTORTED_JPEG_QUALITY)
     return buf.getvalue()
+
+
+def lidar_to_camera(E_top: np.ndarray, E_cam: np.ndarray, world_from_vehicle_frame: np.ndarray | None = None,
+                    world_from_vehicle_cam: np.ndarray | None = None) -> np.ndarray:
+    """(4, 4) float64 T_cam_lidar: TOP LiDAR -> vehicle(t_frame) -> world -> vehicle(t_cam) -> OpenCV camera (m).
+
+    Args: E_top, E_cam (4, 4) float64 sensor -> vehicle; world_from_vehicle_frame (4, 4) float64 vehicle pose at the
+      frame timestamp; world_from_vehicle_cam (4, 4) float64 vehicle pose at the camera's pose_timestamp. Without
+      either pose: the static extrinsics C @ inv(E_cam) @ E_top.
+    """
+    T = np.linalg.inv(E_cam)
+    if world_from_vehicle_frame is not None and world_from_vehicle_cam is not None:
+        T = T @ vehicle_motion(world_from_vehicle_frame, world_from_vehicle_cam)
+    return WAYMO_TO_OPENCV @ T @ E_top
+
+
+def vehicle_motion(world_from_vehicle_frame: np.ndarray, world_from_vehicle_cam: np.ndarray) -> np.ndarray:
+    """(4, 4) float64 vehicle(t_frame) -> vehicle(t_cam) from two (4, 4) world_from_vehicle poses (m), rigid."""
+    Rf, tf = world_from_vehicle_frame[:3, :3], world_from_vehicle_frame[:3, 3]
+    Rc, tc = world_from_vehicle_cam[:3, :3], world_from_vehicle_cam[:3, 3]
+    M = np.eye(4)
+    M[:3, :3] = Rc.T @ Rf
+    M[:3, 3] = Rc.T @ (tf - tc)  # difference first: world coordinates can be kilometres
+    return M
 
 
 class WaymoError(ValueError):
@@ -212,15 +254,18 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
     i_lpose, i_vpose = _index(lpose, TS, LASER), _index(vpose, TS)
     cams = select_cameras([n for n, k in CAMERAS.items() if (k,) in i_ccal], cfg.data.cameras)
     lasers = [n for n in cfg.data.lidars if n in LASERS]
-    has_pose_ts = "[CameraImageComponent].pose_timestamp" in cimg.column_names
+    has_pose_ts, has_cam_pose = CAM_POSE_TS in cimg.column_names, CAM_POSE in cimg.column_names
     has_incl_values = "[LiDARCalibrationComponent].beam_inclination.values" in lcal.column_names
-    rows, rejects = [], []
+    rows, rejects, n_static, n_cams = [], [], 0, 0
     for ts, fid in zip(shard["frames"], ids):
         try:
             if (LASERS["TOP"],) not in i_lcal:
                 raise WaymoError(f"lidar_calibration has no row for laser TOP in segment {seg}")
             E_top = _array(lcal, "[LiDARCalibrationComponent].extrinsic.transform",
                            i_lcal[(LASERS["TOP"],)], np.float64).reshape(4, 4)
+            wfv_frame = None
+            if (ts,) in i_vpose and vpose.column(VEHICLE_POSE)[i_vpose[(ts,)]].is_valid:
+                wfv_frame = _array(vpose, VEHICLE_POSE, i_vpose[(ts,)], np.float64).reshape(4, 4)
             xyz_all, inten_all, ring_all = [], [], []
             for name in lasers:
                 k = LASERS[name]
@@ -236,17 +281,15 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 returns = ["[LiDARComponent].range_image_return1"]
                 if cfg.data.returns >= 2 and "[LiDARComponent].range_image_return2.values" in lidar.column_names:
                     returns.append("[LiDARComponent].range_image_return2")
-                pose = wfv = None
+                pose = None
                 if name == "TOP" and (ts, k) in i_lpose and (ts,) in i_vpose:
                     pose = _range_image(lpose, "[LiDARPoseComponent].range_image_return1", i_lpose[(ts, k)], 6)
-                    wfv = _array(vpose, "[VehiclePoseComponent].world_from_vehicle.transform", i_vpose[(ts,)],
-                                 np.float64).reshape(4, 4)
                 for prefix in returns:
                     ri = _range_image(lidar, prefix, i_lidar[(ts, k)], 4)
                     lo = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci))
                     hi = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))
                     incl = inclinations(ri.shape[0], lo, hi, values)
-                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv)
+                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv_frame)
                     xyz_all.append(p)
                     inten_all.append(inten)
                     ring_all.append(row)
@@ -254,15 +297,18 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             xyz = np.concatenate(xyz_all) @ inv_top[:3, :3].T + inv_top[:3, 3]
             pts = np.concatenate([xyz, np.tanh(np.clip(np.concatenate(inten_all), 0, None))[:, None]], axis=1)
             ring = np.concatenate(ring_all).astype(np.uint8) if lasers == ["TOP"] else None
-            cameras, stamps = [], {}
+            cameras, stamps, static = [], {}, 0
             for name in cams:
                 k = CAMERAS[name]
                 if (ts, k) not in i_cimg:
                     raise WaymoError(f"camera_image has no row for camera {name} at {ts}")
                 ii, ic = i_cimg[(ts, k)], i_ccal[(k,)]
                 cam_us = int(ts)
-                if has_pose_ts and cimg.column("[CameraImageComponent].pose_timestamp")[ii].is_valid:
-                    cam_us = int(round(float(_cell(cimg, "[CameraImageComponent].pose_timestamp", ii)) * 1e6))
+                if has_pose_ts and cimg.column(CAM_POSE_TS)[ii].is_valid:
+                    cam_us = int(round(float(_cell(cimg, CAM_POSE_TS, ii)) * 1e6))
+                wfv_cam = None
+                if has_cam_pose and cimg.column(CAM_POSE)[ii].is_valid:
+                    wfv_cam = _array(cimg, CAM_POSE, ii, np.float64).reshape(4, 4)
                 stamps[name] = cam_us
                 data = _cell(cimg, "[CameraImageComponent].image", ii)
                 try:
@@ -277,7 +323,8 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 if coeffs.any():
                     data = undistorted_jpeg(data, K, coeffs)
                 E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
-                T = WAYMO_TO_OPENCV @ np.linalg.inv(E_cam) @ E_top
+                T = lidar_to_camera(E_top, E_cam, wfv_frame, wfv_cam)
+                static += wfv_frame is None or wfv_cam is None
                 cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K,
                                 "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None})
             reason = sync_reason(int(ts), stamps, cfg.data.sync_tolerance_us)
@@ -288,6 +335,10 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             rows.append({"frame_id": fid, "sequence": f"waymo/{seg}", "timestamp_us": int(ts),
                          "points": pts.astype(np.float32), "ring": ring, "gt_label": None, "gt_instance": None,
                          "cameras": cameras})
+            n_static, n_cams = n_static + static, n_cams + len(cameras)
         except WaymoError as e:
             rejects.append({"id": fid, "reason": str(e)})
+    if n_static:
+        log.debug("waymo %s: %d of %d camera images have no camera or vehicle pose: static T_cam_lidar (no ego-motion "
+                  "correction)", seg, n_static, n_cams)
     return rows, rejects
