@@ -179,6 +179,14 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
         return pa.concat_tables([pq.read_table(fs_join(p, n, path), filesystem=fs, columns=columns) for n in names])
 
 
+def parquet_rows(path: str) -> int:
+    """Row count of one parquet file, from its footer (no column data is read)."""
+    fs, p = filesystem(path)
+    with _failing(path, "read"):
+        with fs.open_input_file(p) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+
 def fs_join(fs_path: str, name: str, like: str) -> str:
     return posixpath.join(fs_path, name) if is_s3(like) else os.path.join(fs_path, name)
 

@@ -189,6 +189,9 @@ def test_knn_analysis_on_feature_and_pseudolabel_parts(tmp_path):
     pq.write_table(pa.Table.from_pylist(pl_rows), tmp_path / "cluster" / "pseudolabels" / "part-00000.parquet")
     metrics, png = knn_analysis(str(tmp_path / "features"), str(tmp_path / "cluster" / "pseudolabels"), k=3)
     assert metrics["knn_acc"] == 1.0 and metrics["knn_n_segments"] == 18
+    capped, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "cluster" / "pseudolabels"), k=3,
+                             max_segments=9)  # the first 3 frames' segments: bounded memory on large runs
+    assert capped["knn_n_segments"] == 9 and capped["knn_acc"] == 1.0
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert knn_analysis(str(tmp_path / "missing"), str(tmp_path / "missing"), k=3) == ({}, None)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydseg.clustering.kmeans import kmeans_distributed, kmeans_local, kmeans_pp, preprocess
+from raydseg.clustering.kmeans import (kmeans_distributed, kmeans_local, kmeans_parquet, kmeans_pp, preprocess,
+                                      split_parts)
 
 
 def planted(n: int = 3000, k: int = 6, d: int = 16, sep: float = 4.0, seed: int = 0):
@@ -99,26 +100,94 @@ def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
     np.testing.assert_allclose(runs[1].centroids, ref.centroids, atol=1e-5)
 
 
+def _sigkill_one_shard_actor() -> int:
+    """SIGKILL the process of one live k-means shard actor (Ray titles it `ray::Shard...`); returns its pid."""
+    import os
+    import signal
+
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith("ray::Shard"):
+            os.kill(p.info["pid"], signal.SIGKILL)
+            return p.info["pid"]
+    raise AssertionError("no ray::Shard process found")
+
+
 @pytest.mark.ray
 def test_killed_actor_is_recreated_and_result_unchanged(ray_local):
     x, _, _ = planted(n=2000, k=5, seed=6)
     ref = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5)
-    state = {}
-
-    def keep_backend(backend):
-        state["backend"] = backend
+    killed = []
 
     def kill_mid_run(restart, it, inertia):
-        if it == 3 and not state.get("killed"):
-            state["killed"] = True
-            ray_local.kill(state["backend"].actors[1], no_restart=True)
+        if it == 3 and not killed:
+            killed.append(_sigkill_one_shard_actor())
 
-    res = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5, backend_hook=keep_backend,
-                             on_iteration=kill_mid_run)
-    assert state["killed"] and res.n_actor_restarts == 1
+    res = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5, on_iteration=kill_mid_run)
+    assert killed and res.n_actor_restarts == 1
     np.testing.assert_allclose(res.centroids, ref.centroids, atol=1e-6)
     np.testing.assert_array_equal(res.labels, ref.labels)
     assert res.inertia_history == pytest.approx(ref.inertia_history, rel=1e-9)
+
+
+def _write_parts(x: np.ndarray, sizes: list[int], root) -> list[tuple[str, int]]:
+    """x split into features-layout parquet files of `sizes` rows (0 allowed): [(path, rows)]."""
+    import pyarrow as pa
+
+    from raydseg import storage
+
+    files, start = [], 0
+    for i, m in enumerate(sizes):
+        rows = x[start:start + m]
+        t = pa.table({"frame_id": [f"f{i}"] * m, "camera": ["cam"] * m, "segment_id": pa.array(range(m), pa.uint16()),
+                      "descriptor": pa.array(list(rows), pa.list_(pa.float32()))})
+        path = str(root / f"part-{i:05d}.parquet")
+        storage.write_table(t, path)
+        files.append((path, storage.parquet_rows(path)))
+        start += m
+    assert start == len(x)
+    return files
+
+
+def test_split_parts_balances_rows_and_never_makes_an_empty_shard():
+    assert split_parts([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert split_parts([0, 5, 0, 5], 2) == [(0, 2), (2, 4)]
+    assert split_parts([100], 3) == [(0, 1)]
+    assert split_parts([1, 1, 98], 2) == [(0, 2), (2, 3)]  # 2 | 98 is nearer an even split than 100 | 0
+    assert split_parts([5, 0, 0], 3) == [(0, 1)]
+    assert split_parts([3, 3, 3, 3, 3, 3], 3) == [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.mark.ray
+def test_actors_read_their_own_parquet_parts_with_the_in_memory_result(ray_local, tmp_path):
+    """kmeans_parquet (each actor reads its files; uneven and empty parts; PCA fitted on the seeding sample and
+    applied by the shards) gives the in-memory result, and a SIGKILLed actor rereads its files."""
+    x, y, _ = planted(n=2400, k=5, d=16, sep=3.0, seed=8)
+    files = _write_parts(x, [700, 0, 300, 900, 500], tmp_path)
+    ref = kmeans_distributed(x, 5, n_actors=1, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
+                             seed_sample=1000, nearest=3)
+    killed = []
+
+    def kill_mid_run(restart, it, inertia):
+        if restart == 1 and it == 2 and not killed:
+            killed.append(_sigkill_one_shard_actor())
+
+    res = kmeans_parquet(files, 5, n_actors=3, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
+                         seed_sample=1000, nearest=3, on_iteration=kill_mid_run)
+    assert killed and res.n_actor_restarts == 1 and len(res.shard_peak_rss_gb) == 3
+    assert res.centroids.shape == (5, 8)
+    assert_same_centroids(res.centroids, ref.centroids)
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    assert [list(a) for a in res.nearest] == [list(a) for a in ref.nearest]
+    # the montage picks are each cluster's nearest members, nearest first
+    xp = preprocess(x, pca_dim=8, seed=2, sample=1000)
+    for j, idx in enumerate(res.nearest):
+        d2 = ((xp[res.labels == j] - res.centroids[j]) ** 2).sum(1)
+        assert (res.labels[idx] == j).all() and len(idx) == 3
+        np.testing.assert_allclose(np.sort(((xp[idx] - res.centroids[j]) ** 2).sum(1)), np.sort(d2)[:3], rtol=1e-4)
+    with pytest.raises(ValueError, match="k-means needs at least k=5 rows, got 3"):
+        kmeans_parquet(_write_parts(x[:3], [3], tmp_path / "small"), 5)
 
 
 class _FakeGpuFaiss:

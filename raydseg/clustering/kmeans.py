@@ -5,7 +5,11 @@ squared-error sums; the driver reduces them in a fixed order (shard 0, 1, ...). 
 deterministic global sample (rows chosen by global row index from the seed), so for a fixed seed the result does
 not depend on the number of shards (up to float rounding of the per-shard partial sums). Empty clusters are
 re-seeded by splitting the cluster with the most points (among those with a non-zero spread). A dead actor
-(RayActorError) is recreated from its shard (kept in the object store by the driver) and the iteration retried.
+(RayActorError) is recreated from its shard and the iteration retried.
+
+`kmeans_parquet` is the stage's path: every actor reads its own features parquet files, so the driver never holds
+the (N, D) matrix, only the seeding sample, the centroids and the (N,) labels. `kmeans_distributed` takes an
+in-memory matrix (kept in the object store, one object per shard).
 
 The same algorithm runs without Ray on in-process shards (`kmeans_local`), with numpy distances when
 `use_faiss=False`: the pure reference path used by the tests.
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 
 RESTART_MARGIN = 1e-6  # relative inertia gain a later restart needs to replace the best one so far
+DESCRIPTOR_COLUMN = "descriptor"  # the features parquet column read by kmeans_parquet: list<float32> (D,) per row
+
+Transform = tuple[np.ndarray, np.ndarray]  # (mean (D,), projection (D, d)) of fit_pca: rows -> (x - mean) @ proj
 
 
 @dataclass
@@ -36,17 +43,37 @@ class KMeansResult:
     n_actor_restarts: int = 0  # actors recreated after a failure (all restarts)
     seconds: float = 0.0
     shard_peak_rss_gb: list[float] = field(default_factory=list)  # peak RSS of each shard's process (GiB)
+    nearest: list[np.ndarray] = field(default_factory=list)  # per centroid, global indices of its nearest rows
 
 
 SUM_CHUNK = 4096  # rows per float32 partial sum in Shard.step
 
 
+def read_rows(paths: Sequence[str]) -> np.ndarray:
+    """Descriptors (n, D) float32 of features parquet files, in file and row order (only DESCRIPTOR_COLUMN)."""
+    from raydseg import storage
+
+    mats = []
+    for p in paths:
+        col = storage.read_table(p, columns=[DESCRIPTOR_COLUMN])[DESCRIPTOR_COLUMN].combine_chunks()
+        if len(col):
+            mats.append(np.asarray(col.flatten(), np.float32).reshape(len(col), -1))
+    if not mats:
+        raise ValueError(f"k-means: no rows in {list(paths)}")
+    return mats[0] if len(mats) == 1 else np.concatenate(mats)
+
+
 class Shard:
     """One shard of rows: assignment (faiss IndexFlatL2, GPU index when asked and available, or numpy) and
-    per-centroid statistics. `x`: (n, D) float32 rows with global indices offset .. offset + n - 1."""
+    per-centroid statistics. `x`: (n, D) float32 rows with global indices offset .. offset + n - 1, or the features
+    parquet files that hold them (read by the shard itself); `transform` (see `apply_preprocess`) is applied once."""
 
-    def __init__(self, x: np.ndarray, offset: int, use_faiss: bool = True, use_gpu: bool = False):
+    def __init__(self, x: np.ndarray | Sequence[str], offset: int, use_faiss: bool = True, use_gpu: bool = False,
+                 transform: Transform | None = None):
+        x = x if isinstance(x, np.ndarray) else read_rows(x)
         self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.transformed = False
+        self.apply_transform(transform)
         self.offset = int(offset)
         self.use_faiss = use_faiss
         self.use_gpu = use_gpu
@@ -55,6 +82,13 @@ class Shard:
 
     def size(self) -> int:
         return int(self.x.shape[0])
+
+    def apply_transform(self, transform: Transform | None) -> None:
+        """Replace the rows by `apply_preprocess(rows, transform)`, once: a shard recreated with the transform
+        ignores a second call."""
+        if transform is not None and not self.transformed:
+            self.x = apply_preprocess(self.x, transform)
+            self.transformed = True
 
     def rows(self, global_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows among `global_idx` (sorted global row indices) that this shard holds: (indices, rows (m, D))."""
@@ -131,6 +165,17 @@ class Shard:
     def labels(self, centroids: np.ndarray) -> np.ndarray:
         return self.assign(centroids)[0]
 
+    def nearest(self, centroids: np.ndarray, m: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per centroid, its `m` nearest member rows of this shard: [(global indices, squared distances)] x k,
+        nearest first (ties by index)."""
+        labels, d2 = self.assign(centroids)
+        out = []
+        for j in range(len(centroids)):
+            members = np.nonzero(labels == j)[0]
+            pick = members[np.argsort(d2[members], kind="stable")[:m]]
+            out.append((pick + self.offset, d2[pick]))
+        return out
+
     def ping(self) -> int:
         return self.size()
 
@@ -195,6 +240,26 @@ class _Backend:
     def call(self, method: str, *args: Any) -> list[Any]:
         raise NotImplementedError
 
+    def set_transform(self, transform: Transform | None) -> None:
+        self.call("apply_transform", transform)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The rows at sorted global indices `idx`, gathered from the shards in index order: (len(idx), D)."""
+        parts = self.call("rows", idx)
+        order = np.concatenate([p[0] for p in parts])
+        return np.concatenate([p[1] for p in parts])[np.argsort(order, kind="stable")]
+
+    def nearest(self, centroids: np.ndarray, m: int) -> list[np.ndarray]:
+        """Per centroid, the global indices of its `m` nearest rows over all shards (nearest first, ties by
+        index): what the cluster montage shows, without the driver holding the rows."""
+        per_shard = self.call("nearest", np.ascontiguousarray(centroids, np.float32), m)
+        out = []
+        for j in range(len(centroids)):
+            idx = np.concatenate([s[j][0] for s in per_shard])
+            d2 = np.concatenate([s[j][1] for s in per_shard])
+            out.append(idx[np.lexsort((idx, d2))[:m]])
+        return out
+
 
 class LocalBackend(_Backend):
     def __init__(self, shards: list[Shard]):
@@ -205,25 +270,34 @@ class LocalBackend(_Backend):
 
 
 class RayBackend(_Backend):
-    """Shard actors (one per shard). The driver keeps every shard in the object store, so a dead actor is
-    recreated with the same rows and the call retried (at most `max_retries` times per call)."""
+    """Shard actors (one per shard). Each shard's source stays known to the driver (an object-store ref of its
+    rows, or its parquet file names), so a dead actor is recreated with the same rows and transform and the call
+    retried (at most `max_retries` times per call)."""
 
-    def __init__(self, x: np.ndarray, n_actors: int, use_faiss: bool = True, num_gpus: float = 0.0,
-                 num_cpus: float = 1.0, max_retries: int = 3, resources: dict[str, float] | None = None):
+    def __init__(self, sources: list[tuple[np.ndarray | list[str], int]], use_faiss: bool = True,
+                 num_gpus: float = 0.0, num_cpus: float = 1.0, max_retries: int = 3,
+                 resources: dict[str, float] | None = None):
+        """sources: per shard, (rows (n, D) float32 or features parquet files, global index of its first row)."""
         import ray
 
         self.ray = ray
         self.max_retries = max_retries
         self.opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=0, resources=resources or None)
         self.use_faiss, self.use_gpu = use_faiss, num_gpus > 0
-        self.ranges = split_offsets(len(x), n_actors)
-        self.refs = [ray.put(np.ascontiguousarray(x[a:b], dtype=np.float32)) for a, b in self.ranges]
-        self.actors = [self._make(i) for i in range(n_actors)]
+        self.sources = [(ray.put(np.ascontiguousarray(x, np.float32)) if isinstance(x, np.ndarray) else x, off)
+                        for x, off in sources]
+        self.transform: Transform | None = None
+        self.actors = [self._make(i) for i in range(len(sources))]
         ray.get([a.ping.remote() for a in self.actors])
 
     def _make(self, i: int) -> Any:
         cls = self.ray.remote(Shard).options(**{k: v for k, v in self.opts.items() if v is not None})
-        return cls.remote(self.refs[i], self.ranges[i][0], self.use_faiss, self.use_gpu)
+        src, offset = self.sources[i]
+        return cls.remote(src, offset, self.use_faiss, self.use_gpu, self.transform)
+
+    def set_transform(self, transform: Transform | None) -> None:
+        self.transform = transform  # first: an actor recreated during the call starts transformed
+        super().set_transform(transform)
 
     def call(self, method: str, *args: Any) -> list[Any]:
         from ray.exceptions import RayActorError
@@ -294,10 +368,7 @@ def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: 
     best: KMeansResult | None = None
     restart_inertia = []
     if init is None:
-        idx = seed_sample_indices(n, min(n, max(seed_sample, k)), seed)
-        parts = backend.call("rows", idx)
-        order = np.concatenate([p[0] for p in parts])
-        sample = np.concatenate([p[1] for p in parts])[np.argsort(order, kind="stable")]
+        sample = backend.rows(seed_sample_indices(n, min(n, max(seed_sample, k)), seed))
     for r in range(n_restarts if init is None else 1):
         rng = np.random.default_rng([seed, r])
         c = np.asarray(init, np.float64).copy() if init is not None else kmeans_pp(sample, k, rng)
@@ -357,27 +428,71 @@ def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1
                 max_extra_iter)
 
 
-def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
-                       seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
-                       resources: dict[str, float] | None = None,
-                       seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
-                       on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
-                       backend_hook: Callable[[RayBackend], None] | None = None) -> KMeansResult:
-    """k-means of x (N, D) float32 over `n_actors` Ray actors, each holding one contiguous shard.
-
-    `on_iteration(restart, iteration, inertia)` is called in the driver after every iteration (MLflow logging,
-    or a test hook); `backend_hook(backend)` is called once the actors exist (tests kill actors through it).
-    """
-    backend = RayBackend(x, n_actors, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
+def _fit_on(backend: RayBackend, n: int, k: int, *, pca_dim: int, whiten: bool, seed: int, seed_sample: int,
+            nearest: int, **run_kw: Any) -> KMeansResult:
+    """Optional PCA / whitening fitted on the seeding sample and applied by every shard, then Lloyd; with
+    `nearest` > 0 also each cluster's `nearest` closest rows (KMeansResult.nearest). Shuts the actors down."""
     try:
-        if backend_hook is not None:
-            backend_hook(backend)
-        result = _run(backend, len(x), k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration,
-                      max_extra_iter)
+        if pca_dim > 0 or whiten:
+            backend.set_transform(fit_preprocess(backend.rows(seed_sample_indices(n, seed_sample, seed)),
+                                                 pca_dim, whiten))
+        result = _run(backend, n, k, seed=seed, seed_sample=seed_sample, **run_kw)
+        if nearest > 0:
+            result.nearest = backend.nearest(result.centroids, nearest)
         result.shard_peak_rss_gb = backend.call("peak_rss_gb")
         return result
     finally:
         backend.shutdown()
+
+
+def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
+                       seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
+                       resources: dict[str, float] | None = None, pca_dim: int = 0, whiten: bool = False,
+                       seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
+                       on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
+                       nearest: int = 0) -> KMeansResult:
+    """k-means of x (N, D) float32 over `n_actors` Ray actors, each holding one contiguous shard.
+
+    `pca_dim` / `whiten`: `preprocess` on the shards (fitted on the seeding sample). `on_iteration(restart,
+    iteration, inertia)` is called in the driver after every iteration (MLflow logging, progress).
+    """
+    backend = RayBackend([(x[a:b], a) for a, b in split_offsets(len(x), n_actors)], use_faiss=use_faiss,
+                         num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
+    return _fit_on(backend, len(x), k, pca_dim=pca_dim, whiten=whiten, seed=seed, seed_sample=seed_sample,
+                   nearest=nearest, n_iter=n_iter, n_restarts=n_restarts, tol=tol, init=init,
+                   on_iteration=on_iteration, max_extra_iter=max_extra_iter)
+
+
+def split_parts(rows: Sequence[int], n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) ranges of files with `rows` rows each over at most n_shards shards: each cut falls
+    at the file boundary nearest to an even split of the rows; ranges without rows are dropped."""
+    ends = np.cumsum(np.asarray(rows, np.int64))
+    cuts = set()
+    for t in np.linspace(0, ends[-1], n_shards + 1)[1:-1]:
+        i = int(np.searchsorted(ends, t))  # the first file that ends at or after t: cut before or after it
+        cuts.add(i if t - (ends[i - 1] if i else 0) < ends[i] - t else i + 1)
+    bounds = [0, *sorted(cuts - {0, len(rows)}), len(rows)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if ends[b - 1] > (ends[a - 1] if a else 0)]
+
+
+def kmeans_parquet(files: Sequence[tuple[str, int]], k: int, *, n_actors: int = 2, n_iter: int = 20,
+                   n_restarts: int = 1, seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0,
+                   num_cpus: float = 1.0, resources: dict[str, float] | None = None, pca_dim: int = 0,
+                   whiten: bool = False, seed_sample: int = 20_000, tol: float = 0.0,
+                   on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
+                   nearest: int = 0) -> KMeansResult:
+    """`kmeans_distributed` of the descriptors of features parquet files [(path, row count)], in file and row
+    order: each of at most `n_actors` actors reads a contiguous run of files itself, so the driver never holds
+    the (N, D) matrix."""
+    rows = [r for _, r in files]
+    if sum(rows) < k:
+        raise ValueError(f"k-means needs at least k={k} rows, got {sum(rows)}")
+    starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    sources = [([p for p, r in files[a:b] if r > 0], int(starts[a])) for a, b in split_parts(rows, n_actors)]
+    backend = RayBackend(sources, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
+    return _fit_on(backend, int(starts[-1]), k, pca_dim=pca_dim, whiten=whiten, seed=seed, seed_sample=seed_sample,
+                   nearest=nearest, n_iter=n_iter, n_restarts=n_restarts, tol=tol, init=None,
+                   on_iteration=on_iteration, max_extra_iter=max_extra_iter)
 
 
 def fit_pca(x: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -392,14 +507,25 @@ def fit_pca(x: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.ndarray, 
     return mean, proj
 
 
+def fit_preprocess(sample: np.ndarray, pca_dim: int = 0, whiten: bool = False) -> Transform | None:
+    """The PCA (pca_dim > 0) / whitening transform fitted on `sample` (n, D), or None when both are off."""
+    if pca_dim <= 0 and not whiten:
+        return None
+    return fit_pca(sample, pca_dim if pca_dim > 0 else sample.shape[1], whiten)
+
+
+def apply_preprocess(x: np.ndarray, transform: Transform | None) -> np.ndarray:
+    """(x - mean) @ proj with L2-normalised rows, float32 (n, d); x unchanged (as float32) for transform None."""
+    if transform is None:
+        return np.asarray(x, np.float32)
+    mean, proj = transform
+    y = (np.asarray(x, np.float64) - mean) @ proj
+    y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-12
+    return y.astype(np.float32)
+
+
 def preprocess(x: np.ndarray, pca_dim: int = 0, whiten: bool = False, seed: int = 0,
                sample: int = 100_000) -> np.ndarray:
     """Optional PCA (pca_dim > 0) / whitening fitted on a deterministic sample, then L2-normalised rows.
     With pca_dim = 0 and whiten off (paper: "no pre-processing") x is returned unchanged."""
-    if pca_dim <= 0 and not whiten:
-        return np.asarray(x, np.float32)
-    idx = seed_sample_indices(len(x), sample, seed)
-    mean, proj = fit_pca(x[idx], pca_dim if pca_dim > 0 else x.shape[1], whiten)
-    y = (np.asarray(x, np.float64) - mean) @ proj
-    y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-12
-    return y.astype(np.float32)
+    return apply_preprocess(x, fit_preprocess(x[seed_sample_indices(len(x), sample, seed)], pca_dim, whiten))

@@ -82,7 +82,10 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
 def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
                  ) -> tuple[dict[str, float], bytes | None]:
     """k-NN accuracy of segment descriptors (train/test split by frame) vs the segments' majority gt class, and a
-    PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing."""
+    PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing.
+
+    Bounded memory: label images are decoded, in part order, only until `max_segments` segments have a majority
+    class, and the descriptor column is read part by part until those segments are found."""
     from raydseg import storage
     from raydseg.data.schema import decode_image
     from raydseg.eval import plots
@@ -93,20 +96,26 @@ def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
         return {}, None
     majority: dict[tuple[str, str, int], int] = {}
     for name in part_names(pl_dir):
+        if len(majority) >= max_segments:
+            break
         t = storage.read_table(storage.join(pl_dir, name), columns=["frame_id", "camera", "segment_ids", "gt_semantic"])
         for fid, cam, seg, gt in zip(*(t.column(c).to_pylist() for c in t.column_names)):
-            if seg is not None and gt is not None:
+            if seg is not None and gt is not None and len(majority) < max_segments:
                 for sid, c in segment_majority_class(decode_image(seg), decode_image(gt)).items():
                     majority[(fid, cam, sid)] = c
     xs, ys, frames = [], [], []
     for name in part_names(feat_dir):
+        if len(ys) >= min(len(majority), max_segments):
+            break
         t = storage.read_table(storage.join(feat_dir, name), columns=["frame_id", "camera", "segment_id", "descriptor"])
-        for fid, cam, sid, d in zip(*(t.column(c).to_pylist() for c in t.column_names)):
-            c = majority.get((fid, cam, int(sid)))
-            if c is not None and len(xs) < max_segments:
-                xs.append(np.asarray(d, dtype=np.float32))
+        desc = t["descriptor"].combine_chunks()
+        mat = np.asarray(desc.flatten(), np.float32).reshape(len(desc), -1) if len(desc) else None
+        for i, key in enumerate(zip(*(t.column(c).to_pylist() for c in ("frame_id", "camera", "segment_id")))):
+            c = majority.get((key[0], key[1], int(key[2])))
+            if c is not None and len(ys) < max_segments:
+                xs.append(mat[i])
                 ys.append(c)
-                frames.append(fid)
+                frames.append(key[0])
     if len(set(frames)) < 2:
         return {}, None
     x, y = np.stack(xs), np.array(ys)
