@@ -12,7 +12,7 @@ from raydseg.models.ema import EMA
 from raydseg.models.losses import ce_loss, soft_target_loss
 from raydseg.models.segmenter import build_segmenter
 from raydseg.refine import refine_numpy, refine_with_segments
-from raydseg.train.loop import load_train_state, lr_factor, save_train_state
+from raydseg.train.engine import load_train_state, lr_factor, save_train_state
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
 

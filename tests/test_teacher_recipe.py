@@ -15,7 +15,7 @@ from raydseg.models.losses import ce_loss
 from raydseg.models.segmenter import build_segmenter, normalize
 from raydseg.train.data import augment_example
 from raydseg.eval.metrics import confusion_matrix, scores
-from raydseg.train.loop import lr_factor, make_optimizer
+from raydseg.train.engine import lr_factor, make_optimizer
 from raydseg.train.synthetic import blob_example
 
 N_CLS = 4

@@ -76,7 +76,7 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(uninterrupted, blobs, 
     import mlflow
 
     from raydseg.predict import main as predict_main
-    from raydseg.train.loop import lr_factor
+    from raydseg.train.engine import lr_factor
     from raydseg.train.teacher import train
 
     pl_dir, _ = blobs

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.losses import ce_loss
     from raydseg.models.segmenter import build_segmenter, normalize
     from raydseg.train.data import augment_example, degraded_view, is_val
-    from raydseg.train.loop import lr_factor, make_optimizer
+    from raydseg.train.engine import lr_factor, make_optimizer
     from raydseg.train.teacher import encoder_weights
 
     cfg = load_config(args.config, overrides=args.set)

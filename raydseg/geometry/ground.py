@@ -212,7 +212,7 @@ def _ground_bits(ang, range_m, angle_thr, start_max, max_slope, max_gap):  # pra
     apart: the rows where both pixels are valid, the columns between are empty, and the angles are close.
     Returns (W, H) uint8, 1 = ground."""
     W, H = ang.shape
-    one, zero, full = np.uint64(1), np.uint64(0), ~np.uint64(0)
+    one, full = np.uint64(1), ~np.uint64(0)
     K = max_gap + 1
     valid, enter = np.zeros(W, np.uint64), np.zeros(W, np.uint64)
     joined, marked = np.zeros(W, np.uint64), np.zeros(W, np.uint64)

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 
 from raydseg.stage_requests import AUGMENT_TASK_CPUS
-from raydseg.train.engine import (Task, load_train_state, lr_factor, make_optimizer,  # noqa: F401
-                                  read_extra_state, save_train_state, step_seed, train_one_step, weights_digest)
+from raydseg.train.engine import (Task, load_train_state, read_extra_state, save_train_state, step_seed,
+                                  train_one_step, weights_digest)
 from raydseg.train.feed import batch_split, rank_batches
 
 STATE = "state.pt"
