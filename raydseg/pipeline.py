@@ -21,6 +21,7 @@ from raydseg.checks import check_inputs
 from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
 from raydseg.errors import UserError, in_stage
+from raydseg.procstats import peak_rss_gb
 
 STAGE_ORDER = ["ingest", "pretrain", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
 OPT_IN = {"pretrain": "pretrain.enabled"}  # stages left out of the default list unless this config flag is true
@@ -62,6 +63,7 @@ class StageReport:
     counts: dict[str, int]
     metrics: dict[str, float]
     n_rejects: int
+    driver_peak_rss_gb: float = 0.0  # the driver process's peak memory up to the end of this stage (GiB)
 
 
 def output_root(cfg: Config) -> str:
@@ -232,11 +234,13 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
         log(f"MLflow parent run {parent.info.run_id} ({uri}); outputs in {root}")
         for name in wanted:
             r = run_stage(cfg, name, root, dirs, keys[name], uri, parent.info.run_id, log)
+            r.driver_peak_rss_gb = peak_rss_gb()
             reports.append(r)
             mlflow.set_tags({f"raydseg.{name}": r.status, f"raydseg.output.{name}": dirs[name]})
             # the parent carries every stage's figures too (also of skipped stages, from their manifest), so
             # that runs compare side by side in the MLflow UI without opening child runs
-            tracking.log_metrics({**r.counts, **r.metrics, "rejects": r.n_rejects}, prefix=f"{name}/")
+            tracking.log_metrics({**r.counts, **r.metrics, "rejects": r.n_rejects,
+                                  "driver_peak_rss_gb": r.driver_peak_rss_gb}, prefix=f"{name}/")
             reused = getattr(load_stage(name), "parent_metrics", None)  # what the stage logs to the parent itself
             if r.status == "skipped" and reused is not None:
                 tracking.log_metrics(reused(dirs[name]))

@@ -1,15 +1,19 @@
 """Benchmark: distributed k-means (1 and 2 Ray actors) vs single-process faiss.Kmeans vs scikit-learn KMeans,
-plus CPU feature-extraction throughput of the default backbone.
+the stage's path over parquet parts (actors read their own parts) with its driver's peak memory, plus CPU
+feature-extraction throughput of the default backbone.
 
 `python jobs/benchmarks/kmeans.py --out FILE.json [--n 1000000 --d 384 --k 30 --iters 20]`
-Baseline for the ratios: faiss.Kmeans (single process). Keys carry their units (_s seconds, _gb GiB).
+Baseline for the ratios: faiss.Kmeans (single process); for the driver's memory, the (N, D) float32 matrix
+(`dist_driver_over_matrix_ratio`, goal <= 0.5). Keys carry their units (_s seconds, _gb GiB).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import json
-import resource
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,6 +63,42 @@ def features_throughput(n_images: int = 4, descriptor: str = "crop_cls") -> dict
             f"features_{descriptor}_segments_per_s": n_images * len(ids) / dt}
 
 
+def write_parts(x: np.ndarray, out_dir: str, n_parts: int) -> None:
+    """x (N, D) as `n_parts` features-layout parquet files (frame_id, camera, segment_id, descriptor)."""
+    import pyarrow as pa
+
+    from raydseg import storage
+    from raydseg.clustering.kmeans import split_offsets
+
+    for i, (a, b) in enumerate(split_offsets(len(x), n_parts)):
+        rows = np.ascontiguousarray(x[a:b]).ravel()
+        offsets = pa.array(np.arange(0, len(rows) + 1, x.shape[1], dtype=np.int32))
+        t = pa.table({"frame_id": [f"f{i}"] * (b - a), "camera": ["cam"] * (b - a),
+                      "segment_id": pa.array(np.arange(b - a) % 65536, pa.uint16()),
+                      "descriptor": pa.ListArray.from_arrays(offsets, pa.array(rows))})
+        storage.write_table(t, os.path.join(out_dir, f"part-{i:05d}.parquet"))
+
+
+def driver_only(parts_dir: str, k: int, iters: int) -> None:
+    """The measured process: a Ray driver that runs only the stage's k-means over parquet (2 actors); prints
+    its own peak RSS (GiB), the inertia and the seconds as JSON."""
+    import ray
+
+    from raydseg import storage
+    from raydseg.clustering.kmeans import kmeans_parquet
+    from raydseg.parts import part_names
+    from raydseg.procstats import peak_rss_gb
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    files = [(p, storage.parquet_rows(p)) for p in (os.path.join(parts_dir, n) for n in part_names(parts_dir))]
+    t = time.perf_counter()
+    r = kmeans_parquet(files, k, n_actors=2, n_iter=iters, n_restarts=1, seed=0, num_cpus=1)
+    seconds = time.perf_counter() - t
+    ray.shutdown()
+    print(json.dumps({"peak_rss_gb": peak_rss_gb(),
+                      "inertia": r.inertia, "seconds": seconds, "actor_peak_rss_gb": max(r.shard_peak_rss_gb)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -67,12 +107,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=30)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--driver-only", metavar="PARTS_DIR", help=argparse.SUPPRESS)  # the measured child process
     a = ap.parse_args()
+    if a.driver_only:
+        return driver_only(a.driver_only, a.k, a.iters)
 
     import faiss
     import ray
 
     from raydseg.clustering.kmeans import kmeans_distributed
+    from raydseg.procstats import peak_rss_gb
 
     x = blobs(a.n, a.d, a.k)
     out: dict[str, float] = {"n": a.n, "d": a.d, "k": a.k, "iters": a.iters}
@@ -96,7 +140,18 @@ def main() -> None:
         out["sklearn_s"] = time.perf_counter() - t
         out["sklearn_inertia"] = float(sk.inertia_)
     ray.shutdown()
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # driver (holds all rows)
+    with tempfile.TemporaryDirectory() as parts_dir:
+        write_parts(x, parts_dir, n_parts=32)
+        child = subprocess.run([sys.executable, __file__, "--out", "-", "--driver-only", parts_dir, "--k", str(a.k),
+                                "--iters", str(a.iters)], check=True, capture_output=True, text=True)
+    pq_run = json.loads(child.stdout.strip().splitlines()[-1])
+    out["matrix_gb"] = x.nbytes / 2**30
+    out["dist_driver_peak_rss_gb"] = pq_run["peak_rss_gb"]
+    out["dist_driver_over_matrix_ratio"] = pq_run["peak_rss_gb"] / out["matrix_gb"]
+    out["dist_parquet_2_actors_s"] = pq_run["seconds"]
+    out["dist_parquet_actor_peak_rss_gb"] = pq_run["actor_peak_rss_gb"]
+    out["dist_parquet_inertia_rel_diff"] = abs(pq_run["inertia"] - out["dist_inertia"]) / out["dist_inertia"]
+    out["peak_rss_gb"] = peak_rss_gb()  # this process: all rows + the baselines
     out["shard_gb_2_actors"] = x.nbytes / 2 / 2**30  # the rows each of the 2 actors holds
     out["dist_1_over_faiss_ratio"] = out["dist_1_actor_s"] / out["faiss_s"]
     out["dist_2_over_faiss_ratio"] = out["dist_2_actors_s"] / out["faiss_s"]

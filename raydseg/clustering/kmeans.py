@@ -50,17 +50,25 @@ SUM_CHUNK = 4096  # rows per float32 partial sum in Shard.step
 
 
 def read_rows(paths: Sequence[str]) -> np.ndarray:
-    """Descriptors (n, D) float32 of features parquet files, in file and row order (only DESCRIPTOR_COLUMN)."""
+    """Descriptors (n, D) float32 of features parquet files, in file and row order (only DESCRIPTOR_COLUMN), copied
+    file by file into one preallocated matrix: the peak is the matrix plus one file."""
     from raydseg import storage
 
-    mats = []
-    for p in paths:
+    rows = [storage.parquet_rows(p) for p in paths]
+    out, start = None, 0
+    for p, m in zip(paths, rows):
+        if m == 0:
+            continue
         col = storage.read_table(p, columns=[DESCRIPTOR_COLUMN])[DESCRIPTOR_COLUMN].combine_chunks()
-        if len(col):
-            mats.append(np.asarray(col.flatten(), np.float32).reshape(len(col), -1))
-    if not mats:
+        block = np.asarray(col.flatten(), np.float32).reshape(m, -1)
+        if out is None:
+            out = np.empty((sum(rows), block.shape[1]), np.float32)
+        out[start:start + m] = block
+        start += m
+        del col, block
+    if out is None:
         raise ValueError(f"k-means: no rows in {list(paths)}")
-    return mats[0] if len(mats) == 1 else np.concatenate(mats)
+    return out
 
 
 class Shard:
@@ -180,10 +188,10 @@ class Shard:
         return self.size()
 
     def peak_rss_gb(self) -> float:
-        """Peak resident memory of the process holding this shard (GiB; Linux ru_maxrss is in KiB)."""
-        import resource
+        """Peak resident memory of the process holding this shard (GiB)."""
+        from raydseg.procstats import peak_rss_gb
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return peak_rss_gb()
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from raydseg.eval.metrics import IGNORE_INDEX
+
 
 def segment_majority_class(segment_ids: np.ndarray, gt: np.ndarray, n_classes: int = 19,
-                           ignore_index: int = 255) -> dict[int, int]:
+                           ignore_index: int = IGNORE_INDEX) -> dict[int, int]:
     """Majority valid ground-truth class of every segment.
 
     Args:

@@ -66,7 +66,7 @@ def map_prediction(pred: np.ndarray, mapping: np.ndarray, ignore_index: int = IG
     return lut[np.asarray(pred, dtype=np.int64)].astype(np.uint8)
 
 
-def covered_scores(labels: np.ndarray, gt: np.ndarray, n_pred: int, n_gt: int = 19, ignore_index: int = 255
+def covered_scores(labels: np.ndarray, gt: np.ndarray, n_pred: int, n_gt: int = 19, ignore_index: int = IGNORE_INDEX
                    ) -> dict:
     """Scores of sparse pseudo-labels on the pixels they cover, Hungarian-matched to the ground truth.
 

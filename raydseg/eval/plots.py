@@ -6,6 +6,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from raydseg.eval.metrics import IGNORE_INDEX
+
 
 def palette(n: int) -> np.ndarray:
     """(n, 3) uint8 colours: Cityscapes' trainId colours for the first 19, then a fixed pseudo-random set."""
@@ -18,7 +20,7 @@ def palette(n: int) -> np.ndarray:
     return colours[:n]
 
 
-def colorize(label: np.ndarray, n: int, ignore_index: int = 255) -> np.ndarray:
+def colorize(label: np.ndarray, n: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """(H, W) classes -> (H, W, 3) uint8 colours; `ignore_index` and out-of-range values are black."""
     lut = np.zeros((max(n, int(label.max(initial=0)) + 1, ignore_index + 1), 3), dtype=np.uint8)
     lut[:n] = palette(n)
@@ -93,7 +95,7 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, n_classes: int,
 
     def blend(lab: np.ndarray) -> np.ndarray:
         col = colorize(lab, n_classes).astype(np.float32)
-        void = (np.asarray(lab) == 255)[..., None]
+        void = (np.asarray(lab) == IGNORE_INDEX)[..., None]
         return np.where(void, img, (1 - alpha) * img + alpha * col).astype(np.uint8)
 
     return np.concatenate([img.astype(np.uint8), blend(pred), blend(gt)], axis=1)

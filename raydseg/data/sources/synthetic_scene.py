@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raydseg.eval.metrics import IGNORE_INDEX
+
 # Cityscapes trainIds
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY = range(11)
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
-VOID = 255
+VOID = IGNORE_INDEX  # unlabelled pixels of the ground truth
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                "bicycle")
