@@ -310,7 +310,9 @@ def test_pretrain_stage_is_opt_in():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(tmp_path, monkeypatch):
+def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(ray_local, tmp_path, monkeypatch):
+    """Also: the same pretraining with its worker SIGKILLed at step 3 restarts from its checkpoint and writes the
+    same backbone, byte for byte."""
     # mlflow.set_tracking_uri of an earlier test also sets MLFLOW_TRACKING_URI, which wins over tracking.uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
@@ -339,3 +341,13 @@ def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics
     knn = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "pretrain/knn_acc")}
     assert 0 in knn and cfg.pretrain.steps in knn  # before training, and at the end
     assert {a.path for a in client.list_artifacts(child.info.run_id, "backbone")} == {"backbone/backbone.safetensors"}
+
+    from raydseg.train.pretrain import train
+    from train_faults import KillAt
+
+    marker = tmp_path / "killed_once"
+    killed, _ = train(cfg, str(Path(result.stage_dirs["ingest"]) / "frames"), str(tmp_path / "killed"), name="killed",
+                      callbacks=[KillAt(3, 0, str(marker))])
+    # restarted from the step-2 checkpoint, or from scratch when Ray Train saw the death before registering it
+    assert marker.exists() and killed.metrics["step"] == cfg.pretrain.steps and killed.metrics["start_step"] in (0, 2)
+    assert (tmp_path / "killed" / "backbone.safetensors").read_bytes() == path.read_bytes()

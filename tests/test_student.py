@@ -127,6 +127,7 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
     from raydseg.train.engine import weights_digest
     from raydseg.train.student import train
     from raydseg.train.synthetic import write_blob_parts
+    from train_faults import KillAt
 
     write_blob_parts(str(tmp_path / "pl"), n_images=12, h=48, w=64, n_parts=2, n_cls=4)
     torch.manual_seed(1)
@@ -150,7 +151,7 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
 
     marker = tmp_path / "killed_once"
     killed = train(cfg, str(tmp_path / "pl"), str(tmp_path / "teacher"), str(tmp_path / "killed"), name="killed",
-                   hooks={"fail_at_step": 2, "fail_rank": 0, "sigkill": True, "marker": str(marker)})
+                   callbacks=[KillAt(2, 0, str(marker))])
     # restarted from the step-1 checkpoint, or from scratch when Ray Train saw the death before registering it
     assert marker.exists() and killed.metrics["step"] == 3 and killed.metrics["start_step"] in (0, 1)
     assert weights_digest(load_model(str(tmp_path / "killed" / "model"))) == weights_digest(load_model(

@@ -4,6 +4,7 @@ real server, `raydseg predict` on the saved weights."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from raydseg.config import load_config
 from raydseg.train.synthetic import write_blob_parts
+from train_faults import KillAt, PauseAt, WriteDigest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +30,7 @@ def two_node_cluster():
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO),
+             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
                                        "OMP_NUM_THREADS": "1"}})
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     yield cluster
@@ -86,8 +88,7 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(uninterrupted, blobs, 
     cfg = small_cfg(**{"teacher.num_workers": 2})
     out = tmp_path / "out"
     result = train(cfg, str(pl_dir), str(out), tracking_uri=mlflow_server, mlflow_run_id=run_id, name="ddp",
-                   timeout_s=120, hooks={"fail_at_step": 5, "fail_rank": 1, "sigkill": True, "marker": str(marker),
-                          "digest_dir": str(digests)})
+                   timeout_s=120, callbacks=[WriteDigest(str(digests)), KillAt(5, 1, str(marker))])
 
     # rank 1 was SIGKILLed once at step 5 (its process gone); the restarted attempt resumed from a checkpoint: the
     # step-4 one, or the step-2 one when Ray Train had not yet registered step 4's when it saw the death (under load)
@@ -147,11 +148,60 @@ def test_interrupted_run_restarts_at_its_step_with_the_uninterrupted_weights(uni
     out = str(tmp_path / "out")
     with pytest.raises(Exception, match="injected failure at step 3"):
         train(cfg, str(pl_dir), out, name="interrupted", timeout_s=120,
-              hooks={"fail_at_step": 3, "marker": str(tmp_path / "m")})
+              callbacks=[KillAt(3, 0, str(tmp_path / "m"), sigkill=False)])
     assert not os.path.exists(os.path.join(out, "model"))
     result = train(cfg, str(pl_dir), out, name="interrupted", timeout_s=120)  # same RunConfig: resumes
     assert result.metrics["start_step"] == 2 and result.metrics["step"] == 6
     assert model_digest(os.path.join(out, "model")) == uninterrupted
+
+
+def test_a_worker_node_removed_during_training_is_survived_with_the_uninterrupted_weights(two_node_cluster, blobs,
+                                                                                         tmp_path):
+    """`Cluster.remove_node` of the node that runs the training worker, at step 3: Ray Train restarts the worker on
+    the other free node from the step-2 checkpoint, and the run ends with the weights of an uninterrupted run."""
+    import json
+    import threading
+
+    from raydseg.train.teacher import train
+
+    pl_dir, _ = blobs
+    cluster = two_node_cluster
+    # the worker needs 3 CPUs: only the two nodes added here fit it (head and first worker node have 2 CPUs, which
+    # run the 1-CPU augmentation tasks)
+    added = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    cluster.wait_for_nodes()
+    marker, events = tmp_path / "paused", {}
+
+    def remove_the_workers_node():
+        deadline = time.time() + 300
+        while time.time() < deadline and "node" not in events:
+            try:
+                events["node"] = json.loads(marker.read_text())["node_id"]
+            except (OSError, ValueError):
+                time.sleep(0.2)
+        ckpts = tmp_path / "out" / "ray_train" / "removed"
+        while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in ckpts.glob("*")):
+            time.sleep(0.2)
+        time.sleep(3)  # the worker waits at step 3: give Ray Train time to register the step-2 checkpoint
+        node = next(n for n in added if n.node_id == events["node"])
+        cluster.remove_node(node)
+        added.remove(node)
+        events["removed"] = True
+
+    try:
+        cfg = small_cfg(**{"teacher.num_workers": 1, "teacher.cpus_per_worker": 3, "teacher.val_every": -1})
+        train(cfg, str(pl_dir), str(tmp_path / "ref"), name="ref", timeout_s=120)
+        remover = threading.Thread(target=remove_the_workers_node, daemon=True)
+        remover.start()
+        result = train(cfg, str(pl_dir), str(tmp_path / "out"), name="removed", timeout_s=120,
+                       callbacks=[PauseAt(3, 0, str(marker))])
+        remover.join(timeout=5)
+        assert events.get("removed"), f"the worker never reached step 3 on an added node: {events}"
+        assert result.metrics["step"] == 6 and result.metrics["start_step"] == 2
+        assert model_digest(tmp_path / "out" / "model") == model_digest(tmp_path / "ref" / "model")
+    finally:
+        for node in added:
+            cluster.remove_node(node)
 
 
 def test_augmentation_keeps_labels_aligned():

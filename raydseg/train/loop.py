@@ -21,7 +21,6 @@ Ray is imported inside the functions only: the engine, step functions and models
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 import time
 from typing import Any, Callable
@@ -30,7 +29,7 @@ import torch
 
 from raydseg.stage_requests import AUGMENT_TASK_CPUS
 from raydseg.train.engine import (Task, load_train_state, read_extra_state, save_train_state, step_seed,
-                                  train_one_step, weights_digest)
+                                  train_one_step)
 from raydseg.train.feed import batch_split, rank_batches
 
 STATE = "state.pt"
@@ -79,31 +78,12 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _write_digest(hooks: dict[str, Any], done: int, rank: int, model: torch.nn.Module) -> None:
-    """Test-only (`hooks` is {} in stage runs): after step 1 each rank writes its weights digest to `digest_dir`."""
-    if hooks.get("digest_dir") and done == 1:
-        os.makedirs(hooks["digest_dir"], exist_ok=True)
-        with open(os.path.join(hooks["digest_dir"], f"rank{rank}.txt"), "w") as f:
-            f.write(weights_digest(model))
-
-
-def _inject_failure(hooks: dict[str, Any], done: int, rank: int) -> None:
-    """Test-only (`hooks` is {} in stage runs): once, at step `fail_at_step` on rank `fail_rank`, raise, or with
-    `sigkill` kill this worker process outright (a marker file remembers that it happened, so the restarted attempt
-    goes on)."""
-    if hooks.get("fail_at_step") == done and rank == hooks.get("fail_rank", 0) \
-            and not os.path.exists(hooks["marker"]):
-        with open(hooks["marker"], "w") as f:
-            f.write(str(rank))
-        if hooks.get("sigkill"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected failure at step {done} on rank {rank}")
-
-
 def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.device, int], Task]) -> None:
     """Ray Train worker body. `config` (plain dict, see raydseg.train.teacher.loop_config): steps, batch_size,
     micro_batch_size, seed, torch_threads, amp, log_every, checkpoint_every, prefix, tracking_uri, mlflow_run_id,
-    params, hooks, feed, + whatever `build_task` reads."""
+    params, feed, callbacks, + whatever `build_task` reads. `callbacks`: picklable callables (step, rank, model)
+    run on every rank after each step's logging, before its checkpoint (monitoring, or the tests' fault
+    injection); none in stage runs."""
     import ray.train
     import ray.train.torch
 
@@ -138,7 +118,7 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
     if rank == 0:
         log.params({**config.get("params", {}), **task.params, "world_size": world, "micro_batch_size": micro,
                     "grad_accum": accum})
-    hooks = config.get("hooks") or {}
+    callbacks = config.get("callbacks") or []
     use_amp = bool(config.get("amp")) and device.type == "cuda"
     batches = rank_batches(config["feed"], seed=config["seed"], start=start, steps=steps, micro=micro, world=world,
                            accum=accum, rank=rank, device=device, task_cpus=AUGMENT_TASK_CPUS)
@@ -156,7 +136,6 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
         done = step + 1
         last_loss = out["loss"]
         imgs += out.pop("images")
-        _write_digest(hooks, done, rank, model)
         metrics = {"step": done, **out, "lr": scheduler.get_last_lr()[0], "start_step": start}
         if done % config["log_every"] == 0 or done == steps:
             dt = time.time() - t_last
@@ -167,7 +146,8 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
             if rank == 0 and task.validate is not None:
                 metrics.update(task.validate(done, done == steps))
             log.metrics({k: v for k, v in metrics.items() if k not in ("step", "start_step")}, step=done)
-        _inject_failure(hooks, done, rank)
+        for callback in callbacks:
+            callback(done, rank, model)
         if done % config["checkpoint_every"] == 0 or done == steps:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None

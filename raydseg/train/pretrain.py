@@ -319,7 +319,7 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
-          name: str = "pretrain", hooks: dict | None = None, timeout_s: int = 1800) -> tuple[Any, dict[str, float]]:
+          name: str = "pretrain", callbacks: list | None = None, timeout_s: int = 1800) -> tuple[Any, dict[str, float]]:
     """DINO-pretrain `cfg.pretrain.backbone` on the camera images of `frames_dir`; writes
     `<out_dir>/backbone.safetensors`. Returns (ray.train.Result, k-NN metrics of the initial backbone)."""
     from raydseg import storage
@@ -329,7 +329,7 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
     p = cfg.pretrain
     config = p.model_dump()
     config.update(seed=cfg.run.seed, out_dir=out_dir, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
-                  params={f"pretrain.{k}": v for k, v in p.model_dump().items()}, hooks=hooks or {},
+                  params={f"pretrain.{k}": v for k, v in p.model_dump().items()}, callbacks=callbacks or [],
                   prefix="pretrain/", knn_probe="")
     before: dict[str, float] = {}
     if p.knn_every >= 0 and p.knn_frames > 0:

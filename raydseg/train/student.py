@@ -14,7 +14,7 @@ STUDENT_KEYS = ("ema", "ema_momentum", "soft_targets", "temperature", "refine", 
 
 
 def train(cfg: Config, pl_dir: str, teacher_model_dir: str, out_dir: str, *, tracking_uri: str = "",
-          mlflow_run_id: str = "", name: str = "student", hooks: dict | None = None, timeout_s: int = 1800) -> Any:
+          mlflow_run_id: str = "", name: str = "student", callbacks: list | None = None, timeout_s: int = 1800) -> Any:
     """Distil the teacher at `teacher_model_dir` into a student on the images of `pl_dir`; writes `<out_dir>/model/`."""
     from raydseg.train.data import train_feed
 
@@ -22,7 +22,7 @@ def train(cfg: Config, pl_dir: str, teacher_model_dir: str, out_dir: str, *, tra
     model_cfg = storage.read_json(storage.join(teacher_model_dir, "model_config.json"))
     params = {f"student.{k}": v for k, v in s.model_dump().items()}
     config = loop_config(s, stage="student", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
-                         tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
+                         tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, callbacks=callbacks,
                          extra={**{k: getattr(s, k) for k in STUDENT_KEYS}, "init_model": teacher_model_dir,
                                 "feed": train_feed(pl_dir, s, with_segments=s.refine)})
     from raydseg.train.segmentation import student_loop_per_worker

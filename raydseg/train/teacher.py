@@ -37,11 +37,11 @@ def encoder_weights(cfg: Config) -> str:
 
 def loop_config(section: Any, *, stage: str, model_cfg: dict, pl_dir: str, out_dir: str, seed: int,
                 tracking_uri: str = "", mlflow_run_id: str = "", params: dict | None = None,
-                hooks: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
+                callbacks: list | None = None, extra: dict | None = None) -> dict[str, Any]:
     """The plain dict handed to every worker (no Config object crosses the process boundary)."""
     c = {k: getattr(section, k) for k in TRAIN_KEYS}
     c.update(model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=seed, tracking_uri=tracking_uri,
-             mlflow_run_id=mlflow_run_id, params=params or {}, hooks=hooks or {}, prefix=f"{stage}/")
+             mlflow_run_id=mlflow_run_id, params=params or {}, callbacks=callbacks or [], prefix=f"{stage}/")
     c.update(extra or {})
     return c
 
@@ -79,7 +79,7 @@ def run_trainer(section: Any, config: dict[str, Any], out_dir: str, name: str,
 
 
 def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
-          name: str = "teacher", hooks: dict | None = None, timeout_s: int = 1800) -> Any:
+          name: str = "teacher", callbacks: list | None = None, timeout_s: int = 1800) -> Any:
     """Train the teacher on `pl_dir` (cluster/pseudolabels); writes `<out_dir>/model/`; returns the Result."""
     from raydseg.train.data import train_feed
 
@@ -88,7 +88,7 @@ def train(cfg: Config, pl_dir: str, out_dir: str, *, tracking_uri: str = "", mlf
     params = {f"teacher.{k}": v for k, v in t.model_dump().items()}
     params["teacher.n_cls_resolved"] = model_cfg["n_cls"]
     config = loop_config(t, stage="teacher", model_cfg=model_cfg, pl_dir=pl_dir, out_dir=out_dir, seed=cfg.run.seed,
-                         tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, hooks=hooks,
+                         tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, params=params, callbacks=callbacks,
                          extra={"encoder_weights": encoder_weights(cfg), "class_balance": t.class_balance,
                                 "feed": train_feed(pl_dir, t)})
     return run_trainer(t, config, out_dir, name, timeout_s)
