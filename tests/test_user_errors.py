@@ -138,6 +138,29 @@ def test_full_disk_names_the_stage_and_path_and_the_rerun_finishes_after_space_i
     assert "[ingest] resuming an interrupted run" in out and (disk / "smoke" / "ingest" / "_manifest.json").exists()
 
 
+@pytest.mark.ray
+def test_a_real_out_of_memory_kill_names_the_stage_and_the_rerun_finishes(tmp_path):
+    """Ray's memory monitor with a kill threshold below what the machine already uses (2 % of its memory, checked
+    every 100 ms, no OOM retries) kills the ingest stage's worker: `jobs/full_run.py` ends with one error line that
+    names the stage, exit status 2 (Ray's memory report and Ray Data's own log of the failed task come before it);
+    the same command without the low threshold then finishes the stage."""
+    args = [sys.executable, "jobs/full_run.py", "--config", "configs/smoke.yaml", "--set", "run.stages=ingest",
+            "--set", f"run.output_root={tmp_path / 'out'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(REPO)
+    oom = {**env, "RAY_memory_usage_threshold": "0.02", "RAY_memory_monitor_refresh_ms": "100",
+           "RAY_task_oom_retries": "0"}
+    p = subprocess.run(args, cwd=REPO, env=oom, capture_output=True, text=True, timeout=300)
+    errors = [line for line in p.stderr.splitlines() + p.stdout.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    assert errors[0].startswith("error: stage 'ingest': a worker ran out of memory ("), errors
+    assert p.stderr.strip().splitlines()[-1] == errors[0]  # last, after Ray's own memory report and Ray Data's log
+    assert not (tmp_path / "out" / "smoke" / "ingest" / "_manifest.json").exists()
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "out" / "smoke" / "ingest" / "_manifest.json").exists()
+
+
 def test_stage_failures_name_the_stage_and_bugs_keep_their_traceback():
     import ray.exceptions
 
