@@ -280,7 +280,8 @@ class LocalBackend(_Backend):
 class RayBackend(_Backend):
     """Shard actors (one per shard). Each shard's source stays known to the driver (an object-store ref of its
     rows, or its parquet file names), so a dead actor is recreated with the same rows and transform and the call
-    retried (at most `max_retries` times per call)."""
+    retried (at most `max_retries` times per call). Not Ray's own `max_restarts` / `max_task_retries`: Ray rebuilds
+    an actor from its creation arguments, which lack the PCA transform fitted after the actors started."""
 
     def __init__(self, sources: list[tuple[np.ndarray | list[str], int]], use_faiss: bool = True,
                  num_gpus: float = 0.0, num_cpus: float = 1.0, max_retries: int = 3,
