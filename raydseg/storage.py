@@ -187,6 +187,14 @@ def parquet_rows(path: str) -> int:
             return pq.ParquetFile(f).metadata.num_rows
 
 
+def parquet_columns(path: str) -> list[str]:
+    """Top-level column names of one parquet file, from its footer (no column data is read)."""
+    fs, p = filesystem(path)
+    with _failing(path, "read"):
+        with fs.open_input_file(p) as f:
+            return list(pq.ParquetFile(f).schema_arrow.names)
+
+
 def fs_join(fs_path: str, name: str, like: str) -> str:
     return posixpath.join(fs_path, name) if is_s3(like) else os.path.join(fs_path, name)
 

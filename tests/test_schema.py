@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,3 +79,43 @@ def test_split_valid_rejects_duplicates_and_keeps_going():
     assert [r["frame_id"] for r in good] == ["x/1", "x/2"]
     assert [(r["id"], r["reason"].split(" (")[0]) for r in rejects] == [
         ("x/bad", "points contain NaN/inf"), ("x/1", "duplicate frame_id")]
+
+
+def _jpeg(w=200, h=120, seed=0, progressive=False):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = (np.linspace(0, 200, w)[None, :, None] + rng.normal(0, 20, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+def _verdict(fn, data):
+    try:
+        fn(data)
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - the verdict is the exception (object addresses dropped)
+        return re.sub(r" at 0x[0-9a-f]+", "", f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_validation_decodes_jpegs_at_one_eighth_scale_with_the_full_decodes_verdicts(progressive):
+    """check_image (1/8-scale DCT decode) accepts and rejects exactly what a full decode does, with the same reason:
+    truncations anywhere (with and without an end-of-image marker), a cut header, and corrupt scan data that
+    libjpeg only warns about."""
+    from raydseg.data.schema import check_image
+
+    d = _jpeg(progressive=progressive)
+    assert check_image(d) == (200, 120)
+    cases = [d[:n] for n in (len(d) - 2, len(d) * 3 // 4, len(d) // 2, 700, 200)]
+    cases += [d[:len(d) // 2] + b"\xff\xd9", d[:len(d) // 2] + bytes(64) + d[len(d) // 2 + 64:], b"not an image"]
+    verdicts = [(_verdict(check_image, c), _verdict(decode_image, c)) for c in cases]
+    assert all(a == b for a, b in verdicts), verdicts
+    assert sum(a.startswith("OSError: image file is truncated") for a, _ in verdicts) >= 3, verdicts
+    row = make_frame()
+    row["cameras"][0]["image"] = d[:len(d) // 2]
+    row["cameras"][0]["width"], row["cameras"][0]["height"] = 200, 120
+    assert validate_frame(row).startswith("camera front: undecodable image (OSError: image file is truncated")

@@ -319,3 +319,121 @@ def test_camera_without_pose_keeps_the_static_extrinsics(tmp_path, caplog):
     (tmp_path / "training" / "vehicle_pose" / "seg-0001.parquet").unlink()
     rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
     assert rejects == [] and all(np.allclose(r["cameras"][0]["T_cam_lidar"], static, atol=1e-12) for r in rows)
+
+
+def test_truncated_image_is_rejected_with_its_reason_with_and_without_distortion(tmp_path):
+    """A JPEG cut in half still has a readable header: without distortion the reader keeps its bytes and the ingest
+    validation rejects the frame; with distortion the reader's full decode rejects it. Either way only that frame
+    goes, with the decoder's reason."""
+    from raydseg.data.schema import split_valid
+
+    for distorted in (False, True):
+        root = tmp_path / f"d{int(distorted)}"
+        oracle = fixtures.write_waymo(str(root), n_frames=2, photo=True,
+                                      distortion=fixtures.WAYMO_LIKE_DISTORTION if distorted else (0.0,) * 5)
+        ids = list(oracle["frames"])
+        path = root / "training" / "camera_image" / "seg-0001.parquet"
+        t = pq.read_table(path)
+        col = "[CameraImageComponent].image"
+        images = t.column(col).to_pylist()
+        images[0] = images[0][:len(images[0]) // 2]
+        pq.write_table(t.set_column(t.column_names.index(col), col, [images]), path)
+        rows, rejects = read_all(cfg_for(root))
+        good, bad = split_valid(rows)
+        assert [r["frame_id"] for r in good] == [ids[1]]
+        (reject,) = rejects + bad
+        assert reject["id"] == ids[0]
+        expected = ("unreadable image of camera FRONT: OSError: image file is truncated" if distorted else
+                    "camera FRONT: undecodable image (OSError: image file is truncated")
+        assert reject["reason"].startswith(expected), reject["reason"]
+
+
+def per_pixel_reference(ri, E, incl, pixel_pose, wfv):
+    """The vehicle-frame points of `range_image_to_points` computed pixel by pixel's formula with one rotation
+    matrix per valid pixel (the module docstring's formulas), for comparison with its per-column shortcut."""
+    from raydseg.data.sources.select import euler_to_matrix
+
+    H, W = ri.shape[:2]
+    rows, cols = np.nonzero(ri[..., 0] > 0)
+    az = ((W - np.arange(W) - 0.5) / W * 2.0 - 1.0) * np.pi - np.arctan2(E[1, 0], E[0, 0])
+    r = ri[rows, cols, 0].astype(np.float64)
+    rc = r * np.cos(incl)[rows]
+    p = np.stack([rc * np.cos(az)[cols], rc * np.sin(az)[cols], r * np.sin(incl)[rows]], axis=1)
+    p = p @ E[:3, :3].T + E[:3, 3]
+    pp = pixel_pose[rows, cols].astype(np.float64)
+    world = np.einsum("nij,nj->ni", euler_to_matrix(pp[:, 0], pp[:, 1], pp[:, 2]), p) + pp[:, 3:6]
+    inv = np.linalg.inv(wfv)
+    return world @ inv[:3, :3].T + inv[:3, 3], ri[rows, cols, 1].astype(np.float64), rows
+
+
+@pytest.mark.parametrize("per_column", [True, False])
+def test_per_pixel_pose_gives_the_per_pixel_formulas_points_bit_for_bit(per_column):
+    """A pose that is the same down every column (a spinning LiDAR's) is turned into W rotations, not one per point;
+    a pose that varies within a column takes the per-pixel path. Both reproduce the per-pixel formula exactly,
+    whatever the invalid pixels hold."""
+    rng = np.random.default_rng(5)
+    H, W = 12, 300
+    ri = np.zeros((H, W, 4), np.float32)
+    ri[..., 0] = np.where(rng.uniform(size=(H, W)) < 0.6, rng.uniform(1, 70, (H, W)), 0)
+    ri[..., 1] = rng.uniform(0, 2, (H, W))
+    pose = np.broadcast_to(np.c_[rng.normal(0, 0.02, (W, 2)), np.linspace(0.3, 0.5, W), 100 + rng.normal(0, 1, (W, 3))],
+                           (H, W, 6)).astype(np.float32).copy()
+    pose[ri[..., 0] <= 0] = 0.0  # what an invalid pixel holds does not matter
+    if not per_column:
+        pose[..., 2] += rng.normal(0, 1e-3, (H, W)).astype(np.float32)
+    E = fixtures.WAYMO_TOP_EXT
+    incl = np.linspace(0.04, -0.3, H)
+    wfv = fixtures.rigid(fixtures._rot(0.0, 0.0, 0.4), [100.0, 50.0, 1.0])
+    assert (waymo.column_poses(pose, ri[..., 0] > 0) is not None) == per_column
+    got = waymo.range_image_to_points(ri, E, incl, pose, wfv)
+    for a, b in zip(got, per_pixel_reference(ri, E, incl, pose, wfv)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_undistortion_resample_equals_the_four_gather_formula_bit_for_bit():
+    """The resample over the padded image (`apply_plan`) against the plain formula: for every output pixel, the sum in
+    float32 of the four neighbours' value x bilinear weight, in the plan's order, a neighbour outside the image
+    weighing 0; maps that leave the image (and a NaN); RGB, grey, 2-channel, uint16 and float32 images."""
+    from raydseg.geometry.distortion import apply_plan, bilinear_plan
+
+    rng = np.random.default_rng(2)
+    h, w = 70, 90
+    u, v = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    su = (u * 1.15 - 6 + rng.normal(0, 0.3, (h, w))).astype(np.float32)
+    sv = (v * 1.1 - 4 + rng.normal(0, 0.3, (h, w))).astype(np.float32)
+    su[0, :3] = np.nan
+    with np.errstate(invalid="ignore"):  # NaN -> int
+        u0, v0 = np.floor(su).astype(np.int64), np.floor(sv).astype(np.int64)
+        plan = bilinear_plan(su, sv, w, h)
+    fu, fv = (su - u0).astype(np.float32), (sv - v0).astype(np.float32)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    for image in (rgb, rgb[..., 0].copy(), rgb[..., :2].copy(), rgb.astype(np.uint16) * 257,
+                  rgb.astype(np.float32) / 7 - 10):
+        flat = image.reshape(h * w, -1)
+        acc = np.zeros((h * w, flat.shape[1]), np.float32)
+        for du, dv, wt in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
+            uu, vv = (u0 + du).ravel(), (v0 + dv).ravel()
+            inside = (uu >= 0) & (uu < w) & (vv >= 0) & (vv < h)
+            val = np.zeros((h * w, flat.shape[1]), image.dtype)
+            val[inside] = flat[vv[inside] * w + uu[inside]]
+            acc += val * np.where(inside, wt.ravel(), 0).astype(np.float32)[:, None]
+        if image.dtype.kind in "ui":
+            acc = np.clip(np.rint(acc), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
+        want = acc.astype(image.dtype).reshape(image.shape)
+        got = apply_plan(image, plan, (h, w))
+        assert got.dtype == image.dtype and got.tobytes() == want.tobytes()
+
+
+def test_second_return_is_read_only_when_asked(tmp_path):
+    """data.returns=1 does not read return2's columns; returns=2 appends its points after return1's."""
+    fixtures.write_waymo(str(tmp_path), n_frames=1, second_return=0.3)
+    t = pq.read_table(tmp_path / "training" / "lidar" / "seg-0001.parquet")
+    r2 = np.asarray(t.column("[LiDARComponent].range_image_return2.values")[0].values).reshape(16, 180, 4)
+    one, _ = read_all(cfg_for(tmp_path))
+    two, _ = read_all(cfg_for(tmp_path, "data.returns=2"))
+    n1, n2 = len(one[0]["points"]), len(two[0]["points"])
+    assert n2 - n1 == (r2[..., 0] > 0).sum() > 0
+    np.testing.assert_array_equal(two[0]["points"][:n1], one[0]["points"])
+    tab = waymo._read_component(str(tmp_path / "training"), "lidar", "seg-0001", waymo.RETURN2)
+    assert not set(waymo.RETURN2) & set(tab.column_names)

@@ -11,6 +11,8 @@ Row form used in Python (`frames_to_table` / `table_to_frames` convert to and fr
 K maps to pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV: pixel (0, 0) covers
 [-0.5, 0.5)^2). Sources measuring from the image edge convert at ingest: Waymo's c_u, c_v are shifted by -0.5.
 Cameras are pinhole: a source with lens distortion undistorts its images at ingest (Waymo; raydseg.geometry.distortion).
+T_cam_lidar holds at the camera's capture time: a source whose vehicle moves between the sweep and the exposure
+composes the ego poses into it (nuScenes, Waymo), so the sweep's points land where the camera saw them.
 Points are stored as `large_list<float32>` of 4N values plus `n_points`, readable by plain pyarrow.
 """
 from __future__ import annotations
@@ -135,7 +137,7 @@ def decode_image(data: bytes) -> np.ndarray:
             return np.asarray(im, dtype=np.uint16) if im.mode != "I" else np.asarray(im).astype(np.uint16)
         if im.mode in ("L", "P"):
             return np.asarray(im)
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -160,6 +162,20 @@ def image_size(data: bytes) -> tuple[int, int]:
 
     with Image.open(io.BytesIO(data)) as im:
         return im.size
+
+
+def check_image(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image once all of its data decodes; raises what the decoder raises. A JPEG is
+    decoded at 1/8 scale: libjpeg's DCT scaling still entropy-decodes every block, so a truncated or corrupt file fails
+    as in a full decode, for the cost of the entropy decoding alone."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        size = im.size
+        if im.format == "JPEG":
+            im.draft(None, (max(size[0] // 8, 1), max(size[1] // 8, 1)))
+        im.load()
+        return size
 
 
 def _pinhole_reason(K: np.ndarray) -> str | None:
@@ -206,8 +222,7 @@ def validate_frame(row: dict) -> str | None:
     for c in cams:
         name = c.get("name", "?")
         try:
-            w, h = image_size(c["image"])
-            decode_image(c["image"])
+            w, h = check_image(c["image"])
         except Exception as e:  # noqa: BLE001 - any decoder failure is a reason, not a crash
             return f"camera {name}: undecodable image ({type(e).__name__}: {e})"
         if (w, h) != (int(c["width"]), int(c["height"])):

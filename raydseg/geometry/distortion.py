@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numba
 import numpy as np
 
 
@@ -32,29 +33,51 @@ def _maps(K: np.ndarray, coeffs: np.ndarray, width: int, height: int) -> tuple[n
 
 
 def bilinear_plan(src_u: np.ndarray, src_v: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear sampling at (src_u, src_v) px of a (height, width) image as (4, N) flat source indices (int32) and
-    weights (float32, 0 for neighbours outside the image), N = src_u.size."""
+    """Bilinear sampling at (src_u, src_v) px of a (height, width) image, N = src_u.size, as
+    (N,) int32 flat index of the top-left neighbour (u0, v0) in the image padded by one pixel on every side
+    ((height + 2) x (width + 2), row-major; 0 where no neighbour is inside) and (4, N) float32 weights of the neighbours
+    (u0, v0), (u0 + 1, v0), (u0, v0 + 1), (u0 + 1, v0 + 1), 0 for those outside the image."""
     u0, v0 = np.floor(src_u).astype(np.int64).ravel(), np.floor(src_v).astype(np.int64).ravel()
     fu, fv = (src_u.ravel() - u0).astype(np.float32), (src_v.ravel() - v0).astype(np.float32)
-    idx, wts = [], []
+    wts = []
     for du, dv, wt in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
         uu, vv = u0 + du, v0 + dv
         ok = (uu >= 0) & (uu < width) & (vv >= 0) & (vv < height)
-        idx.append((np.clip(vv, 0, height - 1) * width + np.clip(uu, 0, width - 1)).astype(np.int32))
         wts.append(np.where(ok, wt, 0).astype(np.float32))
-    return np.stack(idx), np.stack(wts)
+    near = (u0 >= -1) & (u0 < width) & (v0 >= -1) & (v0 < height)
+    return np.where(near, (v0 + 1) * (width + 2) + u0 + 1, 0).astype(np.int32), np.stack(wts)
 
 
 def apply_plan(image: np.ndarray, plan: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """(H, W[, C]) image sampled by a `bilinear_plan` into an image of `shape` (h, w); same dtype (rounded)."""
-    idx, wts = plan
-    flat = image.reshape(image.shape[0] * image.shape[1], -1)
-    out = np.zeros((idx.shape[1], flat.shape[1]), np.float32)
-    for i in range(4):
-        out += np.take(flat, idx[i], axis=0) * wts[i][:, None]
-    if np.issubdtype(image.dtype, np.integer):
-        out = np.clip(np.rint(out), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
-    return out.astype(image.dtype).reshape(shape + image.shape[2:])
+    """(H, W[, C]) image sampled by a `bilinear_plan` into an image of `shape` (h, w); same dtype (integers rounded
+    half to even and clipped to the dtype's range). Each output value is the float32 sum, in plan order, of the four
+    neighbours' float32(value) x weight."""
+    base, wts = plan
+    H, W = image.shape[:2]
+    c = 1 if image.ndim == 2 else image.shape[2]
+    padded = np.zeros((H + 2, W + 2, c), image.dtype)
+    padded[1:-1, 1:-1] = image.reshape(H, W, c)
+    out = np.empty((base.shape[0], c), image.dtype)
+    integer = np.issubdtype(image.dtype, np.integer)
+    lo, hi = (np.iinfo(image.dtype).min, np.iinfo(image.dtype).max) if integer else (0, 0)
+    _resample(padded.reshape(-1, c), base, wts, W + 2, integer, np.float32(lo), np.float32(hi), out)
+    return out.reshape(shape + image.shape[2:])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _resample(padded, base, wts, row, integer, lo, hi, out):  # pragma: no cover - numba
+    """out[i, ch] = float32 sum over k of padded[base[i] + (0, 1, row, row + 1)[k], ch] x wts[k, i]."""
+    for i in range(out.shape[0]):
+        b = base[i]
+        for ch in range(out.shape[1]):
+            acc = np.float32(0.0)
+            acc = np.float32(acc + np.float32(padded[b, ch]) * wts[0, i])
+            acc = np.float32(acc + np.float32(padded[b + 1, ch]) * wts[1, i])
+            acc = np.float32(acc + np.float32(padded[b + row, ch]) * wts[2, i])
+            acc = np.float32(acc + np.float32(padded[b + row + 1, ch]) * wts[3, i])
+            if integer:
+                acc = min(max(np.rint(acc), lo), hi)
+            out[i, ch] = acc
 
 
 @lru_cache(maxsize=16)
@@ -65,7 +88,7 @@ def _undistort_plan(K_bytes: bytes, coeff_bytes: bytes, width: int, height: int)
 
 def undistort_image(image: np.ndarray, K: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
     """The distorted camera's (H, W[, C]) image as the pinhole camera K (same size) sees it. The sampling plan is
-    cached per camera, so each further frame costs four gathers."""
+    cached per camera, so each further frame costs one pass over the output pixels."""
     h, w = image.shape[:2]
     plan = _undistort_plan(np.ascontiguousarray(K, np.float64).tobytes(),
                            np.ascontiguousarray(coeffs, np.float64).tobytes(), w, h)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from raydseg.data.sources.select import euler_to_matrix, matrix_to_quat, rigid
+from raydseg.data.sources.waymo import CAMERAS, DISTORTION
 
 
 def _png(w: int, h: int, seed: int) -> bytes:
@@ -29,6 +30,26 @@ def _jpg(w: int, h: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _photo_jpg(w: int, h: int, seed: int, quality: int = 90) -> bytes:
+    """A (h, w) RGB JPEG with a photo's entropy: smooth blobs, texture at 8 px, gradients and sensor noise (sigma 3);
+    about 0.5 MB at 1920x1280, quality 90 (uniform noise would be 3x larger and slower to decode than a photo)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def upsampled(cell: int, resample: int) -> np.ndarray:
+        small = rng.integers(0, 255, (max(h // cell, 2), max(w // cell, 2), 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(small).resize((w, h), resample), np.float32)
+
+    grad = np.linspace(0, 60, w, dtype=np.float32)[None, :, None] + \
+        np.linspace(0, 40, h, dtype=np.float32)[:, None, None]
+    img = 0.6 * upsampled(64, Image.BICUBIC) + 0.25 * upsampled(8, Image.BILINEAR) + grad + \
+        rng.normal(0, 3, (h, w, 3)).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -180,13 +201,35 @@ def write_nuscenes(root: str, n_samples: int = 3, w: int = 80, h: int = 48, n_po
 # ---------------------------------------------------------------- Waymo v2
 WAYMO_CAM_EXT = rigid(_rot(0.01, 0.02, -0.03), [1.5, -0.1, 2.0])  # camera -> vehicle (x fwd, y left, z up)
 WAYMO_TOP_EXT = rigid(_rot(0.002, -0.003, 0.05), [1.43, 0.0, 2.18])  # TOP -> vehicle
+WAYMO_CAMERA_SIZES = {"FRONT": (1920, 1280), "FRONT_LEFT": (1920, 1280), "FRONT_RIGHT": (1920, 1280),
+                      "SIDE_LEFT": (1920, 886), "SIDE_RIGHT": (1920, 886)}  # (width, height) px of the real cameras
+WAYMO_CAMERA_YAW = {"FRONT": 0.0, "FRONT_LEFT": np.pi / 4, "FRONT_RIGHT": -np.pi / 4, "SIDE_LEFT": np.pi / 2,
+                    "SIDE_RIGHT": -np.pi / 2}  # rad about the vehicle's z axis, for the fixture's extrinsics
+WAYMO_LIKE_DISTORTION = (0.04, -0.33, 0.0005, -0.0008, 0.0)  # k1 k2 p1 p2 k3, the order of Waymo's FRONT camera's
+
+
+def second_return_image(rng: np.random.Generator, r1: np.ndarray, fraction: float) -> np.ndarray:
+    """(H * W * 4,) float32 return2 range image: a fraction of the pixels with a first return get a farther one (no
+    random draws for fraction 0, so the other fixture values stay as they were)."""
+    H, W = r1.shape
+    if fraction <= 0:
+        return np.zeros(H * W * 4, np.float32)
+    r = np.where((r1 > 0) & (rng.uniform(size=(H, W)) < fraction), r1 + rng.uniform(0.5, 20, (H, W)), 0.0)
+    return np.stack([r, rng.uniform(0, 1.5, (H, W)) * (r > 0), np.zeros_like(r), np.zeros_like(r)], -1).astype(
+        np.float32).reshape(-1)
 
 
 def write_waymo(root: str, segment: str = "seg-0001", n_frames: int = 3, H: int = 16, W: int = 180,
                 w: int = 96, h: int = 64, per_beam: bool = True, pixel_pose: bool = True,
                 cam_offsets_us: tuple[int, ...] = (), drop_columns: tuple[str, ...] = (), split: str = "training",
-                seed: int = 0) -> dict:
+                seed: int = 0, cameras: dict[str, tuple[int, int]] | None = None,
+                focal: tuple[float, float] = (40.0, 41.0),
+                distortion: tuple[float, ...] = (0.0,) * 5, photo: bool = False, second_return: float = 0.0) -> dict:
     """`root/<split>/<component>/<segment>.parquet` with the v2 column names.
+
+    cameras: name -> (width, height) px (default FRONT at w x h), each with f_u, f_v = `focal` px, its own principal
+    point near the centre, `distortion` (k1, k2, p1, p2, k3) and a camera yawed by `WAYMO_CAMERA_YAW`; photo: JPEGs
+    with a photo's entropy (`_photo_jpg`) instead of uniform noise; second_return: fraction of pixels with a return2.
 
     Range images hold returns at pixel centres, so the oracle (vehicle-frame points per frame, computed with
     rotation matrices, in row-major pixel order) must be reproduced exactly. Oracle pixels: Waymo's camera model
@@ -196,7 +239,9 @@ def write_waymo(root: str, segment: str = "seg-0001", n_frames: int = 3, H: int 
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    f_u, f_v, c_u, c_v = 40.0, 41.0, w / 2 + 0.3, h / 2 - 0.4
+    cameras = {"FRONT": (w, h)} if cameras is None else cameras
+    f_u, f_v = focal
+    c_u, c_v = w / 2 + 0.3, h / 2 - 0.4
     incl_min, incl_max = -0.30, 0.04
     beams = np.sort(rng.uniform(incl_min, incl_max, H)) if per_beam else None
     incl_rows = (beams if per_beam else incl_min + (np.arange(H) + 0.5) / H * (incl_max - incl_min))[::-1]
@@ -215,14 +260,16 @@ def write_waymo(root: str, segment: str = "seg-0001", n_frames: int = 3, H: int 
         "[LiDARCalibrationComponent].beam_inclination.values": None if beams is None else beams.tolist(),
         "[LiDARCalibrationComponent].beam_inclination.min": incl_min,
         "[LiDARCalibrationComponent].beam_inclination.max": incl_max})
-    add("camera_calibration", **key, **{"key.camera_name": 1, "[CameraCalibrationComponent].intrinsic.f_u": f_u,
-        "[CameraCalibrationComponent].intrinsic.f_v": f_v, "[CameraCalibrationComponent].intrinsic.c_u": c_u,
-        "[CameraCalibrationComponent].intrinsic.c_v": c_v, "[CameraCalibrationComponent].intrinsic.k1": 0.0,
-        "[CameraCalibrationComponent].intrinsic.k2": 0.0, "[CameraCalibrationComponent].intrinsic.p1": 0.0,
-        "[CameraCalibrationComponent].intrinsic.p2": 0.0, "[CameraCalibrationComponent].intrinsic.k3": 0.0,
-        "[CameraCalibrationComponent].extrinsic.transform": WAYMO_CAM_EXT.reshape(-1).tolist(),
-        "[CameraCalibrationComponent].width": w, "[CameraCalibrationComponent].height": h,
-        "[CameraCalibrationComponent].rolling_shutter_direction": 1})
+    for name, (cw, ch) in cameras.items():
+        ext = rigid(_rot(0.0, 0.0, WAYMO_CAMERA_YAW[name]) @ WAYMO_CAM_EXT[:3, :3], WAYMO_CAM_EXT[:3, 3])
+        add("camera_calibration", **key, **{"key.camera_name": CAMERAS[name],
+            "[CameraCalibrationComponent].intrinsic.f_u": f_u, "[CameraCalibrationComponent].intrinsic.f_v": f_v,
+            "[CameraCalibrationComponent].intrinsic.c_u": cw / 2 + 0.3 * CAMERAS[name],  # each camera its own K
+            "[CameraCalibrationComponent].intrinsic.c_v": ch / 2 - 0.4,
+            **{f"[CameraCalibrationComponent].intrinsic.{c}": float(k) for c, k in zip(DISTORTION, distortion)},
+            "[CameraCalibrationComponent].extrinsic.transform": ext.reshape(-1).tolist(),
+            "[CameraCalibrationComponent].width": cw, "[CameraCalibrationComponent].height": ch,
+            "[CameraCalibrationComponent].rolling_shutter_direction": 1})
     oracle: dict = {"frames": {}, "K": np.array([[f_u, 0, c_u], [0, f_v, c_v], [0, 0, 1]])}
     for i in range(n_frames):
         ts = t0 + i * 100_000
@@ -247,7 +294,7 @@ def write_waymo(root: str, segment: str = "seg-0001", n_frames: int = 3, H: int 
         add("lidar", **key, **{"key.frame_timestamp_micros": ts, "key.laser_name": 1,
             "[LiDARComponent].range_image_return1.values": ri.reshape(-1).tolist(),
             "[LiDARComponent].range_image_return1.shape": [H, W, 4],
-            "[LiDARComponent].range_image_return2.values": np.zeros(H * W * 4, np.float32).tolist(),
+            "[LiDARComponent].range_image_return2.values": second_return_image(rng, r, second_return).tolist(),
             "[LiDARComponent].range_image_return2.shape": [H, W, 4]})
         add("lidar_pose", **key, **{"key.frame_timestamp_micros": ts, "key.laser_name": 1,
             "[LiDARPoseComponent].range_image_return1.values": pose.reshape(-1).tolist(),
@@ -255,8 +302,10 @@ def write_waymo(root: str, segment: str = "seg-0001", n_frames: int = 3, H: int 
         add("vehicle_pose", **key, **{"key.frame_timestamp_micros": ts,
             "[VehiclePoseComponent].world_from_vehicle.transform": wfv.reshape(-1).tolist()})
         cam_us = ts + (cam_offsets_us[i] if i < len(cam_offsets_us) else 10_000)
-        add("camera_image", **key, **{"key.frame_timestamp_micros": ts, "key.camera_name": 1,
-            "[CameraImageComponent].image": _jpg(w, h, i), "[CameraImageComponent].pose_timestamp": cam_us * 1e-6})
+        for name, (cw, ch) in cameras.items():
+            image = _photo_jpg(cw, ch, 10 * i + CAMERAS[name]) if photo else _jpg(cw, ch, i)
+            add("camera_image", **key, **{"key.frame_timestamp_micros": ts, "key.camera_name": CAMERAS[name],
+                "[CameraImageComponent].image": image, "[CameraImageComponent].pose_timestamp": cam_us * 1e-6})
         pc = (np.linalg.inv(WAYMO_CAM_EXT) @ np.c_[p_frame, np.ones(len(p_frame))].T).T
         front = pc[:, 0] > 0.5
         px = np.c_[c_u - f_u * pc[:, 1] / pc[:, 0], c_v - f_v * pc[:, 2] / pc[:, 0]]

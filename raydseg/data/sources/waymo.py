@@ -3,7 +3,8 @@
 Layout: `<data.root>/[<data.split>/]<component>/<segment>.parquet` for the components camera_image,
 camera_calibration, lidar, lidar_calibration and optionally lidar_pose + vehicle_pose. Rows are joined on
 `key.segment_context_name` + `key.frame_timestamp_micros` (+ `key.camera_name` / `key.laser_name`). One shard per
-segment (parquet file); one frame per timestamp of the TOP LiDAR.
+segment (parquet file); one frame per timestamp of the TOP LiDAR. Only `COLUMNS` + `OPTIONAL_COLUMNS` are read (return2
+only with data.returns=2), and calibration values once per segment.
 
 Range image -> points (as waymo_open_dataset's range_image_utils): row i has inclination
 `beam_inclination.values` reversed (row 0 = highest beam), or when absent the uniform
@@ -11,7 +12,8 @@ Range image -> points (as waymo_open_dataset's range_image_utils): row i has inc
 `((W - j - 0.5) / W * 2 - 1) * pi - atan2(E[1,0], E[0,0])`;
 `p_sensor = r (cos(incl) cos(az), cos(incl) sin(az), sin(incl))`, `p_vehicle = E @ p_sensor` with E the LiDAR
 extrinsic (sensor -> vehicle). With a per-pixel pose (TOP only, `[LiDARPoseComponent]`, roll pitch yaw x y z =
-vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`.
+vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`
+(one rotation per range-image column when the pose is the same down each column, as a spinning LiDAR's).
 Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`. Intensity is squashed with tanh to 0..1.
 
 Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic E_cam maps camera -> vehicle. With C the
@@ -76,6 +78,9 @@ COLUMNS = {  # component folder -> columns this reader needs
     "vehicle_pose": [SEG, TS, VEHICLE_POSE],
 }
 OPTIONAL = ("lidar_pose", "vehicle_pose")
+RETURN2 = ("[LiDARComponent].range_image_return2.values", "[LiDARComponent].range_image_return2.shape")
+INCL_VALUES = "[LiDARCalibrationComponent].beam_inclination.values"
+OPTIONAL_COLUMNS = {"lidar": RETURN2, "lidar_calibration": (INCL_VALUES,), "camera_image": (CAM_POSE, CAM_POSE_TS)}
 log = logging.getLogger(__name__)
 
 
@@ -153,17 +158,22 @@ def list_shards(cfg: Config) -> list[dict[str, Any]]:
     return apply_stride_and_limit(shards, cfg.data.frame_stride, cfg.data.max_frames)
 
 
-def _read_component(base: str, comp: str, segment: str) -> pa.Table | None:
+def _read_component(base: str, comp: str, segment: str, skip: tuple[str, ...] = ()) -> pa.Table | None:
+    """The rows of `segment` in one component file, with the columns this reader uses (`COLUMNS`, and the
+    `OPTIONAL_COLUMNS` the file has, less `skip`); None for a missing optional component."""
     path = storage.join(base, comp, f"{segment}.parquet")
     if not storage.exists(path):
         if comp in OPTIONAL:
             return None
         raise WaymoError(f"missing component file {comp}/{segment}.parquet")
-    table = storage.read_table(path)
-    missing = [c for c in COLUMNS[comp] if c not in table.column_names]
+    present = set(storage.parquet_columns(path))
+    missing = [c for c in COLUMNS[comp] if c not in present]
     if missing:
         raise WaymoError(f"{comp}/{segment}.parquet: missing parquet column(s) {', '.join(missing)}")
-    return table.filter(pc.equal(table.column(SEG), segment))
+    extra = [c for c in OPTIONAL_COLUMNS.get(comp, ()) if c in present and c not in skip]
+    table = storage.read_table(path, columns=COLUMNS[comp] + extra)
+    mine = pc.equal(table.column(SEG), segment)
+    return table if pc.all(mine, skip_nulls=False).as_py() else table.filter(mine)  # one segment a file: no copy
 
 
 def _index(table: pa.Table | None, *keys: str) -> dict[tuple, int]:
@@ -203,6 +213,16 @@ def inclinations(height: int, incl_min: float, incl_max: float, values: np.ndarr
     return incl[::-1].copy()
 
 
+def column_poses(pixel_pose: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+    """(W, 6) float32 pose of each range-image column when every valid pixel holds its column's pose (a spinning
+    LiDAR fires a column at once), else None. pixel_pose (H, W, 6); valid (H, W) bool."""
+    H, W = valid.shape
+    ref = pixel_pose[np.argmax(valid, axis=0), np.arange(W)]
+    flat = np.flatnonzero(valid)
+    same = np.array_equal(pixel_pose.reshape(H * W, -1).take(flat, axis=0), ref.take(flat % W, axis=0))
+    return ref if same else None
+
+
 def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarray,
                           pixel_pose: np.ndarray | None = None,
                           world_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,8 +238,11 @@ def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarra
     E = np.asarray(extrinsic, dtype=np.float64)
     az_corr = np.arctan2(E[1, 0], E[0, 0])
     az = ((W - np.arange(W) - 0.5) / W * 2.0 - 1.0) * np.pi - az_corr
-    rows, cols = np.nonzero(ri[..., 0] > 0)
-    r = ri[rows, cols, 0].astype(np.float64)
+    valid = ri[..., 0] > 0
+    flat = np.flatnonzero(valid)
+    rows, cols = np.divmod(flat, W)
+    px = ri.reshape(H * W, -1).take(flat, axis=0)  # (N, channels), row-major pixel order
+    r = px[:, 0].astype(np.float64)
     ci, si, ca, sa = np.cos(incl), np.sin(incl), np.cos(az), np.sin(az)  # per row / column, then gathered
     rc = r * ci[rows]
     p = np.stack([rc * ca[cols], rc * sa[cols], r * si[rows]], axis=1)
@@ -227,12 +250,29 @@ def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarra
     if pixel_pose is not None:
         if world_from_vehicle is None:
             raise WaymoError("per-pixel LiDAR pose given without a vehicle pose for the frame")
-        pp = pixel_pose[rows, cols].astype(np.float64)
-        R = euler_to_matrix(pp[:, 0], pp[:, 1], pp[:, 2])
-        world = np.einsum("nij,nj->ni", R, p) + pp[:, 3:6]
+        if pixel_pose.shape[:2] != (H, W):
+            raise WaymoError(f"per-pixel LiDAR pose of shape {list(pixel_pose.shape)} for a {H}x{W} range image")
+        per_col = column_poses(pixel_pose, valid)
+        if per_col is not None:  # W rotations instead of N; the same values per point
+            pc64 = per_col.astype(np.float64)
+            R = euler_to_matrix(pc64[:, 0], pc64[:, 1], pc64[:, 2]).take(cols, axis=0)
+            t = pc64.take(cols, axis=0)[:, 3:6]
+        else:
+            pp = pixel_pose.reshape(H * W, -1).take(flat, axis=0).astype(np.float64)
+            R, t = euler_to_matrix(pp[:, 0], pp[:, 1], pp[:, 2]), pp[:, 3:6]
+        world = np.einsum("nij,nj->ni", R, p) + t
         inv = np.linalg.inv(world_from_vehicle)
         p = world @ inv[:3, :3].T + inv[:3, 3]
-    return p, ri[rows, cols, 1].astype(np.float64), rows
+    return p, px[:, 1].astype(np.float64), rows
+
+
+def camera_intrinsics(ccal: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K (3, 3) float64 px with pixel centres at integers, (5,) float64 k1 k2 p1 p2 k3) of camera_calibration row i."""
+    g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", i))  # noqa: E731
+    # Waymo measures pixels from the first pixel's edge (centre 0.5), the Frame from its centre (OpenCV)
+    c_u, c_v = g("c_u") - 0.5, g("c_v") - 0.5
+    K = np.array([[g("f_u"), 0, c_u], [0, g("f_v"), c_v], [0, 0, 1]], dtype=np.float64)
+    return K, np.array([g(c) for c in DISTORTION])
 
 
 def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -242,7 +282,8 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
     try:
         if "error" in shard:
             raise WaymoError(shard["error"])
-        tabs = {c: _read_component(base, c, seg) for c in COLUMNS}
+        skip = RETURN2 if cfg.data.returns < 2 else ()
+        tabs = {c: _read_component(base, c, seg, skip) for c in COLUMNS}
     except WaymoError as e:
         return [], [{"id": i, "reason": str(e)} for i in ids]
     except Exception as e:  # noqa: BLE001 - unreadable parquet: reject the segment's frames with the reason
@@ -255,14 +296,24 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
     cams = select_cameras([n for n, k in CAMERAS.items() if (k,) in i_ccal], cfg.data.cameras)
     lasers = [n for n in cfg.data.lidars if n in LASERS]
     has_pose_ts, has_cam_pose = CAM_POSE_TS in cimg.column_names, CAM_POSE in cimg.column_names
-    has_incl_values = "[LiDARCalibrationComponent].beam_inclination.values" in lcal.column_names
+    has_incl_values = INCL_VALUES in lcal.column_names
     rows, rejects, n_static, n_cams = [], [], 0, 0
+    # calibration values are read at first use; a failure is not kept, so every frame that needs the value raises it
+    # again (the same rejects as reading it per frame)
+    per_segment: dict[tuple, Any] = {}
+
+    def once(key: tuple, read: Any) -> Any:
+        if key not in per_segment:
+            per_segment[key] = read()
+        return per_segment[key]
+
     for ts, fid in zip(shard["frames"], ids):
         try:
             if (LASERS["TOP"],) not in i_lcal:
                 raise WaymoError(f"lidar_calibration has no row for laser TOP in segment {seg}")
-            E_top = _array(lcal, "[LiDARCalibrationComponent].extrinsic.transform",
-                           i_lcal[(LASERS["TOP"],)], np.float64).reshape(4, 4)
+            E_top = once(("lidar_E", "TOP"), lambda: _array(
+                lcal, "[LiDARCalibrationComponent].extrinsic.transform", i_lcal[(LASERS["TOP"],)], np.float64
+            ).reshape(4, 4))
             wfv_frame = None
             if (ts,) in i_vpose and vpose.column(VEHICLE_POSE)[i_vpose[(ts,)]].is_valid:
                 wfv_frame = _array(vpose, VEHICLE_POSE, i_vpose[(ts,)], np.float64).reshape(4, 4)
@@ -274,20 +325,22 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 if (k,) not in i_lcal:
                     raise WaymoError(f"lidar_calibration has no row for laser {name} in segment {seg}")
                 ci = i_lcal[(k,)]
-                E = _array(lcal, "[LiDARCalibrationComponent].extrinsic.transform", ci, np.float64).reshape(4, 4)
+                E = once(("lidar_E", name), lambda: _array(
+                    lcal, "[LiDARCalibrationComponent].extrinsic.transform", ci, np.float64).reshape(4, 4))
                 values = None
-                if has_incl_values and lcal.column("[LiDARCalibrationComponent].beam_inclination.values")[ci].is_valid:
-                    values = _array(lcal, "[LiDARCalibrationComponent].beam_inclination.values", ci, np.float64)
+                if has_incl_values and lcal.column(INCL_VALUES)[ci].is_valid:
+                    values = once(("incl", name), lambda: _array(lcal, INCL_VALUES, ci, np.float64))
                 returns = ["[LiDARComponent].range_image_return1"]
-                if cfg.data.returns >= 2 and "[LiDARComponent].range_image_return2.values" in lidar.column_names:
+                if cfg.data.returns >= 2 and RETURN2[0] in lidar.column_names:
                     returns.append("[LiDARComponent].range_image_return2")
                 pose = None
                 if name == "TOP" and (ts, k) in i_lpose and (ts,) in i_vpose:
                     pose = _range_image(lpose, "[LiDARPoseComponent].range_image_return1", i_lpose[(ts, k)], 6)
                 for prefix in returns:
                     ri = _range_image(lidar, prefix, i_lidar[(ts, k)], 4)
-                    lo = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci))
-                    hi = float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))
+                    lo, hi = once(("incl_range", name), lambda: (
+                        float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci)),
+                        float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))))
                     incl = inclinations(ri.shape[0], lo, hi, values)
                     p, inten, row = range_image_to_points(ri, E, incl, pose, wfv_frame)
                     xyz_all.append(p)
@@ -315,17 +368,17 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                     w, h = image_size(data)
                 except Exception as e:  # noqa: BLE001 - any decoder failure is the reason
                     raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
-                g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", ic))  # noqa: E731
-                # Waymo measures pixels from the first pixel's edge (centre 0.5), the Frame from its centre (OpenCV)
-                c_u, c_v = g("c_u") - 0.5, g("c_v") - 0.5
-                K = np.array([[g("f_u"), 0, c_u], [0, g("f_v"), c_v], [0, 0, 1]], dtype=np.float64)
-                coeffs = np.array([g(c) for c in DISTORTION])
+                K, coeffs = once(("camera_K", name), lambda: camera_intrinsics(ccal, ic))
                 if coeffs.any():
-                    data = undistorted_jpeg(data, K, coeffs)
-                E_cam = _array(ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4)
+                    try:
+                        data = undistorted_jpeg(data, K, coeffs)
+                    except Exception as e:  # noqa: BLE001 - a truncated or corrupt image rejects its frame
+                        raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
+                E_cam = once(("camera_E", name), lambda: _array(
+                    ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4))
                 T = lidar_to_camera(E_top, E_cam, wfv_frame, wfv_cam)
                 static += wfv_frame is None or wfv_cam is None
-                cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K,
+                cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K.copy(),
                                 "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None})
             reason = sync_reason(int(ts), stamps, cfg.data.sync_tolerance_us)
             if reason:
