@@ -12,7 +12,7 @@ from raydseg.models.ema import EMA
 from raydseg.models.losses import ce_loss, soft_target_loss
 from raydseg.models.segmenter import build_segmenter
 from raydseg.refine import refine_numpy, refine_with_segments
-from raydseg.train.engine import load_train_state, lr_factor, save_train_state
+from raydseg.train.engine import load_train_state, lr_scheduler, save_train_state
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
 
@@ -94,7 +94,7 @@ def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
     model = build_segmenter(TINY)
     ema = EMA(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, "poly", 0))
+    sched = lr_scheduler(opt, 10, "poly", 2)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
     for _ in range(2):
         opt.zero_grad()
@@ -107,7 +107,7 @@ def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
     model2 = build_segmenter({**TINY})
     ema2 = EMA(model2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 10, "poly", 0))
+    sched2 = lr_scheduler(opt2, 10, "poly", 2)
     assert load_train_state(str(tmp_path / "state.pt"), model2, opt2, sched2, ema2) == 2
     for k, v in ema.state_dict().items():
         assert torch.equal(v, ema2.state_dict()[k]), k

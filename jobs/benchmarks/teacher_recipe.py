@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.losses import ce_loss
     from raydseg.models.segmenter import build_segmenter, normalize
     from raydseg.train.data import augment_example, degraded_view, is_val
-    from raydseg.train.engine import lr_factor, make_optimizer
+    from raydseg.train.engine import lr_scheduler, make_optimizer
     from raydseg.train.teacher import encoder_weights
 
     cfg = load_config(args.config, overrides=args.set)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
                              "dropout": t.dropout, "drop_path": t.drop_path}, encoder_weights(cfg))
     opt = make_optimizer(model, t.model_dump())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.schedule, t.warmup_steps))
+    sched = lr_scheduler(opt, t.steps, t.schedule, t.warmup_steps)
     losses, t0 = [], time.time()
     model.train()
     for _ in range(t.steps):

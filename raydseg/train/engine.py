@@ -33,8 +33,8 @@ class Task:
 
     model: the module that is optimised (unwrapped; the loop wraps it for DDP).
     step_fn: the objective (see the module docstring).
-    make_optimizer: model -> optimiser (its param groups' lr are the peak lrs that `lr_lambda` multiplies).
-    lr_lambda: step -> multiplier of the optimiser's lr (a LambdaLR, saved in the checkpoint).
+    make_optimizer: model -> optimiser (its param groups' lr are the peak lrs that the schedule multiplies).
+    make_scheduler: optimiser -> its torch LR scheduler, stepped once per step (saved in the checkpoint).
     ema: an EMA copy of `model` made before DDP (student teacher, DINO teacher), updated after every step with
         `ema_momentum(step)` when that is given; saved in the checkpoint.
     before_update: (model, optimiser, step) -> metrics, called between backward and optimiser.step (gradient
@@ -47,7 +47,7 @@ class Task:
     model: nn.Module
     step_fn: StepFn
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    lr_lambda: Callable[[int], float]
+    make_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
     ema: EMA | None = None
     ema_momentum: Callable[[int], float] | None = None
     before_update: Callable[[nn.Module, torch.optim.Optimizer, int], dict[str, float]] | None = None
@@ -69,18 +69,27 @@ def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimiz
     raise ValueError(f"unknown optimizer '{cfg['optimizer']}' (sgd | adamw)")
 
 
-def lr_factor(step: int, steps: int, schedule: str, warmup: int, power: float = 0.9) -> float:
-    """Multiplier of the base LR at `step`: linear warmup, then poly(power) or cosine decay to 0 at `steps`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    t = min(max(step - warmup, 0) / max(steps - warmup, 1), 1.0)
+def lr_scheduler(optimizer: torch.optim.Optimizer, steps: int, schedule: str, warmup: int,
+                 power: float = 0.9) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers, stepped once per optimiser step: linear warmup from lr / warmup to lr over `warmup`
+    steps (`LinearLR`), then poly(power) (`PolynomialLR`) or cosine (`CosineAnnealingLR`) decay to 0 at `steps`, or
+    constant. Factor at step s < warmup: (s + 1) / warmup; after: (1 - t)^power or (1 + cos(pi t)) / 2 with
+    t = (s - warmup) / (steps - warmup)."""
+    from torch.optim import lr_scheduler as sched
+
+    decay = max(steps - warmup, 1)
     if schedule == "poly":
-        return (1 - t) ** power
-    if schedule == "cosine":
-        return 0.5 * (1 + np.cos(np.pi * t))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule '{schedule}' (poly | cosine | constant)")
+        main = sched.PolynomialLR(optimizer, total_iters=decay, power=power)
+    elif schedule == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=decay, eta_min=0.0)
+    elif schedule == "constant":
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"unknown schedule '{schedule}' (poly | cosine | constant)")
+    if warmup <= 0:
+        return main
+    warm = sched.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return sched.SequentialLR(optimizer, [warm, main], milestones=[warmup])
 
 
 def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict[str, torch.Tensor]],

@@ -4,7 +4,7 @@ A stage's worker function (raydseg.train.segmentation: teacher / student, raydse
 `lambda config: fit(config, build_task)`, where `build_task(config, device, rank)` returns the stage's
 `raydseg.train.engine.Task` (model, step function, EMA, export...). `fit` does the rest, the same for every stage:
 
-- DDP (`prepare_model`), the optimiser and its LambdaLR schedule;
+- DDP (`prepare_model`), the optimiser and its LR scheduler;
 - determinism: each rank's data is `config["feed"]` (a raydseg.train.feed.Feed) on the seeded schedule of
   raydseg.train.feed, and torch's RNG is reseeded from (seed, rank, step) before every step, so the same seed gives
   the same weights and a resumed run continues exactly where the checkpoint left it;
@@ -101,7 +101,7 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
     ema = task.ema
     model = ray.train.torch.prepare_model(task.model)
     optimizer = task.make_optimizer(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
+    scheduler = task.make_scheduler(optimizer)
 
     start = 0
     ckpt = ray.train.get_checkpoint()

@@ -256,7 +256,9 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
     return Task(model=student, step_fn=DinoStep(teacher, loss, config["local_crops"]),
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
                                                            weight_decay=config["weight_decay"]),
-                lr_lambda=lambda s: float(lr[min(s, steps - 1)]) / base_lr, ema=ema,
+                make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(  # DINO's schedule array (lr and wd)
+                    opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr),
+                ema=ema,
                 ema_momentum=lambda s: float(momentum[min(s, steps - 1)]), before_update=before_update,
                 validate=validate, export=export, extra_state=lambda: {"center": loss.center.detach().cpu()},
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
@@ -290,7 +292,7 @@ def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str
     task = pretrain_task(config, dev, 0, probe=probe)
     model = task.model.to(dev).train()
     optimizer = task.make_optimizer(model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
+    scheduler = task.make_scheduler(optimizer)
     batches = local_batches(images, config, config["batch_size"], dev, config["seed"])
     history = [{"step": 0, **task.validate(0, True)}] if probe is not None else []
     steps, t0, seen = int(config["steps"]), time.time(), 0.0

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from raydseg.models.ema import EMA
 from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
-from raydseg.train.engine import Task, lr_factor, make_optimizer, validate_segmenter
+from raydseg.train.engine import Task, lr_scheduler, make_optimizer, validate_segmenter
 from raydseg.train.steps import DistillationStep, SegmentationStep
 
 
@@ -83,9 +83,8 @@ def _exporter(config: dict[str, Any], model_cfg: dict[str, Any], export_model: n
     return export
 
 
-def _lr_lambda(config: dict[str, Any]):
-    steps, schedule, warmup = int(config["steps"]), config["schedule"], config["warmup_steps"]
-    return lambda s: lr_factor(s, steps, schedule, warmup)
+def _scheduler(config: dict[str, Any]):
+    return lambda opt: lr_scheduler(opt, int(config["steps"]), config["schedule"], config["warmup_steps"])
 
 
 def teacher_task(config: dict[str, Any], device: torch.device, rank: int) -> Task:
@@ -94,7 +93,7 @@ def teacher_task(config: dict[str, Any], device: torch.device, rank: int) -> Tas
     rows = _val_rows(config, rank)
     step_fn = SegmentationStep(model_cfg["mean"], model_cfg["std"], config.get("class_balance", 0.0))
     return Task(model=model, step_fn=step_fn,
-                make_optimizer=lambda m: make_optimizer(m, config), lr_lambda=_lr_lambda(config),
+                make_optimizer=lambda m: make_optimizer(m, config), make_scheduler=_scheduler(config),
                 validate=_validator(config, model, rows), export=_exporter(config, model_cfg, model, rows))
 
 
@@ -110,7 +109,7 @@ def student_task(config: dict[str, Any], device: torch.device, rank: int) -> Tas
     exported = ema.module if (use_ema and config["export"] == "ema") else model
     return Task(model=model,
                 step_fn=DistillationStep(teacher, model.n_cls, config, model_cfg["mean"], model_cfg["std"]),
-                make_optimizer=lambda m: make_optimizer(m, config), lr_lambda=_lr_lambda(config), ema=ema,
+                make_optimizer=lambda m: make_optimizer(m, config), make_scheduler=_scheduler(config), ema=ema,
                 ema_momentum=(lambda step: momentum) if use_ema else None,
                 validate=_validator(config, model, rows), export=_exporter(config, model_cfg, exported, rows))
 
