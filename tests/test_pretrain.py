@@ -312,7 +312,7 @@ def test_pretrain_stage_is_opt_in():
 @pytest.mark.slow
 def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics(ray_local, tmp_path, monkeypatch):
     """Also: the same pretraining with its worker SIGKILLed at step 3 restarts from its checkpoint and writes the
-    same backbone, byte for byte."""
+    same backbone weights, bit for bit."""
     # mlflow.set_tracking_uri of an earlier test also sets MLFLOW_TRACKING_URI, which wins over tracking.uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
@@ -350,4 +350,7 @@ def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics
                       callbacks=[KillAt(3, 0, str(marker))])
     # restarted from the step-2 checkpoint, or from scratch when Ray Train saw the death before registering it
     assert marker.exists() and killed.metrics["step"] == cfg.pretrain.steps and killed.metrics["start_step"] in (0, 2)
-    assert (tmp_path / "killed" / "backbone.safetensors").read_bytes() == path.read_bytes()
+    from safetensors.torch import load_file  # the header's metadata order varies (a Rust hash map): compare tensors
+
+    killed_weights, weights = load_file(tmp_path / "killed" / "backbone.safetensors"), load_file(path)
+    assert killed_weights.keys() == weights.keys() and all(torch.equal(killed_weights[k], weights[k]) for k in weights)

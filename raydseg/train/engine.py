@@ -40,7 +40,8 @@ class Task:
     before_update: (model, optimiser, step) -> metrics, called between backward and optimiser.step (gradient
         clipping, frozen layers, weight-decay schedule).
     validate: (step, final) -> metrics, on rank 0 at every log point (the task decides when it has work to do).
-    export: (logger, last_loss) -> None, on rank 0 after the last step (final model files, MLflow artifacts).
+    export: (mlflow, last_loss) -> None, on rank 0 after the last step (final model files, MLflow artifacts):
+        `mlflow` is the module from Ray's setup_mlflow, or the no-op `loop.NO_MLFLOW` without a run.
     extra_state / load_extra_state: further tensors of the objective for the checkpoint (DINO's center).
     """
 

@@ -11,7 +11,8 @@ A stage's worker function (raydseg.train.segmentation: teacher / student, raydse
 - `accum` micro-batches per worker per step (global batch = micro x workers x accum, exactly: feed.batch_split)
   through `engine.train_one_step`; the EMA update after every step;
 - every `log_every` steps (and the last) the task's validation on rank 0 and a row of MLflow metrics
-  `<prefix><name>` (loss, lr, images_per_s, gpu_mem_gb, the step function's metrics);
+  `<prefix><name>` (loss, lr, images_per_s, gpu_mem_gb, the step function's metrics), logged through Ray's
+  `setup_mlflow` on rank 0 into the stage's child run;
 - every `checkpoint_every` steps (and the last) rank 0 attaches a checkpoint (engine.save_train_state) to
   `ray.train.report`, called the same number of times on every rank (it is a barrier). A restarted attempt
   (FailureConfig) or a rerun with the same RunConfig resumes from `ray.train.get_checkpoint()`;
@@ -35,39 +36,30 @@ from raydseg.train.feed import batch_split, rank_batches
 STATE = "state.pt"
 
 
-class MlflowLogger:
-    """Rank-0 MLflow client writing into an existing run (the stage's child run); no-op without a run id."""
+class _NoMlflow:
+    """The mlflow module of a rank that does not log (not rank 0, or no run to log into): every call is a no-op."""
 
-    def __init__(self, uri: str, run_id: str, prefix: str):
-        self.run_id, self.prefix = run_id, prefix
-        self.client = None
-        if run_id:
-            import mlflow
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
-            self.client = mlflow.MlflowClient(tracking_uri=uri or None)
 
-    def params(self, params: dict[str, Any]) -> None:
-        if not self.client:
-            return
-        from mlflow.entities import Param
+NO_MLFLOW: Any = _NoMlflow()
 
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.client:
-            return
-        from mlflow.entities import Metric
+def worker_mlflow(config: dict[str, Any], rank: int, params: dict[str, Any]) -> Any:
+    """Rank 0: Ray's `setup_mlflow` logging into the stage's existing child run (`mlflow_run_id`, resumed through
+    MLFLOW_RUN_ID) with `params`; the other ranks, or no run id: NO_MLFLOW."""
+    run_id = config.get("mlflow_run_id", "")
+    if not run_id or rank != 0:
+        return NO_MLFLOW
+    import mlflow
+    from ray.air.integrations.mlflow import setup_mlflow
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(f"{self.prefix}{k}", float(v), ts, step)
-                                                    for k, v in metrics.items()])
-
-    def artifacts(self, local_dir: str, path: str) -> None:
-        if self.client:
-            self.client.log_artifacts(self.run_id, local_dir, path)
+    uri = config.get("tracking_uri") or None
+    experiment_id = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    return setup_mlflow({k: str(v)[:6000] for k, v in params.items()}, tracking_uri=uri,
+                        experiment_id=experiment_id, rank_zero_only=True)
 
 
 def use_deterministic_kernels() -> None:
@@ -113,11 +105,9 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
         if ema is not None:
             ema.module.to(device)
 
-    log = MlflowLogger(config.get("tracking_uri", ""), config.get("mlflow_run_id", ""), config.get("prefix", "")) \
-        if rank == 0 else MlflowLogger("", "", "")
-    if rank == 0:
-        log.params({**config.get("params", {}), **task.params, "world_size": world, "micro_batch_size": micro,
-                    "grad_accum": accum})
+    prefix = config.get("prefix", "")
+    log = worker_mlflow(config, rank, {**config.get("params", {}), **task.params, "world_size": world,
+                                       "micro_batch_size": micro, "grad_accum": accum})
     callbacks = config.get("callbacks") or []
     use_amp = bool(config.get("amp")) and device.type == "cuda"
     batches = rank_batches(config["feed"], seed=config["seed"], start=start, steps=steps, micro=micro, world=world,
@@ -145,7 +135,8 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if rank == 0 and task.validate is not None:
                 metrics.update(task.validate(done, done == steps))
-            log.metrics({k: v for k, v in metrics.items() if k not in ("step", "start_step")}, step=done)
+            log.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if k not in ("step", "start_step")},
+                            step=done)
         for callback in callbacks:
             callback(done, rank, model)
         if done % config["checkpoint_every"] == 0 or done == steps:

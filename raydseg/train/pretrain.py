@@ -247,11 +247,11 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
         path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
         meta = {"backbone": config["backbone"], "format": "timm", "source": "raydseg pretrain", "steps": str(steps)}
         save_backbone(teacher, path, meta)
-        if log.client:
+        if log.active_run() is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_backbone(teacher, os.path.join(tmp, CHECKPOINT), meta)
-                log.artifacts(tmp, "backbone")
-            log.metrics({"final_loss": last_loss}, step=steps)
+                log.log_artifacts(tmp, "backbone")
+            log.log_metric(f"{config['prefix']}final_loss", last_loss, step=steps)
 
     return Task(model=student, step_fn=DinoStep(teacher, loss, config["local_crops"]),
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
@@ -283,9 +283,8 @@ def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str
     """DINO pretraining in one process on one device, without Ray (a GPU machine with torch + timm only): the same
     task, step function, schedules and export as the stage. `config`: the `pretrain` section as a dict plus `seed`
     and `out_dir` (local). Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
-    from types import SimpleNamespace
-
     from raydseg.train.engine import train_one_step
+    from raydseg.train.loop import NO_MLFLOW
 
     dev = torch.device(device)
     torch.manual_seed(config["seed"])
@@ -308,7 +307,7 @@ def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str
             row.update(task.validate(done, done == steps))
             history.append(row)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    task.export(SimpleNamespace(client=None), history[-1]["loss"] if history else float("nan"))
+    task.export(NO_MLFLOW, history[-1]["loss"] if history else float("nan"))
     return history
 
 
@@ -325,7 +324,7 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
     """DINO-pretrain `cfg.pretrain.backbone` on the camera images of `frames_dir`; writes
     `<out_dir>/backbone.safetensors`. Returns (ray.train.Result, k-NN metrics of the initial backbone)."""
     from raydseg import storage
-    from raydseg.train.loop import MlflowLogger
+    import mlflow
     from raydseg.train.teacher import run_trainer
 
     p = cfg.pretrain
@@ -345,8 +344,11 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
                 torch.manual_seed(cfg.run.seed)  # the same initial backbone as the workers build
                 init = build_dino_model(p.backbone, **_model_kwargs(config)).backbone
             before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size)
-            MlflowLogger(tracking_uri, mlflow_run_id, "pretrain/").metrics(
-                {k: v for k, v in before.items() if k != "knn_n_segments"}, step=0)
+            if mlflow_run_id:
+                client = mlflow.MlflowClient(tracking_uri=tracking_uri or None)
+                for k, v in before.items():
+                    if k != "knn_n_segments":
+                        client.log_metric(mlflow_run_id, f"pretrain/{k}", float(v), step=0)
     config["feed"] = pretrain_feed(frames_dir, config)
     result = run_trainer(p, config, out_dir, name, timeout_s, loop=pretrain_loop_per_worker)
     return result, before

@@ -76,10 +76,11 @@ def _exporter(config: dict[str, Any], model_cfg: dict[str, Any], export_model: n
                 with open(os.path.join(tmp, name + ".png"), "wb") as f:
                     f.write(encode_png(overlay(r["image"], pred)))
             if rows:
-                log.artifacts(tmp, "overlays")
-        if log.client:
-            log_model_artifact(storage.join(out_dir, "model"), log.run_id, log.client)
-            log.metrics({"final_loss": last_loss}, step=config["steps"])
+                log.log_artifacts(tmp, "overlays")
+        run = log.active_run()
+        if run is not None:
+            log_model_artifact(storage.join(out_dir, "model"), run.info.run_id)
+            log.log_metric(f"{config['prefix']}final_loss", last_loss, step=config["steps"])
     return export
 
 
