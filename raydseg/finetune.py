@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from raydseg import tracking
+    from raydseg.eval.sets import eval_sets
     from raydseg.outputs import resolve
     from raydseg.pipeline import init_ray, output_root
-    from raydseg.stages.evaluate import eval_sets
 
     ns, seeds = sorted(_ints(args.n, "--n")), _ints(args.seeds, "--seeds")
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]

@@ -98,8 +98,7 @@ def eval_digest(cfg: Config, stage_dirs: dict[str, str]) -> str:
     import hashlib
 
     from raydseg import storage
-    from raydseg.eval.sets import list_samples
-    from raydseg.stages.evaluate import eval_sets
+    from raydseg.eval.sets import eval_sets, list_samples
 
     h = hashlib.sha256()
     for s in eval_sets(cfg, stage_dirs["ingest"]):

@@ -82,6 +82,28 @@ def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = 
         mlflow.log_metrics(clean, step=step)
 
 
+def log_with_parent(metrics: dict[str, float], files: list[tuple[str, str]], parent_run_id: str) -> None:
+    """Metrics and (local file, artifact dir) files to the active (stage) MLflow run; metrics also to the parent run,
+    which carries the config params (compare_runs reads metrics there). Nothing without an active run."""
+    import time
+
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_metrics(metrics)
+    for local, rel in files:
+        mlflow.log_artifact(local, rel)
+    if parent_run_id:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            MlflowClient().log_batch(parent_run_id, metrics=items[i:i + 500])
+
+
 @contextlib.contextmanager
 def child_run(name: str, parent_run_id: str) -> Iterator[str]:
     """A nested run under the pipeline's parent run; yields its run id."""

@@ -73,9 +73,7 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
     replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed."""
     from raydseg.config import load_config
     from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
-    from raydseg.eval.sets import list_samples, load_label
-    from raydseg.eval.sets import read_prediction
-    from raydseg.stages.evaluate import eval_sets
+    from raydseg.eval.sets import eval_sets, list_samples, load_label, read_prediction
 
     mapping = stage_mapping(run, model)
     rng, out = np.random.default_rng(seed), {}

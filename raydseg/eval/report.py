@@ -1,15 +1,19 @@
 """One self-contained HTML evaluation report per run: images embedded as data URIs so the single file renders in
 MLflow's artifact view (and anywhere else) without sibling files; and the evaluate stage's sections of it (summary,
-per model and set: per-class IoU, confusion matrix, overlays; the descriptors' k-NN and PCA)."""
+per model and set: per-class IoU, confusion matrix, overlays; the descriptors' k-NN and PCA), put together by
+`evaluation_report`."""
 from __future__ import annotations
 
 import base64
 import html
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from raydseg.config import EvalConfig
 
 
 @dataclass
@@ -75,14 +79,15 @@ def render_report(title: str, meta: dict[str, str], sections: list[Section]) -> 
     return "".join(parts)
 
 
-def model_set_section(model: str, eval_set, samples: list, detail: dict, mapped: np.ndarray, mapping: np.ndarray,
+def model_set_section(model: str, eval_set, samples: list, detail: dict, confusion: np.ndarray, mapping: np.ndarray,
                       fit_name: str, headline: str, pred_root: str, n_overlays: int,
                       save_png: Callable[[str, bytes], None]) -> Section:
-    """Per-class IoU under both mappings, the mapped confusion matrix and the first `n_overlays` overlays
-    (image | mapped prediction | ground truth) of `model` on one eval set; each PNG also goes to
+    """Per-class IoU under both mappings, the confusion matrix (n_pred, n_gt) mapped by `mapping` and the first
+    `n_overlays` overlays (image | mapped prediction | ground truth) of `model` on one eval set; each PNG also goes to
     `save_png(rel, png)`."""
     from raydseg.eval import plots
     from raydseg.eval.matching import map_prediction, other_method
+    from raydseg.eval.metrics import apply_mapping
     from raydseg.eval.sets import class_names, load_image, load_label, read_prediction
 
     names = class_names(eval_set.n_classes)
@@ -91,7 +96,7 @@ def model_set_section(model: str, eval_set, samples: list, detail: dict, mapped:
                   [[names[c], float(detail[headline]["iou"][c]), float(detail[other]["iou"][c])]
                    for c in range(eval_set.n_classes)])
     title = f"{model} on {eval_set.name} ({headline} mapping fitted on {fit_name})"
-    cm_png = plots.confusion_plot(mapped, names + ["ignore (unmatched)"], names, title=title)
+    cm_png = plots.confusion_plot(apply_mapping(confusion, mapping), names + ["ignore (unmatched)"], names, title=title)
     save_png(f"{model}/{eval_set.name}/confusion.png", cm_png)
     figs = [Figure("confusion matrix", cm_png, "rows: mapped prediction, columns: ground truth")]
     for x in samples[:n_overlays]:
@@ -115,6 +120,15 @@ def knn_section(metrics: dict[str, float], k: int, pca_png: bytes | None,
         [[name, v] for name, v in metrics.items() if name != "knn_n_segments"])], figures=figs)
 
 
+def summary_row(model: str, eval_set, fit_name: str, n_images: int, detail: dict, headline: str) -> list:
+    """The summary table's row of `model` on one eval set; `detail` {method: scores} as score_model gives it."""
+    from raydseg.eval.matching import other_method
+
+    other = other_method(headline)
+    return [model, eval_set.name, fit_name, n_images, detail[headline]["miou"], detail[headline]["pixel_acc"],
+            detail[other]["miou"], detail[other]["pixel_acc"]]
+
+
 def summary_section(rows: list[list], headline: str) -> Section:
     """One row per (model, set): model, set, fit set, images, mIoU and pixel accuracy under both mappings."""
     from raydseg.eval.matching import other_method
@@ -123,3 +137,16 @@ def summary_section(rows: list[list], headline: str) -> Section:
     return Section("Metrics", tables=[Table(f"summary (headline mapping: {headline})",
                                             ["model", "set", "mapping fitted on", "images", "mIoU", "pixel acc",
                                              f"mIoU ({other})", f"pixel acc ({other})"], rows)])
+
+
+def evaluation_report(run_name: str, run_root: str, sets: list, cfg: EvalConfig, summary_rows: list[list],
+                      model_sections: list[Section], knn_metrics: dict[str, float], pca_png: bytes | None,
+                      save_png: Callable[[str, bytes], None]) -> str:
+    """HTML text of the evaluate stage's report: the summary, the descriptors' k-NN and PCA (when measured), then one
+    section per model and set, under a header naming the run root, the sets and the inference settings."""
+    sections = [summary_section(summary_rows, cfg.matching)] + \
+        ([knn_section(knn_metrics, cfg.knn_k, pca_png, save_png)] if knn_metrics else []) + model_sections
+    return render_report(f"raydseg evaluation: {run_name}",
+                         {"run root": run_root, "sets": ", ".join(f"{s.name} ({s.format})" for s in sets),
+                          "inference": f"size={cfg.size} window={cfg.window} stride={cfg.stride}",
+                          "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, sections)

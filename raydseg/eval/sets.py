@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from raydseg import storage
+from raydseg.config import Config
 from raydseg.eval.metrics import IGNORE_INDEX
 
 FORMATS = ("cityscapes", "cityscapes27", "acdc", "darkzurich", "nightdriving")
@@ -107,6 +108,14 @@ def parse_eval_sets(spec: str) -> list[EvalSet]:
     return sets
 
 
+def eval_sets(cfg: Config, ingest_dir: str) -> list[EvalSet]:
+    """`eval.sets`, or the synthetic source's splits `synthetic_<cond>` from `<ingest_dir>/eval/<cond>` when empty."""
+    if cfg.eval.sets.strip():
+        return parse_eval_sets(cfg.eval.sets)
+    return [EvalSet(f"synthetic_{c}", "cityscapes", storage.join(ingest_dir, "eval", c))
+            for c in cfg.synthetic.eval_conditions]
+
+
 def _walk(root: str) -> list[str]:
     """All file paths under `root` (relative, '/'-separated), sorted; [] when root does not exist."""
     if not storage.exists(root):
@@ -163,6 +172,17 @@ def list_samples(eval_set: EvalSet, split: str = "val") -> list[EvalSample]:
         return _pairs(root, "leftImg8bit/test/night", "_leftImg8bit.png", "gtCoarse_daytime_trainvaltest/test/night",
                       [("_gtCoarse_labelIds.png", "labelIds"), ("_gtCoarse_labelTrainIds.png", "trainIds")])
     raise ValueError(f"unknown eval set format {fmt!r}")
+
+
+def eval_samples(sets: list[EvalSet], max_images: int = 0) -> tuple[dict[str, list[EvalSample]], list[dict]]:
+    """({set name: its first `max_images` (0: all) image/label pairs}, rejects): a set without any is a reject."""
+    samples, rejects = {}, []
+    for s in sets:
+        found = list_samples(s)[: max_images or None]
+        if not found:
+            rejects.append({"id": f"set:{s.name}", "reason": f"no image/label pairs in {s.format} layout at {s.root}"})
+        samples[s.name] = found
+    return samples, rejects
 
 
 def _read_png(path: str) -> np.ndarray:

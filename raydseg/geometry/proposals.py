@@ -1,7 +1,7 @@
 """Per-sweep proposals: density subsampling -> range image -> ground -> segments -> per-camera segment images.
 
 Pure functions over Frame rows (raydseg.data.schema row form) and a ProposalsConfig; the Ray stage
-(raydseg.stages.proposals) only maps `sweep_segments` / `camera_segments` over part files.
+(raydseg.stages.proposals) only maps `frame_outputs` over part files and summarises them with `proposal_metrics`.
 """
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from raydseg.config import ProposalsConfig
+from raydseg.data.schema import encode_png
 from raydseg.geometry.ground import ground_points
 from raydseg.geometry.project import project_segments
 from raydseg.geometry.range_image import RangeImage, beam_rows, build_range_image
@@ -95,3 +97,58 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
 def frame_seed(frame_id: str, seed: int) -> int:
     """Deterministic per-frame seed for the subsampling (independent of processing order)."""
     return (zlib.crc32(frame_id.encode()) + 1_000_003 * seed) % (2**32)
+
+
+def frame_outputs(frame: dict, cfg: ProposalsConfig, seed: int = 0) -> tuple[list[dict], dict | None, dict,
+                                                                              list[dict]]:
+    """Proposals of one Frame row: (segment rows, points row or None, stats row, rejects), in the rows of the stage's
+    SEGMENTS_SCHEMA / POINTS_SCHEMA / STATS_SCHEMA. A camera with no LiDAR point in front of it inside the image is a
+    reject; a frame whose every camera is one is rejected as a whole (no segment rows, no points row)."""
+    fid = frame["frame_id"]
+    pts = np.asarray(frame["points"], np.float32).reshape(-1, 4)
+    sw = sweep_segments(pts, frame.get("ring"), cfg, seed=frame_seed(fid, seed))
+    rows, rejects = [], []
+    for cam in frame["cameras"]:
+        w, h = int(cam["width"]), int(cam["height"])
+        out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], w, h, cfg)
+        if out["n_in_image"] == 0:
+            rejects.append({"id": f"{fid}/{cam['name']}",
+                            "reason": f"camera {cam['name']}: no LiDAR points in front of the camera inside the image"})
+            continue
+        rows.append({"frame_id": fid, "camera": cam["name"], "width": w, "height": h,
+                     "segment_ids": encode_png(out["segment_ids"]), "n_segments": int(len(out["seg_id"])),
+                     "seg_id": out["seg_id"].tolist(), "seg_n_points": out["seg_n_points"].tolist(),
+                     "seg_centroid": out["seg_centroid"].reshape(-1).tolist(),
+                     "seg_extent": out["seg_extent"].reshape(-1).tolist(), "seg_range": out["seg_range"].tolist(),
+                     "seg_n_pixels": out["seg_n_pixels"].tolist(), "ground_px": encode_png(out["ground_px"])})
+    stats = {"frame_id": fid, "n_points": len(pts), "n_used": int(sw.use.sum()), "n_ground": int(sw.ground.sum()),
+             "n_segmented": int((sw.segment_id > 0).sum()), "n_segments": int(sw.segment_id.max(initial=0))}
+    if not rows:
+        reasons = "; ".join(r["reason"] for r in rejects) or "frame has no cameras"
+        return [], None, stats, [{"id": fid, "reason": reasons}]
+    points = {"frame_id": fid, "is_ground": sw.ground.astype(np.uint8), "segment_id": sw.segment_id}
+    return rows, points, stats, rejects
+
+
+def proposal_metrics(stats: list[pa.Table], segments: list[pa.Table]) -> dict[str, float]:
+    """Segments per frame, points per segment, ground and segmented share of the used points (per frame, averaged),
+    image coverage and segments per image, from the stage's parts: `stats` STATS_SCHEMA tables, `segments` tables
+    with the width, height and seg_n_pixels columns of SEGMENTS_SCHEMA. A metric without parts is left out."""
+    m: dict[str, float] = {}
+    if stats:
+        st = pa.concat_tables(stats)
+        n_seg = np.asarray(st["n_segments"], float)
+        seg_pts = np.asarray(st["n_segmented"], float)
+        used = np.maximum(np.asarray(st["n_used"], float), 1)
+        m["segments_per_frame"] = float(n_seg.mean())
+        m["points_per_segment"] = float(seg_pts.sum() / max(n_seg.sum(), 1))
+        m["ground_fraction"] = float((np.asarray(st["n_ground"], float) / used).mean())
+        m["segmented_fraction"] = float((seg_pts / used).mean())
+    if segments:
+        sg = pa.concat_tables(segments)
+        px = np.array([sum(v) for v in sg["seg_n_pixels"].to_pylist()], float)
+        area = np.asarray(sg["width"], float) * np.asarray(sg["height"], float)
+        if len(px):
+            m["image_coverage"] = float((px / area).mean())
+            m["segments_per_image"] = float(np.mean([len(v) for v in sg["seg_n_pixels"].to_pylist()]))
+    return m
