@@ -52,7 +52,7 @@ def _writable_problem(root: str) -> str | None:
 
 def source_layout_problem(cfg: Config) -> str | None:
     """None when data.root holds the chosen real source's layout; else what was looked for there."""
-    from raydseg.stages.ingest import source_module
+    from raydseg.data.shards import source_module
 
     return source_module(cfg.data.source).layout_problem(cfg)
 

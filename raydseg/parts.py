@@ -2,7 +2,8 @@
 
 A part (`part-*.parquet`, a few sweeps) is the unit of parallelism and of resume: parts whose outputs all
 exist are skipped, so a rerun after a crash redoes only the unfinished parts. Part names stay aligned across
-stages (part-00003 of every stage holds the same frames).
+stages (part-00003 of every stage holds the same frames). `DoneMarkers` is the one resume scheme: `map_parts` marks
+parts in `_parts/`, the ingest stage marks source shards in `_shards/`.
 """
 from __future__ import annotations
 
@@ -51,12 +52,34 @@ def single_operator_pipeline() -> Iterator[None]:
         ctx.op_resource_reservation_enabled = before
 
 
+@dataclass(frozen=True)
+class DoneMarkers:
+    """Resume markers of one stage folder: `<out_dir>/<folder>/<unit>.json` holds a unit's stats and is written after
+    all of the unit's outputs, so a unit counts as done only once its marker exists and a rerun redoes the others."""
+
+    out_dir: str
+    folder: str = "_parts"
+
+    def path(self, unit: str) -> str:
+        return storage.join(self.out_dir, self.folder, unit + ".json")
+
+    def done(self, unit: str) -> bool:
+        return storage.exists(self.path(unit))
+
+    def todo(self, units: list[str]) -> list[str]:
+        """The units without a marker, in order."""
+        return [u for u in units if not self.done(u)]
+
+    def mark(self, unit: str, stats: dict[str, Any]) -> None:
+        """Call last, after every output of `unit` is written."""
+        storage.write_json(self.path(unit), stats)
+
+    def read(self, unit: str) -> dict[str, Any]:
+        return storage.read_json(self.path(unit))
+
+
 def _out_path(out_dir: str, key: str, name: str) -> str:
     return storage.join(out_dir, key, name) if key else storage.join(out_dir, name)
-
-
-def _done_marker(out_dir: str, name: str) -> str:
-    return storage.join(out_dir, "_parts", name + ".json")
 
 
 def _process(fn: PartFn, in_dir: str, out_dir: str, name: str) -> dict[str, Any]:
@@ -66,7 +89,7 @@ def _process(fn: PartFn, in_dir: str, out_dir: str, name: str) -> dict[str, Any]
         storage.write_table(out, _out_path(out_dir, key, name))
     stats = {"part": name, "rows_in": table.num_rows, "rows_out": {k: t.num_rows for k, t in outputs.items()},
              "rejects": rejects}
-    storage.write_json(_done_marker(out_dir, name), stats)  # last: the part counts as done only now
+    DoneMarkers(out_dir).mark(name, stats)  # last: the part counts as done only now
     return stats
 
 
@@ -94,7 +117,8 @@ def map_parts(in_dir: str, out_dir: str, fn: PartFn | type, *, num_cpus: float =
     import ray
 
     names = part_names(in_dir)
-    todo = [n for n in names if not storage.exists(_done_marker(out_dir, n))]
+    markers = DoneMarkers(out_dir)
+    todo = markers.todo(names)
     if todo:
         with single_operator_pipeline():
             ds = ray.data.from_items([{"part": n} for n in todo], override_num_blocks=len(todo))
@@ -113,7 +137,7 @@ def map_parts(in_dir: str, out_dir: str, fn: PartFn | type, *, num_cpus: float =
             ds.materialize()
     result = PartsResult()
     for name in names:
-        stats = storage.read_json(_done_marker(out_dir, name))
+        stats = markers.read(name)
         result.counts["rows_in"] = result.counts.get("rows_in", 0) + stats["rows_in"]
         for key, n in stats["rows_out"].items():
             k = f"rows_out{'_' + key if key else ''}"

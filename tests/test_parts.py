@@ -43,7 +43,7 @@ def test_map_parts_writes_aligned_parts_and_resumes(ray_local, tmp_path):
     # marker may run again (its output was never committed)
     marked = set(storage.listdir(storage.join(root, "out", "_parts")) if storage.exists(
         storage.join(root, "out", "_parts")) else [])
-    assert "part-00002.json" not in marked and not (logs / "ran-20").exists()
+    assert "part-00002.parquet.json" not in marked and not (logs / "ran-20").exists()
     assert marked, "part 2 starts only when a slot of the 2 CPUs frees: some part had finished"
     assert not storage.exists(storage.join(root, "out", "part-00002.parquet"))  # nothing half-written
 
