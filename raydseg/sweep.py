@@ -84,7 +84,8 @@ def build_configs(spec: SweepSpec) -> list[tuple[Variant, Config]]:
     out, problems = [], []
     for v in variants(spec):
         try:
-            out.append((v, load_config(spec.config or None, [*spec.set, *v.overrides, f"run.name={spec.name}-{v.name}"])))
+            overrides = [*spec.set, *v.overrides, f"run.name={spec.name}-{v.name}"]
+            out.append((v, load_config(spec.config or None, overrides)))
         except ConfigError as e:
             problems += [f"variant {v.name}: {p}" for p in e.problems]
     if problems:

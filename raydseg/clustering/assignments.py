@@ -15,6 +15,7 @@ ASSIGN_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), (
                            ("pseudo_class", pa.uint8())])
 
 Lookup = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (frame_id, camera) -> (segment ids, classes)
+NO_SEGMENTS = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # what a Lookup gives an image without segments
 
 
 def write_assignments(files: Sequence[tuple[str, int]], classes: np.ndarray, assign_dir: str) -> None:
@@ -48,7 +49,7 @@ def read_assignments(assign_dir: str, parts: Sequence[str]) -> Lookup:
 
 def keys_at(files: Sequence[tuple[str, int]], idx: np.ndarray) -> list[tuple[str, str, int]]:
     """The (frame_id, camera, segment_id) of global rows `idx` of features parts [(path, rows)], in idx order;
-    reads the key columns of the parts that hold them only."""
+    reads the key columns of the parts that hold them only, once each."""
     idx = np.asarray(idx, np.int64)
     out: dict[int, tuple[str, str, int]] = {}
     start = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from raydseg import storage
-from raydseg.clustering.assignments import read_assignments
+from raydseg.clustering.assignments import NO_SEGMENTS, read_assignments
 from raydseg.clustering.pseudolabels import class_of_cluster, montage, purity, segment_purity, segment_thumbnail
 from raydseg.data.frame_lookup import camera_records
 from raydseg.data.schema import decode_image, encode_png
@@ -53,7 +53,7 @@ def purity_metrics(pl_dir: str, assign_dir: str, index: dict[str, str], seed: in
         lookup = read_assignments(assign_dir, [index[f] for f, *_ in rows if f in index])
         for f, c, lab, sid, gt in rows:
             gt_img = decode_image(gt)
-            ids, cls = lookup.get((f, c), (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            ids, cls = lookup.get((f, c), NO_SEGMENTS)
             labels.append(decode_image(lab))
             gts.append(gt_img)
             segs.append((decode_image(sid).astype(np.int64), gt_img, ids, cls))

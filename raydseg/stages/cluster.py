@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydseg import stage_requests, storage
-from raydseg.clustering.assignments import keys_at, read_assignments, write_assignments
+from raydseg.clustering.assignments import NO_SEGMENTS, keys_at, read_assignments, write_assignments
 from raydseg.clustering.diagnostics import montage_png, purity_metrics
 from raydseg.clustering.pseudolabels import class_of_cluster, paint_labels
 from raydseg.data.frame_lookup import camera_records, frame_index
@@ -49,7 +49,7 @@ def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[st
             continue
         seg = decode_image(row["segment_ids"])
         ground = decode_image(row["ground_px"]) if row["ground_px"] else None
-        ids, cls = lookup.get(key, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        ids, cls = lookup.get(key, NO_SEGMENTS)
         label = paint_labels(seg, ids, cls, ground, ground_class)
         rows.append({"frame_id": key[0], "camera": key[1], "image": cam["image"], "label": encode_png(label),
                      "segment_ids": row["segment_ids"], "gt_semantic": cam.get("gt_semantic")})
@@ -96,8 +96,10 @@ def run(ctx: StageContext) -> StageResult:
         for r, v in enumerate(res.restart_inertia):
             mlflow.log_metric("cluster/restart_inertia", v, step=r)
         if res.nearest:
-            png = montage_png([keys_at(files, idx) for idx in res.nearest], res.counts, frames_dir, seg_dir, index,
-                              cfg.montage_px, cfg.ground_class)
+            keys = keys_at(files, np.concatenate(res.nearest))  # one read of the key columns per part
+            bounds = np.cumsum([0, *map(len, res.nearest)])
+            png = montage_png([keys[a:b] for a, b in zip(bounds[:-1], bounds[1:])], res.counts, frames_dir, seg_dir,
+                              index, cfg.montage_px, cfg.ground_class)
             with tempfile.TemporaryDirectory() as tmp:
                 with open(os.path.join(tmp, "cluster_montage.png"), "wb") as f:
                     f.write(png)
