@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raydseg.eval.metrics import IGNORE_INDEX
+from raydseg.eval.metrics import IGNORE_INDEX, confusion_matrix
 
 
 def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
@@ -36,14 +36,10 @@ def purity(labels: list[np.ndarray], gts: list[np.ndarray], ignore: int = IGNORE
     """Majority-class fraction of labelled pixels: for every pseudo-class, the share of its pixels (with a valid
     ground truth) that belong to its most frequent ground-truth class, pooled over all images. labels / gts are
     lists of (H, W) uint8 images; pixels with label or gt == ignore are skipped."""
-    pairs = []
-    for lab, gt in zip(labels, gts):
-        m = (lab != ignore) & (gt != ignore)
-        pairs.append(lab[m].astype(np.int64) * 256 + gt[m].astype(np.int64))
-    codes = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
-    if len(codes) == 0:
+    conf = sum((confusion_matrix(lab, gt, ignore + 1, ignore, ignore) for lab, gt in zip(labels, gts)),
+               np.zeros((ignore + 1, ignore), np.int64))[:ignore]  # the last row: unlabelled pixels
+    if conf.sum() == 0:
         return float("nan")
-    conf = np.bincount(codes, minlength=256 * 256).reshape(256, 256)
     return float(conf.max(1).sum() / conf.sum())
 
 
