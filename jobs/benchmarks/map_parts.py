@@ -1,0 +1,83 @@
+"""Benchmark: the part-wise map of a stage three ways, on the same input parts and part function (issue 20).
+
+`python jobs/benchmarks/map_parts.py --frames DIR --out map_parts.json [--repeats 2]`
+
+DIR: an ingest stage's `frames/` folder (e.g. from `jobs/benchmarks/scale.py`, 64 parts of 384 frames). The part
+function is the proposals stage's (`process_table`, default config). Variants, each writing to a fresh folder:
+- `ray_data`: `parts.map_parts` as the stages run it (Ray Data map_batches, per-operator reservation lifted);
+- `ray_data_reserved`: the same with Ray Data's default resource reservation;
+- `ray_tasks`: plain Ray tasks, one per part (`ray.remote(num_cpus=1)` around the same `_process`), all submitted
+  at once, Ray's scheduler as the only queue.
+Baseline for the ratios: `ray_tasks`. Keys: `<variant>_parts_per_s` (best of --repeats), `<variant>_over_ray_tasks`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from unittest import mock
+
+
+def run_variant(name: str, in_dir: str, out_dir: str, fn) -> float:
+    """Seconds to map every part of `in_dir` into `out_dir` with variant `name`."""
+    import ray
+
+    from raydseg import parts
+
+    t = time.perf_counter()
+    if name == "ray_tasks":
+        task = ray.remote(num_cpus=1)(parts._process)
+        ray.get([task.remote(fn, in_dir, out_dir, n) for n in parts.part_names(in_dir)])
+    elif name == "ray_data":
+        parts.map_parts(in_dir, out_dir, fn)
+    else:  # ray_data_reserved: the same map_parts, without lifting Ray Data's per-operator reservation
+        with mock.patch.object(parts, "single_operator_pipeline", contextlib.nullcontext):
+            parts.map_parts(in_dir, out_dir, fn)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+
+    import ray
+
+    from raydseg.config import load_config
+    from raydseg.parts import part_names
+    from raydseg.stages.proposals import process_table
+
+    cfg = load_config()
+    fn = functools.partial(process_table, cfg_dict=cfg.to_dict()["proposals"], seed=0)
+    n_parts = len(part_names(a.frames))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out: dict[str, float] = {"parts": n_parts}
+    variants = ("ray_tasks", "ray_data", "ray_data_reserved")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_variant("ray_tasks", a.frames, f"{tmp}/warm", fn)  # warm-up: workers started, numba compiled
+        for r in range(a.repeats):
+            for v in variants:
+                dst = f"{tmp}/{v}_{r}"
+                s = run_variant(v, a.frames, dst, fn)
+                out[f"{v}_parts_per_s"] = max(out.get(f"{v}_parts_per_s", 0.0), n_parts / s)
+                shutil.rmtree(dst)
+    ray.shutdown()
+    for v in variants:
+        out[f"{v}_over_ray_tasks"] = out[f"{v}_parts_per_s"] / out["ray_tasks_parts_per_s"]
+    for k, v in out.items():
+        print(f"{k:36s} {v:.4g}")
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    from raydseg.cli import guarded
+
+    sys.exit(guarded(main)())
