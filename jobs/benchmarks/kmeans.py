@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -116,7 +115,7 @@ def main() -> None:
     import ray
 
     from raydseg.clustering.kmeans import kmeans_distributed
-    from raydseg.procstats import peak_rss_gb
+    from raydseg.procstats import child_figures, peak_rss_gb, write_figures
 
     x = blobs(a.n, a.d, a.k)
     out: dict[str, float] = {"n": a.n, "d": a.d, "k": a.k, "iters": a.iters}
@@ -142,9 +141,8 @@ def main() -> None:
     ray.shutdown()
     with tempfile.TemporaryDirectory() as parts_dir:
         write_parts(x, parts_dir, n_parts=32)
-        child = subprocess.run([sys.executable, __file__, "--out", "-", "--driver-only", parts_dir, "--k", str(a.k),
-                                "--iters", str(a.iters)], check=True, capture_output=True, text=True)
-    pq_run = json.loads(child.stdout.strip().splitlines()[-1])
+        pq_run = child_figures([__file__, "--out", "-", "--driver-only", parts_dir, "--k", str(a.k), "--iters",
+                                str(a.iters)])
     out["matrix_gb"] = x.nbytes / 2**30
     out["dist_driver_peak_rss_gb"] = pq_run["peak_rss_gb"]
     out["dist_driver_over_matrix_ratio"] = pq_run["peak_rss_gb"] / out["matrix_gb"]
@@ -157,11 +155,7 @@ def main() -> None:
     out["dist_2_over_faiss_ratio"] = out["dist_2_actors_s"] / out["faiss_s"]
     out.update(features_throughput(descriptor="crop_cls"))
     out.update(features_throughput(descriptor="mask_pool"))
-    print(f"{'metric':36s} value")
-    for k, v in out.items():
-        print(f"{k:36s} {v:.4g}")
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_figures(out, a.out)
 
 
 if __name__ == "__main__":

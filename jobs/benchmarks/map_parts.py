@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import shutil
 import sys
 import tempfile
@@ -52,6 +51,7 @@ def main() -> None:
 
     from raydseg.config import load_config
     from raydseg.parts import part_names
+    from raydseg.procstats import write_figures
     from raydseg.stages.proposals import process_table
 
     cfg = load_config()
@@ -71,10 +71,7 @@ def main() -> None:
     ray.shutdown()
     for v in variants:
         out[f"{v}_over_ray_tasks"] = out[f"{v}_parts_per_s"] / out["ray_tasks_parts_per_s"]
-    for k, v in out.items():
-        print(f"{k:36s} {v:.4g}")
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_figures(out, a.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 STAGES = ("ingest", "proposals", "features", "cluster")
@@ -47,6 +46,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # the measured process of one size
     a = ap.parse_args()
+    from raydseg.procstats import child_figures, write_figures
+
     if a.child:
         return child(a.child, os.path.join(os.path.abspath(a.root), f"f{a.child}"), a.overrides)
     sizes = sorted(int(s) for s in a.frames.split(","))
@@ -54,9 +55,8 @@ def main() -> None:
         raise SystemExit(f"--frames: every size must be a multiple of {FRAMES_PER_SEQUENCE}, got {a.frames}")
     rows = []
     for n in sizes:
-        cmd = [sys.executable, __file__, "--out", "-", "--root", a.root, "--child", str(n),
-               *(x for o in a.overrides for x in ("--set", o))]
-        r = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+        r = child_figures([__file__, "--out", "-", "--root", a.root, "--child", str(n),
+                           *(x for o in a.overrides for x in ("--set", o))])
         if any(s != "ran" for s in r["status"].values()):
             raise SystemExit(f"size {n}: stages were reused from an earlier run ({r['status']}); remove {a.root}")
         rows.append(r)
@@ -79,11 +79,7 @@ def main() -> None:
         for s in STAGES:
             out[f"{s}_marginal_s_per_frame"] = ((big["seconds"][s] - mid["seconds"][s])
                                                 / (big["frames"] - mid["frames"]))
-    print(f"{'metric':44s} value")
-    for k, v in out.items():
-        print(f"{k:44s} {v:.4g}")
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_figures(out, a.out, width=44)
 
 
 if __name__ == "__main__":
