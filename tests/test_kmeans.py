@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydseg.clustering.kmeans import (kmeans_distributed, kmeans_local, kmeans_parquet, kmeans_pp, preprocess,
-                                      split_parts)
+from raydseg.clustering.kmeans import kmeans_distributed, kmeans_local, kmeans_pp, preprocess, split_parts
 
 
 def planted(n: int = 3000, k: int = 6, d: int = 16, sep: float = 4.0, seed: int = 0):
@@ -161,8 +160,8 @@ def test_split_parts_balances_rows_and_never_makes_an_empty_shard():
 
 @pytest.mark.ray
 def test_actors_read_their_own_parquet_parts_with_the_in_memory_result(ray_local, tmp_path):
-    """kmeans_parquet (each actor reads its files; uneven and empty parts; PCA fitted on the seeding sample and
-    applied by the shards) gives the in-memory result, and a SIGKILLed actor rereads its files."""
+    """kmeans_distributed over parquet files (each actor reads its files; uneven and empty parts; PCA fitted on the
+    seeding sample and applied by the shards) gives the in-memory result, and a SIGKILLed actor rereads its files."""
     x, y, _ = planted(n=2400, k=5, d=16, sep=3.0, seed=8)
     files = _write_parts(x, [700, 0, 300, 900, 500], tmp_path)
     ref = kmeans_distributed(x, 5, n_actors=1, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
@@ -173,7 +172,7 @@ def test_actors_read_their_own_parquet_parts_with_the_in_memory_result(ray_local
         if restart == 1 and it == 2 and not killed:
             killed.append(_sigkill_one_shard_actor())
 
-    res = kmeans_parquet(files, 5, n_actors=3, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
+    res = kmeans_distributed(files, 5, n_actors=3, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
                          seed_sample=1000, nearest=3, on_iteration=kill_mid_run)
     assert killed and res.n_actor_restarts == 1 and len(res.shard_peak_rss_gb) == 3
     assert res.centroids.shape == (5, 8)
@@ -187,7 +186,7 @@ def test_actors_read_their_own_parquet_parts_with_the_in_memory_result(ray_local
         assert (res.labels[idx] == j).all() and len(idx) == 3
         np.testing.assert_allclose(np.sort(((xp[idx] - res.centroids[j]) ** 2).sum(1)), np.sort(d2)[:3], rtol=1e-4)
     with pytest.raises(ValueError, match="k-means needs at least k=5 rows, got 3"):
-        kmeans_parquet(_write_parts(x[:3], [3], tmp_path / "small"), 5)
+        kmeans_distributed(_write_parts(x[:3], [3], tmp_path / "small"), 5)
 
 
 class _FakeGpuFaiss:

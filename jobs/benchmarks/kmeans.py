@@ -84,14 +84,14 @@ def driver_only(parts_dir: str, k: int, iters: int) -> None:
     import ray
 
     from raydseg import storage
-    from raydseg.clustering.kmeans import kmeans_parquet
+    from raydseg.clustering.kmeans import kmeans_distributed
     from raydseg.parts import part_names
     from raydseg.procstats import peak_rss_gb
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     files = [(p, storage.parquet_rows(p)) for p in (os.path.join(parts_dir, n) for n in part_names(parts_dir))]
     t = time.perf_counter()
-    r = kmeans_parquet(files, k, n_actors=2, n_iter=iters, n_restarts=1, seed=0, num_cpus=1)
+    r = kmeans_distributed(files, k, n_actors=2, n_iter=iters, n_restarts=1, seed=0, num_cpus=1)
     seconds = time.perf_counter() - t
     ray.shutdown()
     print(json.dumps({"peak_rss_gb": peak_rss_gb(),

@@ -7,9 +7,9 @@ not depend on the number of shards (up to float rounding of the per-shard partia
 re-seeded by splitting the cluster with the most points (among those with a non-zero spread). A dead actor
 (RayActorError) is recreated from its shard and the iteration retried.
 
-`kmeans_parquet` is the stage's path: every actor reads its own features parquet files, so the driver never holds
-the (N, D) matrix, only the seeding sample, the centroids and the (N,) labels. `kmeans_distributed` takes an
-in-memory matrix (kept in the object store, one object per shard).
+`kmeans_distributed` of features parquet files is the stage's path: every actor reads its own files, so the driver
+never holds the (N, D) matrix, only the seeding sample, the centroids and the (N,) labels. Given an in-memory
+matrix, it keeps one object per shard in the object store.
 
 The same algorithm runs without Ray on in-process shards (`kmeans_local`), with numpy distances when
 `use_faiss=False`: the pure reference path used by the tests.
@@ -24,7 +24,7 @@ import numpy as np
 
 
 RESTART_MARGIN = 1e-6  # relative inertia gain a later restart needs to replace the best one so far
-DESCRIPTOR_COLUMN = "descriptor"  # the features parquet column read by kmeans_parquet: list<float32> (D,) per row
+DESCRIPTOR_COLUMN = "descriptor"  # the features parquet column the shards read: list<float32> (D,) per row
 
 Transform = tuple[np.ndarray, np.ndarray]  # (mean (D,), projection (D, d)) of fit_pca: rows -> (x - mean) @ proj
 
@@ -437,41 +437,6 @@ def kmeans_local(x: np.ndarray, k: int, *, n_iter: int = 20, n_restarts: int = 1
                 max_extra_iter)
 
 
-def _fit_on(backend: RayBackend, n: int, k: int, *, pca_dim: int, whiten: bool, seed: int, seed_sample: int,
-            nearest: int, **run_kw: Any) -> KMeansResult:
-    """Optional PCA / whitening fitted on the seeding sample and applied by every shard, then Lloyd; with
-    `nearest` > 0 also each cluster's `nearest` closest rows (KMeansResult.nearest). Shuts the actors down."""
-    try:
-        if pca_dim > 0 or whiten:
-            backend.set_transform(fit_preprocess(backend.rows(seed_sample_indices(n, seed_sample, seed)),
-                                                 pca_dim, whiten))
-        result = _run(backend, n, k, seed=seed, seed_sample=seed_sample, **run_kw)
-        if nearest > 0:
-            result.nearest = backend.nearest(result.centroids, nearest)
-        result.shard_peak_rss_gb = backend.call("peak_rss_gb")
-        return result
-    finally:
-        backend.shutdown()
-
-
-def kmeans_distributed(x: np.ndarray, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
-                       seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
-                       resources: dict[str, float] | None = None, pca_dim: int = 0, whiten: bool = False,
-                       seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
-                       on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
-                       nearest: int = 0) -> KMeansResult:
-    """k-means of x (N, D) float32 over `n_actors` Ray actors, each holding one contiguous shard.
-
-    `pca_dim` / `whiten`: `preprocess` on the shards (fitted on the seeding sample). `on_iteration(restart,
-    iteration, inertia)` is called in the driver after every iteration (MLflow logging, progress).
-    """
-    backend = RayBackend([(x[a:b], a) for a, b in split_offsets(len(x), n_actors)], use_faiss=use_faiss,
-                         num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
-    return _fit_on(backend, len(x), k, pca_dim=pca_dim, whiten=whiten, seed=seed, seed_sample=seed_sample,
-                   nearest=nearest, n_iter=n_iter, n_restarts=n_restarts, tol=tol, init=init,
-                   on_iteration=on_iteration, max_extra_iter=max_extra_iter)
-
-
 def split_parts(rows: Sequence[int], n_shards: int) -> list[tuple[int, int]]:
     """Contiguous (start, stop) ranges of files with `rows` rows each over at most n_shards shards: each cut falls
     at the file boundary nearest to an even split of the rows; ranges without rows are dropped."""
@@ -484,24 +449,49 @@ def split_parts(rows: Sequence[int], n_shards: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if ends[b - 1] > (ends[a - 1] if a else 0)]
 
 
-def kmeans_parquet(files: Sequence[tuple[str, int]], k: int, *, n_actors: int = 2, n_iter: int = 20,
-                   n_restarts: int = 1, seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0,
-                   num_cpus: float = 1.0, resources: dict[str, float] | None = None, pca_dim: int = 0,
-                   whiten: bool = False, seed_sample: int = 20_000, tol: float = 0.0,
-                   on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
-                   nearest: int = 0) -> KMeansResult:
-    """`kmeans_distributed` of the descriptors of features parquet files [(path, row count)], in file and row
-    order: each of at most `n_actors` actors reads a contiguous run of files itself, so the driver never holds
-    the (N, D) matrix."""
-    rows = [r for _, r in files]
-    if sum(rows) < k:
-        raise ValueError(f"k-means needs at least k={k} rows, got {sum(rows)}")
+Source = np.ndarray | Sequence[tuple[str, int]]  # rows (N, D) float32, or features parquet files [(path, rows)]
+
+
+def _shard_sources(source: Source, n_shards: int) -> tuple[list[tuple[Any, int]], int]:
+    """([(a shard's rows or its parquet files, its first global row)], N): contiguous rows of an in-memory
+    matrix, or contiguous runs of files (`split_parts`)."""
+    if isinstance(source, np.ndarray):
+        return [(source[a:b], a) for a, b in split_offsets(len(source), n_shards)], len(source)
+    rows = [r for _, r in source]
     starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-    sources = [([p for p, r in files[a:b] if r > 0], int(starts[a])) for a, b in split_parts(rows, n_actors)]
+    return ([([p for p, r in source[a:b] if r > 0], int(starts[a])) for a, b in split_parts(rows, n_shards)],
+            int(starts[-1]))
+
+
+def kmeans_distributed(source: Source, k: int, *, n_actors: int = 2, n_iter: int = 20, n_restarts: int = 1,
+                       seed: int = 0, use_faiss: bool = True, num_gpus: float = 0.0, num_cpus: float = 1.0,
+                       resources: dict[str, float] | None = None, pca_dim: int = 0, whiten: bool = False,
+                       seed_sample: int = 20_000, tol: float = 0.0, init: np.ndarray | None = None,
+                       on_iteration: Callable[[int, int, float], None] | None = None, max_extra_iter: int = 20,
+                       nearest: int = 0) -> KMeansResult:
+    """k-means over at most `n_actors` Ray actors, each holding one contiguous shard of `source`: an (N, D)
+    float32 matrix (one object-store object per shard), or features parquet files [(path, row count)] in file and
+    row order, which each actor reads itself (the stage's path: the driver never holds the matrix).
+
+    `pca_dim` / `whiten`: `preprocess`, fitted on the seeding sample and applied by the shards. `nearest` > 0: also
+    each cluster's `nearest` closest rows (KMeansResult.nearest, the montage's picks). `on_iteration(restart,
+    iteration, inertia)` is called in the driver after every iteration (MLflow logging, progress).
+    """
+    sources, n = _shard_sources(source, n_actors)
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} rows, got {n}")
     backend = RayBackend(sources, use_faiss=use_faiss, num_gpus=num_gpus, num_cpus=num_cpus, resources=resources)
-    return _fit_on(backend, int(starts[-1]), k, pca_dim=pca_dim, whiten=whiten, seed=seed, seed_sample=seed_sample,
-                   nearest=nearest, n_iter=n_iter, n_restarts=n_restarts, tol=tol, init=None,
-                   on_iteration=on_iteration, max_extra_iter=max_extra_iter)
+    try:
+        if pca_dim > 0 or whiten:
+            backend.set_transform(fit_preprocess(backend.rows(seed_sample_indices(n, seed_sample, seed)),
+                                                 pca_dim, whiten))
+        result = _run(backend, n, k, n_iter, n_restarts, seed, seed_sample, tol, init, on_iteration, max_extra_iter)
+        if nearest > 0:
+            result.nearest = backend.nearest(result.centroids, nearest)
+        result.shard_peak_rss_gb = backend.call("peak_rss_gb")
+        return result
+    finally:
+        backend.shutdown()
 
 
 def fit_pca(x: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -64,7 +64,7 @@ def _kmeans_actor_args(req: stage_requests.WorkerRequest) -> dict:
 def run(ctx: StageContext) -> StageResult:
     import mlflow
 
-    from raydseg.clustering.kmeans import kmeans_parquet
+    from raydseg.clustering.kmeans import kmeans_distributed
     from raydseg.parts import map_parts
 
     cfg = ctx.cfg.cluster
@@ -73,7 +73,7 @@ def run(ctx: StageContext) -> StageResult:
     n = sum(r for _, r in files)
     if n == 0:
         raise RuntimeError(f"cluster: no descriptors under {feat_dir}")
-    res = kmeans_parquet(files, cfg.k, n_actors=max(1, min(cfg.n_actors, n)), n_iter=cfg.n_iter,
+    res = kmeans_distributed(files, cfg.k, n_actors=max(1, min(cfg.n_actors, n)), n_iter=cfg.n_iter,
                          n_restarts=cfg.n_restarts, seed=ctx.cfg.run.seed, use_faiss=cfg.use_faiss,
                          pca_dim=cfg.pca_dim, whiten=cfg.whiten, seed_sample=cfg.seed_sample, tol=cfg.tol,
                          nearest=cfg.montage_per_cluster, **_kmeans_actor_args(stage_requests.kmeans(ctx.cfg)))
