@@ -100,17 +100,22 @@ def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
 
 
 def _sigkill_one_shard_actor() -> int:
-    """SIGKILL the process of one live k-means shard actor (Ray titles it `ray::Shard...`); returns its pid."""
+    """SIGKILL the process of one live k-means shard actor of this test process's own Ray cluster (a descendant
+    of it: another test's cluster may run shards at the same time); Ray titles it `ray::Shard...`. Returns the pid."""
     import os
     import signal
 
     import psutil
 
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if (p.info["cmdline"] or [""])[0].startswith("ray::Shard"):
-            os.kill(p.info["pid"], signal.SIGKILL)
-            return p.info["pid"]
-    raise AssertionError("no ray::Shard process found")
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = (p.cmdline() or [""])[0]
+        except psutil.Error:  # exited meanwhile
+            continue
+        if title.startswith("ray::Shard"):
+            os.kill(p.pid, signal.SIGKILL)
+            return p.pid
+    raise AssertionError("no ray::Shard process of this test's Ray cluster found")
 
 
 @pytest.mark.ray
