@@ -49,35 +49,35 @@ class KMeansResult:
 SUM_CHUNK = 4096  # rows per float32 partial sum in Shard.step
 
 
-def read_rows(paths: Sequence[str]) -> np.ndarray:
-    """Descriptors (n, D) float32 of features parquet files, in file and row order (only DESCRIPTOR_COLUMN), copied
-    file by file into one preallocated matrix: the peak is the matrix plus one file."""
+def read_rows(files: Sequence[tuple[str, int]]) -> np.ndarray:
+    """Descriptors (n, D) float32 of features parquet files [(path, row count)], in file and row order (only
+    DESCRIPTOR_COLUMN), copied file by file into one preallocated matrix: the peak is the matrix plus one file."""
     from raydseg import storage
 
-    rows = [storage.parquet_rows(p) for p in paths]
     out, start = None, 0
-    for p, m in zip(paths, rows):
+    for p, m in files:
         if m == 0:
             continue
         col = storage.read_table(p, columns=[DESCRIPTOR_COLUMN])[DESCRIPTOR_COLUMN].combine_chunks()
         block = np.asarray(col.flatten(), np.float32).reshape(m, -1)
         if out is None:
-            out = np.empty((sum(rows), block.shape[1]), np.float32)
+            out = np.empty((sum(r for _, r in files), block.shape[1]), np.float32)
         out[start:start + m] = block
         start += m
         del col, block
     if out is None:
-        raise ValueError(f"k-means: no rows in {list(paths)}")
+        raise ValueError(f"k-means: no rows in {list(files)}")
     return out
 
 
 class Shard:
     """One shard of rows: assignment (faiss IndexFlatL2, GPU index when asked and available, or numpy) and
     per-centroid statistics. `x`: (n, D) float32 rows with global indices offset .. offset + n - 1, or the features
-    parquet files that hold them (read by the shard itself); `transform` (see `apply_preprocess`) is applied once."""
+    parquet files [(path, rows)] that hold them (read by the shard itself); `transform` (see `apply_preprocess`)
+    is applied once."""
 
-    def __init__(self, x: np.ndarray | Sequence[str], offset: int, use_faiss: bool = True, use_gpu: bool = False,
-                 transform: Transform | None = None):
+    def __init__(self, x: np.ndarray | Sequence[tuple[str, int]], offset: int, use_faiss: bool = True,
+                 use_gpu: bool = False, transform: Transform | None = None):
         x = x if isinstance(x, np.ndarray) else read_rows(x)
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.transformed = False
@@ -279,14 +279,15 @@ class LocalBackend(_Backend):
 
 class RayBackend(_Backend):
     """Shard actors (one per shard). Each shard's source stays known to the driver (an object-store ref of its
-    rows, or its parquet file names), so a dead actor is recreated with the same rows and transform and the call
+    rows, or its parquet files), so a dead actor is recreated with the same rows and transform and the call
     retried (at most `max_retries` times per call). Not Ray's own `max_restarts` / `max_task_retries`: Ray rebuilds
     an actor from its creation arguments, which lack the PCA transform fitted after the actors started."""
 
-    def __init__(self, sources: list[tuple[np.ndarray | list[str], int]], use_faiss: bool = True,
+    def __init__(self, sources: list[tuple[Any, int]], use_faiss: bool = True,
                  num_gpus: float = 0.0, num_cpus: float = 1.0, max_retries: int = 3,
                  resources: dict[str, float] | None = None):
-        """sources: per shard, (rows (n, D) float32 or features parquet files, global index of its first row)."""
+        """sources: per shard, (rows (n, D) float32 or features parquet files [(path, rows)], global index of its
+        first row), as `_shard_sources` makes them."""
         import ray
 
         self.ray = ray
@@ -459,7 +460,7 @@ def _shard_sources(source: Source, n_shards: int) -> tuple[list[tuple[Any, int]]
         return [(source[a:b], a) for a, b in split_offsets(len(source), n_shards)], len(source)
     rows = [r for _, r in source]
     starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-    return ([([p for p, r in source[a:b] if r > 0], int(starts[a])) for a, b in split_parts(rows, n_shards)],
+    return ([([(p, r) for p, r in source[a:b] if r > 0], int(starts[a])) for a, b in split_parts(rows, n_shards)],
             int(starts[-1]))
 
 
