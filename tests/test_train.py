@@ -232,6 +232,32 @@ def test_augmentation_keeps_labels_aligned():
             assert (err <= 10).mean() > 0.9
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_augmented_labels_and_segments_sample_the_crop_at_pixel_centres_like_the_image(seed):
+    """Labels and segment ids of a view are the source's at each output pixel's centre (nearest with centre
+    sampling), crop box and flip as drawn; the image is PIL's bilinear resize of the same box: one geometry."""
+    from PIL import Image
+
+    from raydseg.train.data import augment_example, random_resized_crop_box
+
+    src = np.random.default_rng(100 + seed)
+    h, w, crop = 40, 70, 48
+    image = src.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = src.integers(0, 13, (h, w)).astype(np.uint8)
+    segments = src.integers(0, 60_000, (h, w)).astype(np.int32)
+    draw = np.random.default_rng(seed)
+    y0, x0, ch, cw = random_resized_crop_box(h, w, draw, (0.3, 1.0))
+    flipped = draw.random() < 0.5
+    im, lb, sg = augment_example(image, label, segments, np.random.default_rng(seed), crop, (0.3, 1.0), True, 0.0)
+    rows = y0 + np.floor((np.arange(crop) + 0.5) * ch / crop).astype(int)
+    cols = x0 + np.floor((np.arange(crop) + 0.5) * cw / crop).astype(int)
+    cols = cols[::-1] if flipped else cols
+    assert np.array_equal(lb, label[rows][:, cols]) and np.array_equal(sg, segments[rows][:, cols])
+    ref = np.asarray(Image.fromarray(image[y0:y0 + ch, x0:x0 + cw]).resize((crop, crop), Image.BILINEAR))
+    ref = ref[:, ::-1] if flipped else ref
+    assert np.abs(im.astype(int) - ref.astype(int)).max() <= 1
+
+
 def test_degraded_view_is_seeded_lowers_contrast_with_strength_and_leaves_the_clean_view_unchanged():
     from raydseg.data.schema import encode_png
     from raydseg.train.data import degraded_view, make_views

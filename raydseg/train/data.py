@@ -3,8 +3,9 @@ Data tasks, in a seeded order; see that module).
 
 Rows are frame x camera: `image` (PNG/JPEG bytes), `label` (PNG uint8 pseudo-classes, 255 = ignore),
 `segment_ids` (PNG uint16, 0 = no segment). A deterministic hash of `frame_id` holds out a fraction of the frames
-for validation (`is_val`); training batches never contain them. Decoding and augmentation (random resized crop,
-horizontal flip, photometric jitter) draw from each sample's own generator, never on the driver.
+for validation (`is_val`); training batches never contain them. Augmentation (random resized crop, horizontal
+flip, photometric jitter, degraded views) is torchvision v2's ops on tv_tensors, with parameters drawn from each
+sample's own generator, never on the driver.
 """
 from __future__ import annotations
 
@@ -24,18 +25,6 @@ def is_val(frame_id: str, val_fraction: float) -> bool:
     return (zlib.crc32(frame_id.encode()) % 10_000) < round(val_fraction * 10_000)
 
 
-def _resize(a: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
-    """(h, w[, 3]) -> size (H, W); nearest for labels / segment ids, bilinear for images."""
-    from PIL import Image
-
-    H, W = size
-    if a.ndim == 2 and a.dtype != np.uint8:
-        im = Image.fromarray(a.astype(np.int32), mode="I")
-        return np.asarray(im.resize((W, H), Image.NEAREST)).astype(a.dtype)
-    im = Image.fromarray(a)
-    return np.asarray(im.resize((W, H), Image.NEAREST if nearest else Image.BILINEAR))
-
-
 def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float],
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(y0, x0, ch, cw): a crop of area fraction ~U(scale) of min(h, w)^2 and aspect ~logU(ratio), inside the image."""
@@ -47,17 +36,16 @@ def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale: tup
     return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
 
 
-def photometric_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random brightness, contrast and saturation factors in [1 - s, 1 + s] on a uint8 (H, W, 3) image."""
+def photometric_jitter(image: Any, rng: np.random.Generator, strength: float) -> Any:
+    """Brightness, contrast and saturation factors drawn in [1 - s, 1 + s], applied in that order to a uint8
+    (3, H, W) tensor / tv_tensors.Image with torchvision v2's ops."""
+    import torchvision.transforms.v2.functional as TF
+
     if strength <= 0:
         return image
-    x = image.astype(np.float32)
-    x = x * rng.uniform(1 - strength, 1 + strength)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
-    gray = x.mean(axis=2, keepdims=True)
-    x = (x - gray) * rng.uniform(1 - strength, 1 + strength) + gray
-    return np.clip(x, 0, 255).astype(np.uint8)
+    for op in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+        image = op(image, float(rng.uniform(1 - strength, 1 + strength)))
+    return image
 
 
 def degraded_view(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -95,19 +83,31 @@ def degraded_view(image: np.ndarray, rng: np.random.Generator, strength: float) 
 def augment_example(image: np.ndarray, label: np.ndarray, segments: np.ndarray | None, rng: np.random.Generator,
                     crop: int, scale: tuple[float, float], flip: bool, jitter: float
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One training view: (crop, crop, 3) uint8, (crop, crop) uint8 labels, (crop, crop) int32 segment ids."""
+    """One training view: (crop, crop, 3) uint8, (crop, crop) uint8 labels, (crop, crop) int32 segment ids.
+
+    torchvision v2's ops on tv_tensors.Image (bilinear, antialiased) and tv_tensors.Mask (nearest with pixel-centre
+    sampling, NEAREST_EXACT, so labels stay on their pixels); the parameters come from `rng`, not torch's global
+    generator, so that each sample's view is seeded (raydseg.train.feed)."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import InterpolationMode
+
     h, w = label.shape
     y0, x0, ch, cw = random_resized_crop_box(h, w, rng, scale)
-    image = _resize(image[y0:y0 + ch, x0:x0 + cw], (crop, crop), nearest=False)
-    label = _resize(label[y0:y0 + ch, x0:x0 + cw], (crop, crop), nearest=True)
+    img = tv_tensors.Image(torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1))
+    img = TF.resized_crop(img, y0, x0, ch, cw, [crop, crop], antialias=True)
+    planes = [torch.from_numpy(label.astype(np.int32))]
     if segments is not None:
-        segments = _resize(segments[y0:y0 + ch, x0:x0 + cw].astype(np.int32), (crop, crop), nearest=True)
+        planes.append(torch.from_numpy(segments.astype(np.int32)))
+    masks = TF.resize(TF.crop(tv_tensors.Mask(torch.stack(planes)), y0, x0, ch, cw), [crop, crop],
+                      interpolation=InterpolationMode.NEAREST_EXACT)
     if flip and rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-        segments = segments[:, ::-1] if segments is not None else None
-    image = photometric_jitter(image, rng, jitter)
-    return (np.ascontiguousarray(image), np.ascontiguousarray(label),
-            None if segments is None else np.ascontiguousarray(segments))
+        img, masks = TF.horizontal_flip(img), TF.horizontal_flip(masks)
+    img = photometric_jitter(img, rng, jitter)
+    masks = masks.numpy()
+    return (np.ascontiguousarray(img.permute(1, 2, 0).numpy()), masks[0].astype(np.uint8),
+            masks[1] if segments is not None else None)
 
 
 def train_samples(index: Any, *, val_fraction: float) -> list[tuple[int, int]]:
