@@ -24,7 +24,6 @@ import numpy as np
 
 
 RESTART_MARGIN = 1e-6  # relative inertia gain a later restart needs to replace the best one so far
-DESCRIPTOR_COLUMN = "descriptor"  # the features parquet column the shards read: list<float32> (D,) per row
 
 Transform = tuple[np.ndarray, np.ndarray]  # (mean (D,), projection (D, d)) of fit_pca: rows -> (x - mean) @ proj
 
@@ -53,6 +52,7 @@ def read_rows(files: Sequence[tuple[str, int]]) -> np.ndarray:
     """Descriptors (n, D) float32 of features parquet files [(path, row count)], in file and row order (only
     DESCRIPTOR_COLUMN), copied file by file into one preallocated matrix: the peak is the matrix plus one file."""
     from raydseg import storage
+    from raydseg.features.table import DESCRIPTOR_COLUMN
 
     out, start = None, 0
     for p, m in files:

@@ -92,6 +92,7 @@ def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
     from raydseg.data.schema import decode_image
     from raydseg.eval import plots
     from raydseg.eval.sets import class_names
+    from raydseg.features.table import DESCRIPTOR_COLUMN
     from raydseg.parts import part_names
 
     if k <= 0 or not storage.exists(feat_dir) or not storage.exists(pl_dir):
@@ -109,8 +110,9 @@ def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
     for name in part_names(feat_dir):
         if len(ys) >= min(len(majority), max_segments):
             break
-        t = storage.read_table(storage.join(feat_dir, name), columns=["frame_id", "camera", "segment_id", "descriptor"])
-        desc = t["descriptor"].combine_chunks()
+        t = storage.read_table(storage.join(feat_dir, name),
+                               columns=["frame_id", "camera", "segment_id", DESCRIPTOR_COLUMN])
+        desc = t[DESCRIPTOR_COLUMN].combine_chunks()
         mat = np.asarray(desc.flatten(), np.float32).reshape(len(desc), -1) if len(desc) else None
         for i, key in enumerate(zip(*(t.column(c).to_pylist() for c in ("frame_id", "camera", "segment_id")))):
             c = majority.get((key[0], key[1], int(key[2])))

@@ -17,26 +17,14 @@ from raydseg import stage_requests, storage
 from raydseg.config import config_from_dict
 from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image
+from raydseg.features.table import descriptors_table
 from raydseg.pipeline import StageContext, StageResult
 
 NAME = "features"
 INPUTS: tuple[str, ...] = ("proposals", "ingest")
 CONFIG_SECTIONS = ("features",)
 
-FEATURES_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("segment_id", pa.uint16()),
-                             ("descriptor", pa.list_(pa.float32()))])
 STATS_SCHEMA = pa.schema([("seconds", pa.float64()), ("images", pa.int64()), ("segments", pa.int64())])
-
-
-def descriptors_table(rows: list[tuple[str, str, int, np.ndarray]]) -> pa.Table:
-    """[(frame_id, camera, segment_id, descriptor (D,) float32)] -> FEATURES_SCHEMA table."""
-    d = np.stack([r[3] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-    dim = d.shape[1] if rows else 0
-    desc = pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32) * dim),
-                                    pa.array(d.reshape(-1), pa.float32()))
-    cols = [pa.array([r[0] for r in rows], pa.string()), pa.array([r[1] for r in rows], pa.string()),
-            pa.array([r[2] for r in rows], pa.uint16()), desc]
-    return pa.Table.from_arrays(cols, schema=FEATURES_SCHEMA)
 
 
 class FeatureExtractor:
