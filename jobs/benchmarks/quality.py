@@ -2,7 +2,8 @@
 student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
-[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine,degrade]`
+[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine,degrade]
+[--variant NAME=student.key=value ...]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
 (`--seeds 0`, `--seeds 1`, ... side by side; the training stages use one core each), then all seeds together to
@@ -21,7 +22,10 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   images (jobs/benchmarks/teacher_recipe.py --target gt), scored on the same eval images;
 - `no_ema_*` / `no_soft_targets_*` / `no_refine_*` / `no_degrade_*` (those named by --ablate): the student rerun
   with one part off, from the same teacher, data and seed (a copy of q<S> without its student and evaluate
-  outputs), so differences are paired.
+  outputs), so differences are paired;
+- `<NAME>_*` (each --variant NAME=student.key=value[;student.key=value]): the student rerun the same way with those
+  settings (a recipe candidate, paired like the ablations).
+A seed whose row is finished gets only the ablations / variants it lacks.
 Writes {"seeds": [per-seed rows], "summary": {metric: mean, std, se}, "paired": {...}} and prints a markdown
 table. All figures are mIoU / accuracy in points (0-100).
 """
@@ -164,14 +168,14 @@ def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str,
     return {c: o[f"{c}_miou"] for c in CONDITIONS}
 
 
-def ablation_run(root: str, base: str, flag: str, seed: int, cli: list[str], env: dict[str, str]) -> dict:
-    """The student with part `flag` off (ABLATIONS), from a copy of run `base` without its student / evaluate
-    outputs."""
-    name = f"{base}_no_{flag}"
-    dst = os.path.join(root, name)
+def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int, cli: list[str],
+                env: dict[str, str]) -> dict:
+    """The student rerun with `overrides` (student.key=value), from a copy of run `base` without its student /
+    evaluate outputs: the same teacher, data and seed, so that the difference is paired."""
+    dst = os.path.join(root, f"{base}_{name}")
     if not os.path.exists(dst):
         shutil.copytree(os.path.join(root, base), dst, ignore=shutil.ignore_patterns("student", "evaluate"))
-    wall = run_pipeline(root, name, seed, cli + ["--set", f"student.{flag}={ABLATIONS[flag]}"], env)
+    wall = run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in overrides for a in ("--set", o)], env)
     return {"student": eval_miou(dst, "student"), "wall_s": wall}
 
 
@@ -191,11 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="config file of every run (default: the embedded default)")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
     p.add_argument("--ablate", default=",".join(ABLATIONS), help="student parts turned off one at a time ('' = none)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
     args = p.parse_args(argv)
     ablate = [a for a in args.ablate.split(",") if a]
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
         p.error(f"--ablate: unknown student part(s) {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
+    variants = {f"no_{f}": [f"student.{f}={ABLATIONS[f]}"] for f in ablate}
+    for v in args.variant:
+        name, _, sets = v.partition("=")
+        if not name.isidentifier() or not sets or any(not o.startswith("student.") or "=" not in o
+                                                      for o in sets.split(";")):
+            p.error(f"--variant: expected NAME=student.key=value[;student.key=value], got {v!r}")
+        variants[name] = sets.split(";")
 
     from raydseg.config import load_config
 
@@ -213,22 +226,23 @@ def main(argv: list[str] | None = None) -> int:
         done = os.path.join(run, "quality_row.json")  # a finished seed (seeds may run as parallel processes)
         if os.path.exists(done):
             with open(done) as f:
-                rows.append(json.load(f))
-            continue
-        row: dict = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
-        row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
-        row.update(pseudo_label_miou(run))
-        for model in ("teacher", "student"):
-            row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
-            row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
-            row.update({f"{model}_unseen_{c}": v for c, v in unseen_world_miou(run, model, UNSEEN + seed).items()})
-        t0 = time.time()
-        row.update({f"oracle_{c}": v for c, v in
-                    oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})
-        row["oracle_s"] = time.time() - t0
-        for flag in ablate:
-            a = ablation_run(args.root, base, flag, seed, passed, env)
-            row.update({f"no_{flag}_{c}": v for c, v in a["student"].items()})
+                row = json.load(f)
+        else:
+            row = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
+            row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
+            row.update(pseudo_label_miou(run))
+            for model in ("teacher", "student"):
+                row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
+                row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
+                row.update({f"{model}_unseen_{c}": v for c, v in unseen_world_miou(run, model, UNSEEN + seed).items()})
+            t0 = time.time()
+            row.update({f"oracle_{c}": v for c, v in
+                        oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})
+            row["oracle_s"] = time.time() - t0
+        for name, overrides in variants.items():
+            if f"{name}_day" not in row:
+                a = variant_run(args.root, base, name, overrides, seed, passed, env)
+                row.update({f"{name}_{c}": v for c, v in a["student"].items()})
         rows.append(row)
         with open(done, "w") as f:
             json.dump(row, f)
@@ -239,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
         paired[f"student_minus_teacher_{c}"] = stats([r[f"student_{c}"] - r[f"teacher_{c}"] for r in rows])
         paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
-        for flag in [f for f in ablate if f"no_{f}_{c}" in rows[0]]:
-            paired[f"student_minus_no_{flag}_{c}"] = stats([r[f"student_{c}"] - r[f"no_{flag}_{c}"] for r in rows])
+        for name in [n for n in variants if f"{n}_{c}" in rows[0]]:
+            paired[f"student_minus_{name}_{c}"] = stats([r[f"student_{c}"] - r[f"{name}_{c}"] for r in rows])
     if "knn_pretrained" in rows[0]:
         paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])
     out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
