@@ -162,6 +162,37 @@ def test_projection_lands_a_known_point_on_its_analytic_pixel():
     assert inside.tolist() == [True, False, False]  # behind the camera; closer than `near`
 
 
+def test_lens_distortion_moves_points_in_both_projection_kernels_and_drops_those_outside_its_valid_region():
+    """With (k1, k2, p1, p2, k3) a point lands on K (OpenCV's distortion of X/Z, Y/Z), in `project_points` and in the
+    proposals' `project_segments` alike. A point far outside the field of view, where the polynomial turns back into
+    the image (radial factor below Waymo's 0.8), is outside in both. All-zero coefficients are the pinhole."""
+    w, h = 1920, 1280
+    K = np.array([[2060.0, 0, 959.5], [0, 2055.0, 639.5], [0, 0, 1]])
+    k1, k2, p1, p2, k3 = lens = np.array([0.04, -0.33, 0.0005, -0.0008, 0.002])
+    gx, gy = np.meshgrid(np.linspace(-0.45, 0.45, 10), np.linspace(-0.3, 0.3, 7))
+    x, y = np.r_[gx.ravel(), 1.2], np.r_[gy.ravel(), 0.0]  # the last: r = 1.2, radial factor 0.37
+    z = np.linspace(5, 40, len(x))
+    cam = np.c_[x * z, y * z, z]  # T = identity: points in the camera frame
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+    u_want = K[0, 0] * (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)) + K[0, 2]
+    v_want = K[1, 1] * (y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y) + K[1, 2]
+    assert radial[-1] < 0.8 and 0 <= u_want[-1] < w - 0.5 and K[0, 0] * x[-1] + K[0, 2] > w  # folded back inside
+    u, v, _, inside = project_points(cam, K, np.eye(4), w, h, distortion=lens)
+    assert inside.tolist() == [True] * 70 + [False] and np.isnan(u[-1])
+    assert np.abs(u[:70] - u_want[:70]).max() < 1e-9 and np.abs(v[:70] - v_want[:70]).max() < 1e-9
+    assert np.hypot(u[:70] - (K[0, 0] * x[:70] + K[0, 2]), v[:70] - (K[1, 1] * y[:70] + K[1, 2])).max() > 20
+    seg = np.arange(1, len(x) + 1, dtype=np.uint16)
+    out = project_segments(cam, seg, np.zeros(len(x), bool), K, np.eye(4), w, h, distortion=lens, radius_px=0)
+    assert out["n_in_image"] == 70 and out["n_visible"] == 70
+    rows, cols = np.rint(v_want[:70]).astype(int), np.rint(u_want[:70]).astype(int)
+    assert out["segment_ids"][rows, cols].tolist() == seg[:70].tolist()
+    assert out["n_pixels"][1:].tolist() == [1] * 70 + [0]
+    pinhole = project_points(cam, K, np.eye(4), w, h)
+    for a, b in zip(project_points(cam, K, np.eye(4), w, h, distortion=np.zeros(5)), pinhole):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_projection_drops_occluded_points():
     # a foreground segment's sparse points at 5 m, background points at 20 m in the gaps between them
     px = np.array([10, 14, 12, 30])

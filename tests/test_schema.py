@@ -45,6 +45,30 @@ def test_round_trip_through_parquet_with_plain_pyarrow(tmp_path):
                                       decode_image(b["cameras"][0]["gt_semantic"]))
 
 
+def test_distortion_round_trips_and_a_frame_without_the_field_reads_as_pinhole(tmp_path):
+    """A camera's (k1, k2, p1, p2, k3) survives the parquet round trip; a camera without it (stored null) and a Frame
+    written before the field existed (its cameras struct has no `distortion`) read as zeros, the pinhole."""
+    lens = np.array([0.04, -0.33, 0.0005, -0.0008, 0.001])
+    rows = [make_frame("a/1"), make_frame("a/2")]
+    rows[0]["cameras"][0]["distortion"] = lens
+    pq.write_table(frames_to_table(rows), tmp_path / "new.parquet")
+    back = table_to_frames(pq.read_table(tmp_path / "new.parquet"))
+    np.testing.assert_array_equal(back[0]["cameras"][0]["distortion"], lens)
+    assert back[1]["cameras"][0]["distortion"].tolist() == [0.0] * 5
+    old_camera = pa.struct([f for f in FRAME_SCHEMA.field("cameras").type.value_type if f.name != "distortion"])
+    old_schema = FRAME_SCHEMA.set(FRAME_SCHEMA.get_field_index("cameras"), pa.field("cameras", pa.list_(old_camera)))
+    table = frames_to_table(rows[1:])
+    cams = pa.array([[{k: v for k, v in c.items() if k != "distortion"} for c in cs]
+                     for cs in table.column("cameras").to_pylist()], pa.list_(old_camera))
+    pq.write_table(table.set_column(table.schema.get_field_index("cameras"), "cameras", cams).cast(old_schema),
+                   tmp_path / "old.parquet")
+    old = pq.read_table(tmp_path / "old.parquet")
+    assert "distortion" not in [f.name for f in old.schema.field("cameras").type.value_type]
+    (frame,) = table_to_frames(old)
+    assert frame["cameras"][0]["distortion"].tolist() == [0.0] * 5 and validate_frame(frame) is None
+    np.testing.assert_array_equal(frame["cameras"][0]["K"], rows[1]["cameras"][0]["K"])
+
+
 def _broken(mutate):
     row = make_frame()
     mutate(row)
@@ -64,6 +88,9 @@ def _broken(mutate):
     (lambda r: r["cameras"][0].__setitem__("T_cam_lidar", np.diag([-1.0, 1, 1, 1])), "not a rigid transform"),
     (lambda r: r.__setitem__("cameras", []), "no cameras"),
     (lambda r: r.__setitem__("ring", np.zeros(3, np.uint8)), "ring has 3 values for 50 points"),
+    (lambda r: r["cameras"][0].__setitem__("distortion", [0.1, np.nan, 0, 0, 0]),
+     "distortion is not 5 finite coefficients (k1, k2, p1, p2, k3), got [0.1, nan, 0.0, 0.0, 0.0]"),
+    (lambda r: r["cameras"][0].__setitem__("distortion", [0.1, 0.2]), "distortion is not 5 finite coefficients"),
 ])
 def test_every_validator_reason(mutate, reason):
     assert validate_frame(make_frame()) is None

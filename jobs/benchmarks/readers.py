@@ -13,11 +13,8 @@ reported as a ratio to it, read to read and validated to validated.
 Waymo fixtures: `waymo_top` is the TOP LiDAR (64 x 2650) + FRONT (1920x1280, uniform-noise JPEG); `waymo_5cam` the
 TOP LiDAR with a second return and a per-pixel pose + the five cameras at their real sizes (three 1920x1280, two
 1920x886; JPEGs with a photo's entropy at quality 90), without lens distortion; `waymo_5cam_distorted` the same with
-Waymo-like distortion, so that every image is undistorted and re-encoded at ingest. The undistortion's sampling plans
-are built once per camera and segment (and its numba kernel compiled or loaded once per process): what the first read
-of the distorted fixture takes beyond the best later read is `waymo_5cam_distorted_first_read_extra_s`, and the
-frames/s are the best of the later reads. `--profile N` prints where a read and validation of each 5-camera
-fixture spends its time: ms per frame of each phase (`PHASES`, cProfile's cumulative times, the least of three runs)
+Waymo-like distortion, which the reader carries into the Frame (the images keep their bytes). Frames/s are the best
+of three reads. `--profile N` prints where a read and validation of each 5-camera fixture spends its time: ms per frame of each phase (`PHASES`, cProfile's cumulative times, the least of three runs)
 and the N functions with the most own time.
 `--scaling` also times the ingest stage on the KITTI fixture with Ray limited to 1 and then 2 CPUs.
 """
@@ -62,10 +59,9 @@ def read_and_validate(mod, cfg) -> tuple[float, float, float, float, int]:
     return t_read, t_val, c_read, c_val, n
 
 
-def time_reader(mod, cfg, repeats: int = 2) -> tuple[tuple[float, float, float, float, int], float]:
-    """(the fastest of `repeats` `read_and_validate` results by read + validation wall s, that sum for the first)."""
-    runs = [read_and_validate(mod, cfg) for _ in range(repeats)]
-    return min(runs, key=lambda r: r[0] + r[1]), runs[0][0] + runs[0][1]
+def time_reader(mod, cfg, repeats: int = 2) -> tuple[float, float, float, float, int]:
+    """The fastest of `repeats` `read_and_validate` results by read + validation wall s."""
+    return min((read_and_validate(mod, cfg) for _ in range(repeats)), key=lambda r: r[0] + r[1])
 
 
 PHASES = {  # key -> (label, the functions whose cumulative time the phase is: (file suffix, name), a name starting
@@ -75,14 +71,9 @@ PHASES = {  # key -> (label, the functions whose cumulative time the phase is: (
     "points": ("range image -> points", (("raydseg/data/sources/waymo.py", "range_image_to_points"),)),
     "pixel_pose": ("  of which per-pixel pose: rotations + einsum",
                    (("raydseg/data/sources/select.py", "euler_to_matrix"), ("~", "c_einsum"))),
-    "undistortion": ("undistortion (decode, resample, JPEG encode)",
-                     (("raydseg/data/sources/waymo.py", "undistorted_jpeg"),)),
-    "resample": ("  of which the resample", (("raydseg/geometry/distortion.py", "apply_plan"),)),
-    "jpeg_codec": ("  of which JPEG decode + re-encode", (("raydseg/data/sources/waymo.py", "undistorted_jpeg"),
-                                                          ("raydseg/geometry/distortion.py", "-apply_plan"))),
     "validation": ("validation (schema.validate_frame)", (("raydseg/data/schema.py", "validate_frame"),)),
 }
-PARTS = ("pixel_pose", "resample", "jpeg_codec")
+PARTS = ("pixel_pose",)
 
 
 def phase_seconds(stats: dict, phases: dict) -> dict[str, float]:
@@ -179,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(overrides=[f"data.source={mod.__name__.rsplit('.', 1)[-1]}", f"data.root={root}",
                                          "data.sync_tolerance_us=0", *extra])
             repeats = 3 if name.startswith("waymo_5cam") else 2
-            (read, val, cpu_read, cpu_val, frames), first = time_reader(mod, cfg, repeats)
+            read, val, cpu_read, cpu_val, frames = time_reader(mod, cfg, repeats)
             per = max(frames, 1)
             results[f"{name}_frames_per_s_per_core"] = frames / read
             results[f"{name}_validated_frames_per_s_per_core"] = frames / (read + val)
@@ -187,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name}_validated_cpu_s_per_frame"] = (cpu_read + cpu_val) / per
             results[f"{name}_validate_s_per_frame"] = val / per
             results[f"{name}_frames"] = frames
-            if name == "waymo_5cam_distorted":
-                results[f"{name}_first_read_extra_s"] = first - read - val
             rows.append((name, frames, frames / read, frames / (read + val), (cpu_read + cpu_val) / per))
             if args.profile and name.startswith("waymo_5cam"):
                 print(f"--- profile: read + validation of {name} ({frames} frames), least of 3 runs per phase")
@@ -203,10 +192,6 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name}_validated_ratio_vs_{BASELINE}"] = fps_v / base_v
             print(f"{name:20s} {frames:6d} {fps:18.2f} {fps_v:12.2f} {cpf:13.4f} {fps / base:22.3f} "
                   f"{fps_v / base_v:16.3f}")
-        extra_s = results.get("waymo_5cam_distorted_first_read_extra_s")
-        if extra_s is not None:
-            print(f"waymo_5cam_distorted: the first read took {extra_s:.2f} s more (five undistortion plans, once per "
-                  "segment; the numba kernel, once per process)")
         if args.scaling:
             fixtures.write_kitti_object(os.path.join(tmp, "scale"), 8, w=1242, h=375, n_points=120_000)
             sc = ingest_scaling(os.path.join(tmp, "scale"), tmp)

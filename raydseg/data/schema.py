@@ -7,10 +7,13 @@ Row form used in Python (`frames_to_table` / `table_to_frames` convert to and fr
   gt_label (N,) uint8 | None: Cityscapes trainIds (255 void); gt_instance (N,) int32 | None (0 = none),
   cameras: list of {name, image (PNG/JPEG bytes), width, height, K (3, 3) float64,
                     T_cam_lidar (4, 4) float64, LiDAR -> OpenCV camera (x right, y down, z forward),
-                    timestamp_us, gt_semantic (PNG uint8 trainIds) | None, gt_instance (PNG uint16) | None}.
+                    timestamp_us, gt_semantic (PNG uint8 trainIds) | None, gt_instance (PNG uint16) | None,
+                    distortion (5,) float64 k1, k2, p1, p2, k3 (OpenCV's order; zeros = pinhole)}.
 K maps to pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV: pixel (0, 0) covers
 [-0.5, 0.5)^2). Sources measuring from the image edge convert at ingest: Waymo's c_u, c_v are shifted by -0.5.
-Cameras are pinhole: a source with lens distortion undistorts its images at ingest (Waymo; raydseg.geometry.distortion).
+The image is as the camera took it; `distortion` is its lens (OpenCV's / Waymo's model on the normalised camera
+coordinates, applied before K; raydseg.geometry.distortion), and projections go through it. A writer may leave it
+out (stored null), and a Frame written before the field existed has none: both read as zeros (pinhole).
 T_cam_lidar holds at the camera's capture time: a source whose vehicle moves between the sweep and the exposure
 composes the ego poses into it (nuScenes, Waymo), so the sweep's points land where the camera saw them.
 Points are stored as `large_list<float32>` of 4N values plus `n_points`, readable by plain pyarrow.
@@ -33,6 +36,9 @@ CAMERA_TYPE = pa.struct([
     ("timestamp_us", pa.int64()),
     ("gt_semantic", pa.binary()),
     ("gt_instance", pa.binary()),
+    # 5 values or null (pinhole); absent in Frames written before it. A variable list: pyarrow reads a null
+    # fixed-size list inside this struct list back from parquet as "Expected all lists to be of size=5"
+    ("distortion", pa.list_(pa.float64())),
 ])
 
 FRAME_SCHEMA = pa.schema([
@@ -72,6 +78,7 @@ def frames_to_table(rows: list[dict]) -> pa.Table:
             "T_cam_lidar": np.asarray(c["T_cam_lidar"], dtype=np.float64).reshape(-1).tolist(),
             "timestamp_us": int(c.get("timestamp_us", r.get("timestamp_us", 0))),
             "gt_semantic": c.get("gt_semantic"), "gt_instance": c.get("gt_instance"),
+            "distortion": None if c.get("distortion") is None else _flat(c["distortion"], np.float64).tolist(),
         } for c in r["cameras"]])
     arrays = []
     for fld in FRAME_SCHEMA:
@@ -122,9 +129,16 @@ def table_to_frames(table: pa.Table) -> list[dict]:
             c = dict(c)
             c["K"] = np.asarray(c["K"], dtype=np.float64).reshape(3, 3)
             c["T_cam_lidar"] = np.asarray(c["T_cam_lidar"], dtype=np.float64).reshape(4, 4)
+            c["distortion"] = camera_distortion(c)
             row["cameras"].append(c)
         out.append(row)
     return out
+
+
+def camera_distortion(camera: dict) -> np.ndarray:
+    """(5,) float64 k1, k2, p1, p2, k3 of a camera record; zeros (pinhole) when it has none."""
+    d = camera.get("distortion")
+    return np.zeros(5) if d is None else np.asarray(d, dtype=np.float64).reshape(-1)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -233,6 +247,9 @@ def validate_frame(row: dict) -> str | None:
         reason = _rigid_reason(np.asarray(c["T_cam_lidar"], dtype=np.float64).reshape(4, 4))
         if reason:
             return f"camera {name}: {reason}"
+        d = camera_distortion(c)
+        if d.shape != (5,) or not np.all(np.isfinite(d)):
+            return f"camera {name}: distortion is not 5 finite coefficients (k1, k2, p1, p2, k3), got {d.tolist()}"
     return None
 
 

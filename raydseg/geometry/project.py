@@ -1,8 +1,9 @@
 """LiDAR -> camera projection, label-aware z-buffer, and densification of projected segments into pixel masks.
 
 Camera model (Frame contract): pixel = K (T_cam_lidar [x y z 1]^T)[:3] / depth, OpenCV camera (x right, y down,
-z forward). Pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV): a point lands on
-pixel (round(u), round(v)).
+z forward); with lens distortion (k1, k2, p1, p2, k3) the normalised coordinates pass through
+`raydseg.geometry.distortion` before K. Pixel (u, v) = (column, row) with pixel centres at integer coordinates
+(OpenCV): a point lands on pixel (round(u), round(v)).
 
 Occlusion: a projected point is dropped when, within `zbuf_radius_px` pixels, there is a nearer point
 (by more than `abs_tol + rel_tol * depth`) with a *different* occlusion group (segment id, ground, or
@@ -19,11 +20,23 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from raydseg.geometry.distortion import MAX_RADIAL, MIN_RADIAL, distort_radial
 from raydseg.geometry.range_image import EMPTY_KEY
 
 
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _pixel(a, b, w, lens):  # pragma: no cover - numba
+    """(u, v, inside the lens model's valid region) from a point's rows of `_camera`'s P: a / w, b / w for a pinhole
+    (lens empty), else the normalised (a / w, b / w) distorted through lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3)
+    and mapped by K."""
+    if lens.shape[0] == 0:
+        return a / w, b / w, True
+    xd, yd, radial = distort_radial(a / w, b / w, lens[5:])
+    return lens[0] * xd + lens[1] * yd + lens[2], lens[3] * yd + lens[4], MIN_RADIAL < radial < MAX_RADIAL
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _project(xyz, P, width, height, near):  # pragma: no cover - numba
+def _project(xyz, P, lens, width, height, near):  # pragma: no cover - numba
     n = xyz.shape[0]
     u = np.empty(n)
     v = np.empty(n)
@@ -36,39 +49,49 @@ def _project(xyz, P, width, height, near):  # pragma: no cover - numba
         zz = P[3, 0] * x0 + P[3, 1] * x1 + P[3, 2] * x2 + P[3, 3]
         w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
         z[i] = zz
+        u[i] = np.nan
+        v[i] = np.nan
         if zz > near:
-            u[i] = a / w
-            v[i] = b / w
-            inside[i] = u[i] >= -0.5 and u[i] < width - 0.5 and v[i] >= -0.5 and v[i] < height - 0.5
-        else:
-            u[i] = np.nan
-            v[i] = np.nan
+            uu, vv, ok = _pixel(a, b, w, lens)
+            if ok:
+                u[i] = uu
+                v[i] = vv
+                inside[i] = uu >= -0.5 and uu < width - 0.5 and vv >= -0.5 and vv < height - 0.5
     return u, v, z, inside
 
 
 def project_points(xyz: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray, width: int, height: int,
-                   near: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   near: float = 0.5, distortion: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Project LiDAR points into a camera.
 
-    Args: xyz (N, 3) m LiDAR frame; K (3, 3); T_cam_lidar (4, 4); width, height px; near: min depth (m).
-    Returns: u (N,) float64 px, v (N,) float64 px (NaN behind `near`), depth (N,) float64 m (camera z),
-    inside (N,) bool (depth > near and the rounded pixel lies in [0, width) x [0, height)).
+    Args: xyz (N, 3) m LiDAR frame; K (3, 3); T_cam_lidar (4, 4); width, height px; near: min depth (m);
+    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole).
+    Returns: u (N,) float64 px, v (N,) float64 px (NaN behind `near` or outside the lens model's valid region),
+    depth (N,) float64 m (camera z), inside (N,) bool (u, v defined and the rounded pixel in [0, width) x [0, height)).
     """
-    P = _projection_matrix(K, T_cam_lidar)
-    return _project(np.asarray(xyz)[:, :3], P, float(width), float(height), float(near))  # strided view, no copy
+    P, lens = _camera(K, T_cam_lidar, distortion)
+    return _project(np.asarray(xyz)[:, :3], P, lens, float(width), float(height), float(near))  # strided, no copy
 
 
-def _projection_matrix(K: np.ndarray, T_cam_lidar: np.ndarray) -> np.ndarray:
-    """(4, 4) float64: rows 0-2 = K [R | t] (homogeneous pixel), row 3 = the camera z (depth) row of T."""
+def _camera(K: np.ndarray, T_cam_lidar: np.ndarray, distortion: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(P (4, 4) float64, lens (0,) or (10,) float64) for `_pixel`. Pinhole (no or all-zero distortion): P rows 0-2
+    = K [R | t] (homogeneous pixel), lens empty. Distorted: P rows 0-2 = [R | t] (camera coordinates),
+    lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3). Row 3 = the camera z (depth) row of T."""
     T = np.asarray(T_cam_lidar, np.float64).reshape(4, 4)
+    K = np.asarray(K, np.float64).reshape(3, 3)
+    dist = np.zeros(5) if distortion is None else np.asarray(distortion, np.float64).reshape(5)
     P = np.zeros((4, 4))
-    P[:3] = np.asarray(K, np.float64).reshape(3, 3) @ T[:3]
     P[3] = T[2]
-    return P
+    if not dist.any():
+        P[:3] = K @ T[:3]
+        return P, np.zeros(0)
+    P[:3] = T[:3]
+    return P, np.concatenate([[K[0, 0], K[0, 1], K[0, 2], K[1, 1], K[1, 2]], dist])
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _project_inside(xyz, use, seg, ground, P, width, height, near):  # pragma: no cover - numba
+def _project_inside(xyz, use, seg, ground, P, lens, width, height, near):  # pragma: no cover - numba
     """The used points inside the image, compacted: pixel column / row (int32), depth (float32 m), segment id
     and occlusion group (int32: segment id, 0 = ground, -1 = unsegmented)."""
     n = xyz.shape[0]
@@ -86,9 +109,9 @@ def _project_inside(xyz, use, seg, ground, P, width, height, near):  # pragma: n
         if not zz > near:
             continue
         w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
-        u = (P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3]) / w
-        v = (P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3]) / w
-        if u >= -0.5 and u < width - 0.5 and v >= -0.5 and v < height - 0.5:
+        u, v, ok = _pixel(P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3],
+                          P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3], w, lens)
+        if ok and u >= -0.5 and u < width - 0.5 and v >= -0.5 and v < height - 0.5:
             px[m] = int(np.floor(u + 0.5))
             py[m] = int(np.floor(v + 0.5))
             z[m] = zz
@@ -335,14 +358,17 @@ def _ground_hits(px, py, vis, group, width, height):  # pragma: no cover - numba
 
 
 def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray,
-                     width: int, height: int, *, near: float = 0.5, use: np.ndarray | None = None,
+                     width: int, height: int, *, distortion: np.ndarray | None = None, near: float = 0.5,
+                     use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
                      radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0) -> dict[str, np.ndarray | int]:
     """Segment-id image and ground mask of one camera.
 
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
-    use (N,) bool points to project (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a
-    segment's mask / between ground scanlines (`fill_masks`; both 0 = the plain densification).
+    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole; `project_points`); use (N,) bool points to project
+    (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a segment's mask / between ground
+    scanlines (`fill_masks`; both 0 = the plain densification). Occlusion and densification work on the (distorted)
+    pixels, where the image is: their radii are pixel radii either way.
     Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with ground_fill_px 0 the
     pixels hit by a visible ground point, else the pixels the densified and filled ground owns), `n_in_image` points in
     front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels` (max(seg) + 1,) int64 pixel
@@ -353,8 +379,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     if near < 0:
         raise ValueError(f"near must be >= 0 m (depths are packed as positive floats), got {near}")
     use = np.ones(len(xyz), np.bool_) if use is None else np.asarray(use, np.bool_)
-    P = _projection_matrix(K, T_cam_lidar)
-    px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, P, float(width),
+    P, lens = _camera(K, T_cam_lidar, distortion)
+    px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, P, lens, float(width),
                                               float(height), float(near))
     vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)
     n_seg = int(seg.max(initial=0))

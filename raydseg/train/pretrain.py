@@ -111,7 +111,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                 if sw is None:
                     sw = sweep_segments(pts, frame.get("ring"), proposals_cfg, seed=frame_seed(frame["frame_id"], seed))
                 out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], int(cam["width"]),
-                                      int(cam["height"]), proposals_cfg)
+                                      int(cam["height"]), proposals_cfg, cam.get("distortion"))
                 seg = out["segment_ids"].astype(np.int32)
                 sizes = np.bincount(seg.ravel())
                 majority = {s: c for s, c in segment_majority_class(seg, decode_image(cam["gt_semantic"])).items()

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from raydseg.data.schema import camera_distortion
 from raydseg.data.sources.select import euler_to_matrix, matrix_to_quat, rigid
 from raydseg.data.sources.waymo import CAMERAS, DISTORTION
 
@@ -365,4 +366,6 @@ def frames_differ(a: list[dict], b: list[dict]) -> str | None:
             for k in ("K", "T_cam_lidar"):
                 if not np.array_equal(c[k], d[k]):
                     return f"{x['frame_id']}/{c['name']}: {k} differs"
+            if not np.array_equal(camera_distortion(c), camera_distortion(d)):
+                return f"{x['frame_id']}/{c['name']}: distortion differs"
     return None

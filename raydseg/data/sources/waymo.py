@@ -32,13 +32,11 @@ speed x readout (at 10 m/s, 0.1 m per 10 ms of readout). The velocity columns ar
 
 Waymo's camera model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5),
 the Frame puts pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
-(k1, k2, p1, p2, k3, Waymo's camera_model = OpenCV's) is removed at ingest: a camera with any non-zero coefficient
-has its image resampled onto the pinhole camera with the same K (`raydseg.geometry.distortion`) and re-encoded as
-JPEG, so the Frame stays pinhole; a camera without distortion keeps its bytes.
+(k1, k2, p1, p2, k3, Waymo's camera_model = OpenCV's) goes into the camera's `distortion` and the image keeps its
+bytes: projections apply the lens (`raydseg.geometry.distortion`).
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -60,7 +58,6 @@ CAM_POSE = "[CameraImageComponent].pose.transform"  # world_from_vehicle at pose
 CAM_POSE_TS = "[CameraImageComponent].pose_timestamp"  # seconds
 VEHICLE_POSE = "[VehiclePoseComponent].world_from_vehicle.transform"  # at the frame timestamp, 16 doubles row-major
 DISTORTION = ("k1", "k2", "p1", "p2", "k3")  # Waymo's intrinsic columns, OpenCV's coefficient order
-UNDISTORTED_JPEG_QUALITY = 95  # a distorted camera's image is re-encoded after undistortion (the source is JPEG)
 COLUMNS = {  # component folder -> columns this reader needs
     "lidar": [SEG, TS, LASER, "[LiDARComponent].range_image_return1.values",
               "[LiDARComponent].range_image_return1.shape"],
@@ -82,19 +79,6 @@ RETURN2 = ("[LiDARComponent].range_image_return2.values", "[LiDARComponent].rang
 INCL_VALUES = "[LiDARCalibrationComponent].beam_inclination.values"
 OPTIONAL_COLUMNS = {"lidar": RETURN2, "lidar_calibration": (INCL_VALUES,), "camera_image": (CAM_POSE, CAM_POSE_TS)}
 log = logging.getLogger(__name__)
-
-
-def undistorted_jpeg(data: bytes, K: np.ndarray, coeffs: np.ndarray) -> bytes:
-    """A distorted camera's encoded image -> the JPEG of what the pinhole camera K sees (same size)."""
-    from PIL import Image
-
-    from raydseg.data.schema import decode_image
-    from raydseg.geometry.distortion import undistort_image
-
-    buf = io.BytesIO()
-    Image.fromarray(undistort_image(decode_image(data), K, coeffs)).save(buf, format="JPEG",
-                                                                          quality=UNDISTORTED_JPEG_QUALITY)
-    return buf.getvalue()
 
 
 def lidar_to_camera(E_top: np.ndarray, E_cam: np.ndarray, world_from_vehicle_frame: np.ndarray | None = None,
@@ -369,17 +353,13 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                 except Exception as e:  # noqa: BLE001 - any decoder failure is the reason
                     raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
                 K, coeffs = once(("camera_K", name), lambda: camera_intrinsics(ccal, ic))
-                if coeffs.any():
-                    try:
-                        data = undistorted_jpeg(data, K, coeffs)
-                    except Exception as e:  # noqa: BLE001 - a truncated or corrupt image rejects its frame
-                        raise WaymoError(f"unreadable image of camera {name}: {type(e).__name__}: {e}") from e
                 E_cam = once(("camera_E", name), lambda: _array(
                     ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4))
                 T = lidar_to_camera(E_top, E_cam, wfv_frame, wfv_cam)
                 static += wfv_frame is None or wfv_cam is None
                 cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K.copy(),
-                                "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None})
+                                "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None,
+                                "distortion": coeffs.copy()})
             reason = sync_reason(int(ts), stamps, cfg.data.sync_tolerance_us)
             if reason:
                 raise WaymoError(reason)
