@@ -14,7 +14,8 @@ Range image -> points (as waymo_open_dataset's range_image_utils): row i has inc
 extrinsic (sensor -> vehicle). With a per-pixel pose (TOP only, `[LiDARPoseComponent]`, roll pitch yaw x y z =
 vehicle(t_pixel) -> world) points are motion-compensated: `p = inv(world_from_vehicle) @ pixel_pose @ p_vehicle`
 (one rotation per range-image column when the pose is the same down each column, as a spinning LiDAR's).
-Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`. Intensity is squashed with tanh to 0..1.
+Points are then expressed in the TOP LiDAR frame: `inv(E_top) @ p`, all in one numba pass over the pixels
+(`_range_image_points`). Intensity is squashed with tanh to 0..1.
 
 Cameras: Waymo's camera frame is x forward, y left, z up and its extrinsic E_cam maps camera -> vehicle. With C the
 axis swap to OpenCV (x right, y down, z forward) and the points in the TOP frame at the frame time,
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -200,54 +202,97 @@ def inclinations(height: int, incl_min: float, incl_max: float, values: np.ndarr
 def column_poses(pixel_pose: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
     """(W, 6) float32 pose of each range-image column when every valid pixel holds its column's pose (a spinning
     LiDAR fires a column at once), else None. pixel_pose (H, W, 6); valid (H, W) bool."""
+    first, same = _column_pose_check(pixel_pose, valid)
+    return pixel_pose[first, np.arange(valid.shape[1])] if same else None
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _column_pose_check(pixel_pose, valid):  # pragma: no cover - numba
+    """(W,) row of each column's first valid pixel (0 when none), and whether every valid pixel's pose equals it."""
     H, W = valid.shape
-    ref = pixel_pose[np.argmax(valid, axis=0), np.arange(W)]
-    flat = np.flatnonzero(valid)
-    same = np.array_equal(pixel_pose.reshape(H * W, -1).take(flat, axis=0), ref.take(flat % W, axis=0))
-    return ref if same else None
+    first = np.full(W, -1, np.int64)
+    for i in range(H):
+        for j in range(W):
+            if valid[i, j]:
+                if first[j] < 0:
+                    first[j] = i
+                else:
+                    for c in range(pixel_pose.shape[2]):
+                        if pixel_pose[i, j, c] != pixel_pose[first[j], j, c]:
+                            return np.maximum(first, 0), False
+    return np.maximum(first, 0), True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _range_image_points(ri, ci, si, ca, sa, E, rot, trans, pose_of, out_T):  # pragma: no cover - numba
+    """One pass over the pixels with range > 0 (row-major): p = E (r cos(incl) cos(az), r cos(incl) sin(az),
+    r sin(incl)), then with a pose (pose_of 1: rot/trans per column, 2: per point) p = rot p + trans, then out_T p.
+    Returns xyz (N, 3) float64, intensity (N,) float64 and row (N,) int64."""
+    H, W = ri.shape[0], ri.shape[1]
+    n = 0
+    for i in range(H):
+        for j in range(W):
+            n += ri[i, j, 0] > 0
+    xyz = np.empty((n, 3))
+    inten = np.empty(n)
+    rows = np.empty(n, np.int64)
+    k = 0
+    for i in range(H):
+        for j in range(W):
+            if not ri[i, j, 0] > 0:
+                continue
+            r = np.float64(ri[i, j, 0])
+            rc = r * ci[i]
+            q0, q1, q2 = rc * ca[j], rc * sa[j], r * si[i]
+            p0 = E[0, 0] * q0 + E[0, 1] * q1 + E[0, 2] * q2 + E[0, 3]
+            p1 = E[1, 0] * q0 + E[1, 1] * q1 + E[1, 2] * q2 + E[1, 3]
+            p2 = E[2, 0] * q0 + E[2, 1] * q1 + E[2, 2] * q2 + E[2, 3]
+            if pose_of > 0:
+                m = j if pose_of == 1 else k
+                R, t = rot[m], trans[m]
+                w0 = R[0, 0] * p0 + R[0, 1] * p1 + R[0, 2] * p2 + t[0]
+                w1 = R[1, 0] * p0 + R[1, 1] * p1 + R[1, 2] * p2 + t[1]
+                w2 = R[2, 0] * p0 + R[2, 1] * p1 + R[2, 2] * p2 + t[2]
+                p0, p1, p2 = w0, w1, w2
+            for c in range(3):
+                xyz[k, c] = out_T[c, 0] * p0 + out_T[c, 1] * p1 + out_T[c, 2] * p2 + out_T[c, 3]
+            inten[k] = ri[i, j, 1]
+            rows[k] = i
+            k += 1
+    return xyz, inten, rows
 
 
 def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarray,
-                          pixel_pose: np.ndarray | None = None,
-                          world_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Range image -> vehicle-frame points.
+                          pixel_pose: np.ndarray | None = None, world_from_vehicle: np.ndarray | None = None,
+                          out_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Range image -> points.
 
     Args: ri (H, W, >=2) float32 (range m, intensity, ...); extrinsic (4, 4) sensor -> vehicle; incl (H,) rad per
       row (row 0 highest); pixel_pose (H, W, 6) roll pitch yaw x y z vehicle(t_pixel) -> world, or None;
-      world_from_vehicle (4, 4) frame pose (needed with pixel_pose).
-    Returns: xyz (N, 3) float64 m in the vehicle frame, intensity (N,), row (N,) int for pixels with range > 0
+      world_from_vehicle (4, 4) frame pose (needed with pixel_pose); out_from_vehicle (4, 4) the output frame
+      (None = the vehicle frame at the frame time).
+    Returns: xyz (N, 3) float64 m in the output frame, intensity (N,) float64, row (N,) int for pixels with range > 0
       (row-major order).
     """
     H, W = ri.shape[:2]
     E = np.asarray(extrinsic, dtype=np.float64)
-    az_corr = np.arctan2(E[1, 0], E[0, 0])
-    az = ((W - np.arange(W) - 0.5) / W * 2.0 - 1.0) * np.pi - az_corr
-    valid = ri[..., 0] > 0
-    flat = np.flatnonzero(valid)
-    rows, cols = np.divmod(flat, W)
-    px = ri.reshape(H * W, -1).take(flat, axis=0)  # (N, channels), row-major pixel order
-    r = px[:, 0].astype(np.float64)
-    ci, si, ca, sa = np.cos(incl), np.sin(incl), np.cos(az), np.sin(az)  # per row / column, then gathered
-    rc = r * ci[rows]
-    p = np.stack([rc * ca[cols], rc * sa[cols], r * si[rows]], axis=1)
-    p = p @ E[:3, :3].T + E[:3, 3]
+    az = ((W - np.arange(W) - 0.5) / W * 2.0 - 1.0) * np.pi - np.arctan2(E[1, 0], E[0, 0])
+    out_T = np.eye(4) if out_from_vehicle is None else np.asarray(out_from_vehicle, np.float64)
+    rot, trans, pose_of = np.zeros((0, 3, 3)), np.zeros((0, 3)), 0
     if pixel_pose is not None:
         if world_from_vehicle is None:
             raise WaymoError("per-pixel LiDAR pose given without a vehicle pose for the frame")
         if pixel_pose.shape[:2] != (H, W):
             raise WaymoError(f"per-pixel LiDAR pose of shape {list(pixel_pose.shape)} for a {H}x{W} range image")
-        per_col = column_poses(pixel_pose, valid)
-        if per_col is not None:  # W rotations instead of N; the same values per point
-            pc64 = per_col.astype(np.float64)
-            R = euler_to_matrix(pc64[:, 0], pc64[:, 1], pc64[:, 2]).take(cols, axis=0)
-            t = pc64.take(cols, axis=0)[:, 3:6]
-        else:
-            pp = pixel_pose.reshape(H * W, -1).take(flat, axis=0).astype(np.float64)
-            R, t = euler_to_matrix(pp[:, 0], pp[:, 1], pp[:, 2]), pp[:, 3:6]
-        world = np.einsum("nij,nj->ni", R, p) + t
-        inv = np.linalg.inv(world_from_vehicle)
-        p = world @ inv[:3, :3].T + inv[:3, 3]
-    return p, px[:, 1].astype(np.float64), rows
+        valid = ri[..., 0] > 0
+        pose = column_poses(pixel_pose, valid)  # W rotations instead of N when a column shares its pose
+        pose_of = 1 if pose is not None else 2
+        if pose is None:
+            pose = pixel_pose.reshape(H * W, -1).take(np.flatnonzero(valid), axis=0)
+        pose = pose.astype(np.float64)
+        rot, trans = euler_to_matrix(pose[:, 0], pose[:, 1], pose[:, 2]), np.ascontiguousarray(pose[:, 3:6])
+        out_T = out_T @ np.linalg.inv(world_from_vehicle)
+    return _range_image_points(ri, np.cos(incl), np.sin(incl), np.cos(az), np.sin(az), E, rot, trans, pose_of, out_T)
 
 
 def camera_intrinsics(ccal: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +343,7 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             E_top = once(("lidar_E", "TOP"), lambda: _array(
                 lcal, "[LiDARCalibrationComponent].extrinsic.transform", i_lcal[(LASERS["TOP"],)], np.float64
             ).reshape(4, 4))
+            inv_top = once(("inv_top",), lambda: np.linalg.inv(E_top))
             wfv_frame = None
             if (ts,) in i_vpose and vpose.column(VEHICLE_POSE)[i_vpose[(ts,)]].is_valid:
                 wfv_frame = _array(vpose, VEHICLE_POSE, i_vpose[(ts,)], np.float64).reshape(4, 4)
@@ -326,13 +372,12 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                         float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci)),
                         float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))))
                     incl = inclinations(ri.shape[0], lo, hi, values)
-                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv_frame)
+                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv_frame, inv_top)
                     xyz_all.append(p)
                     inten_all.append(inten)
                     ring_all.append(row)
-            inv_top = np.linalg.inv(E_top)
-            xyz = np.concatenate(xyz_all) @ inv_top[:3, :3].T + inv_top[:3, 3]
-            pts = np.concatenate([xyz, np.tanh(np.clip(np.concatenate(inten_all), 0, None))[:, None]], axis=1)
+            inten = np.tanh(np.clip(np.concatenate(inten_all), 0, None))
+            pts = np.concatenate([np.concatenate(xyz_all), inten[:, None]], axis=1)
             ring = np.concatenate(ring_all).astype(np.uint8) if lasers == ["TOP"] else None
             cameras, stamps, static = [], {}, 0
             for name in cams:
