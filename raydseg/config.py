@@ -309,7 +309,7 @@ class EvalConfig(Section):
     size: NonNegInt = 0  # resize the shorter image side to this before inference (0 = native; paper: 1024)
     window: NonNegInt = 0  # sliding-window size in px (0 = whole image; paper: 512); padded to patch multiples
     stride: NonNegInt = 0  # sliding-window stride in px (0 = window // 2; paper: 128)
-    batch_size: PosInt = 4  # images per Ray Data inference batch
+    batch_size: PosInt = 4  # images per inference call of an actor
     num_actors: PosInt = 1  # inference actor pool size
     num_gpus: NonNegFloat = 0.0  # GPUs per inference actor
     models: Annotated[list[Literal["teacher", "student"]], Field(min_length=1)] = \

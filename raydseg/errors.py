@@ -32,8 +32,8 @@ class StorageError(UserError, OSError):
 
 
 def _causes(exc: BaseException):
-    """exc, then what it wraps: Ray's task errors keep the original in `.cause`, Ray Data's user-code errors in
-    `__cause__`."""
+    """exc, then what it wraps: Ray's task errors keep the original in `.cause`, Ray Data's and Ray Train's user-code
+    errors in `__cause__`."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -45,10 +45,13 @@ _REMOTE = re.compile(r"^raydseg\.errors\.(\w+): (.+)$", re.M)
 
 
 def user_error(exc: BaseException) -> UserError | None:
-    """The user error in `exc` or what it wraps, also one raised in a Ray Data task, where Ray keeps only the
-    traceback text of the original (its cause chain is not pickled); None for anything else."""
+    """The user error in `exc` or what it wraps, also one raised in a Ray task (Ray's error poses as an instance of
+    its cause's class: the cause itself is taken) or where Ray kept only the traceback text of the original (Ray
+    Data, Ray Train: the cause chain is not pickled); None for anything else."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    wrapper = ray_exceptions.RayError if ray_exceptions is not None else ()
     for e in _causes(exc):
-        if isinstance(e, UserError) and hasattr(e, "problems"):
+        if isinstance(e, UserError) and not isinstance(e, wrapper):
             return e
     found = _REMOTE.search(str(exc))
     cls = getattr(sys.modules[__name__], found.group(1), None) if found else None

@@ -1,4 +1,4 @@
-"""Part-wise Ray Data map: every input part file becomes output part files of the same name, written atomically.
+"""Part-wise map on Ray: every input part file becomes output part files of the same name, written atomically.
 
 A part (`part-*.parquet`, a few sweeps) is the unit of parallelism and of resume: parts whose outputs all
 exist are skipped, so a rerun after a crash redoes only the unfinished parts. Part names stay aligned across
@@ -7,12 +7,10 @@ parts in `_parts/`, the ingest stage marks source shards in `_shards/`.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 
 from raydseg import storage
@@ -30,26 +28,6 @@ class PartsResult:
 
 def part_names(in_dir: str) -> list[str]:
     return [n for n in storage.listdir(in_dir) if n.startswith("part-") and n.endswith(".parquet")]
-
-
-@contextlib.contextmanager
-def single_operator_pipeline() -> Iterator[None]:
-    """Let a one-operator Ray Data pipeline (items -> map_batches) use every CPU it may.
-
-    Ray Data reserves a share of the cluster per operator, so on a small cluster (2 CPUs) a map ran one task at
-    a time (figures: docs/results.md, "Engineering measurements"). Our stage pipelines have a single operator,
-    so there is nothing to reserve for. Create *and* run the dataset inside the block (set around either step
-    alone, the setting was not applied). The driver's previous setting is restored after.
-    """
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        yield
-    finally:
-        ctx.op_resource_reservation_enabled = before
 
 
 @dataclass(frozen=True)
@@ -93,48 +71,35 @@ def _process(fn: PartFn, in_dir: str, out_dir: str, name: str) -> dict[str, Any]
     return stats
 
 
-class _ActorWrapper:
-    """Actor-pool callable: builds the user's class once per actor, then maps parts through it."""
-
-    def __init__(self, cls: type, kwargs: dict, in_dir: str, out_dir: str):
-        self.fn = cls(**kwargs)
-        self.in_dir, self.out_dir = in_dir, out_dir
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats = [_process(self.fn, self.in_dir, self.out_dir, str(n)) for n in batch["part"]]
-        return {"part": np.array([s["part"] for s in stats])}
-
-
 def map_parts(in_dir: str, out_dir: str, fn: PartFn | type, *, num_cpus: float = 1, num_gpus: float = 0,
               actor_pool: tuple[int, int] | None = None, fn_constructor_kwargs: dict | None = None,
               resources: dict[str, float] | None = None) -> PartsResult:
-    """Run `fn(table) -> ({key: table}, rejects)` over every part of `in_dir` with Ray Data.
+    """Run `fn(table) -> ({key: table}, rejects)` over every part of `in_dir` on Ray (raydseg.ray_map).
 
-    A function runs as Ray tasks; a class runs in an actor pool (`actor_pool=(min, max)`, default (1, 2)) so that
-    expensive state (a model) is built once per actor. Outputs go to `<out_dir>/<key>/<part>`; a JSON marker in
-    `<out_dir>/_parts/` is written after all outputs of a part, and marked parts are skipped on a rerun.
+    A function runs as plain Ray tasks, one per part; a class runs in a pool of Ray actors (`actor_pool=(min, max)`,
+    default (1, 2)) so that expensive state (a model) is built once per actor. Outputs go to
+    `<out_dir>/<key>/<part>`; a JSON marker in `<out_dir>/_parts/` is written after all outputs of a part, and marked
+    parts are skipped on a rerun. An exception raised by `fn` ends the map (the parts marked so far are kept); a lost
+    worker, actor or node is retried by Ray.
     """
     import ray
+
+    from raydseg.ray_map import map_actors, map_tasks
 
     names = part_names(in_dir)
     markers = DoneMarkers(out_dir)
     todo = markers.todo(names)
+    options: dict[str, Any] = {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {}),
+                               **({"resources": resources} if resources else {})}
     if todo:
-        with single_operator_pipeline():
-            ds = ray.data.from_items([{"part": n} for n in todo], override_num_blocks=len(todo))
-            common: dict[str, Any] = dict(batch_size=1, num_cpus=num_cpus, num_gpus=num_gpus or None)
-            if resources:
-                common["resources"] = resources
-            if inspect.isclass(fn):
-                lo, hi = actor_pool or (1, 2)
-                ds = ds.map_batches(_ActorWrapper, fn_constructor_kwargs=dict(
-                    cls=fn, kwargs=fn_constructor_kwargs or {}, in_dir=in_dir, out_dir=out_dir),
-                    compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=max(lo, min(hi, len(todo)))), **common)
-            else:
-                def run_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                    return {"part": np.array([_process(fn, in_dir, out_dir, str(n))["part"] for n in batch["part"]])}
-                ds = ds.map_batches(run_part, **common)
-            ds.materialize()
+        if inspect.isclass(fn):
+            done = map_actors(fn, fn_constructor_kwargs or {}, _process, [(in_dir, out_dir, n) for n in todo],
+                              options, actor_pool or (1, 2))
+        else:
+            fn_ref = ray.put(fn)  # serialised once, not once per part
+            done = map_tasks(_process, [(fn_ref, in_dir, out_dir, n) for n in todo], options)
+        for _ in done:
+            pass  # a part's stats are in its marker, read below with the resumed parts'
     result = PartsResult()
     for name in names:
         stats = markers.read(name)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from raydseg import storage
-from raydseg.parts import map_parts, single_operator_pipeline
+from raydseg.parts import map_parts
 
 pytestmark = pytest.mark.ray
 
@@ -136,7 +136,7 @@ def _assert_every_part_doubled(root, result):
 
 @pytest.mark.parametrize("pool", [False, True], ids=["task", "actor_pool"])
 def test_a_sigkilled_worker_is_replaced_and_the_stage_finishes_with_every_part(ray_local, tmp_path, pool):
-    """Ray retries the task of a worker killed mid-part (Ray Data: task retries, actor-pool restarts); the map
+    """Ray retries the task of a worker killed mid-part (task retries; an actor is restarted, its call retried); the map
     finishes within the same call, and its outputs equal an unkilled run's."""
     root = str(tmp_path)
     _inputs(root)
@@ -178,16 +178,3 @@ def test_a_worker_node_removed_mid_stage_is_survived(ray_two_nodes, tmp_path):
     assert (logs / "stalled").exists() and not cluster.worker_nodes, "no part ran on the worker node"
     _assert_every_part_doubled(root, result)
 
-
-def test_single_operator_pipeline_lifts_the_reservation_and_restores_it():
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    assert ctx.op_resource_reservation_enabled  # Ray Data's default, which serialised our maps on 2 CPUs
-    with single_operator_pipeline():
-        assert ray.data.DataContext.get_current().op_resource_reservation_enabled is False
-    assert ctx.op_resource_reservation_enabled is True
-    with pytest.raises(RuntimeError, match="boom"):
-        with single_operator_pipeline():
-            raise RuntimeError("boom")
-    assert ctx.op_resource_reservation_enabled is True

@@ -142,7 +142,7 @@ def test_full_disk_names_the_stage_and_path_and_the_rerun_finishes_after_space_i
 def test_a_real_out_of_memory_kill_names_the_stage_and_the_rerun_finishes(tmp_path):
     """Ray's memory monitor with a kill threshold below what the machine already uses (2 % of its memory, checked
     every 100 ms, no OOM retries) kills the ingest stage's worker: `jobs/full_run.py` ends with one error line that
-    names the stage, exit status 2 (Ray's memory report and Ray Data's own log of the failed task come before it);
+    names the stage, exit status 2 (Ray's memory report comes before it);
     the same command without the low threshold then finishes the stage."""
     args = [sys.executable, "jobs/full_run.py", "--config", "configs/smoke.yaml", "--set", "run.stages=ingest",
             "--set", f"run.output_root={tmp_path / 'out'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
@@ -154,7 +154,7 @@ def test_a_real_out_of_memory_kill_names_the_stage_and_the_rerun_finishes(tmp_pa
     errors = [line for line in p.stderr.splitlines() + p.stdout.splitlines() if line.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
     assert errors[0].startswith("error: stage 'ingest': a worker ran out of memory ("), errors
-    assert p.stderr.strip().splitlines()[-1] == errors[0]  # last, after Ray's own memory report and Ray Data's log
+    assert p.stderr.strip().splitlines()[-1] == errors[0]  # last, after Ray's own memory report
     assert not (tmp_path / "out" / "smoke" / "ingest" / "_manifest.json").exists()
     p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -173,7 +173,7 @@ def test_stage_failures_name_the_stage_and_bugs_keep_their_traceback():
         "its workers more memory or smaller batches and rerun: finished parts are kept"]
     remote = RuntimeError("ray::MapBatches(work)()\nTraceback ...\nraydseg.errors.StorageError: /o/part-1.parquet: "
                           "write failed: [Errno 28] No space left on device\n\nThe above exception was ...")
-    named = in_stage("proposals", remote)  # Ray Data keeps only the text of a task's error
+    named = in_stage("proposals", remote)  # Ray Data / Ray Train keep only the text of a task's error
     assert type(named) is StorageError and named.problems == [
         "stage 'proposals': /o/part-1.parquet: write failed: [Errno 28] No space left on device"]
     assert in_stage("cluster", KeyError("a bug")) is None

@@ -1,4 +1,4 @@
-"""Batch inference of the models over the evaluation sets in one pass, with a Ray Data actor pool (the models are
+"""Batch inference of the models over the evaluation sets in one pass, with a pool of Ray actors (the models are
 loaded once per actor, each image is read once for all of them): each model's predicted pseudo-class PNG is written
 under `pred_roots[model]/<set>/<sample_id>.png` and its (n_pred, n_gt) confusion matrix streams back to the
 driver, which sums them (no image is held in memory)."""
@@ -14,7 +14,6 @@ from raydseg.config import Config
 from raydseg.eval import plots
 from raydseg.eval.metrics import ConfusionAccumulator, confusion_matrix
 from raydseg.eval.sets import EvalSample, EvalSet, load_image, load_label
-from raydseg.parts import single_operator_pipeline
 
 
 def inference_device(num_gpus: float) -> str:
@@ -25,7 +24,7 @@ def inference_device(num_gpus: float) -> str:
 
 
 class Predictor:
-    """Ray Data actor: loads the models once onto its device, then per row predicts with each, writes the PNGs and
+    """Inference actor: loads the models once onto its device, then per row predicts with each, writes the PNGs and
     returns the confusions.
 
     `models`: {name: model dir}; `pred_roots`: {name: folder of that model's PNGs}. The models are moved to `device`
@@ -82,7 +81,7 @@ def infer_models(cfg: Config, models: dict[str, str], samples: dict[str, list[Ev
     """Stream the confusion matrices of every model ({name: model dir}) over all sets, in one pass; returns
     {name: {"confusion": {set: ConfusionAccumulator}, "images_per_s": images / that model's forward seconds,
     "predict_s_per_image": ...}}."""
-    import ray
+    from raydseg.ray_map import map_actors
 
     n_cls = {s.name: s.n_classes for s in sets}
     items = [{"set": name, "sample_id": x.sample_id, "image_path": x.image_path, "label_path": x.label_path,
@@ -90,24 +89,20 @@ def infer_models(cfg: Config, models: dict[str, str], samples: dict[str, list[Ev
     acc = {m: {s.name: ConfusionAccumulator(n_gt=s.n_classes) for s in sets} for m in models}
     predict_s = {m: 0.0 for m in models}
     n = 0
-    if items and models:
-        bs = max(cfg.eval.batch_size, 1)
-        with single_operator_pipeline():
-            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 64)))
-            ds = ds.map_batches(
-                Predictor, batch_size=bs, **stage_requests.evaluate(cfg).ray_options(),
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.eval.num_actors)),
-                fn_constructor_kwargs=dict(models=models, pred_roots=pred_roots, loader=loader, predictor=predictor,
-                                           size=cfg.eval.size, window=cfg.eval.window, stride=cfg.eval.stride,
-                                           num_gpus=cfg.eval.num_gpus))
-            for batch in ds.iter_batches(batch_size=bs, batch_format="numpy"):
-                for j, name in enumerate(batch["set"]):
-                    for m in models:
-                        a = acc[m][str(name)]
-                        a.add(np.frombuffer(batch[f"conf/{m}"][j], dtype=np.int64).reshape(
-                            int(batch[f"n_pred/{m}"][j]), a.n_gt))
-                        predict_s[m] += float(batch[f"predict_s/{m}"][j])
-                    n += 1
+    bs = max(cfg.eval.batch_size, 1)
+    batches = [({k: np.array([x[k] for x in items[i:i + bs]]) for k in items[0]},)
+               for i in range(0, len(items) if models else 0, bs)]
+    kwargs = dict(models=models, pred_roots=pred_roots, loader=loader, predictor=predictor, size=cfg.eval.size,
+                  window=cfg.eval.window, stride=cfg.eval.stride, num_gpus=cfg.eval.num_gpus)
+    for batch in map_actors(Predictor, kwargs, Predictor.__call__, batches, stage_requests.evaluate(cfg).ray_options(),
+                            (1, max(1, cfg.eval.num_actors))):
+        for j, name in enumerate(batch["set"]):
+            for m in models:
+                a = acc[m][str(name)]
+                conf = np.frombuffer(batch[f"conf/{m}"][j], dtype=np.int64)
+                a.add(conf.reshape(int(batch[f"n_pred/{m}"][j]), a.n_gt))
+                predict_s[m] += float(batch[f"predict_s/{m}"][j])
+            n += 1
     nan = float("nan")
     return {m: {"confusion": acc[m], "images_per_s": n / predict_s[m] if predict_s[m] else nan,
                 "predict_s_per_image": predict_s[m] / n if n else nan} for m in models}

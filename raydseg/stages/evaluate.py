@@ -1,5 +1,5 @@
-"""Stage `evaluate`: Ray Data batch inference of the teacher and student models on the evaluation sets (wiring of
-raydseg.eval: sets, inference, scoring, knn, report).
+"""Stage `evaluate`: batch inference of the teacher and student models on the evaluation sets on a Ray actor pool
+(wiring of raydseg.eval: sets, inference, scoring, knn, report).
 
 Per model, one actor pool (the model is loaded once per actor) predicts every image of every set, writes the
 predicted pseudo-class PNG to `evaluate/predictions/<model>/<set>/<sample_id>.png` and returns that image's

@@ -1,5 +1,5 @@
-"""Stage `features`: one L2-normalised ViT descriptor per projected segment (Ray Data actor pool, model loaded
-once per actor).
+"""Stage `features`: one L2-normalised ViT descriptor per projected segment (Ray actor pool, model loaded once
+per actor).
 
 Reads `proposals/segments/part-*` and the camera images of `ingest/frames/part-*`; writes `features/part-*.parquet`
 (FEATURES_SCHEMA: frame_id, camera, segment_id, descriptor list<float32>) and `features/stats/part-*` (timing).

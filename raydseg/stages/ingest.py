@@ -1,4 +1,4 @@
-"""Stage `ingest`: read a Frame source shard by shard on Ray Data, validate, write Frame part files.
+"""Stage `ingest`: read a Frame source shard by shard as Ray tasks, validate, write Frame part files.
 
 Each shard (a sequence / drive / scene / parquet file) becomes `frames/part-SSSSS-CCC.parquet` chunks of
 `data.frames_per_part` frames (raydseg.data.shards); a shard marker in `_shards/` is written after its chunks, so a
@@ -9,15 +9,11 @@ their reason; the stage goes on. The synthetic source also writes its Cityscapes
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
-
 from raydseg import stage_requests, storage
-from raydseg.config import Config, config_from_dict
+from raydseg.config import Config
 from raydseg.data.shards import drop_duplicate_frames, list_shards, write_shard
 from raydseg.errors import InputError
-from raydseg.parts import DoneMarkers, single_operator_pipeline
+from raydseg.parts import DoneMarkers
 from raydseg.pipeline import StageContext, StageResult
 
 NAME = "ingest"
@@ -37,24 +33,14 @@ def ingest_shard(index: int, shard: dict, cfg: Config, out_dir: str) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    import ray
+    from raydseg.ray_map import map_tasks
 
-    cfg = ctx.cfg
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     shards = list_shards(cfg)
-    markers = _markers(ctx.out_dir)
-    todo = [(i, s) for i, s in enumerate(shards) if not markers.done(f"{i:05d}")]
-    cfg_dict, out_dir = cfg.to_dict(), ctx.out_dir
-
-    def work(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        local_cfg = config_from_dict(cfg_dict)
-        done = [ingest_shard(int(i), json.loads(s), local_cfg, out_dir) for i, s in zip(batch["index"], batch["shard"])]
-        return {"index": np.array([d["shard"] for d in done])}
-
-    if todo:
-        with single_operator_pipeline():
-            ds = ray.data.from_items([{"index": i, "shard": json.dumps(s)} for i, s in todo],
-                                     override_num_blocks=len(todo))
-            ds.map_batches(work, batch_size=1, **stage_requests.ingest(cfg).ray_options()).materialize()
+    markers = _markers(out_dir)
+    todo = [(i, s, cfg, out_dir) for i, s in enumerate(shards) if not markers.done(f"{i:05d}")]
+    for _ in map_tasks(ingest_shard, todo, stage_requests.ingest(cfg).ray_options()):
+        pass  # a shard's stats are in its marker, read below with the resumed shards'
     stats = [markers.read(f"{i:05d}") for i in range(len(shards))]
     rejects = [r for s in stats for r in s["rejects"]] + drop_duplicate_frames(out_dir, stats)
     counts = {"shards": len(shards), "shards_resumed": len(shards) - len(todo),
