@@ -64,16 +64,13 @@ def time_reader(mod, cfg, repeats: int = 2) -> tuple[float, float, float, float,
     return min((read_and_validate(mod, cfg) for _ in range(repeats)), key=lambda r: r[0] + r[1])
 
 
-PHASES = {  # key -> (label, the functions whose cumulative time the phase is: (file suffix, name), a name starting
-    # with "-" subtracted); the keys in PARTS are parts of the phase above them
+PHASES = {  # key -> (label, the functions whose cumulative time the phase is: (file suffix, name))
     "parquet": ("parquet reading", (("raydseg/storage.py", "read_table"), ("raydseg/storage.py", "parquet_columns"))),
     "segment_filter": ("segment filter (pyarrow compute)", (("pyarrow/compute.py", "wrapper"),)),
     "points": ("range image -> points", (("raydseg/data/sources/waymo.py", "range_image_to_points"),)),
-    "pixel_pose": ("  of which per-pixel pose: rotations + einsum",
-                   (("raydseg/data/sources/select.py", "euler_to_matrix"), ("~", "c_einsum"))),
+    "image_headers": ("image headers (schema.image_size)", (("raydseg/data/schema.py", "image_size"),)),
     "validation": ("validation (schema.validate_frame)", (("raydseg/data/schema.py", "validate_frame"),)),
 }
-PARTS = ("pixel_pose",)
 
 
 def phase_seconds(stats: dict, phases: dict) -> dict[str, float]:
@@ -82,9 +79,7 @@ def phase_seconds(stats: dict, phases: dict) -> dict[str, float]:
     for key, (_, funcs) in phases.items():
         total = 0.0
         for suffix, name in funcs:
-            sign, name = (-1, name[1:]) if name.startswith("-") else (1, name)
-            total += sign * sum(v[3] for (path, _, func), v in stats.items() if path.endswith(suffix) and name in func
-                                and (suffix == "~" or func == name))
+            total += sum(v[3] for (path, _, func), v in stats.items() if path.endswith(suffix) and func == name)
         out[key] = total
     return out
 
@@ -103,7 +98,7 @@ def profile_read(mod, cfg, runs: int, top: int) -> dict[str, float]:
         stats = pstats.Stats(prof)
         ms = {k: 1e3 * v / frames for k, v in phase_seconds(stats.stats, PHASES).items()}
         ms["total"] = 1e3 * wall / frames
-        ms["other"] = ms["total"] - sum(v for k, v in ms.items() if k in PHASES and k not in PARTS)
+        ms["other"] = ms["total"] - sum(v for k, v in ms.items() if k in PHASES)
         best = {k: min(v, best.get(k, v)) for k, v in ms.items()}
     stats.sort_stats("tottime").print_stats(top)
     for k in (*PHASES, "other", "total"):
