@@ -227,14 +227,13 @@ def _column_pose_check(pixel_pose, valid):  # pragma: no cover - numba
 def _range_image_points(ri, ci, si, ca, sa, E, rot, trans, pose_of, out_T):  # pragma: no cover - numba
     """One pass over the pixels with range > 0 (row-major): p = E (r cos(incl) cos(az), r cos(incl) sin(az),
     r sin(incl)), then with a pose (pose_of 1: rot/trans per column, 2: per point) p = rot p + trans, then out_T p.
-    Returns xyz (N, 3) float64, intensity (N,) float64 and row (N,) int64."""
+    Returns points (N, 4) float32 (x, y, z, tanh(max(intensity, 0))) and row (N,) int64."""
     H, W = ri.shape[0], ri.shape[1]
     n = 0
     for i in range(H):
         for j in range(W):
             n += ri[i, j, 0] > 0
-    xyz = np.empty((n, 3))
-    inten = np.empty(n)
+    pts = np.empty((n, 4), np.float32)
     rows = np.empty(n, np.int64)
     k = 0
     for i in range(H):
@@ -255,24 +254,24 @@ def _range_image_points(ri, ci, si, ca, sa, E, rot, trans, pose_of, out_T):  # p
                 w2 = R[2, 0] * p0 + R[2, 1] * p1 + R[2, 2] * p2 + t[2]
                 p0, p1, p2 = w0, w1, w2
             for c in range(3):
-                xyz[k, c] = out_T[c, 0] * p0 + out_T[c, 1] * p1 + out_T[c, 2] * p2 + out_T[c, 3]
-            inten[k] = ri[i, j, 1]
+                pts[k, c] = out_T[c, 0] * p0 + out_T[c, 1] * p1 + out_T[c, 2] * p2 + out_T[c, 3]
+            pts[k, 3] = np.tanh(max(np.float64(ri[i, j, 1]), 0.0))
             rows[k] = i
             k += 1
-    return xyz, inten, rows
+    return pts, rows
 
 
 def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarray,
                           pixel_pose: np.ndarray | None = None, world_from_vehicle: np.ndarray | None = None,
-                          out_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          out_from_vehicle: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Range image -> points.
 
     Args: ri (H, W, >=2) float32 (range m, intensity, ...); extrinsic (4, 4) sensor -> vehicle; incl (H,) rad per
       row (row 0 highest); pixel_pose (H, W, 6) roll pitch yaw x y z vehicle(t_pixel) -> world, or None;
       world_from_vehicle (4, 4) frame pose (needed with pixel_pose); out_from_vehicle (4, 4) the output frame
       (None = the vehicle frame at the frame time).
-    Returns: xyz (N, 3) float64 m in the output frame, intensity (N,) float64, row (N,) int for pixels with range > 0
-      (row-major order).
+    Returns: points (N, 4) float32 (x, y, z m in the output frame, intensity squashed by tanh to 0..1) and row (N,)
+      int64 of the pixels with range > 0 (row-major order).
     """
     H, W = ri.shape[:2]
     E = np.asarray(extrinsic, dtype=np.float64)
@@ -347,7 +346,7 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             wfv_frame = None
             if (ts,) in i_vpose and vpose.column(VEHICLE_POSE)[i_vpose[(ts,)]].is_valid:
                 wfv_frame = _array(vpose, VEHICLE_POSE, i_vpose[(ts,)], np.float64).reshape(4, 4)
-            xyz_all, inten_all, ring_all = [], [], []
+            pts_all, ring_all = [], []
             for name in lasers:
                 k = LASERS[name]
                 if (ts, k) not in i_lidar:
@@ -372,12 +371,10 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                         float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.min", ci)),
                         float(_cell(lcal, "[LiDARCalibrationComponent].beam_inclination.max", ci))))
                     incl = inclinations(ri.shape[0], lo, hi, values)
-                    p, inten, row = range_image_to_points(ri, E, incl, pose, wfv_frame, inv_top)
-                    xyz_all.append(p)
-                    inten_all.append(inten)
+                    p, row = range_image_to_points(ri, E, incl, pose, wfv_frame, inv_top)
+                    pts_all.append(p)
                     ring_all.append(row)
-            inten = np.tanh(np.clip(np.concatenate(inten_all), 0, None))
-            pts = np.concatenate([np.concatenate(xyz_all), inten[:, None]], axis=1)
+            pts = pts_all[0] if len(pts_all) == 1 else np.concatenate(pts_all)
             ring = np.concatenate(ring_all).astype(np.uint8) if lasers == ["TOP"] else None
             cameras, stamps, static = [], {}, 0
             for name in cams:
@@ -411,7 +408,7 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             if not cameras:
                 raise WaymoError(f"no camera of {cfg.data.cameras or list(CAMERAS)} in segment {seg}")
             rows.append({"frame_id": fid, "sequence": f"waymo/{seg}", "timestamp_us": int(ts),
-                         "points": pts.astype(np.float32), "ring": ring, "gt_label": None, "gt_instance": None,
+                         "points": pts, "ring": ring, "gt_label": None, "gt_instance": None,
                          "cameras": cameras})
             n_static, n_cams = n_static + static, n_cams + len(cameras)
         except WaymoError as e:
