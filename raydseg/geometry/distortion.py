@@ -11,7 +11,6 @@ the field of view the polynomial turns back, and such a point would otherwise la
 from __future__ import annotations
 
 import numba
-import numpy as np
 
 MIN_RADIAL, MAX_RADIAL = 0.8, 1.2  # Waymo camera_model.cc's kMinRadialDistortion / kMaxRadialDistortion
 
@@ -26,8 +25,3 @@ def distort_radial(x, y, coeffs):  # pragma: no cover - numba
     return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
             y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y, radial)
 
-
-def distort(x, y, coeffs):
-    """Normalised undistorted (x, y) (N,) float64 -> distorted (x_d, y_d); coeffs (5,) = (k1, k2, p1, p2, k3)."""
-    xd, yd, _ = distort_radial(np.asarray(x, np.float64), np.asarray(y, np.float64), np.asarray(coeffs, np.float64))
-    return xd, yd
