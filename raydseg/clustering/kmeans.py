@@ -39,7 +39,7 @@ class KMeansResult:
     inertia_history: list[float] = field(default_factory=list)  # per iteration of the best restart
     restart_inertia: list[float] = field(default_factory=list)  # final inertia of every restart
     n_splits: int = 0  # empty clusters re-seeded (best restart)
-    n_actor_restarts: int = 0  # actors recreated after a failure (all restarts)
+    n_actor_restarts: int = 0  # shard actors Ray restarted after a failure (changed process)
     seconds: float = 0.0
     shard_peak_rss_gb: list[float] = field(default_factory=list)  # peak RSS of each shard's process (GiB)
     nearest: list[np.ndarray] = field(default_factory=list)  # per centroid, global indices of its nearest rows
@@ -73,15 +73,15 @@ def read_rows(files: Sequence[tuple[str, int]]) -> np.ndarray:
 class Shard:
     """One shard of rows: assignment (faiss IndexFlatL2, GPU index when asked and available, or numpy) and
     per-centroid statistics. `x`: (n, D) float32 rows with global indices offset .. offset + n - 1, or the features
-    parquet files [(path, rows)] that hold them (read by the shard itself); `transform` (see `apply_preprocess`)
-    is applied once."""
+    parquet files [(path, rows)] that hold them (read by the shard itself). Calls go through `run`, which brings the
+    transform (see `apply_preprocess`) with every call, so that a shard rebuilt from its constructor arguments after
+    a failure (Ray's actor restart) answers like the one it replaces."""
 
     def __init__(self, x: np.ndarray | Sequence[tuple[str, int]], offset: int, use_faiss: bool = True,
-                 use_gpu: bool = False, transform: Transform | None = None):
+                 use_gpu: bool = False):
         x = x if isinstance(x, np.ndarray) else read_rows(x)
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.transformed = False
-        self.apply_transform(transform)
         self.offset = int(offset)
         self.use_faiss = use_faiss
         self.use_gpu = use_gpu
@@ -91,12 +91,13 @@ class Shard:
     def size(self) -> int:
         return int(self.x.shape[0])
 
-    def apply_transform(self, transform: Transform | None) -> None:
-        """Replace the rows by `apply_preprocess(rows, transform)`, once: a shard recreated with the transform
-        ignores a second call."""
+    def run(self, method: str, transform: Transform | None, *args: Any) -> Any:
+        """`method(*args)` on the rows under `transform`: the rows are replaced by `apply_preprocess(rows,
+        transform)` on the first call that brings one (a fit has one transform, fitted before its first Lloyd step)."""
         if transform is not None and not self.transformed:
             self.x = apply_preprocess(self.x, transform)
             self.transformed = True
+        return getattr(self, method)(*args)
 
     def rows(self, global_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows among `global_idx` (sorted global row indices) that this shard holds: (indices, rows (m, D))."""
@@ -184,8 +185,11 @@ class Shard:
             out.append((pick + self.offset, d2[pick]))
         return out
 
-    def ping(self) -> int:
-        return self.size()
+    def pid(self) -> int:
+        """The process holding this shard: a changed pid means Ray restarted the actor."""
+        import os
+
+        return os.getpid()
 
     def peak_rss_gb(self) -> float:
         """Peak resident memory of the process holding this shard (GiB)."""
@@ -243,13 +247,17 @@ def split_offsets(n: int, n_shards: int) -> list[tuple[int, int]]:
 class _Backend:
     """Calls a method on every shard and returns the results in shard order."""
 
-    n_restarts = 0
+    transform: Transform | None = None  # sent with every call (Shard.run)
 
     def call(self, method: str, *args: Any) -> list[Any]:
         raise NotImplementedError
 
     def set_transform(self, transform: Transform | None) -> None:
-        self.call("apply_transform", transform)
+        self.transform = transform
+
+    def restarts(self) -> int:
+        """Shards rebuilt after a failure so far."""
+        return 0
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """The rows at sorted global indices `idx`, gathered from the shards in index order: (len(idx), D)."""
@@ -274,61 +282,44 @@ class LocalBackend(_Backend):
         self.shards = shards
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in self.shards]
+        return [s.run(method, self.transform, *args) for s in self.shards]
 
 
 class RayBackend(_Backend):
-    """Shard actors (one per shard). Each shard's source stays known to the driver (an object-store ref of its
-    rows, or its parquet files), so a dead actor is recreated with the same rows and transform and the call
-    retried (at most `max_retries` times per call). Not Ray's own `max_restarts` / `max_task_retries`: Ray rebuilds
-    an actor from its creation arguments, which lack the PCA transform fitted after the actors started."""
+    """Shard actors (one per shard). Ray's own retries cover a lost shard: the actor is restarted from its
+    constructor arguments (`max_restarts`; an object-store ref of its rows, or its parquet files, which it rereads)
+    and the call retried on it (`max_task_retries`); the transform comes with every call (`Shard.run`)."""
 
     def __init__(self, sources: list[tuple[Any, int]], use_faiss: bool = True,
-                 num_gpus: float = 0.0, num_cpus: float = 1.0, max_retries: int = 3,
-                 resources: dict[str, float] | None = None):
+                 num_gpus: float = 0.0, num_cpus: float = 1.0, resources: dict[str, float] | None = None):
         """sources: per shard, (rows (n, D) float32 or features parquet files [(path, rows)], global index of its
         first row), as `_shard_sources` makes them."""
         import ray
 
+        from raydseg.ray_map import RETRIES
+
         self.ray = ray
-        self.max_retries = max_retries
-        self.opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=0, resources=resources or None)
-        self.use_faiss, self.use_gpu = use_faiss, num_gpus > 0
+        opts = dict(num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None)
+        cls = ray.remote(Shard).options(max_restarts=RETRIES, max_task_retries=RETRIES,
+                                        **{k: v for k, v in opts.items() if v is not None})
+        # the refs of the rows are kept here for the whole fit: a restarted actor reads its rows from them again
         self.sources = [(ray.put(np.ascontiguousarray(x, np.float32)) if isinstance(x, np.ndarray) else x, off)
                         for x, off in sources]
-        self.transform: Transform | None = None
-        self.actors = [self._make(i) for i in range(len(sources))]
-        ray.get([a.ping.remote() for a in self.actors])
-
-    def _make(self, i: int) -> Any:
-        cls = self.ray.remote(Shard).options(**{k: v for k, v in self.opts.items() if v is not None})
-        src, offset = self.sources[i]
-        return cls.remote(src, offset, self.use_faiss, self.use_gpu, self.transform)
+        self.actors = [cls.remote(src, off, use_faiss, num_gpus > 0) for src, off in self.sources]
+        self.pids = ray.get([a.pid.remote() for a in self.actors])
+        self._transform_ref = ray.put(None)
 
     def set_transform(self, transform: Transform | None) -> None:
-        self.transform = transform  # first: an actor recreated during the call starts transformed
         super().set_transform(transform)
+        self._transform_ref = self.ray.put(transform)
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        from ray.exceptions import RayActorError
-
         args_refs = [self.ray.put(a) for a in args]
-        pending = {i: getattr(a, method).remote(*args_refs) for i, a in enumerate(self.actors)}
-        out: dict[int, Any] = {}
-        retries = 0
-        while pending:
-            for i, ref in list(pending.items()):
-                try:
-                    out[i] = self.ray.get(ref)
-                    del pending[i]
-                except RayActorError:
-                    retries += 1
-                    if retries > self.max_retries * len(self.actors):
-                        raise
-                    self.actors[i] = self._make(i)  # same shard (object-store ref), same offset
-                    self.n_restarts += 1
-                    pending[i] = getattr(self.actors[i], method).remote(*args_refs)
-        return [out[i] for i in range(len(self.actors))]
+        return self.ray.get([a.run.remote(method, self._transform_ref, *args_refs) for a in self.actors])
+
+    def restarts(self) -> int:
+        """Shards whose process changed since they started (Ray restarted the actor)."""
+        return sum(a != b for a, b in zip(self.pids, self.ray.get([a.pid.remote() for a in self.actors])))
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -417,7 +408,7 @@ def _run(backend: _Backend, n: int, k: int, n_iter: int, n_restarts: int, seed: 
     assert best is not None
     best.labels = np.concatenate(backend.call("labels", best.centroids))
     best.restart_inertia = restart_inertia
-    best.n_actor_restarts = backend.n_restarts
+    best.n_actor_restarts = backend.restarts()
     best.seconds = time.perf_counter() - t0
     return best
 
