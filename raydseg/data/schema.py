@@ -8,7 +8,8 @@ Row form used in Python (`frames_to_table` / `table_to_frames` convert to and fr
   cameras: list of {name, image (PNG/JPEG bytes), width, height, K (3, 3) float64,
                     T_cam_lidar (4, 4) float64, LiDAR -> OpenCV camera (x right, y down, z forward),
                     timestamp_us, gt_semantic (PNG uint8 trainIds) | None, gt_instance (PNG uint16) | None,
-                    distortion (5,) float64 k1, k2, p1, p2, k3 (OpenCV's order; zeros = pinhole)}.
+                    distortion (5,) float64 k1, k2, p1, p2, k3 (OpenCV's order; zeros = pinhole),
+                    rolling_shutter (9,) float64 | None (None = global shutter)}.
 K maps to pixel (u, v) = (column, row) with pixel centres at integer coordinates (OpenCV: pixel (0, 0) covers
 [-0.5, 0.5)^2). Sources measuring from the image edge convert at ingest: Waymo's c_u, c_v are shifted by -0.5.
 The image is as the camera took it; `distortion` is its lens (OpenCV's / Waymo's model on the normalised camera
@@ -16,6 +17,12 @@ coordinates, applied before K; raydseg.geometry.distortion), and projections go 
 out (stored null), and a Frame written before the field existed has none: both read as zeros (pinhole).
 T_cam_lidar holds at the camera's capture time: a source whose vehicle moves between the sweep and the exposure
 composes the ego poses into it (nuScenes, Waymo), so the sweep's points land where the camera saw them.
+A rolling-shutter camera has no single capture time: its `rolling_shutter` = (v_x, v_y, v_z m/s, w_x, w_y, w_z rad/s,
+t0 s, dt_dx s, dt_dy s) is the camera's linear and angular velocity relative to the scene, in the OpenCV camera frame
+at T_cam_lidar's time, and the capture time of a point relative to that time, t0 + dt_dx x + dt_dy y, as a function of
+its undistorted normalised coordinates (x, y) = (X/Z, Y/Z) (raydseg.geometry.rolling_shutter has the motion model);
+projections move each point to where the camera saw it at its time. Null or absent (a Frame written before the field)
+= a global shutter: T_cam_lidar alone.
 Points are stored as `large_list<float32>` of 4N values plus `n_points`, readable by plain pyarrow.
 """
 from __future__ import annotations
@@ -39,6 +46,8 @@ CAMERA_TYPE = pa.struct([
     # 5 values or null (pinhole); absent in Frames written before it. A variable list: pyarrow reads a null
     # fixed-size list inside this struct list back from parquet as "Expected all lists to be of size=5"
     ("distortion", pa.list_(pa.float64())),
+    # 9 values or null (global shutter); absent in Frames written before it. A variable list, as distortion
+    ("rolling_shutter", pa.list_(pa.float64())),
 ])
 
 FRAME_SCHEMA = pa.schema([
@@ -79,6 +88,8 @@ def frames_to_table(rows: list[dict]) -> pa.Table:
             "timestamp_us": int(c.get("timestamp_us", r.get("timestamp_us", 0))),
             "gt_semantic": c.get("gt_semantic"), "gt_instance": c.get("gt_instance"),
             "distortion": None if c.get("distortion") is None else _flat(c["distortion"], np.float64).tolist(),
+            "rolling_shutter": (None if c.get("rolling_shutter") is None
+                                else _flat(c["rolling_shutter"], np.float64).tolist()),
         } for c in r["cameras"]])
     arrays = []
     for fld in FRAME_SCHEMA:
@@ -130,6 +141,7 @@ def table_to_frames(table: pa.Table) -> list[dict]:
             c["K"] = np.asarray(c["K"], dtype=np.float64).reshape(3, 3)
             c["T_cam_lidar"] = np.asarray(c["T_cam_lidar"], dtype=np.float64).reshape(4, 4)
             c["distortion"] = camera_distortion(c)
+            c["rolling_shutter"] = camera_rolling_shutter(c)
             row["cameras"].append(c)
         out.append(row)
     return out
@@ -139,6 +151,13 @@ def camera_distortion(camera: dict) -> np.ndarray:
     """(5,) float64 k1, k2, p1, p2, k3 of a camera record; zeros (pinhole) when it has none."""
     d = camera.get("distortion")
     return np.zeros(5) if d is None else np.asarray(d, dtype=np.float64).reshape(-1)
+
+
+def camera_rolling_shutter(camera: dict) -> np.ndarray | None:
+    """(9,) float64 rolling-shutter record of a camera record (contract above), or None (global shutter) when it has
+    none."""
+    rs = camera.get("rolling_shutter")
+    return None if rs is None else np.asarray(rs, dtype=np.float64).reshape(-1)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -250,6 +269,10 @@ def validate_frame(row: dict) -> str | None:
         d = camera_distortion(c)
         if d.shape != (5,) or not np.all(np.isfinite(d)):
             return f"camera {name}: distortion is not 5 finite coefficients (k1, k2, p1, p2, k3), got {d.tolist()}"
+        rs = camera_rolling_shutter(c)
+        if rs is not None and (rs.shape != (9,) or not np.all(np.isfinite(rs))):
+            return (f"camera {name}: rolling_shutter is not 9 finite values (v_x, v_y, v_z, w_x, w_y, w_z, t0, dt_dx, "
+                    f"dt_dy), got {rs.tolist()}")
     return None
 
 

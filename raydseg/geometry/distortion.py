@@ -11,6 +11,7 @@ the field of view the polynomial turns back, and such a point would otherwise la
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 MIN_RADIAL, MAX_RADIAL = 0.8, 1.2  # Waymo camera_model.cc's kMinRadialDistortion / kMaxRadialDistortion
 
@@ -25,3 +26,20 @@ def distort_radial(x, y, coeffs):  # pragma: no cover - numba
     return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
             y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y, radial)
 
+
+
+def undistort(x_d: float, y_d: float, coeffs: np.ndarray, iterations: int = 20) -> tuple[float, float]:
+    """Normalised distorted (x_d, y_d) -> undistorted (x, y): the fixed-point iteration
+    x = (x_d - tangential_x(x, y)) / radial(x, y) (y alike) from (x_d, y_d), as Waymo's camera_model.cc
+    (IterateUndistortion, at most 20 iterations), ended when a step's squared length is below 1e-24. Plain Python:
+    for the few image points a reader needs (the rolling shutter's readout range), not per LiDAR point."""
+    coeffs = np.asarray(coeffs, np.float64)
+    x, y = float(x_d), float(y_d)
+    for _ in range(iterations):
+        xd, yd, radial = distort_radial(x, y, coeffs)
+        nx, ny = (x_d - (xd - x * radial)) / radial, (y_d - (yd - y * radial)) / radial
+        done = (nx - x) ** 2 + (ny - y) ** 2 < 1e-24
+        x, y = nx, ny
+        if done:
+            break
+    return x, y

@@ -1,9 +1,10 @@
 """LiDAR -> camera projection, label-aware z-buffer, and densification of projected segments into pixel masks.
 
 Camera model (Frame contract): pixel = K (T_cam_lidar [x y z 1]^T)[:3] / depth, OpenCV camera (x right, y down,
-z forward); with lens distortion (k1, k2, p1, p2, k3) the normalised coordinates pass through
-`raydseg.geometry.distortion` before K. Pixel (u, v) = (column, row) with pixel centres at integer coordinates
-(OpenCV): a point lands on pixel (round(u), round(v)).
+z forward); with a rolling shutter the camera point first moves to where the camera saw it at its capture time
+(`raydseg.geometry.rolling_shutter`; depth is then the depth at that time); with lens distortion (k1, k2, p1, p2,
+k3) the normalised coordinates pass through `raydseg.geometry.distortion` before K. Pixel (u, v) = (column, row)
+with pixel centres at integer coordinates (OpenCV): a point lands on pixel (round(u), round(v)).
 
 Occlusion: a projected point is dropped when, within `zbuf_radius_px` pixels, there is a nearer point
 (by more than `abs_tol + rel_tol * depth`) with a *different* occlusion group (segment id, ground, or
@@ -22,17 +23,35 @@ import numpy as np
 
 from raydseg.geometry.distortion import MAX_RADIAL, MIN_RADIAL, distort_radial
 from raydseg.geometry.range_image import EMPTY_KEY
+from raydseg.geometry.rolling_shutter import ROLLING_SHUTTER_SIZE, capture_point
+
+LENS_SIZE = 10  # fx, s, cx, fy, cy, k1, k2, p1, p2, k3: `_camera`'s lens without a rolling shutter
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _pixel(a, b, w, lens):  # pragma: no cover - numba
     """(u, v, inside the lens model's valid region) from a point's rows of `_camera`'s P: a / w, b / w for a pinhole
-    (lens empty), else the normalised (a / w, b / w) distorted through lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3)
-    and mapped by K."""
+    (lens empty), else the normalised (a / w, b / w) distorted through lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3,
+    [rolling shutter]) and mapped by K."""
     if lens.shape[0] == 0:
         return a / w, b / w, True
-    xd, yd, radial = distort_radial(a / w, b / w, lens[5:])
+    xd, yd, radial = distort_radial(a / w, b / w, lens[5:LENS_SIZE])
     return lens[0] * xd + lens[1] * yd + lens[2], lens[3] * yd + lens[4], MIN_RADIAL < radial < MAX_RADIAL
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _point(xyz, i, P, lens):  # pragma: no cover - numba
+    """(a, b, w, depth) of point i for `_pixel`: P's rows applied to it; with a rolling shutter (lens longer than
+    LENS_SIZE) the camera point at its capture time (depth = w = its z then; a point behind the camera at T's time
+    stays there)."""
+    x0, x1, x2 = np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2])
+    a = P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3]
+    b = P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3]
+    w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
+    if lens.shape[0] > LENS_SIZE and w > 0:
+        a, b, w, _ = capture_point(a, b, w, lens[LENS_SIZE:])
+        return a, b, w, w
+    return a, b, w, P[3, 0] * x0 + P[3, 1] * x1 + P[3, 2] * x2 + P[3, 3]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -43,11 +62,7 @@ def _project(xyz, P, lens, width, height, near):  # pragma: no cover - numba
     z = np.empty(n)
     inside = np.zeros(n, np.bool_)
     for i in range(n):
-        x0, x1, x2 = np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2])
-        a = P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3]
-        b = P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3]
-        zz = P[3, 0] * x0 + P[3, 1] * x1 + P[3, 2] * x2 + P[3, 3]
-        w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
+        a, b, w, zz = _point(xyz, i, P, lens)
         z[i] = zz
         u[i] = np.nan
         v[i] = np.nan
@@ -61,33 +76,40 @@ def _project(xyz, P, lens, width, height, near):  # pragma: no cover - numba
 
 
 def project_points(xyz: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray, width: int, height: int,
-                   near: float = 0.5, distortion: np.ndarray | None = None
+                   near: float = 0.5, distortion: np.ndarray | None = None,
+                   rolling_shutter: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Project LiDAR points into a camera.
 
     Args: xyz (N, 3) m LiDAR frame; K (3, 3); T_cam_lidar (4, 4); width, height px; near: min depth (m);
-    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole).
+    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole); rolling_shutter (9,) the camera's motion and readout
+    (`raydseg.geometry.rolling_shutter`) or None (global shutter at T_cam_lidar's time).
     Returns: u (N,) float64 px, v (N,) float64 px (NaN behind `near` or outside the lens model's valid region),
-    depth (N,) float64 m (camera z), inside (N,) bool (u, v defined and the rounded pixel in [0, width) x [0, height)).
+    depth (N,) float64 m (camera z, at the capture time; NaN where the rolling shutter's capture time does not
+    settle, `capture_point`), inside (N,) bool (u, v defined and the rounded pixel in [0, width) x [0, height)).
     """
-    P, lens = _camera(K, T_cam_lidar, distortion)
+    P, lens = _camera(K, T_cam_lidar, distortion, rolling_shutter)
     return _project(np.asarray(xyz)[:, :3], P, lens, float(width), float(height), float(near))  # strided, no copy
 
 
-def _camera(K: np.ndarray, T_cam_lidar: np.ndarray, distortion: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(P (4, 4) float64, lens (0,) or (10,) float64) for `_pixel`. Pinhole (no or all-zero distortion): P rows 0-2
-    = K [R | t] (homogeneous pixel), lens empty. Distorted: P rows 0-2 = [R | t] (camera coordinates),
-    lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3). Row 3 = the camera z (depth) row of T."""
+def _camera(K: np.ndarray, T_cam_lidar: np.ndarray, distortion: np.ndarray | None,
+            rolling_shutter: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(P (4, 4) float64, lens (0,), (LENS_SIZE,) or (LENS_SIZE + 9,) float64) for `_point` and `_pixel`. Pinhole
+    (no or all-zero distortion, no rolling shutter): P rows 0-2 = K [R | t] (homogeneous pixel), lens empty.
+    Otherwise P rows 0-2 = [R | t] (camera coordinates), lens = (fx, s, cx, fy, cy, k1, k2, p1, p2, k3) followed by
+    the rolling-shutter record when there is one. Row 3 = the camera z (depth) row of T."""
     T = np.asarray(T_cam_lidar, np.float64).reshape(4, 4)
     K = np.asarray(K, np.float64).reshape(3, 3)
     dist = np.zeros(5) if distortion is None else np.asarray(distortion, np.float64).reshape(5)
     P = np.zeros((4, 4))
     P[3] = T[2]
-    if not dist.any():
+    if not dist.any() and rolling_shutter is None:
         P[:3] = K @ T[:3]
         return P, np.zeros(0)
     P[:3] = T[:3]
-    return P, np.concatenate([[K[0, 0], K[0, 1], K[0, 2], K[1, 1], K[1, 2]], dist])
+    rs = np.zeros(0) if rolling_shutter is None else np.asarray(rolling_shutter, np.float64).reshape(
+        ROLLING_SHUTTER_SIZE)
+    return P, np.concatenate([[K[0, 0], K[0, 1], K[0, 2], K[1, 1], K[1, 2]], dist, rs])
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -104,13 +126,10 @@ def _project_inside(xyz, use, seg, ground, P, lens, width, height, near):  # pra
     for i in range(n):
         if not use[i]:
             continue
-        x0, x1, x2 = np.float64(xyz[i, 0]), np.float64(xyz[i, 1]), np.float64(xyz[i, 2])
-        zz = P[3, 0] * x0 + P[3, 1] * x1 + P[3, 2] * x2 + P[3, 3]
+        a, b, w, zz = _point(xyz, i, P, lens)
         if not zz > near:
             continue
-        w = P[2, 0] * x0 + P[2, 1] * x1 + P[2, 2] * x2 + P[2, 3]
-        u, v, ok = _pixel(P[0, 0] * x0 + P[0, 1] * x1 + P[0, 2] * x2 + P[0, 3],
-                          P[1, 0] * x0 + P[1, 1] * x1 + P[1, 2] * x2 + P[1, 3], w, lens)
+        u, v, ok = _pixel(a, b, w, lens)
         if ok and u >= -0.5 and u < width - 0.5 and v >= -0.5 and v < height - 0.5:
             px[m] = int(np.floor(u + 0.5))
             py[m] = int(np.floor(v + 0.5))
@@ -358,14 +377,16 @@ def _ground_hits(px, py, vis, group, width, height):  # pragma: no cover - numba
 
 
 def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np.ndarray, T_cam_lidar: np.ndarray,
-                     width: int, height: int, *, distortion: np.ndarray | None = None, near: float = 0.5,
+                     width: int, height: int, *, distortion: np.ndarray | None = None,
+                     rolling_shutter: np.ndarray | None = None, near: float = 0.5,
                      use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
                      radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0) -> dict[str, np.ndarray | int]:
     """Segment-id image and ground mask of one camera.
 
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
-    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole; `project_points`); use (N,) bool points to project
+    distortion (5,) k1, k2, p1, p2, k3 or None (pinhole; `project_points`); rolling_shutter (9,) or None (global
+    shutter; `project_points`); use (N,) bool points to project
     (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a segment's mask / between ground
     scanlines (`fill_masks`; both 0 = the plain densification). Occlusion and densification work on the (distorted)
     pixels, where the image is: their radii are pixel radii either way.
@@ -379,7 +400,7 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     if near < 0:
         raise ValueError(f"near must be >= 0 m (depths are packed as positive floats), got {near}")
     use = np.ones(len(xyz), np.bool_) if use is None else np.asarray(use, np.bool_)
-    P, lens = _camera(K, T_cam_lidar, distortion)
+    P, lens = _camera(K, T_cam_lidar, distortion, rolling_shutter)
     px, py, z, label, group = _project_inside(np.asarray(xyz)[:, :3], use, seg, ground, P, lens, float(width),
                                               float(height), float(near))
     vis = _visible(px, py, z, group, width, height, zbuf_radius_px, zbuf_rel_tol, zbuf_abs_tol)

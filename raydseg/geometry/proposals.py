@@ -74,17 +74,20 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
 
 
 def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lidar: np.ndarray, width: int,
-                    height: int, cfg: ProposalsConfig, distortion: np.ndarray | None = None) -> dict:
+                    height: int, cfg: ProposalsConfig, distortion: np.ndarray | None = None,
+                    rolling_shutter: np.ndarray | None = None) -> dict:
     """Segment-id image, ground-hit mask and per-segment stats of one camera (see project.project_segments;
-    distortion (5,) k1, k2, p1, p2, k3 of the camera's lens, None = pinhole).
+    distortion (5,) k1, k2, p1, p2, k3 of the camera's lens, None = pinhole; rolling_shutter (9,) the camera's
+    motion and readout, None = global shutter; both as the Frame's camera record carries them).
 
     Returns dict: segment_ids (H, W) uint16, ground_px (H, W) uint8, n_in_image, n_visible, and per visible
     segment (ids with >= 1 pixel): seg_id (n,) uint16, seg_n_points (n,) int32 (3D points of the whole segment),
     seg_centroid (n, 3) float32 m, seg_extent (n, 3) float32 m, seg_range (n,) float32 m, seg_n_pixels (n,) int32.
     """
     out = project_segments(xyz, sw.segment_id, sw.ground, K, T_cam_lidar, width, height, distortion=distortion,
-                           near=cfg.near_m, use=sw.use, zbuf_radius_px=cfg.zbuf_radius_px,
-                           zbuf_rel_tol=cfg.zbuf_rel_tol, zbuf_abs_tol=cfg.zbuf_abs_tol_m,
+                           rolling_shutter=rolling_shutter, near=cfg.near_m, use=sw.use,
+                           zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
+                           zbuf_abs_tol=cfg.zbuf_abs_tol_m,
                            radius_px=cfg.densify_radius_px, fill_gap_px=cfg.fill_gap_px,
                            ground_fill_px=cfg.ground_fill_px)
     n_px = out.pop("n_pixels")
@@ -112,7 +115,8 @@ def frame_outputs(frame: dict, cfg: ProposalsConfig, seed: int = 0) -> tuple[lis
     rows, rejects = [], []
     for cam in frame["cameras"]:
         w, h = int(cam["width"]), int(cam["height"])
-        out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], w, h, cfg, cam.get("distortion"))
+        out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], w, h, cfg, cam.get("distortion"),
+                              cam.get("rolling_shutter"))
         if out["n_in_image"] == 0:
             rejects.append({"id": f"{fid}/{cam['name']}",
                             "reason": f"camera {cam['name']}: no LiDAR points in front of the camera inside the image"})

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from raydseg.data.schema import camera_distortion
+from raydseg.data.schema import camera_distortion, camera_rolling_shutter
 from raydseg.data.sources.select import euler_to_matrix, matrix_to_quat, rigid
 from raydseg.data.sources.waymo import CAMERAS, DISTORTION
 
@@ -368,4 +368,7 @@ def frames_differ(a: list[dict], b: list[dict]) -> str | None:
                     return f"{x['frame_id']}/{c['name']}: {k} differs"
             if not np.array_equal(camera_distortion(c), camera_distortion(d)):
                 return f"{x['frame_id']}/{c['name']}: distortion differs"
+            rc, rd = camera_rolling_shutter(c), camera_rolling_shutter(d)
+            if (rc is None) != (rd is None) or (rc is not None and not np.array_equal(rc, rd)):
+                return f"{x['frame_id']}/{c['name']}: rolling_shutter differs"
     return None

@@ -26,10 +26,23 @@ world_from_vehicle(t_cam) is the camera_image row's `[CameraImageComponent].pose
 world_from_vehicle(t_frame) the vehicle_pose row's, as in Waymo's camera_model.cc for a global shutter. A camera
 row without a pose (older or partial conversions) or a frame without a vehicle pose keeps the static
 T_cam_lidar = C @ inv(E_cam) @ E_top, and `read_shard` logs at DEBUG how many camera images of the segment did.
-Not corrected: the rolling shutter. The image is read out line by line over
-readout = camera_readout_done_time - camera_trigger_time - shutter, and the Frame holds one T per image, so a line
-exposed at t sees the world from speed x |t - pose_timestamp| away from the pose used; across the image that spans
-speed x readout (at 10 m/s, 0.1 m per 10 ms of readout). The velocity columns are not read.
+
+Rolling shutter (camera_model.cc's rolling-shutter model): the image is read out line by line (row or column,
+`[CameraCalibrationComponent].rolling_shutter_direction` 1-4) over readout = camera_readout_done_time -
+camera_trigger_time - shutter (`[CameraImageComponent].rolling_shutter_params.*`, s), so each line sees the world at
+its own time. The camera record's `rolling_shutter` (raydseg.geometry.rolling_shutter) carries
+  - the capture-time plane (`capture_time_plane`): a pixel's time is trigger + shutter / 2 + readout x (its line /
+    the image's lines, counted in the readout direction, Waymo's pixel-edge coordinates); as camera_model.cc, the
+    time is taken linear in the undistorted normalised coordinate along the readout, with the slope readout / the
+    normalised span of the image's middle line, and the offset from the principal point's time minus
+    pose_timestamp;
+  - the camera's velocity (`camera_velocity`) from `[CameraImageComponent].velocity.linear_velocity.{x,y,z}` (m/s,
+    world frame) and `angular_velocity.{x,y,z}` (rad/s, taken in the vehicle frame as camera_model.cc does; for the
+    yaw of a car on level ground the world and vehicle z axes agree), with the lever arm of the camera's mount,
+    rotated into the OpenCV camera frame at pose_timestamp.
+Only a camera whose T_cam_lidar is at its pose_timestamp (both poses present) and whose row has all nine values and a
+readout direction 1-4 gets one; others (direction 0 unknown or 5 global shutter, older conversions) stay global
+shutter (null), and `read_shard` logs at DEBUG how many did. Timing uses the image's width and height.
 
 Waymo's camera model measures image coordinates from the left/top edge of the first pixel (its centre is at 0.5),
 the Frame puts pixel centres at integers (OpenCV), so K's principal point is (c_u - 0.5, c_v - 0.5). Lens distortion
@@ -50,6 +63,8 @@ from raydseg import storage
 from raydseg.config import Config
 from raydseg.data.schema import image_size
 from raydseg.data.sources.select import apply_stride_and_limit, euler_to_matrix, select_cameras, sync_reason
+from raydseg.geometry.distortion import undistort
+from raydseg.geometry.rolling_shutter import rolling_shutter_record
 
 LASERS = {"TOP": 1, "FRONT": 2, "SIDE_LEFT": 3, "SIDE_RIGHT": 4, "REAR": 5}
 CAMERAS = {"FRONT": 1, "FRONT_LEFT": 2, "FRONT_RIGHT": 3, "SIDE_LEFT": 4, "SIDE_RIGHT": 5}
@@ -60,6 +75,12 @@ CAM_POSE = "[CameraImageComponent].pose.transform"  # world_from_vehicle at pose
 CAM_POSE_TS = "[CameraImageComponent].pose_timestamp"  # seconds
 VEHICLE_POSE = "[VehiclePoseComponent].world_from_vehicle.transform"  # at the frame timestamp, 16 doubles row-major
 DISTORTION = ("k1", "k2", "p1", "p2", "k3")  # Waymo's intrinsic columns, OpenCV's coefficient order
+SHUTTER_DIRECTION = "[CameraCalibrationComponent].rolling_shutter_direction"
+READOUT_DIRECTIONS = {1: "TOP_TO_BOTTOM", 2: "LEFT_TO_RIGHT", 3: "BOTTOM_TO_TOP", 4: "RIGHT_TO_LEFT"}  # 5 = global
+CAM_VELOCITY = tuple(f"[CameraImageComponent].velocity.{kind}_velocity.{a}" for kind in ("linear", "angular")
+                     for a in "xyz")  # m/s world frame, rad/s
+SHUTTER_PARAMS = tuple(f"[CameraImageComponent].rolling_shutter_params.{c}"
+                       for c in ("shutter", "camera_trigger_time", "camera_readout_done_time"))  # s
 COLUMNS = {  # component folder -> columns this reader needs
     "lidar": [SEG, TS, LASER, "[LiDARComponent].range_image_return1.values",
               "[LiDARComponent].range_image_return1.shape"],
@@ -79,7 +100,9 @@ COLUMNS = {  # component folder -> columns this reader needs
 OPTIONAL = ("lidar_pose", "vehicle_pose")
 RETURN2 = ("[LiDARComponent].range_image_return2.values", "[LiDARComponent].range_image_return2.shape")
 INCL_VALUES = "[LiDARCalibrationComponent].beam_inclination.values"
-OPTIONAL_COLUMNS = {"lidar": RETURN2, "lidar_calibration": (INCL_VALUES,), "camera_image": (CAM_POSE, CAM_POSE_TS)}
+OPTIONAL_COLUMNS = {"lidar": RETURN2, "lidar_calibration": (INCL_VALUES,),
+                    "camera_image": (CAM_POSE, CAM_POSE_TS, *CAM_VELOCITY, *SHUTTER_PARAMS),
+                    "camera_calibration": (SHUTTER_DIRECTION,)}
 log = logging.getLogger(__name__)
 
 
@@ -105,6 +128,58 @@ def vehicle_motion(world_from_vehicle_frame: np.ndarray, world_from_vehicle_cam:
     M[:3, :3] = Rc.T @ Rf
     M[:3, 3] = Rc.T @ (tf - tc)  # difference first: world coordinates can be kilometres
     return M
+
+
+def capture_time_plane(direction: int, shutter: float, trigger: float, readout_done: float, pose_s: float,
+                       width: int, height: int, f_u: float, f_v: float, c_u: float, c_v: float,
+                       coeffs: np.ndarray) -> tuple[float, float, float]:
+    """(t0, dt_dx, dt_dy) s of the rolling-shutter record: a point's capture time minus pose_s is
+    t0 + dt_dx x + dt_dy y in its undistorted normalised coordinates (x, y) (camera_model.cc's model, module doc).
+
+    Args: direction 1-4 (READOUT_DIRECTIONS); shutter, trigger, readout_done, pose_s (s); width, height px;
+      f_u, f_v, c_u, c_v Waymo's intrinsics (principal point from the first pixel's edge); coeffs (5,) k1 k2 p1 p2 k3.
+    """
+    readout = readout_done - trigger - shutter
+    start = trigger + 0.5 * shutter  # the middle of the first line's exposure
+    horizontal, reverse = direction in (2, 4), direction in (3, 4)
+    line, lines = (c_u, width) if horizontal else (c_v, height)
+    t_principal = start + readout / lines * ((lines - line) if reverse else line)
+    if horizontal:
+        ends = [undistort((u - c_u) / f_u, (0.5 * height - c_v) / f_v, coeffs)[0] for u in (0.0, width)]
+    else:
+        ends = [undistort((0.5 * width - c_u) / f_u, (v - c_v) / f_v, coeffs)[1] for v in (0.0, height)]
+    slope = (-readout if reverse else readout) / (ends[1] - ends[0])
+    return t_principal - pose_s, (slope if horizontal else 0.0), (0.0 if horizontal else slope)
+
+
+def camera_velocity(E_cam: np.ndarray, world_from_vehicle: np.ndarray, linear: np.ndarray,
+                    angular: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(v (3,) m/s, w (3,) rad/s) of the camera in its OpenCV frame at the pose time, from the vehicle's linear
+    velocity (3,) m/s in the world frame and angular velocity (3,) rad/s in the vehicle frame (camera_model.cc);
+    v adds the lever arm w x (the camera's offset from the vehicle origin). E_cam, world_from_vehicle (4, 4)."""
+    R_wv, R_vc = world_from_vehicle[:3, :3], E_cam[:3, :3]
+    w_world = R_wv @ np.asarray(angular, np.float64)
+    v_world = np.asarray(linear, np.float64) + np.cross(w_world, R_wv @ E_cam[:3, 3])
+    C = WAYMO_TO_OPENCV[:3, :3]
+    return C @ (R_vc.T @ (R_wv.T @ v_world)), C @ (R_vc.T @ np.asarray(angular, np.float64))
+
+
+def camera_rolling_shutter(direction: int | None, values: np.ndarray, pose_s: float, size: tuple[int, int],
+                           intrinsics: tuple[float, float, float, float], coeffs: np.ndarray, E_cam: np.ndarray,
+                           world_from_vehicle: np.ndarray) -> np.ndarray | None:
+    """(9,) float64 rolling-shutter record of one camera image (raydseg.geometry.rolling_shutter), or None (global
+    shutter) for a direction outside 1-4 or a null (NaN) value.
+
+    Args: direction the calibration's rolling_shutter_direction; values (9,) the camera_image row's linear velocity
+      (3,) m/s, angular velocity (3,) rad/s, shutter, camera_trigger_time, camera_readout_done_time s; pose_s its
+      pose_timestamp s; size (width, height) px; intrinsics Waymo's (f_u, f_v, c_u, c_v); coeffs (5,) the lens;
+      E_cam camera -> vehicle and world_from_vehicle at pose_s, (4, 4).
+    """
+    if direction not in READOUT_DIRECTIONS or not np.isfinite(values).all():
+        return None
+    v, w = camera_velocity(E_cam, world_from_vehicle, values[:3], values[3:6])
+    return rolling_shutter_record(v, w, *capture_time_plane(int(direction), *values[6:9], pose_s, *size, *intrinsics,
+                                                            coeffs))
 
 
 class WaymoError(ValueError):
@@ -294,6 +369,12 @@ def range_image_to_points(ri: np.ndarray, extrinsic: np.ndarray, incl: np.ndarra
     return _range_image_points(ri, np.cos(incl), np.sin(incl), np.cos(az), np.sin(az), E, rot, trans, pose_of, out_T)
 
 
+def camera_waymo_intrinsics(ccal: pa.Table, i: int) -> tuple[float, float, float, float]:
+    """(f_u, f_v, c_u, c_v) px of camera_calibration row i as Waymo states them (principal point from the edge)."""
+    return tuple(float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", i))
+                 for c in ("f_u", "f_v", "c_u", "c_v"))
+
+
 def camera_intrinsics(ccal: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
     """(K (3, 3) float64 px with pixel centres at integers, (5,) float64 k1 k2 p1 p2 k3) of camera_calibration row i."""
     g = lambda c: float(_cell(ccal, f"[CameraCalibrationComponent].intrinsic.{c}", i))  # noqa: E731
@@ -325,7 +406,11 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
     lasers = [n for n in cfg.data.lidars if n in LASERS]
     has_pose_ts, has_cam_pose = CAM_POSE_TS in cimg.column_names, CAM_POSE in cimg.column_names
     has_incl_values = INCL_VALUES in lcal.column_names
-    rows, rejects, n_static, n_cams = [], [], 0, 0
+    shutter_cols = None  # per camera_image row: the 6 velocities and 3 shutter times, NaN where null
+    if all(c in cimg.column_names for c in CAM_VELOCITY + SHUTTER_PARAMS) and SHUTTER_DIRECTION in ccal.column_names:
+        shutter_cols = np.stack([np.asarray(cimg.column(c).to_numpy(zero_copy_only=False), np.float64)
+                                 for c in CAM_VELOCITY + SHUTTER_PARAMS], axis=1)
+    rows, rejects, n_static, n_cams, n_global = [], [], 0, 0, 0
     # calibration values are read at first use; a failure is not kept, so every frame that needs the value raises it
     # again (the same rejects as reading it per frame)
     per_segment: dict[tuple, Any] = {}
@@ -376,15 +461,16 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                     ring_all.append(row)
             pts = pts_all[0] if len(pts_all) == 1 else np.concatenate(pts_all)
             ring = np.concatenate(ring_all).astype(np.uint8) if lasers == ["TOP"] else None
-            cameras, stamps, static = [], {}, 0
+            cameras, stamps, static, global_shutter = [], {}, 0, 0
             for name in cams:
                 k = CAMERAS[name]
                 if (ts, k) not in i_cimg:
                     raise WaymoError(f"camera_image has no row for camera {name} at {ts}")
                 ii, ic = i_cimg[(ts, k)], i_ccal[(k,)]
-                cam_us = int(ts)
+                cam_us, pose_s = int(ts), None
                 if has_pose_ts and cimg.column(CAM_POSE_TS)[ii].is_valid:
-                    cam_us = int(round(float(_cell(cimg, CAM_POSE_TS, ii)) * 1e6))
+                    pose_s = float(_cell(cimg, CAM_POSE_TS, ii))
+                    cam_us = int(round(pose_s * 1e6))
                 wfv_cam = None
                 if has_cam_pose and cimg.column(CAM_POSE)[ii].is_valid:
                     wfv_cam = _array(cimg, CAM_POSE, ii, np.float64).reshape(4, 4)
@@ -399,9 +485,15 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
                     ccal, "[CameraCalibrationComponent].extrinsic.transform", ic, np.float64).reshape(4, 4))
                 T = lidar_to_camera(E_top, E_cam, wfv_frame, wfv_cam)
                 static += wfv_frame is None or wfv_cam is None
+                rs = None
+                if shutter_cols is not None and wfv_frame is not None and wfv_cam is not None and pose_s is not None:
+                    rs = camera_rolling_shutter(once(("shutter_dir", name), lambda: _cell(ccal, SHUTTER_DIRECTION, ic)),
+                                                shutter_cols[ii], pose_s, (w, h), camera_waymo_intrinsics(ccal, ic),
+                                                coeffs, E_cam, wfv_cam)
+                global_shutter += rs is None
                 cameras.append({"name": name, "image": data, "width": int(w), "height": int(h), "K": K.copy(),
                                 "T_cam_lidar": T, "timestamp_us": cam_us, "gt_semantic": None, "gt_instance": None,
-                                "distortion": coeffs.copy()})
+                                "distortion": coeffs.copy(), "rolling_shutter": rs})
             reason = sync_reason(int(ts), stamps, cfg.data.sync_tolerance_us)
             if reason:
                 raise WaymoError(reason)
@@ -410,9 +502,12 @@ def read_shard(shard: dict, cfg: Config) -> tuple[list[dict], list[dict]]:
             rows.append({"frame_id": fid, "sequence": f"waymo/{seg}", "timestamp_us": int(ts),
                          "points": pts, "ring": ring, "gt_label": None, "gt_instance": None,
                          "cameras": cameras})
-            n_static, n_cams = n_static + static, n_cams + len(cameras)
+            n_static, n_cams, n_global = n_static + static, n_cams + len(cameras), n_global + global_shutter
         except WaymoError as e:
             rejects.append({"id": fid, "reason": str(e)})
+    if n_global:
+        log.debug("waymo %s: %d of %d camera images have no rolling-shutter data (or no pose): global shutter", seg,
+                  n_global, n_cams)
     if n_static:
         log.debug("waymo %s: %d of %d camera images have no camera or vehicle pose: static T_cam_lidar (no ego-motion "
                   "correction)", seg, n_static, n_cams)
