@@ -69,6 +69,32 @@ def test_distortion_round_trips_and_a_frame_without_the_field_reads_as_pinhole(t
     np.testing.assert_array_equal(frame["cameras"][0]["K"], rows[1]["cameras"][0]["K"])
 
 
+def test_rolling_shutter_round_trips_and_a_frame_without_the_field_reads_as_global_shutter(tmp_path):
+    """A camera's 9-value rolling-shutter record survives the parquet round trip bit for bit; a camera without one
+    (stored null) and a Frame written before the field existed (its cameras struct ends at `distortion`) read as None,
+    the global shutter, and stay valid."""
+    rs = np.array([0.3, -0.1, 11.9, 0.001, -0.2, 0.003, -0.0015, 0.0, 0.0234567])
+    rows = [make_frame("a/1"), make_frame("a/2")]
+    rows[0]["cameras"][0]["rolling_shutter"] = rs
+    pq.write_table(frames_to_table(rows), tmp_path / "new.parquet")
+    back = table_to_frames(pq.read_table(tmp_path / "new.parquet"))
+    np.testing.assert_array_equal(back[0]["cameras"][0]["rolling_shutter"], rs)
+    assert back[1]["cameras"][0]["rolling_shutter"] is None
+    assert validate_frame(back[0]) is None and validate_frame(back[1]) is None
+    old_camera = pa.struct([f for f in FRAME_SCHEMA.field("cameras").type.value_type if f.name != "rolling_shutter"])
+    old_schema = FRAME_SCHEMA.set(FRAME_SCHEMA.get_field_index("cameras"), pa.field("cameras", pa.list_(old_camera)))
+    table = frames_to_table(rows[:1])
+    cams = pa.array([[{k: v for k, v in c.items() if k != "rolling_shutter"} for c in cs]
+                     for cs in table.column("cameras").to_pylist()], pa.list_(old_camera))
+    pq.write_table(table.set_column(table.schema.get_field_index("cameras"), "cameras", cams).cast(old_schema),
+                   tmp_path / "old.parquet")
+    old = pq.read_table(tmp_path / "old.parquet")
+    assert "rolling_shutter" not in [f.name for f in old.schema.field("cameras").type.value_type]
+    (frame,) = table_to_frames(old)
+    assert frame["cameras"][0]["rolling_shutter"] is None and validate_frame(frame) is None
+    np.testing.assert_array_equal(frame["cameras"][0]["T_cam_lidar"], rows[0]["cameras"][0]["T_cam_lidar"])
+
+
 def _broken(mutate):
     row = make_frame()
     mutate(row)
@@ -91,6 +117,10 @@ def _broken(mutate):
     (lambda r: r["cameras"][0].__setitem__("distortion", [0.1, np.nan, 0, 0, 0]),
      "distortion is not 5 finite coefficients (k1, k2, p1, p2, k3), got [0.1, nan, 0.0, 0.0, 0.0]"),
     (lambda r: r["cameras"][0].__setitem__("distortion", [0.1, 0.2]), "distortion is not 5 finite coefficients"),
+    (lambda r: r["cameras"][0].__setitem__("rolling_shutter", [0.0] * 8),
+     "rolling_shutter is not 9 finite values (v_x, v_y, v_z, w_x, w_y, w_z, t0, dt_dx, dt_dy), got [0.0, 0.0"),
+    (lambda r: r["cameras"][0].__setitem__("rolling_shutter", [0.0] * 8 + [np.inf]),
+     "rolling_shutter is not 9 finite values"),
 ])
 def test_every_validator_reason(mutate, reason):
     assert validate_frame(make_frame()) is None

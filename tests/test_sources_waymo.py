@@ -201,14 +201,19 @@ def moving_car_pose(t_s, speed=12.0, yaw_rate=0.2, yaw0=0.7, climb=0.2, start=(1
     return fixtures.rigid(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]), t)
 
 
-def write_moving_car(root, n_frames=2, cam_offset_us=50_000, f=200.0, w=192, h=128, **motion):
+def write_moving_car(root, n_frames=2, cam_offset_us=50_000, f=200.0, w=192, h=128, cameras=None, directions=None,
+                     readout=0.02, shutter=0.004, lens=(0.0,) * 5, **motion):
     """A segment in the official v2 layout where the ego car drives `moving_car_pose`: vehicle_pose at each frame
     timestamp, and the camera_image rows carry the v2 CameraImageComponent pose (world_from_vehicle at
     pose_timestamp = frame + cam_offset_us), velocity and rolling_shutter_params (column names and Arrow types of
-    waymo_open_dataset/v2/perception/camera_image.py). No lidar_pose: the points are the vehicle-frame points at the
-    frame time. f: focal length (px) of a Waymo-like field of view. Returns write_waymo's oracle."""
-    oracle = fixtures.write_waymo(str(root), n_frames=n_frames, w=w, h=h, pixel_pose=False,
-                                  cam_offsets_us=(cam_offset_us,) * n_frames)
+    waymo_open_dataset/v2/perception/camera_image.py): `readout` s of readout after a `shutter` s exposure, the pose
+    time 40 % into the readout. No lidar_pose: the points are the vehicle-frame points at the frame time.
+    cameras: name -> (width, height) px (default FRONT at w x h); directions: name -> the calibration's
+    rolling_shutter_direction (default 1, top to bottom); f: focal length (px) of a Waymo-like field of view; lens:
+    (k1, k2, p1, p2, k3). Returns write_waymo's oracle."""
+    cameras = {"FRONT": (w, h)} if cameras is None else cameras
+    oracle = fixtures.write_waymo(str(root), n_frames=n_frames, w=w, h=h, pixel_pose=False, cameras=cameras,
+                                  distortion=tuple(lens), cam_offsets_us=(cam_offset_us,) * n_frames)
     base = root / "training"
     (base / "lidar_pose" / "seg-0001.parquet").unlink()
     ts = [int(fid.rsplit("/", 1)[1]) for fid in oracle["frames"]]
@@ -229,21 +234,21 @@ def write_moving_car(root, n_frames=2, cam_offset_us=50_000, f=200.0, w=192, h=1
     for col, arr in cols.items():
         t = t.set_column(t.column_names.index(col), col, arr)
     pq.write_table(t, base / "vehicle_pose" / "seg-0001.parquet")
-    vel = [velocity(u) for u in cam_us]
-    readout, shutter = 0.02, 0.004
-    cols = {f"{pre}.pose.transform": pa.array([pose(u).reshape(-1).tolist() for u in cam_us],
+    t = pq.read_table(base / "camera_image" / "seg-0001.parquet")
+    row_us = [u + cam_offset_us for u in t.column("key.frame_timestamp_micros").to_pylist()]  # one per camera image
+    vel = [velocity(u) for u in row_us]
+    trigger = [u * 1e-6 - shutter / 2 - 0.4 * readout for u in row_us]
+    cols = {f"{pre}.pose.transform": pa.array([pose(u).reshape(-1).tolist() for u in row_us],
                                               pa.list_(pa.float64(), 16)),
             **{f"{pre}.velocity.linear_velocity.{a}": pa.array([v[0][i] for v in vel], pa.float32())
                for i, a in enumerate("xyz")},
             **{f"{pre}.velocity.angular_velocity.{a}": pa.array([v[1][i] for v in vel], pa.float64())
                for i, a in enumerate("xyz")},
-            f"{pre}.pose_timestamp": pa.array([u * 1e-6 for u in cam_us], pa.float64()),
-            f"{pre}.rolling_shutter_params.shutter": pa.array([shutter] * n_frames, pa.float64()),
-            f"{pre}.rolling_shutter_params.camera_trigger_time":
-                pa.array([u * 1e-6 - shutter / 2 - readout / 2 for u in cam_us], pa.float64()),
+            f"{pre}.pose_timestamp": pa.array([u * 1e-6 for u in row_us], pa.float64()),
+            f"{pre}.rolling_shutter_params.shutter": pa.array([shutter] * len(row_us), pa.float64()),
+            f"{pre}.rolling_shutter_params.camera_trigger_time": pa.array(trigger, pa.float64()),
             f"{pre}.rolling_shutter_params.camera_readout_done_time":
-                pa.array([u * 1e-6 + shutter / 2 + readout / 2 for u in cam_us], pa.float64())}
-    t = pq.read_table(base / "camera_image" / "seg-0001.parquet")
+                pa.array([x + shutter + readout for x in trigger], pa.float64())}
     for col, arr in cols.items():
         t = t.set_column(t.column_names.index(col), col, arr) if col in t.column_names else t.append_column(col, arr)
     pq.write_table(t, base / "camera_image" / "seg-0001.parquet")
@@ -252,6 +257,9 @@ def write_moving_car(root, n_frames=2, cam_offset_us=50_000, f=200.0, w=192, h=1
     for name in ("f_u", "f_v"):
         col = f"[CameraCalibrationComponent].intrinsic.{name}"
         t = t.set_column(t.column_names.index(col), col, [[f] * t.num_rows])
+    col, name_of = "[CameraCalibrationComponent].rolling_shutter_direction", {k: n for n, k in waymo.CAMERAS.items()}
+    t = t.set_column(t.column_names.index(col), col, pa.array(
+        [(directions or {}).get(name_of[k], 1) for k in t.column("key.camera_name").to_pylist()], pa.int8()))
     pq.write_table(t, path)
     oracle.update(K=np.array([[f, 0, oracle["K"][0, 2]], [0, f, oracle["K"][1, 2]], [0, 0, 1]]), pose=pose,
                   cam_us=dict(zip(oracle["frames"], cam_us)))
@@ -262,7 +270,8 @@ def test_moving_car_points_land_on_the_camera_pixel_at_its_pose_time(tmp_path):
     """Ego car at 12 m/s turning at 0.2 rad/s; the camera's pose_timestamp is 50 ms after the LiDAR frame. World
     points (the fixture's vehicle points at the frame pose) go through the camera's true pose at its time and
     Waymo's camera model (u = c_u - f_u y / x, v = c_v - f_v z / x from the pixel edge): the Frame's points, K and
-    T_cam_lidar must land there within 0.5 px; the static extrinsics miss by many pixels."""
+    T_cam_lidar must land there within 0.5 px; the static extrinsics miss by many pixels. (T_cam_lidar alone: the
+    global-shutter model; the rolling shutter is tested in `test_rolling_shutter_points_land_on_waymos_...`.)"""
     w, h = 192, 128
     oracle = write_moving_car(tmp_path, w=w, h=h)
     rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
@@ -288,6 +297,153 @@ def test_moving_car_points_land_on_the_camera_pixel_at_its_pose_time(tmp_path):
         assert np.median(err0) > 2 and err0.max() > 5, (np.median(err0), err0.max())
         print(f"{fid}: {seen.sum()} points, with the motion {err.max():.1e} px max, static extrinsics "
               f"{np.median(err0):.2f} px median / {err0.max():.2f} px max")
+
+
+def waymo_rolling_shutter_pixels(world, image_row, calib_row):
+    """Waymo's rolling-shutter camera model (camera_model.cc: PrepareProjection, then WorldToImage solving for the
+    capture time), coded here from the C++ source and the v2 column values of one camera_image row and its
+    camera_calibration row, apart from the reader: the camera frame is Waymo's (x forward, y left, z up), the world
+    frame the poses', and the capture time is found by bisection (camera_model.cc uses Newton).
+
+    Args: world (N, 3) m static points; image_row, calib_row {v2 column name: value}.
+    Returns (N, 2) px from the first pixel's edge, (N,) the radial-bound flag, (N, 3) m the points in the camera at
+    their capture times, (N,) that time minus pose_timestamp (s)."""
+    img = lambda c: image_row[f"[CameraImageComponent].{c}"]  # noqa: E731
+    cal = lambda c: calib_row[f"[CameraCalibrationComponent].{c}"]  # noqa: E731
+    pose, E = np.reshape(img("pose.transform"), (4, 4)), np.reshape(cal("extrinsic.transform"), (4, 4))
+    f_u, f_v, c_u, c_v = (cal(f"intrinsic.{c}") for c in ("f_u", "f_v", "c_u", "c_v"))
+    coeffs = [cal(f"intrinsic.{c}") for c in ("k1", "k2", "p1", "p2", "k3")]
+    W, H, direction = cal("width"), cal("height"), cal("rolling_shutter_direction")
+    shutter, trigger, done = (img(f"rolling_shutter_params.{c}") for c in
+                              ("shutter", "camera_trigger_time", "camera_readout_done_time"))
+    readout, start = done - trigger - shutter, trigger + 0.5 * shutter
+    t_principal = {1: start + readout / H * c_v, 2: start + readout / W * c_u,  # GetPixelTimestamp
+                   3: start + readout / H * (H - c_v), 4: start + readout / W * (W - c_u)}[direction]
+    t_pose_offset = img("pose_timestamp") - t_principal
+
+    def image_to_direction(u_d, v_d):  # IterateUndistortion
+        k1, k2, p1, p2, k3 = coeffs
+        u_nd, v_nd = (u_d - c_u) / f_u, (v_d - c_v) / f_v
+        u, v = u_nd, v_nd
+        for _ in range(20):
+            r2 = u * u + v * v
+            rd = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+            u, v = ((u_nd - 2 * p1 * u * v - p2 * (r2 + 2 * u * u)) / rd,
+                    (v_nd - 2 * p2 * u * v - p1 * (r2 + 2 * v * v)) / rd)
+        return u, v
+
+    horizontal = direction in (2, 4)
+    span = (image_to_direction(W, H / 2)[0] - image_to_direction(0, H / 2)[0] if horizontal else
+            image_to_direction(W / 2, H)[1] - image_to_direction(W / 2, 0)[1])
+    factor = (-readout if direction in (3, 4) else readout) / span
+
+    def skew(x):
+        return np.array([[0, -x[2], x[1]], [x[2], 0, -x[0]], [-x[1], x[0], 0]])
+
+    n_tfm_cam0 = pose @ E
+    w_vehicle = np.array([img(f"velocity.angular_velocity.{a}") for a in "xyz"])
+    n_vel_cam0 = np.array([img(f"velocity.linear_velocity.{a}") for a in "xyz"]) + \
+        skew(pose[:3, :3] @ w_vehicle) @ (pose[:3, :3] @ E[:3, 3])  # the lever arm
+    cam0_dcm_n = n_tfm_cam0[:3, :3].T
+    skew_omega_dcm = -skew(E[:3, :3].T @ w_vehicle) @ cam0_dcm_n
+
+    def camera_point(t):  # (N, 3) for (N,) times after the pose
+        dcm = cam0_dcm_n[None] + t[:, None, None] * skew_omega_dcm[None]
+        return np.einsum("nij,nj->ni", dcm, world - n_tfm_cam0[:3, 3] - t[:, None] * n_vel_cam0)
+
+    def residual(t):
+        p = camera_point(t)
+        spacing = -p[:, 1] / p[:, 0] if horizontal else -p[:, 2] / p[:, 0]
+        return t - spacing * factor + t_pose_offset
+
+    lo, hi = np.full(len(world), -0.2), np.full(len(world), 0.2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # points behind the camera: not compared
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            neg = residual(mid) < 0
+            lo, hi = np.where(neg, mid, lo), np.where(neg, hi, mid)
+        t = 0.5 * (lo + hi)
+        p = camera_point(t)
+        px, valid = waymo_pixel(p, np.array([[f_u, 0, c_u], [0, f_v, c_v], [0, 0, 1]]), coeffs)
+    return px, valid, p, t
+
+
+def test_rolling_shutter_points_land_on_waymos_rolling_shutter_pixel(tmp_path):
+    """Four cameras read out in the four directions (FRONT top to bottom, FRONT_LEFT left to right, FRONT_RIGHT
+    bottom to top, SIDE_LEFT right to left) over 30 ms, Waymo-like lens and field of view, the ego car at 12 m/s
+    turning at 0.2 rad/s. The LiDAR points, projected with the Frame's K, T_cam_lidar, distortion and
+    rolling_shutter after a parquet round trip of the Frame, land on the pixel of Waymo's rolling-shutter model
+    (`waymo_rolling_shutter_pixels`, pixel edge at 0, so 0.5 px less in the Frame's pixel-centre convention) within
+    0.01 px, at its depth; the pose-time camera alone (the global shutter) misses by pixels."""
+    from raydseg.data.schema import frames_to_table, table_to_frames
+
+    w, h = 480, 320
+    directions = {"FRONT": 1, "FRONT_LEFT": 2, "FRONT_RIGHT": 3, "SIDE_LEFT": 4}
+    write_moving_car(tmp_path, f=500.0, cameras={n: (w, h) for n in directions}, directions=directions,
+                     readout=0.03, lens=fixtures.WAYMO_LIKE_DISTORTION)
+    rows, rejects = read_all(cfg_for(tmp_path, "data.sync_tolerance_us=100000"))
+    assert rejects == [] and len(rows) == 2
+    rows = table_to_frames(frames_to_table(rows))
+    base = tmp_path / "training"
+    images = pq.read_table(base / "camera_image" / "seg-0001.parquet").to_pylist()
+    calib = {r["key.camera_name"]: r
+             for r in pq.read_table(base / "camera_calibration" / "seg-0001.parquet").to_pylist()}
+    vpose = {r["key.frame_timestamp_micros"]: np.reshape(r["[VehiclePoseComponent].world_from_vehicle.transform"],
+                                                         (4, 4))
+             for r in pq.read_table(base / "vehicle_pose" / "seg-0001.parquet").to_pylist()}
+    for r in rows:
+        assert validate_frame(r) is None
+        pts = r["points"][:, :3].astype(np.float64)
+        world = (vpose[r["timestamp_us"]] @ fixtures.WAYMO_TOP_EXT @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+        for cam in r["cameras"]:
+            k = waymo.CAMERAS[cam["name"]]
+            (image_row,) = [x for x in images if (x["key.frame_timestamp_micros"], x["key.camera_name"]) ==
+                            (r["timestamp_us"], k)]
+            want, valid, p, t = waymo_rolling_shutter_pixels(world, image_row, calib[k])
+            seen = valid & (p[:, 0] > 1) & (want[:, 0] >= 1) & (want[:, 0] < w - 1) & (want[:, 1] >= 1) & \
+                (want[:, 1] < h - 1)
+            assert seen.sum() > 50 and np.ptp(t[seen]) > 0.015  # the points span more than half the readout
+            u, v, depth, inside = project_points(pts, cam["K"], cam["T_cam_lidar"], w, h,
+                                                 distortion=cam["distortion"], rolling_shutter=cam["rolling_shutter"])
+            assert inside[seen].all()
+            err = np.hypot(u - (want[:, 0] - 0.5), v - (want[:, 1] - 0.5))[seen]
+            np.testing.assert_allclose(depth[seen], p[seen, 0], atol=1e-4)
+            assert err.max() < 0.01, err.max()
+            u0, v0, _, _ = project_points(pts, cam["K"], cam["T_cam_lidar"], w, h, distortion=cam["distortion"])
+            miss = np.hypot(u0 - (want[:, 0] - 0.5), v0 - (want[:, 1] - 0.5))[seen]
+            print(f"{r['frame_id']} {cam['name']} (direction {directions[cam['name']]}): {seen.sum()} points over "
+                  f"{1e3 * np.ptp(t[seen]):.1f} ms, rolling shutter {err.max():.1e} px max; global shutter "
+                  f"{np.median(miss):.2f} px median / {miss.max():.2f} px max")
+            assert miss.max() > 5, miss.max()
+
+
+def test_camera_without_rolling_shutter_data_stays_global_shutter(tmp_path, caplog):
+    """A camera_image row with a null velocity value, a camera whose calibration says GLOBAL_SHUTTER (5), and a
+    segment without the velocity / rolling_shutter_params columns (`write_waymo`'s, as older conversions) read as
+    global shutter: rolling_shutter None and T_cam_lidar the camera at its pose time (projections as before); the
+    segment logs how many camera images did."""
+    write_moving_car(tmp_path / "a", cameras={"FRONT": (192, 128), "FRONT_LEFT": (192, 128)},
+                     directions={"FRONT": 1, "FRONT_LEFT": 5})
+    path = tmp_path / "a" / "training" / "camera_image" / "seg-0001.parquet"
+    t = pq.read_table(path)
+    col = "[CameraImageComponent].velocity.angular_velocity.z"
+    vals = t.column(col).to_pylist()
+    t = t.set_column(t.column_names.index(col), col, pa.array([None] + vals[1:], pa.float64()))  # frame 0 FRONT
+    pq.write_table(t, path)
+    with caplog.at_level(logging.DEBUG, logger=waymo.__name__):
+        rows, rejects = read_all(cfg_for(tmp_path / "a", "data.sync_tolerance_us=100000"))
+    assert rejects == [] and len(rows) == 2
+    has = [[c["rolling_shutter"] is not None for c in r["cameras"]] for r in rows]
+    assert [[c["name"] for c in r["cameras"]] for r in rows] == [["FRONT", "FRONT_LEFT"]] * 2
+    assert has == [[False, False], [True, False]]
+    assert "seg-0001: 3 of 4 camera images have no rolling-shutter data (or no pose): global shutter" in caplog.text
+    for i, r in enumerate(rows):  # FRONT: the camera at its pose time, 50 ms after the frame
+        T = waymo.WAYMO_TO_OPENCV @ np.linalg.inv(fixtures.WAYMO_CAM_EXT) @ \
+            np.linalg.inv(moving_car_pose(0.1 * i + 0.05)) @ moving_car_pose(0.1 * i) @ fixtures.WAYMO_TOP_EXT
+        np.testing.assert_allclose(r["cameras"][0]["T_cam_lidar"], T, atol=1e-9)
+    fixtures.write_waymo(str(tmp_path / "b"), n_frames=1)
+    rows, rejects = read_all(cfg_for(tmp_path / "b"))
+    assert rejects == [] and rows[0]["cameras"][0]["rolling_shutter"] is None
 
 
 def test_camera_without_pose_keeps_the_static_extrinsics(tmp_path, caplog):
