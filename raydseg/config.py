@@ -172,6 +172,7 @@ class PretrainConfig(Section):
     local_crop_scale_min: Fraction = 0.05  # local crop area fraction in [min, max] (paper: 0.05 - 0.4)
     local_crop_scale_max: Fraction = 0.4
     photometric: bool = True  # colour jitter, grayscale, solarisation (paper); false: crops, flips, blur only
+    photometric_device: bool = False  # those colour ops on the training device, per image, not in the loader
     steps: PosInt = 200  # optimiser steps
     batch_size: PosInt = 16  # global batch of images (paper: 1024)
     micro_batch_size: NonNegInt = 0  # per-worker forward batch (0 = batch_size // num_workers)

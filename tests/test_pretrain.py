@@ -14,8 +14,9 @@ import torch
 
 from raydseg.models.dino_head import DINOHead, MultiCropWrapper, build_dino_model
 from raydseg.models.ema import EMA
-from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
-                                cosine_schedule, crop_names, multicrop_batch, param_groups, sinkhorn_knopp,
+from raydseg.train.dino import (GRAYSCALE_P, JITTER, JITTER_P, SOLARIZE_P, DINOLoss, DinoStep, MultiCrop,
+                                cancel_last_layer_gradients, clip_gradients, colour_ops, cosine_schedule, crop_names,
+                                device_photometric, multicrop_batch, param_groups, sinkhorn_knopp,
                                 teacher_temp_schedule)
 from raydseg.train.engine import train_one_step
 
@@ -159,6 +160,70 @@ def test_multicrop_without_photometric_keeps_colours_and_the_default_changes_the
     assert changed >= len(paper) // 2, changed
 
 
+def test_device_colour_ops_are_torchvisions_color_jitter_with_each_images_own_factors_and_order():
+    """Three images, each with its own brightness / contrast / saturation / hue and op order: the batched ops equal
+    torchvision's adjust_* applied one image at a time in that order (float images)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 12, 16)
+    factors = torch.tensor([[1.3, 0.7, 1.15, 0.08], [0.65, 1.35, 0.85, -0.09], [1.0, 1.0, 1.0, 0.0]])
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]])
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    want = []
+    for img, f, o in zip(x, factors, order):
+        for k in o.tolist():
+            img = ops[k](img, float(f[k]))
+        want.append(img)
+    got = colour_ops(x, factors, order)
+    assert torch.allclose(got, torch.stack(want), atol=1e-5), float((got - torch.stack(want)).abs().max())
+    assert torch.allclose(got[2], x[2], atol=1e-5)  # neutral factors change nothing
+
+
+def test_device_photometric_applies_jitter_grayscale_and_solarisation_at_their_rates():
+    """2000 flat-colour images: the fraction left grey, solarised (only with solarize) and jittered matches the
+    probabilities within 3 points; the same generator seed gives the same batch."""
+    x = torch.zeros(2000, 3, 2, 2)
+    x[:, 0], x[:, 1], x[:, 2] = 0.8, 0.2, 0.4
+    out = device_photometric(x, solarize=True, generator=torch.Generator().manual_seed(0))
+    grey = (out[:, 0] == out[:, 1]).all(-1).all(-1) & (out[:, 1] == out[:, 2]).all(-1).all(-1)
+    assert abs(float(grey.float().mean()) - GRAYSCALE_P) < 0.03
+    changed = (out != x).flatten(1).any(1) & ~grey
+    assert abs(float(changed.float().mean()) - (1 - GRAYSCALE_P) * (1 - (1 - JITTER_P) * (1 - SOLARIZE_P))) < 0.03
+    plain = device_photometric(x, solarize=False, generator=torch.Generator().manual_seed(0))
+    assert abs(float(((plain != x).flatten(1).any(1)).float().mean()) - (1 - (1 - JITTER_P) * (1 - GRAYSCALE_P))) < 0.03
+    assert float(plain[~(plain != x).flatten(1).any(1)].sub(x[0]).abs().max()) == 0.0
+    assert torch.equal(out, device_photometric(x, solarize=True, generator=torch.Generator().manual_seed(0)))
+    assert JITTER == (0.4, 0.4, 0.2, 0.1)
+
+
+def test_image_crop_batches_are_the_same_for_any_number_of_loader_workers():
+    """The Ray-free loader: batches depend on (seed, position) only, not on the worker processes; encoded images
+    (PNG bytes) give the same crops as the arrays; another seed gives other crops."""
+    import io
+
+    from PIL import Image
+
+    from raydseg.config import PretrainConfig
+    from raydseg.train.pretrain import local_batches
+
+    config = {**PretrainConfig().model_dump(), "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2}
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 60, 3), dtype=np.uint8) for _ in range(5)]
+    encoded = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    cpu = torch.device("cpu")
+    a = list(local_batches(images, config, 3, 4, cpu, seed=1, workers=0))
+    b = list(local_batches(encoded, config, 3, 4, cpu, seed=1, workers=2))
+    c = list(local_batches(images, config, 3, 4, cpu, seed=2, workers=0))
+    assert len(a) == 4 and list(a[0]) == crop_names(2) and a[0]["global_0"].shape == (3, 3, 32, 32)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert not torch.equal(a[0]["global_0"], c[0]["global_0"])
+
+
 def test_head_batchnorm_makes_near_identical_inputs_give_different_outputs():
     """use_bn: hidden units normalised over the batch, so inputs that differ by 1e-4 of their norm (a random-init
     ViT's [CLS] across images) are spread apart; without it their outputs are nearly the same vector."""
@@ -250,10 +315,11 @@ def test_backbone_checkpoint_loads_into_timm_and_the_project_loader_with_identic
 
 
 def test_model_and_step_code_import_without_ray():
-    """The GPU machine has torch + timm + numpy only: no Ray, pyarrow or MLflow may come in with these modules."""
+    """The GPU machine has torch + timm + numpy only: no Ray, pyarrow, MLflow or pydantic may come in with these
+    modules."""
     code = ("import sys; import raydseg.train.engine, raydseg.train.steps, raydseg.train.dino, "
             "raydseg.models.dino_head, raydseg.train.pretrain, raydseg.train.segmentation, raydseg.train.loop; "
-            "bad = [m for m in ('ray', 'pyarrow', 'mlflow') if m in sys.modules]; assert not bad, bad")
+            "bad = [m for m in ('ray', 'pyarrow', 'mlflow', 'pydantic') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

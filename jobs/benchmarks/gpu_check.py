@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(part(args, device))
         result[f"{part.__name__}_wall_s"] = time.perf_counter() - t0
         print(f"{part.__name__}: done in {result[f'{part.__name__}_wall_s']:.1f} s", flush=True)
+        with open(args.out, "w") as f:  # what was measured survives a later part's failure or a kill
+            json.dump(result, f, indent=1)
     result["imported_not_on_device"] = ",".join(m for m in NOT_ON_DEVICE if m in sys.modules)
     if result["imported_not_on_device"]:
         raise RuntimeError(f"gpu_check imported {result['imported_not_on_device']}: the device machine has none")

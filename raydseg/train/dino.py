@@ -121,6 +121,56 @@ def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3) 
     return (q * n_samples).t()
 
 
+JITTER = (0.4, 0.4, 0.2, 0.1)  # DINO's colour jitter: brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, SOLARIZE_P = 0.8, 0.2, 0.2  # probabilities (solarisation: the second global crop only)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma, torchvision's weights."""
+    return (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def colour_ops(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter with per-image parameters, on a float batch x (B, 3, H, W) in [0, 1].
+
+    factors (B, 4): brightness, contrast, saturation (multipliers) and hue (shift in turns); order (B, 4): each
+    image's permutation of the four ops (0..3 in that naming). Each op is torchvision's adjust_* formula on a float
+    image (clamped to [0, 1]); hue goes through its RGB <-> HSV conversion."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    f = factors.to(x.dtype).view(-1, 4, 1, 1, 1)
+    for k in range(4):
+        op = order[:, k].view(-1, 1, 1, 1)
+        bright = x * f[:, 0]
+        contrast = f[:, 1] * x + (1 - f[:, 1]) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        sat = f[:, 2] * x + (1 - f[:, 2]) * _gray(x)
+        hsv = _rgb_to_hsv(x.clamp(0, 1))
+        hue = _hsv_to_rgb(torch.cat([(hsv[:, :1] + f[:, 3]).remainder(1.0), hsv[:, 1:]], 1))
+        x = torch.where(op == 0, bright, torch.where(op == 1, contrast, torch.where(op == 2, sat, hue))).clamp(0, 1)
+    return x
+
+
+def device_photometric(x: torch.Tensor, solarize: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MultiCrop's colour part for a batch on the training device: colour jitter (p JITTER_P, each image its own
+    factors and op order), grayscale (p GRAYSCALE_P) and, when `solarize`, solarisation (p SOLARIZE_P) of a float
+    batch (B, 3, H, W) in [0, 1]. Parameters come from the CPU `generator` (default: torch's), so they do not
+    depend on the device."""
+    b = len(x)
+    u = torch.rand(b, 7, generator=generator)
+    lo = torch.tensor([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]])
+    factors = lo + u[:, :4] * torch.tensor([2 * JITTER[0], 2 * JITTER[1], 2 * JITTER[2], 2 * JITTER[3]])
+    order = torch.argsort(torch.rand(b, 4, generator=generator), dim=1)
+    dev = x.device
+    jittered = colour_ops(x, factors.to(dev), order.to(dev))
+    x = torch.where((u[:, 4] < JITTER_P).to(dev).view(-1, 1, 1, 1), jittered, x)
+    x = torch.where((u[:, 5] < GRAYSCALE_P).to(dev).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    if solarize:  # torchvision's solarize of uint8 at 128: pixels >= 128/255 inverted
+        flip = (u[:, 6] < SOLARIZE_P).to(dev).view(-1, 1, 1, 1) & (x >= 128 / 255)
+        x = torch.where(flip, 1 - x, x)
+    return x
+
+
 def _blur_kernel(size: int) -> int:
     """Odd Gaussian kernel of about a tenth of the crop side (at least 3 px)."""
     return max(3, int(size * 0.1) // 2 * 2 + 1)
@@ -142,8 +192,7 @@ class MultiCrop:
         from torchvision.transforms import v2
 
         def flip_jitter():
-            colour = [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                      v2.RandomGrayscale(p=0.2)]
+            colour = [v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P), v2.RandomGrayscale(p=GRAYSCALE_P)]
             return [v2.RandomHorizontalFlip(p=0.5)] + (colour if photometric else [])
 
         def blur(size: int, p: float):
@@ -155,7 +204,7 @@ class MultiCrop:
         self.n_local = n_local
         self.global_1 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 1.0)])
         self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 0.1)]
-                                   + ([v2.RandomSolarize(threshold=128, p=0.2)] if photometric else []))
+                                   + ([v2.RandomSolarize(threshold=128, p=SOLARIZE_P)] if photometric else []))
         self.local = v2.Compose([rrc(local_size, local_scale), *flip_jitter(), blur(local_size, 0.5)])
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -178,17 +227,22 @@ class DinoStep:
     """The `pretrain` objective: batch {global_0, global_1, local_0.. : (B, 3, s, s) uint8} -> DINO loss.
 
     The teacher (the EMA of the student, no gradient) sees the global crops only; the student sees every crop.
+    `photometric_on_device`: the crops come without MultiCrop's colour part, which `device_photometric` applies here
+    on the batch's device (solarisation on the second global crop only, as MultiCrop).
     Metrics: teacher_entropy (nats, of the centred, sharpened teacher distribution; log K = uniform, 0 = one-hot).
     """
 
     def __init__(self, teacher: nn.Module, loss: DINOLoss, n_local: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, photometric_on_device: bool = False):
         self.teacher, self.loss, self.names = teacher, loss, crop_names(n_local)
-        self.mean, self.std = list(mean), list(std)
+        self.mean, self.std, self.photometric_on_device = list(mean), list(std), photometric_on_device
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        crops = [normalize(batch[n], self.mean, self.std) for n in self.names]
+        views = [batch[n] for n in self.names]
+        if self.photometric_on_device:
+            views = [device_photometric(v.float() / 255, n == "global_1") * 255 for v, n in zip(views, self.names)]
+        crops = [normalize(v, self.mean, self.std) for v in views]
         with torch.no_grad():
             teacher_out = self.teacher(crops[:2])
         student_out = model(crops)

@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import torch
 
-from raydseg.stage_requests import AUGMENT_TASK_CPUS
 from raydseg.train.engine import (Task, load_train_state, read_extra_state, save_train_state, step_seed,
                                   train_one_step)
 from raydseg.train.feed import batch_split, rank_batches
@@ -104,6 +103,8 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
                 task.load_extra_state({k: v.to(device) for k, v in read_extra_state(os.path.join(d, STATE)).items()})
         if ema is not None:
             ema.module.to(device)
+
+    from raydseg.stage_requests import AUGMENT_TASK_CPUS  # imports the config (pydantic): not at module level
 
     prefix = config.get("prefix", "")
     log = worker_mlflow(config, rank, {**config.get("params", {}), **task.params, "world_size": world,

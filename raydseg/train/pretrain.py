@@ -19,7 +19,7 @@ import io
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch
 from raydseg.models.dino_head import build_dino_model
 from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
-                                cosine_schedule, multicrop_batch, param_groups, teacher_temp_schedule)
+                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
 from raydseg.train.engine import Task
 from raydseg.train.feed import Feed, part_files
 
@@ -42,13 +42,14 @@ def camera_samples(index: Any) -> list[tuple[int, int]]:
 
 
 MULTICROP_KEYS = ("global_crop_size", "local_crop_size", "local_crops", "global_crop_scale_min",
-                  "local_crop_scale_min", "local_crop_scale_max", "photometric")
+                  "local_crop_scale_min", "local_crop_scale_max", "photometric", "photometric_device")
 
 
 def make_multicrop(p: dict[str, Any]) -> MultiCrop:
     """The MultiCrop of the `pretrain` section `p` (a dict holding at least MULTICROP_KEYS)."""
     return MultiCrop(p["global_crop_size"], p["local_crop_size"], p["local_crops"], (p["global_crop_scale_min"], 1.0),
-                     (p["local_crop_scale_min"], p["local_crop_scale_max"]), p["photometric"])
+                     (p["local_crop_scale_min"], p["local_crop_scale_max"]),
+                     p["photometric"] and not p.get("photometric_device", False))
 
 
 def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator],
@@ -111,7 +112,8 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                 if sw is None:
                     sw = sweep_segments(pts, frame.get("ring"), proposals_cfg, seed=frame_seed(frame["frame_id"], seed))
                 out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], int(cam["width"]),
-                                      int(cam["height"]), proposals_cfg, cam.get("distortion"))
+                                      int(cam["height"]), proposals_cfg, cam.get("distortion"),
+                                      cam.get("rolling_shutter"))
                 seg = out["segment_ids"].astype(np.int32)
                 sizes = np.bincount(seg.ravel())
                 majority = {s: c for s, c in segment_majority_class(seg, decode_image(cam["gt_semantic"])).items()
@@ -253,7 +255,9 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
                 log.log_artifacts(tmp, "backbone")
             log.log_metric(f"{config['prefix']}final_loss", last_loss, step=steps)
 
-    return Task(model=student, step_fn=DinoStep(teacher, loss, config["local_crops"]),
+    step_fn = DinoStep(teacher, loss, config["local_crops"],
+                       photometric_on_device=config["photometric"] and config.get("photometric_device", False))
+    return Task(model=student, step_fn=step_fn,
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
                                                            weight_decay=config["weight_decay"]),
                 make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(  # DINO's schedule array (lr and wd)
@@ -264,25 +268,59 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
 
 
-def local_batches(images: list[np.ndarray], config: dict[str, Any], batch_size: int, device: torch.device,
-                  seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless multi-crop batches of `batch_size` images drawn (without replacement within an epoch) from
-    `images` ((H, W, 3) uint8), on `device`: the Ray-free counterpart of `pretrain_feed` for images in memory."""
-    crop = make_multicrop(config)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += rng.permutation(len(images)).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        yield {k: torch.from_numpy(v).to(device) for k, v in multicrop_batch([images[i] for i in idx], crop).items()}
+def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
+    """An (H, W, 3) uint8 array, or the bytes of an encoded image (PNG / JPEG, decoded with PIL) -> (H, W, 3) uint8."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    return image
 
 
-def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str = "cpu",
-                   probe: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, float]]:
+class ImageCrops(torch.utils.data.Dataset):
+    """Position p of a seeded endless stream over `images` -> the multi-crop views of its image.
+
+    The stream walks one permutation of the images per epoch (`default_rng([seed, epoch])`), and the crops of
+    position p are drawn from torch seeded by (seed, p): the batches are the same for any number of loader workers.
+    Items: {global_0, global_1, local_0, ...: (3, s, s) uint8}. `images`: (H, W, 3) uint8 arrays or encoded bytes.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray | bytes], config: dict[str, Any], seed: int):
+        self.images, self.seed = images, seed
+        self.crop = make_multicrop(config)
+        self._epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(int(position), len(self.images))
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+        image = torch.from_numpy(np.ascontiguousarray(as_rgb(self.images[self._order[i]]))).permute(2, 0, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng([self.seed, int(position)]).integers(2 ** 63)))
+            views = self.crop(image)
+        return dict(zip(crop_names(self.crop.n_local), views))
+
+
+def local_batches(images: Sequence[np.ndarray | bytes], config: dict[str, Any], batch_size: int, steps: int,
+                  device: torch.device, seed: int = 0, workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """`steps` multi-crop batches of `batch_size` images of the seeded stream `ImageCrops`, on `device`: the
+    Ray-free counterpart of `pretrain_feed`, decoded and cropped in `workers` loader processes (0: this one)."""
+    loader = torch.utils.data.DataLoader(ImageCrops(images, config, seed), batch_size=batch_size,
+                                         sampler=range(steps * batch_size), num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes], device: str = "cpu",
+                   probe: dict[str, Any] | None = None, log: Any = print, workers: int = 0) -> list[dict[str, float]]:
     """DINO pretraining in one process on one device, without Ray (a GPU machine with torch + timm only): the same
-    task, step function, schedules and export as the stage. `config`: the `pretrain` section as a dict plus `seed`
-    and `out_dir` (local). Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
+    task, step function, schedules and export as the stage, images cropped in `workers` loader processes.
+    `config`: the `pretrain` section as a dict plus `seed` and `out_dir` (local); `images`: (H, W, 3) uint8 arrays
+    or encoded bytes. Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
     from raydseg.train.engine import train_one_step
     from raydseg.train.loop import NO_MLFLOW
 
@@ -292,9 +330,10 @@ def pretrain_local(config: dict[str, Any], images: list[np.ndarray], device: str
     model = task.model.to(dev).train()
     optimizer = task.make_optimizer(model)
     scheduler = task.make_scheduler(optimizer)
-    batches = local_batches(images, config, config["batch_size"], dev, config["seed"])
+    steps = int(config["steps"])
+    batches = local_batches(images, config, config["batch_size"], steps, dev, config["seed"], workers)
     history = [{"step": 0, **task.validate(0, True)}] if probe is not None else []
-    steps, t0, seen = int(config["steps"]), time.time(), 0.0
+    t0, seen = time.time(), 0.0
     for step in range(steps):
         out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=bool(config["amp"]) and
                              dev.type == "cuda", device_type=dev.type, before_update=task.before_update)
