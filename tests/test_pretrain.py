@@ -420,3 +420,26 @@ def test_pretrain_stage_on_ray_train_writes_a_loadable_backbone_and_logs_metrics
 
     killed_weights, weights = load_file(tmp_path / "killed" / "backbone.safetensors"), load_file(path)
     assert killed_weights.keys() == weights.keys() and all(torch.equal(killed_weights[k], weights[k]) for k in weights)
+
+
+def test_ema_builds_an_fp32_frozen_copy_with_a_timm_that_has_no_dtype_argument(monkeypatch):
+    """The device machine's timm (1.0.x before `dtype` came to ModelEmaV3) refused EMA(model): the copy is then made
+    without it and is still fp32, frozen, and averaged with the given momentum."""
+    from timm.utils import model_ema
+
+    original = model_ema.ModelEmaV3.__init__
+
+    def old_init(self, model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False,
+                 warmup_gamma=1.0, warmup_power=2 / 3, device=None, foreach=True, exclude_buffers=False):
+        original(self, model, decay=decay, device=device)
+
+    monkeypatch.setattr(model_ema.ModelEmaV3, "__init__", old_init)
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    ema = EMA(student)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ema.module.parameters())
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    ema.update(student, 0.75)
+    assert torch.allclose(ema.module.weight, 0.75 * before + 0.25 * student.weight)

@@ -17,7 +17,11 @@ class EMA(ModelEmaV3):
     checkpoints hold the same keys as the model."""
 
     def __init__(self, model: nn.Module):
-        super().__init__(model, dtype=torch.float32)
+        try:
+            super().__init__(model, dtype=torch.float32)
+        except TypeError:  # timm < 1.0.9 has no dtype argument: the copy keeps the model's (fp32) parameters
+            super().__init__(model)
+            self.module.float()
         for p in self.module.parameters():
             p.requires_grad_(False)
 

@@ -273,7 +273,7 @@ def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
     if isinstance(image, (bytes, bytearray, memoryview)):
         from PIL import Image
 
-        return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+        return np.array(Image.open(io.BytesIO(image)).convert("RGB"))  # a writable copy, as torch wants
     return image
 
 
@@ -341,7 +341,8 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
         task.ema.update(model, task.ema_momentum(step))
         seen += out.pop("images")
         done = step + 1
-        if done % config["log_every"] == 0 or done == steps:
+        knn_due = config["knn_every"] > 0 and done % config["knn_every"] == 0
+        if done % config["log_every"] == 0 or done == steps or knn_due:
             row = {"step": done, **out, "lr": scheduler.get_last_lr()[0], "images_per_s": seen / (time.time() - t0)}
             row.update(task.validate(done, done == steps))
             history.append(row)
