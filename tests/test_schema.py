@@ -45,6 +45,19 @@ def test_round_trip_through_parquet_with_plain_pyarrow(tmp_path):
                                       decode_image(b["cameras"][0]["gt_semantic"]))
 
 
+def _written_without_camera_field(table: pa.Table, field: str, path) -> pa.Table:
+    """`table` as a Frame file written before the camera field `field` existed (its cameras struct lacks it), read
+    back from `path`."""
+    old_camera = pa.struct([f for f in FRAME_SCHEMA.field("cameras").type.value_type if f.name != field])
+    old_schema = FRAME_SCHEMA.set(FRAME_SCHEMA.get_field_index("cameras"), pa.field("cameras", pa.list_(old_camera)))
+    cams = pa.array([[{k: v for k, v in c.items() if k != field} for c in cs]
+                     for cs in table.column("cameras").to_pylist()], pa.list_(old_camera))
+    pq.write_table(table.set_column(table.schema.get_field_index("cameras"), "cameras", cams).cast(old_schema), path)
+    old = pq.read_table(path)
+    assert field not in [f.name for f in old.schema.field("cameras").type.value_type]
+    return old
+
+
 def test_distortion_round_trips_and_a_frame_without_the_field_reads_as_pinhole(tmp_path):
     """A camera's (k1, k2, p1, p2, k3) survives the parquet round trip; a camera without it (stored null) and a Frame
     written before the field existed (its cameras struct has no `distortion`) read as zeros, the pinhole."""
@@ -55,15 +68,7 @@ def test_distortion_round_trips_and_a_frame_without_the_field_reads_as_pinhole(t
     back = table_to_frames(pq.read_table(tmp_path / "new.parquet"))
     np.testing.assert_array_equal(back[0]["cameras"][0]["distortion"], lens)
     assert back[1]["cameras"][0]["distortion"].tolist() == [0.0] * 5
-    old_camera = pa.struct([f for f in FRAME_SCHEMA.field("cameras").type.value_type if f.name != "distortion"])
-    old_schema = FRAME_SCHEMA.set(FRAME_SCHEMA.get_field_index("cameras"), pa.field("cameras", pa.list_(old_camera)))
-    table = frames_to_table(rows[1:])
-    cams = pa.array([[{k: v for k, v in c.items() if k != "distortion"} for c in cs]
-                     for cs in table.column("cameras").to_pylist()], pa.list_(old_camera))
-    pq.write_table(table.set_column(table.schema.get_field_index("cameras"), "cameras", cams).cast(old_schema),
-                   tmp_path / "old.parquet")
-    old = pq.read_table(tmp_path / "old.parquet")
-    assert "distortion" not in [f.name for f in old.schema.field("cameras").type.value_type]
+    old = _written_without_camera_field(frames_to_table(rows[1:]), "distortion", tmp_path / "old.parquet")
     (frame,) = table_to_frames(old)
     assert frame["cameras"][0]["distortion"].tolist() == [0.0] * 5 and validate_frame(frame) is None
     np.testing.assert_array_equal(frame["cameras"][0]["K"], rows[1]["cameras"][0]["K"])
@@ -81,15 +86,7 @@ def test_rolling_shutter_round_trips_and_a_frame_without_the_field_reads_as_glob
     np.testing.assert_array_equal(back[0]["cameras"][0]["rolling_shutter"], rs)
     assert back[1]["cameras"][0]["rolling_shutter"] is None
     assert validate_frame(back[0]) is None and validate_frame(back[1]) is None
-    old_camera = pa.struct([f for f in FRAME_SCHEMA.field("cameras").type.value_type if f.name != "rolling_shutter"])
-    old_schema = FRAME_SCHEMA.set(FRAME_SCHEMA.get_field_index("cameras"), pa.field("cameras", pa.list_(old_camera)))
-    table = frames_to_table(rows[:1])
-    cams = pa.array([[{k: v for k, v in c.items() if k != "rolling_shutter"} for c in cs]
-                     for cs in table.column("cameras").to_pylist()], pa.list_(old_camera))
-    pq.write_table(table.set_column(table.schema.get_field_index("cameras"), "cameras", cams).cast(old_schema),
-                   tmp_path / "old.parquet")
-    old = pq.read_table(tmp_path / "old.parquet")
-    assert "rolling_shutter" not in [f.name for f in old.schema.field("cameras").type.value_type]
+    old = _written_without_camera_field(frames_to_table(rows[:1]), "rolling_shutter", tmp_path / "old.parquet")
     (frame,) = table_to_frames(old)
     assert frame["cameras"][0]["rolling_shutter"] is None and validate_frame(frame) is None
     np.testing.assert_array_equal(frame["cameras"][0]["T_cam_lidar"], rows[0]["cameras"][0]["T_cam_lidar"])
