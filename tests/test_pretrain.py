@@ -18,6 +18,7 @@ from raydseg.train.dino import (GRAYSCALE_P, JITTER, JITTER_P, SOLARIZE_P, DINOL
                                 cancel_last_layer_gradients, clip_gradients, colour_ops, cosine_schedule, crop_names,
                                 device_photometric, multicrop_batch, param_groups, sinkhorn_knopp,
                                 teacher_temp_schedule)
+from raydseg.models.segmenter import normalize
 from raydseg.train.engine import train_one_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,6 +196,38 @@ def test_device_photometric_applies_jitter_grayscale_and_solarisation_at_their_r
     assert float(plain[~(plain != x).flatten(1).any(1)].sub(x[0]).abs().max()) == 0.0
     assert torch.equal(out, device_photometric(x, solarize=True, generator=torch.Generator().manual_seed(0)))
     assert JITTER == (0.4, 0.4, 0.2, 0.1)
+
+
+def test_photometric_device_moves_the_colour_ops_from_the_loader_into_the_step():
+    """`pretrain.photometric_device`: the loader's crops of a flat-colour image keep its colour, and the step
+    function changes the colour of most images before the models see them; without it the step passes them as
+    they are."""
+    from raydseg.config import PretrainConfig
+    from raydseg.train.pretrain import make_multicrop
+
+    config = {**PretrainConfig().model_dump(), "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2,
+              "photometric_device": True}
+    image = torch.zeros((3, 40, 80), dtype=torch.uint8)
+    image[0], image[1], image[2] = 200, 40, 90
+    torch.manual_seed(0)
+    views = [make_multicrop(config)(image) for _ in range(16)]
+    assert all(bool((v == image[:, :1, :1]).all()) for vs in views for v in vs)
+    batch = {n: torch.stack([vs[i] for vs in views]) for i, n in enumerate(crop_names(2))}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, crops):
+            self.seen = crops
+            return torch.zeros(sum(len(c) for c in crops), 8)
+
+    def unchanged(on_device: bool) -> float:
+        student = Recorder()
+        DinoStep(Recorder(), DINOLoss(8, 4, [0.04]), 2, photometric_on_device=on_device)(student, batch, 0)
+        plain = [normalize(batch[n]) for n in crop_names(2)]
+        return float(np.mean([bool(torch.allclose(a[i], b[i], atol=1e-4)) for a, b in zip(student.seen, plain)
+                              for i in range(len(a))]))
+
+    assert unchanged(False) == 1.0
+    assert unchanged(True) < 0.5
 
 
 def test_image_crop_batches_are_the_same_for_any_number_of_loader_workers():

@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     per_variant = 0.7 * rate * workers  # loader images/s of one variant, with margin for the GPU and the probe
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None  # the loader workers' batches pass there
     summary: dict[str, object] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                                  "shm_free_gb": shm.f_bavail * shm.f_frsize / 1e9 if shm else None, "cores": cores, "loader_workers": workers, "images": len(images),
-                                  "crops_images_per_s_per_core": rate, "budget_s": args.budget_s, "variants": {}}
+                                  "shm_free_gb": shm.f_bavail * shm.f_frsize / 1e9 if shm else None, "cores": cores,
+                                  "loader_workers": workers, "images": len(images), "crops_images_per_s_per_core": rate,
+                                  "budget_s": args.budget_s, "variants": {}}
     procs = {}
     configs = {}
     for name, own in variants.items():

@@ -49,7 +49,7 @@ def make_multicrop(p: dict[str, Any]) -> MultiCrop:
     """The MultiCrop of the `pretrain` section `p` (a dict holding at least MULTICROP_KEYS)."""
     return MultiCrop(p["global_crop_size"], p["local_crop_size"], p["local_crops"], (p["global_crop_scale_min"], 1.0),
                      (p["local_crop_scale_min"], p["local_crop_scale_max"]),
-                     p["photometric"] and not p.get("photometric_device", False))
+                     p["photometric"] and not p["photometric_device"])
 
 
 def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator],
@@ -256,7 +256,7 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
             log.log_metric(f"{config['prefix']}final_loss", last_loss, step=steps)
 
     step_fn = DinoStep(teacher, loss, config["local_crops"],
-                       photometric_on_device=config["photometric"] and config.get("photometric_device", False))
+                       photometric_on_device=config["photometric"] and config["photometric_device"])
     return Task(model=student, step_fn=step_fn,
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
                                                            weight_decay=config["weight_decay"]),
