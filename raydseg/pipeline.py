@@ -230,7 +230,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
     with mlflow.start_run(run_name=cfg.run.name, parent_run_id=parent_run_id) as parent:
         tracking.log_params(cfg.flat())
         mlflow.log_text(dump_yaml(cfg), "config.yaml")
-        mlflow.set_tag("raydseg.run_root", root)
+        mlflow.set_tags({"raydseg.run_root": root, **tracking.package_versions()})
         log(f"MLflow parent run {parent.info.run_id} ({uri}); outputs in {root}")
         for name in wanted:
             r = run_stage(cfg, name, root, dirs, keys[name], uri, parent.info.run_id, log)

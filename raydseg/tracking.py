@@ -8,6 +8,22 @@ from typing import Any, Iterator
 from raydseg.config import Config
 
 MAX_PARAM_LEN = 6000
+# distributions whose versions change the numbers (random init, kernels, clustering): tagged on every parent run,
+# because the same config and seed give the same weights only under the same versions
+VERSIONED = ("torch", "torchvision", "timm", "numpy", "faiss-cpu", "faiss-gpu", "open3d", "ray", "numba")
+
+
+def package_versions() -> dict[str, str]:
+    """{'raydseg.version.<dist>': version} of the installed VERSIONED distributions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in VERSIONED:
+        try:
+            out[f"raydseg.version.{dist}"] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -75,6 +75,10 @@ def test_full_pipeline_on_s3_tracked_on_mlflow_server(s3_run, mlflow_server):
     parent = client.get_run(parent_run_id(proc.stdout))
     assert parent.data.params["run.output_root"].startswith("s3://")
     assert all(parent.data.tags[f"raydseg.{s}"] == "ran" for s in STAGES)
+    from importlib.metadata import version
+
+    assert parent.data.tags["raydseg.version.torch"] == version("torch")
+    assert parent.data.tags["raydseg.version.timm"] == version("timm")
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["mlflow.runName"] for c in children) == sorted(STAGES)
