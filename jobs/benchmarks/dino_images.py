@@ -17,17 +17,17 @@ import os
 import sys
 import time
 from multiprocessing import Pool
+from typing import Any
 
 import numpy as np
 
 
-def render(args: tuple[int, str, int]) -> list[np.ndarray]:
-    """The camera images of train-stream sequence 1000 + i in condition `cond` ((H, W, 3) uint8 each)."""
-    from raydseg.config import load_config
+def render(args: tuple[int, str, int, Any]) -> list[np.ndarray]:
+    """The camera images of train-stream sequence 1000 + i in condition `cond` ((H, W, 3) uint8 each); `sc`: the
+    embedded default's `synthetic` section."""
     from raydseg.data.sources import synthetic as S
 
-    i, cond, per = args
-    sc = load_config("configs/default.yaml").synthetic
+    i, cond, per, sc = args
     dt_s = 3 * sc.frame_interval_us * 1e-6  # 3x the default frame spacing: more varied images per sequence
     seed = S._scene_seed(0, S._TRAIN_STREAM, 1000 + i)  # indices the default run (0..3) never uses
     rig = S._Rig(seed, per, sc.ego_speed_mps * dt_s, dt_s, sc)
@@ -66,9 +66,12 @@ def main(argv: list[str]) -> None:
     os.makedirs(a.out, exist_ok=True)
     conds = a.conditions.split(",")
     t0 = time.time()
+    from raydseg.config import load_config
+
+    cfg = load_config("configs/default.yaml")
     with Pool(a.procs) as pool:
-        imgs = [im for seq in pool.map(render, [(i, conds[i % len(conds)], a.per) for i in range(a.n_seq)])
-                for im in seq]
+        imgs = [im for seq in pool.map(render, [(i, conds[i % len(conds)], a.per, cfg.synthetic)
+                                                for i in range(a.n_seq)]) for im in seq]
     if a.jpeg:
         blobs = [encode(im, a.scale, a.jpeg) for im in imgs]
         np.save(f"{a.out}/offsets.npy", np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64))
@@ -81,12 +84,10 @@ def main(argv: list[str]) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from raydseg.config import load_config
     from raydseg.data.schema import frames_to_table
     from raydseg.data.sources import synthetic as S
     from raydseg.train.pretrain import build_knn_probe
 
-    cfg = load_config("configs/default.yaml")
     rows = []  # probe frames: the default run's 4 training sequences (with LiDAR + gt)
     for shard in S.list_shards(cfg.synthetic, 0):
         rows += S.generate_sequence(shard, cfg.synthetic)

@@ -27,7 +27,7 @@ import torch
 from raydseg.models.dino_head import build_dino_model
 from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
-                                cosine_schedule, crop_names, multicrop_batch, param_groups, teacher_temp_schedule)
+                                cosine_schedule, crop_names, param_groups, teacher_temp_schedule)
 from raydseg.train.engine import Task
 from raydseg.train.feed import Feed, part_files
 
@@ -52,21 +52,32 @@ def make_multicrop(p: dict[str, Any]) -> MultiCrop:
                      p["photometric"] and not p["photometric_device"])
 
 
+def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
+    """An (H, W, 3) uint8 array, or the bytes of an encoded image (PNG / JPEG, decoded with PIL) -> (H, W, 3) uint8."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        from PIL import Image
+
+        return np.array(Image.open(io.BytesIO(image)).convert("RGB"))  # a writable copy, as torch wants
+    return image
+
+
+def seeded_views(crop: MultiCrop, image: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
+    """The multi-crop views {global_0, global_1, local_0, ...: (3, s, s) uint8} of one (H, W, 3) uint8 image, drawn
+    from torch seeded by `seed` (torchvision's v2 transforms draw from torch's RNG), the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = crop(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    return dict(zip(crop_names(crop.n_local), views))
+
+
 def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator],
                     **crop_kw: Any) -> dict[str, np.ndarray]:
     """Feed.make_batch: camera `sub` of each frame row -> its multi-crop views {global_0, global_1, local_0, ...:
     (B, 3, s, s) uint8}, each image's crops drawn from torch seeded by its own generator. `crop_kw`: MULTICROP_KEYS."""
-    from raydseg.data.schema import decode_image
-
     crop = make_multicrop(crop_kw)
-    views = []
-    for row, sub, rng in zip(rows, subs, rngs):
-        im = decode_image(row["cameras"][sub]["image"])
-        im = np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2 ** 63)))  # torchvision's v2 transforms draw from torch's RNG
-            views.append(multicrop_batch([im], crop))
-    return {k: np.concatenate([v[k] for v in views]) for k in views[0]}
+    views = [seeded_views(crop, as_rgb(row["cameras"][sub]["image"]), int(rng.integers(2 ** 63)))
+             for row, sub, rng in zip(rows, subs, rngs)]
+    return {k: torch.stack([v[k] for v in views]).numpy() for k in views[0]}
 
 
 def pretrain_feed(frames_dir: str, p: dict[str, Any]) -> Feed:
@@ -268,15 +279,6 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
 
 
-def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
-    """An (H, W, 3) uint8 array, or the bytes of an encoded image (PNG / JPEG, decoded with PIL) -> (H, W, 3) uint8."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        from PIL import Image
-
-        return np.array(Image.open(io.BytesIO(image)).convert("RGB"))  # a writable copy, as torch wants
-    return image
-
-
 class ImageCrops(torch.utils.data.Dataset):
     """Position p of a seeded endless stream over `images` -> the multi-crop views of its image.
 
@@ -297,11 +299,8 @@ class ImageCrops(torch.utils.data.Dataset):
         epoch, i = divmod(int(position), len(self.images))
         if epoch != self._epoch:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        image = torch.from_numpy(np.ascontiguousarray(as_rgb(self.images[self._order[i]]))).permute(2, 0, 1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.default_rng([self.seed, int(position)]).integers(2 ** 63)))
-            views = self.crop(image)
-        return dict(zip(crop_names(self.crop.n_local), views))
+        return seeded_views(self.crop, as_rgb(self.images[self._order[i]]),
+                            int(np.random.default_rng([self.seed, int(position)]).integers(2 ** 63)))
 
 
 def local_batches(images: Sequence[np.ndarray | bytes], config: dict[str, Any], batch_size: int, steps: int,
