@@ -59,6 +59,22 @@ def load_rows(run: str, proposals: dict) -> list[dict]:
     return rows
 
 
+def recipe_scores(confs: dict[str, np.ndarray]) -> dict[str, float]:
+    """`<condition>_miou` / `_pixel_acc` (points) from (n_cls, 19) confusions, mapped by the Hungarian matching of
+    day, as the evaluate stage scores; `day_pred_class0_share` is the day pixels predicted as class 0."""
+    from raydseg.eval.matching import hungarian_mapping
+    from raydseg.eval.metrics import apply_mapping, scores
+
+    mapping = hungarian_mapping(confs["day"])
+    out = {}
+    for name, c in confs.items():
+        sc = scores(apply_mapping(c, mapping))
+        out[f"{name}_miou"] = 100 * sc["miou"]
+        out[f"{name}_pixel_acc"] = 100 * sc["pixel_acc"]
+    out["day_pred_class0_share"] = float(confs["day"][0].sum() / confs["day"].sum())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -75,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raydseg.config import load_config
     from raydseg.data.sources.synthetic import render_eval_images
-    from raydseg.eval.matching import hungarian_mapping
-    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.eval.metrics import confusion_matrix
     from raydseg.models.infer import predict_image
     from raydseg.models.losses import ce_loss
     from raydseg.models.segmenter import build_segmenter, normalize
@@ -120,17 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     confs = {}
     for name, ims in sets.items():
         confs[name] = sum(confusion_matrix(predict_image(model, rgb), sem, n_cls, 19) for rgb, sem in ims)
-    mapping = hungarian_mapping(confs["day"])
     out: dict = {"target": args.target, "proposals": args.proposals, "overrides": " ".join(args.set),
                  "steps": t.steps, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
                  "loss_last5": float(np.mean(losses[-5:])),
                  "label_coverage": float((labelled != 255).mean()),
                  "ground_share_of_labelled": float((labelled == 0).sum() / max((labelled != 255).sum(), 1))}
-    for name, c in confs.items():
-        sc = scores(apply_mapping(c, mapping))
-        out[f"{name}_miou"] = 100 * sc["miou"]
-        out[f"{name}_pixel_acc"] = 100 * sc["pixel_acc"]
-    out["day_pred_class0_share"] = float(confs["day"][0].sum() / confs["day"].sum())
+    out.update(recipe_scores(confs))
     print(json.dumps(out, indent=1))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

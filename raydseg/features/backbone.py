@@ -26,9 +26,12 @@ PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The raw mapping stored in a local / s3:// weights file (.safetensors, or torch.save of tensors only)."""
-    from raydseg import storage
+    if path.startswith("s3://"):  # storage needs pyarrow, which a machine with torch alone (the device) lacks
+        from raydseg import storage
 
-    local = storage.local_copy(path)
+        local = storage.local_copy(path)
+    else:
+        local = os.path.abspath(path)
     if not os.path.exists(local):
         raise FileNotFoundError(f"weights file {path} does not exist")
     if local.endswith(".safetensors"):

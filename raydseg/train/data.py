@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from raydseg import storage
-from raydseg.data.schema import decode_image
 from raydseg.train.feed import Feed, part_files
 
 
@@ -123,6 +121,9 @@ def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random
     Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32]
     [, degraded (B, crop, crop, 3) uint8: `degraded_view` of image, when degrade > 0].
     """
+    from raydseg.data.schema import decode_image  # pyarrow: imported where rows are decoded, so that the
+    # augmentation above imports on a machine with torch alone (the device checks)
+
     images, labels, segs, degraded = [], [], [], []
     for row, rng in zip(rows, rngs):
         image = decode_image(row["image"])
@@ -156,6 +157,9 @@ def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
 
 def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:
     """Held-out rows `{frame_id, camera, image (H,W,3) uint8, label (H,W) uint8}` (read on rank 0, few images)."""
+    from raydseg import storage
+    from raydseg.data.schema import decode_image
+
     rows: list[dict[str, Any]] = []
     for path in part_files(pl_dir, "pseudo-label"):
         ids = storage.read_table(path, columns=["frame_id"]).column("frame_id").to_pylist()
