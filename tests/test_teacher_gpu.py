@@ -20,14 +20,16 @@ N_CLS = 4
 def _blob_data(path: Path) -> dict:
     """data.pt as `teacher_gpu.py pack` writes it, with blob images: 12 training frames, 3 eval images a condition."""
     from teacher_gpu import png
+    from teacher_recipe import segment_truth
 
     from raydseg.train.synthetic import blob_example
 
     rng = np.random.default_rng(0)
     train = []
     for i in range(12):
-        im, lb, _, gt = blob_example(rng, 64, 96, n_cls=N_CLS)
-        train.append({"frame_id": f"f{i:03d}", "image": png(im), "label": png(lb), "gt": png(gt)})
+        im, lb, seg, gt = blob_example(rng, 64, 96, n_cls=N_CLS)
+        train.append({"frame_id": f"f{i:03d}", "image": png(im), "label": png(lb), "gt": png(gt),
+                      "segment_gt": png(segment_truth(lb, seg, gt))})
     ev = {c: [(png(im), png(gt)) for im, _, _, gt in (blob_example(np.random.default_rng(99 + 10 * j + i), 64, 96,
                                                                    n_cls=N_CLS) for i in range(3))]
           for j, c in enumerate(("day", "night", "fog"))}
@@ -52,13 +54,14 @@ def test_teacher_gpu_trains_an_oracle_and_a_pseudo_label_teacher_from_given_weig
     p = subprocess.run([sys.executable, "jobs/benchmarks/teacher_gpu.py", "train", "--tiny", "--device", "cpu",
                         "--workers", "2", "--data", str(tmp_path / "data"), "--out", str(out), "--set", "steps=30",
                         "--set", "batch_size=8", "--set", "crop_size=48", "--set", "val_fraction=0.25",
-                        "--variant", "oracle=target=gt", "--variant", "teacher=target=label,weights=enc.safetensors"],
+                        "--variant", "oracle=target=gt", "--variant", "teacher=target=label,weights=enc.safetensors",
+                        "--variant", "clustering_oracle=target=segment_gt,steps=2"],
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "teacher_gpu.json").read_text())
     assert r["imported_not_on_device"] == "" and r["device"] == "cpu"
-    oracle, teacher = r["variants"]["oracle"], r["variants"]["teacher"]
+    oracle, teacher, clustering = (r["variants"][k] for k in ("oracle", "teacher", "clustering_oracle"))
     assert oracle["recipe"]["steps"] == 30 and oracle["recipe"]["target"] == "gt"
     assert teacher["recipe"]["weights"] == str(tmp_path / "data" / "enc.safetensors")
     assert oracle["n_train_images"] == 12
@@ -67,6 +70,8 @@ def test_teacher_gpu_trains_an_oracle_and_a_pseudo_label_teacher_from_given_weig
         m = np.asarray(oracle["confusion"][c])
         assert m.shape == (19, 19) and m.sum() == sum(unpng(gt).size for _, gt in data["eval"][c])
         assert np.asarray(teacher["confusion"][c]).shape == (N_CLS, 19)
+        assert np.asarray(clustering["confusion"][c]).shape == (19, 19)
+    assert clustering["n_train_images"] == teacher["n_train_images"] and clustering["recipe"]["steps"] == 2
     # the oracle learns the blobs (the constant predictor of the background scores about 0.2 here) and its
     # loss falls; the scores are the evaluate stage's Hungarian mapping of the confusions
     assert oracle["day_miou"] >= 45 and oracle["loss_last5"] < oracle["loss_first5"]

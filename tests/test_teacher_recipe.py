@@ -71,3 +71,25 @@ def test_lr_scheduler_is_linear_warmup_then_poly_or_cosine_to_zero(schedule, war
         sched.step()
     with pytest.raises(ValueError, match="unknown schedule 'step' \\(poly \\| cosine \\| constant\\)"):
         lr_scheduler(opt, steps, "step", 0)
+
+
+def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and_the_ground_as_road():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs" / "benchmarks"))
+    from teacher_recipe import segment_truth
+
+    segments = np.array([[0, 0, 1, 1, 1],
+                         [0, 2, 1, 1, 3],
+                         [0, 2, 2, 0, 3]], np.uint16)
+    label = np.array([[0, 255, 5, 5, 5],     # pseudo-labels: ground 0, segment 1 -> 5, segment 2 -> 7,
+                      [0, 7, 5, 5, 255],     # segment 3 unclustered (255), one unlabelled pixel
+                      [255, 7, 7, 0, 255]], np.uint8)
+    gt = np.array([[0, 1, 13, 13, 8],        # segment 1: car x3, vegetation x1, void x1 -> car (13)
+                   [1, 11, 255, 13, 2],      # segment 2: person, building, building -> building (2)
+                   [9, 2, 2, 9, 2]], np.uint8)
+    out = segment_truth(label, segments, gt)
+    assert out.tolist() == [[0, 255, 13, 13, 13],
+                            [0, 2, 13, 13, 255],
+                            [255, 2, 2, 0, 255]]

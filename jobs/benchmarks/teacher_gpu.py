@@ -7,7 +7,8 @@ Three commands:
 - `python jobs/benchmarks/teacher_gpu.py train --data DIR --out OUT [--variant NAME=key=value,...] [--set
   key=value ...]` (the device machine: torch, timm, torchvision, PyYAML and Pillow only). Each variant is
   configs/default.yaml's `teacher` section, then every `--set`, then its own keys, plus `target` (`label`: the
-  pseudo-labels, validation frames held out as in the teacher stage; `gt`: the dense ground truth, the oracle). It
+  pseudo-labels, validation frames held out as in the teacher stage; `gt`: the dense ground truth, the oracle;
+  `segment_gt`: the clustering oracle, see teacher_recipe.py). It
   trains with the teacher stage's step function (`SegmentationStep`, `train_one_step`, bf16 autocast on CUDA) on
   views that DataLoader workers augment with `augment_example`, each view seeded by (seed, stream position), and
   writes OUT/teacher_gpu.json after every variant: its losses and its (n_cls, 19) confusion matrices per condition.
@@ -55,7 +56,8 @@ def unpng(data: bytes) -> np.ndarray:
 
 
 def pack(args: argparse.Namespace) -> int:
-    """DIR/data.pt: {train: [{frame_id, image, label, gt}], eval: {condition: [(image, gt)]}, run, seed}, PNG bytes."""
+    """DIR/data.pt: {train: [{frame_id, image, label, gt, segment_gt}], eval: {condition: [(image, gt)]}, run, seed,
+    n_label}, images as PNG bytes (`segment_gt`: teacher_recipe.segment_truth, the clustering oracle's labels)."""
     from teacher_recipe import load_rows
 
     from raydseg.config import load_config
@@ -65,7 +67,7 @@ def pack(args: argparse.Namespace) -> int:
     syn = cfg.synthetic.model_copy(update=dict(eval_images_per_condition=args.eval_images))
     data = {"run": os.path.abspath(args.run), "seed": args.seed,
             "n_label": cfg.teacher.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class),
-            "train": [{"frame_id": r["frame_id"], **{k: png(r[k]) for k in ("image", "label", "gt")}}
+            "train": [{"frame_id": r["frame_id"], **{k: png(r[k]) for k in ("image", "label", "gt", "segment_gt")}}
                       for r in load_rows(args.run, {})],
             "eval": {c: [(png(rgb), png(sem)) for *_, rgb, sem in render_eval_images(c, syn, args.seed)]
                      for c in CONDITIONS}}
@@ -110,7 +112,7 @@ def train_variant(data: dict, recipe: dict, device: torch.device, workers: int, 
     from raydseg.train.steps import SegmentationStep
 
     target = recipe["target"]
-    n_cls = N_GT if target == "gt" else data["n_label"]
+    n_cls = data["n_label"] if target == "label" else N_GT
     rows = [{"frame_id": r["frame_id"], "image": unpng(r["image"]), target: unpng(r[target])} for r in data["train"]
             if target == "gt" or not is_val(r["frame_id"], recipe["val_fraction"])]
     torch.manual_seed(seed)

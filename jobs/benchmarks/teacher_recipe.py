@@ -1,11 +1,13 @@
 """Teacher recipe on one run's data, in process (plain torch, no Ray): what a recipe reaches in a step budget.
 
-`python jobs/benchmarks/teacher_recipe.py --run outputs/default --out FILE.json [--target label|gt]
+`python jobs/benchmarks/teacher_recipe.py --run outputs/default --out FILE.json [--target label|gt|segment_gt]
 [--proposals fill_gap_px=12,ground_fill_px=48] [--set teacher.KEY=VALUE ...] [--eval-images 24]`
 
 Trains a Segmenter on the run's camera images (`cluster/pseudolabels`): `--target label` on its pseudo-labels
 (frames of the validation hash held out, as in the teacher stage) or `--target gt` on the ground truth (the
-**oracle**: the same architecture and step budget on dense true labels, 19 classes). With `--proposals`, the
+**oracle**: the same architecture and step budget on dense true labels, 19 classes) or `--target segment_gt` on
+the pseudo-labels that perfect descriptors and clustering would give (`segment_truth`: the same pixels, each segment
+its majority true class; the **clustering oracle**). With `--proposals`, the
 segment images are recomputed from `ingest/frames` with those proposals settings and painted with the run's
 k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the synthetic eval
 splits (day, night, fog; `--eval-images` per condition, rendered with the eval seed stream) with the Hungarian
@@ -23,8 +25,25 @@ import time
 import numpy as np
 
 
+def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """The pseudo-labels a perfect descriptor and clustering would give: each segment's pixels carry the majority
+    ground-truth class of the segment, the ground's pixels (pseudo-class 0 outside segments) road (0), as both
+    released Hungarian mappings send ground; unlabelled pixels stay 255. (H, W) uint8 in the 19 classes."""
+    out = np.full(label.shape, 255, np.uint8)
+    out[(label == 0) & (segments == 0)] = 0
+    valid = (segments > 0) & (gt != 255)
+    seg, cls = segments[valid].astype(np.int64), gt[valid].astype(np.int64)
+    counts = np.zeros((int(segments.max()) + 1, 19), np.int64)
+    np.add.at(counts, (seg, cls), 1)
+    majority = np.where(counts.sum(1) > 0, counts.argmax(1), 255).astype(np.uint8)
+    inside = (segments > 0) & (label != 255)
+    out[inside] = majority[segments[inside]]
+    return out
+
+
 def load_rows(run: str, proposals: dict) -> list[dict]:
-    """Training rows {frame_id, image, label, gt} of a run (pseudo-labels as stored, or repainted with new masks)."""
+    """Training rows {frame_id, image, label, gt[, segment_gt]} of a run (pseudo-labels as stored, with their
+    `segment_truth`; or repainted with new masks)."""
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
     from raydseg.config import load_config
@@ -36,8 +55,9 @@ def load_rows(run: str, proposals: dict) -> list[dict]:
         for p in sorted(glob.glob(os.path.join(run, "cluster", "pseudolabels", "part-*.parquet"))):
             d = storage.read_table(p).to_pydict()
             for i, fid in enumerate(d["frame_id"]):
-                rows.append({"frame_id": fid, "image": decode_image(d["image"][i]),
-                             "label": decode_image(d["label"][i]), "gt": decode_image(d["gt_semantic"][i])})
+                label, gt = decode_image(d["label"][i]), decode_image(d["gt_semantic"][i])
+                rows.append({"frame_id": fid, "image": decode_image(d["image"][i]), "label": label, "gt": gt,
+                             "segment_gt": segment_truth(label, decode_image(d["segment_ids"][i]), gt)})
         return rows
     run_cfg = load_config(os.path.join(run, "config.yaml"))
     cfg = run_cfg.proposals.model_copy(update=proposals)
@@ -79,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--run", required=True, help="a pipeline run directory with ingest and cluster outputs")
-    p.add_argument("--target", choices=["label", "gt"], default="label")
+    p.add_argument("--target", choices=["label", "gt", "segment_gt"], default="label")
     p.add_argument("--config", default=None, help="config file (default: the embedded default)")
     p.add_argument("--proposals", default="", help="KEY=VALUE,... proposals settings to recompute the masks with")
     p.add_argument("--set", action="append", default=[], help="teacher.KEY=VALUE (recipe overrides)")
     p.add_argument("--eval-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.proposals and args.target == "segment_gt":
+        p.error("--target segment_gt needs the stored segment images: drop --proposals")
 
     import torch
 
@@ -103,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.teacher
     proposals = {k: int(v) for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
     rows = load_rows(args.run, proposals)
-    n_cls = 19 if args.target == "gt" else (t.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class))
-    if args.target == "label":
+    n_cls = (t.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class)) if args.target == "label" else 19
+    if args.target != "gt":
         rows = [r for r in rows if not is_val(r["frame_id"], t.val_fraction)]
     labelled = np.stack([r[args.target] for r in rows])
     syn = cfg.synthetic.model_copy(update=dict(eval_images_per_condition=args.eval_images))
