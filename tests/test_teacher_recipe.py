@@ -78,7 +78,7 @@ def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs" / "benchmarks"))
-    from teacher_recipe import segment_truth
+    from teacher_recipe import segment_truth, target_quality
 
     segments = np.array([[0, 0, 1, 1, 1],
                          [0, 2, 1, 1, 3],
@@ -93,3 +93,29 @@ def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and
     assert out.tolist() == [[0, 255, 13, 13, 13],
                             [0, 2, 13, 13, 255],
                             [255, 2, 2, 0, 255]]
+    # against the truth where it labels (10 valid pixels): ground 1 of 3 right, segment 2 two of 3, segment 1 three of 4
+    quality = target_quality([{"segment_gt": out, "gt": gt}], "segment_gt", 19)
+    assert quality["target_pixel_acc_covered"] == 60.0
+
+
+def test_oracle_extras_give_the_ground_its_true_classes_and_label_sky_only_within_the_lidar_field_of_view():
+    from teacher_recipe import SKY, oracle_extras, pixel_elevation_deg
+
+    # a level camera looking along LiDAR +x (OpenCV axes: x right = -y_lidar, y down = -z_lidar, z forward = x_lidar),
+    # f = 2 px over 4 x 4 px: in column 0 (0.75 to the left) the rows look up / down by 0.75 and 0.25
+    K = np.array([[2.0, 0, 2.0], [0, 2.0, 2.0], [0, 0, 1]])
+    T = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+    elevation = pixel_elevation_deg(K, T, 4, 4)
+    assert np.allclose(elevation[:, 0], np.degrees(np.arctan(np.array([0.75, 0.25, -0.25, -0.75]) / 1.25)), atol=1e-9)
+    gt = np.array([[SKY, SKY, SKY, SKY], [SKY, SKY, 2, 2], [0, 1, 9, 13], [0, 1, 9, 13]], np.uint8)
+    label = np.array([[255] * 4, [255, 255, 4, 4], [0, 0, 0, 6], [0, 0, 0, 255]], np.uint8)
+    segments = np.array([[0] * 4, [0, 0, 1, 1], [0, 0, 0, 2], [0, 0, 0, 3]], np.uint16)
+    from teacher_recipe import segment_truth
+
+    base = segment_truth(label, segments, gt)
+    assert base.tolist() == [[255] * 4, [255, 255, 2, 2], [0, 0, 0, 13], [0, 0, 0, 255]]
+    both = oracle_extras(base, label, segments, gt, elevation, 15.0, {"ground", "sky"})
+    # sky at +11.3 / +13.6 degrees is inside a 15-degree field of view, at +31 / +36 it is not; the ground's
+    # pixels take their true road / sidewalk / terrain
+    assert both.tolist() == [[255] * 4, [SKY, SKY, 2, 2], [0, 1, 9, 13], [0, 1, 9, 255]]
+    assert oracle_extras(base, label, segments, gt, elevation, 10.0, {"sky"}).tolist() == base.tolist()

@@ -41,7 +41,33 @@ def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np
     return out
 
 
-def load_rows(run: str, proposals: dict) -> list[dict]:
+SKY = 10  # Cityscapes train id
+
+
+def pixel_elevation_deg(K: np.ndarray, T_cam_lidar: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width) elevation in degrees, in the LiDAR frame, of each pixel centre's viewing ray (pinhole)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    rays = np.linalg.solve(np.asarray(K, np.float64), np.stack([u.ravel(), v.ravel(), np.ones(u.size)]))
+    d = np.asarray(T_cam_lidar, np.float64)[:3, :3].T @ rays
+    return np.degrees(np.arctan2(d[2], np.hypot(d[0], d[1]))).reshape(height, width)
+
+
+def oracle_extras(target: np.ndarray, label: np.ndarray, segments: np.ndarray, gt: np.ndarray,
+                  elevation: np.ndarray | None, fov_up_deg: float, extras: set[str]) -> np.ndarray:
+    """`segment_truth` with what the pseudo-labels lack, given perfectly: "ground" (the ground's pixels carry their
+    true class, road / sidewalk / terrain, instead of road) and "sky" (true sky pixels within the LiDAR's vertical
+    field of view, `elevation` <= fov_up_deg, labelled sky: a perfect detector of rays without a return)."""
+    out = target.copy()
+    if "ground" in extras:
+        ground = (label == 0) & (segments == 0)
+        out[ground] = gt[ground]
+    if "sky" in extras:
+        sky = (gt == SKY) & (elevation <= fov_up_deg) & (out == 255)
+        out[sky] = SKY
+    return out
+
+
+def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> list[dict]:
     """Training rows {frame_id, image, label, gt[, segment_gt]} of a run (pseudo-labels as stored, with their
     `segment_truth`; or repainted with new masks)."""
     from raydseg import storage
@@ -52,12 +78,25 @@ def load_rows(run: str, proposals: dict) -> list[dict]:
 
     rows = []
     if not proposals:
+        elevation, fov_up = {}, 0.0
+        if "sky" in extras:
+            fov_up = load_config(os.path.join(run, "config.yaml")).synthetic.fov_up_deg
+            for p in sorted(glob.glob(os.path.join(run, "ingest", "frames", "part-*.parquet"))):
+                for f in table_to_frames(storage.read_table(p)):
+                    for cam in f["cameras"]:
+                        elevation[(f["frame_id"], cam["name"])] = pixel_elevation_deg(
+                            np.asarray(cam["K"]), np.asarray(cam["T_cam_lidar"]), cam["width"], cam["height"])
         for p in sorted(glob.glob(os.path.join(run, "cluster", "pseudolabels", "part-*.parquet"))):
             d = storage.read_table(p).to_pydict()
             for i, fid in enumerate(d["frame_id"]):
                 label, gt = decode_image(d["label"][i]), decode_image(d["gt_semantic"][i])
+                segments = decode_image(d["segment_ids"][i])
+                target = segment_truth(label, segments, gt)
+                if extras:
+                    target = oracle_extras(target, label, segments, gt, elevation.get((fid, d["camera"][i])),
+                                           fov_up, extras)
                 rows.append({"frame_id": fid, "image": decode_image(d["image"][i]), "label": label, "gt": gt,
-                             "segment_gt": segment_truth(label, decode_image(d["segment_ids"][i]), gt)})
+                             "segment_gt": target})
         return rows
     run_cfg = load_config(os.path.join(run, "config.yaml"))
     cfg = run_cfg.proposals.model_copy(update=proposals)
@@ -95,6 +134,20 @@ def recipe_scores(confs: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def target_quality(rows: list[dict], target: str, n_cls: int) -> dict[str, float]:
+    """How good the training target is where it labels pixels: its Hungarian mIoU / pixel accuracy (points) against
+    the ground truth on the pixels it covers."""
+    from raydseg.eval.matching import hungarian_mapping
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+
+    conf = np.zeros((n_cls, 19), np.int64)
+    for r in rows:
+        m = r[target] != 255
+        conf += confusion_matrix(r[target][m], r["gt"][m], n_cls, 19)
+    sc = scores(apply_mapping(conf, hungarian_mapping(conf)))
+    return {"target_miou_covered": 100 * sc["miou"], "target_pixel_acc_covered": 100 * sc["pixel_acc"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -105,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="teacher.KEY=VALUE (recipe overrides)")
     p.add_argument("--eval-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle-extras", default="", help="with --target segment_gt: ground,sky given perfectly "
+                                                       "(oracle_extras)")
     args = p.parse_args(argv)
+    extras = frozenset(e for e in args.oracle_extras.split(",") if e)
     if args.proposals and args.target == "segment_gt":
         p.error("--target segment_gt needs the stored segment images: drop --proposals")
+    if extras and (args.target != "segment_gt" or not extras <= {"ground", "sky"}):
+        p.error("--oracle-extras takes ground and / or sky, with --target segment_gt")
 
     import torch
 
@@ -124,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides=args.set)
     t = cfg.teacher
     proposals = {k: int(v) for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
-    rows = load_rows(args.run, proposals)
+    rows = load_rows(args.run, proposals, extras)
     n_cls = (t.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class)) if args.target == "label" else 19
     if args.target != "gt":
         rows = [r for r in rows if not is_val(r["frame_id"], t.val_fraction)]
@@ -157,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     confs = {}
     for name, ims in sets.items():
         confs[name] = sum(confusion_matrix(predict_image(model, rgb), sem, n_cls, 19) for rgb, sem in ims)
-    out: dict = {"target": args.target, "proposals": args.proposals, "overrides": " ".join(args.set),
+    out: dict = {"target": args.target, "oracle_extras": args.oracle_extras, "proposals": args.proposals, "overrides": " ".join(args.set),
                  "steps": t.steps, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
                  "loss_last5": float(np.mean(losses[-5:])),
-                 "label_coverage": float((labelled != 255).mean()),
+                 **target_quality(rows, args.target, n_cls), "label_coverage": float((labelled != 255).mean()),
                  "ground_share_of_labelled": float((labelled == 0).sum() / max((labelled != 255).sum(), 1))}
     out.update(recipe_scores(confs))
     print(json.dumps(out, indent=1))
