@@ -1,10 +1,13 @@
 """The default teacher recipe learns in a few steps (issue 15: the old recipe's teacher stayed at the class prior).
 
 Pure torch, no Ray: the config's decoder, dropout, optimiser, LR schedule, loss and augmentation, trained for a few
-steps on blob images with sparse pseudo-labels (raydseg.train.synthetic) and scored on held-out blob images.
+steps on blob images with sparse pseudo-labels (raydseg.train.synthetic) and scored on held-out blob images. Also the
+labels of jobs/benchmarks/teacher_recipe.py's clustering and label-space oracles, and quality.py's argument check.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from raydseg.eval.metrics import confusion_matrix, scores
 from raydseg.train.engine import lr_scheduler, make_optimizer
 from raydseg.train.synthetic import blob_example
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs" / "benchmarks"))
 N_CLS = 4
 
 
@@ -74,10 +78,6 @@ def test_lr_scheduler_is_linear_warmup_then_poly_or_cosine_to_zero(schedule, war
 
 
 def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and_the_ground_as_road():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs" / "benchmarks"))
     from teacher_recipe import segment_truth, target_quality
 
     segments = np.array([[0, 0, 1, 1, 1],
@@ -99,7 +99,7 @@ def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and
 
 
 def test_oracle_extras_give_the_ground_its_true_classes_and_label_sky_only_within_the_lidar_field_of_view():
-    from teacher_recipe import SKY, oracle_extras, pixel_elevation_deg
+    from teacher_recipe import SKY, oracle_extras, pixel_elevation_deg, segment_truth
 
     # a level camera looking along LiDAR +x (OpenCV axes: x right = -y_lidar, y down = -z_lidar, z forward = x_lidar),
     # f = 2 px over 4 x 4 px: in column 0 (0.75 to the left) the rows look up / down by 0.75 and 0.25
@@ -110,8 +110,6 @@ def test_oracle_extras_give_the_ground_its_true_classes_and_label_sky_only_withi
     gt = np.array([[SKY, SKY, SKY, SKY], [SKY, SKY, 2, 2], [0, 1, 9, 13], [0, 1, 9, 13]], np.uint8)
     label = np.array([[255] * 4, [255, 255, 4, 4], [0, 0, 0, 6], [0, 0, 0, 255]], np.uint8)
     segments = np.array([[0] * 4, [0, 0, 1, 1], [0, 0, 0, 2], [0, 0, 0, 3]], np.uint16)
-    from teacher_recipe import segment_truth
-
     base = segment_truth(label, segments, gt)
     assert base.tolist() == [[255] * 4, [255, 255, 2, 2], [0, 0, 0, 13], [0, 0, 0, 255]]
     both = oracle_extras(base, label, segments, gt, elevation, 15.0, {"ground", "sky"})
@@ -119,3 +117,14 @@ def test_oracle_extras_give_the_ground_its_true_classes_and_label_sky_only_withi
     # pixels take their true road / sidewalk / terrain
     assert both.tolist() == [[255] * 4, [SKY, SKY, 2, 2], [0, 1, 9, 13], [0, 1, 9, 255]]
     assert oracle_extras(base, label, segments, gt, elevation, 10.0, {"sky"}).tolist() == base.tolist()
+
+
+def test_quality_ladder_names_an_unknown_label_oracle_before_any_work(tmp_path, capsys):
+    import quality
+
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--out", str(tmp_path / "q.json"), "--root", str(tmp_path / "r"),
+                      "--label-oracles", "clustering_oracle,perfect"])
+    assert e.value.code == 2 and not (tmp_path / "r").exists()
+    assert ("--label-oracles: unknown perfect (known: clustering_oracle, label_space_oracle)"
+            in capsys.readouterr().err)

@@ -3,7 +3,7 @@ student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
 [--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine,degrade]
-[--variant NAME=student.key=value ...]`
+[--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
 (`--seeds 0`, `--seeds 1`, ... side by side; the training stages use one core each), then all seeds together to
@@ -20,6 +20,12 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
 - `oracle_*`: the teacher's architecture, init and step budget trained on the dense ground truth of the same
   images (jobs/benchmarks/teacher_recipe.py --target gt), scored on the same eval images;
+- `clustering_oracle_*` / `label_space_oracle_*` (those named by --label-oracles): the teacher recipe trained on the
+  pseudo-labels that perfect descriptors and clustering would give (teacher_recipe.py --target segment_gt: each
+  segment its majority true class), and on those plus the labels LiDAR never gives, perfectly (`--oracle-extras
+  ground,sky`: the ground's true road / sidewalk / terrain, and true sky within the LiDAR's field of view); with
+  `oracle_*` and `teacher_*` they split the gap between the teacher and the oracle into clustering, label space and
+  the rest;
 - `no_ema_*` / `no_soft_targets_*` / `no_refine_*` / `no_degrade_*` (those named by --ablate): the student rerun
   with one part off, from the same teacher, data and seed (a copy of q<S> without its student and evaluate
   outputs), so differences are paired;
@@ -43,6 +49,7 @@ import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
 ABLATIONS = {"ema": "false", "soft_targets": "false", "refine": "false", "degrade": "0"}  # student part: its "off"
+LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -156,13 +163,15 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
     return out
 
 
-def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str, str]) -> dict[str, float]:
-    """The teacher recipe trained on ground truth (teacher_recipe.py --target gt) on the run's images."""
-    out_json = os.path.join(run, "oracle.json")
+def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str, str], name: str = "oracle",
+           target: str = "gt", extras: str = "") -> dict[str, float]:
+    """The teacher recipe trained on `target` (teacher_recipe.py --target, --oracle-extras) on the run's images,
+    kept as <run>/<name>.json: by default on the dense ground truth."""
+    out_json = os.path.join(run, f"{name}.json")
     if not os.path.exists(out_json):
-        args = [sys.executable, os.path.join(JOBS, "benchmarks", "teacher_recipe.py"), "--run", run, "--target", "gt",
+        args = [sys.executable, os.path.join(JOBS, "benchmarks", "teacher_recipe.py"), "--run", run, "--target", target,
                 "--out", out_json, "--seed", str(seed), "--eval-images", str(eval_images), *cli]
-        subprocess.run(args, check=True, env=env)
+        subprocess.run(args + (["--oracle-extras", extras] if extras else []), check=True, env=env)
     with open(out_json) as f:
         o = json.load(f)
     return {c: o[f"{c}_miou"] for c in CONDITIONS}
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", default=",".join(ABLATIONS), help="student parts turned off one at a time ('' = none)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
+    p.add_argument("--label-oracles", default="", help=f"comma list of {', '.join(LABEL_ORACLES)}")
     args = p.parse_args(argv)
     ablate = [a for a in args.ablate.split(",") if a]
     unknown = sorted(set(ablate) - set(ABLATIONS))
@@ -209,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       for o in sets.split(";")):
             p.error(f"--variant: expected NAME=student.key=value[;student.key=value], got {v!r}")
         variants[name] = sets.split(";")
+    label_oracles = [o for o in args.label_oracles.split(",") if o]
+    unknown = sorted(set(label_oracles) - set(LABEL_ORACLES))
+    if unknown:
+        p.error(f"--label-oracles: unknown {', '.join(unknown)} (known: {', '.join(LABEL_ORACLES)})")
 
     from raydseg.config import load_config
 
@@ -243,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             if f"{name}_day" not in row:
                 a = variant_run(args.root, base, name, overrides, seed, passed, env)
                 row.update({f"{name}_{c}": v for c, v in a["student"].items()})
+        for name in label_oracles:
+            if f"{name}_day" not in row:
+                scored = oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env, name,
+                                *LABEL_ORACLES[name])
+                row.update({f"{name}_{c}": v for c, v in scored.items()})
         rows.append(row)
         with open(done, "w") as f:
             json.dump(row, f)

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     confs = {}
     for name, ims in sets.items():
         confs[name] = sum(confusion_matrix(predict_image(model, rgb), sem, n_cls, 19) for rgb, sem in ims)
-    out: dict = {"target": args.target, "oracle_extras": args.oracle_extras, "proposals": args.proposals, "overrides": " ".join(args.set),
+    out: dict = {"target": args.target, "oracle_extras": args.oracle_extras, "proposals": args.proposals,
+                 "overrides": " ".join(args.set),
                  "steps": t.steps, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
                  "loss_last5": float(np.mean(losses[-5:])),
                  **target_quality(rows, args.target, n_cls), "label_coverage": float((labelled != 255).mean()),
