@@ -147,6 +147,9 @@ class ProposalsConfig(Section):
     densify_radius_px: NonNegInt = 4  # nearest-visible-point assignment radius (scale with image / beam spacing)
     fill_gap_px: NonNegInt = 12  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
     ground_fill_px: NonNegInt = 0  # vertical gaps closed between ground scanlines and below the lowest (0 = hits only)
+    # sky: pixels crossed by rays without a return, more than this above their column's highest return (deg; the
+    # gap to the next beam); painted as the last pseudo-class. < 0 = off (raydseg.geometry.sky)
+    sky_margin_deg: float = -1.0
 
 
 class PretrainConfig(Section):
@@ -362,6 +365,17 @@ def patch_size(backbone: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def painted_classes(cfg: Config) -> int:
+    """Pseudo-classes the cluster stage paints: ground (0, when cluster.ground_class), the k clusters, then sky (the
+    last, when proposals.sky_margin_deg >= 0)."""
+    return cfg.cluster.k + int(cfg.cluster.ground_class) + int(cfg.proposals.sky_margin_deg >= 0)
+
+
+def sky_pseudo_class(cfg: Config) -> int | None:
+    """The sky's pseudo-class (the last one), or None when the proposals mark no sky."""
+    return painted_classes(cfg) - 1 if cfg.proposals.sky_margin_deg >= 0 else None
+
+
 def cross_field_problems(cfg: Config) -> list[str]:
     """Rules between fields, one line per broken rule naming its key ([] = all hold)."""
     from raydseg.eval.sets import parse_eval_sets
@@ -386,10 +400,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append(f"proposals.min_extent_m: {p.min_extent_m} is above proposals.max_extent_m ({p.max_extent_m})")
     if p.ground_sg_window % 2 == 0:
         out.append(f"proposals.ground_sg_window: {p.ground_sg_window} must be odd (a centred Savitzky-Golay window)")
-    n_cls = cfg.cluster.k + int(cfg.cluster.ground_class)
+    n_cls = painted_classes(cfg)
     if cfg.teacher.n_cls not in (0, n_cls):
-        out.append(f"teacher.n_cls: {cfg.teacher.n_cls} does not match cluster.k + cluster.ground_class = {n_cls} "
-                   "(0 = derive it)")
+        out.append(f"teacher.n_cls: {cfg.teacher.n_cls} does not match cluster.k + cluster.ground_class + sky "
+                   f"(proposals.sky_margin_deg >= 0) = {n_cls} (0 = derive it)")
     crops = [("features.crop_size", cfg.features.crop_size, cfg.features.backbone)]
     crops += [(f"{t}.crop_size", getattr(cfg, t).crop_size, cfg.teacher.backbone) for t in ("teacher", "student")]
     crops += [(f"pretrain.{c}_crop_size", getattr(cfg.pretrain, f"{c}_crop_size"), cfg.pretrain.backbone)

@@ -118,3 +118,20 @@ def test_pseudo_label_purity_on_synthetic_frames_beats_random_clusters(tmp_path,
     m = result.reports[-1].metrics
     assert result.reports[-1].counts["segments"] >= 150 and m["purity_images"] == 12
     assert m["purity_segments"] >= 0.68 and m["purity_segments"] >= m["purity_random"] + 0.07, m
+
+
+def test_pseudo_labels_paint_ground_zero_and_the_sky_as_the_last_class_and_segments_win_over_both():
+    from raydseg.clustering.pseudolabels import paint_labels
+    from raydseg.config import load_config, painted_classes, sky_pseudo_class
+
+    segments = np.array([[0, 0, 1, 1], [0, 2, 2, 0], [0, 0, 0, 3]], np.uint16)
+    ground_px = np.array([[2, 2, 2, 0], [2, 2, 0, 1], [1, 1, 1, 1]], np.uint8)  # 2 = sky, 1 = ground
+    ids, classes = np.array([1, 2]), np.array([5, 7])  # segment 3 unclustered
+    plain = paint_labels(segments, ids, classes, ground_px, True)
+    assert plain.tolist() == [[255, 255, 5, 5], [255, 7, 7, 0], [0, 0, 0, 255]]  # sky pixels are not ground
+    cfg = load_config(None, ["proposals.sky_margin_deg=1.5"])
+    assert painted_classes(cfg) == cfg.cluster.k + 2 and sky_pseudo_class(cfg) == cfg.cluster.k + 1
+    assert painted_classes(load_config(None)) == cfg.cluster.k + 1 and sky_pseudo_class(load_config(None)) is None
+    sky = paint_labels(segments, ids, classes, ground_px, True, sky_pseudo_class(cfg))
+    s = cfg.cluster.k + 1
+    assert sky.tolist() == [[s, s, 5, 5], [s, 7, 7, 0], [0, 0, 0, 255]]

@@ -485,3 +485,59 @@ def test_filled_masks_cover_the_ground_between_scanlines_and_keep_segments_on_th
     assert r0 < 0.3 and r1 >= 0.85 and p1 >= 0.97  # the ground is filled between its scanlines, never over a box
     assert n1 >= 1.3 * n0 and a1 >= 0.95  # segment masks grow into filled silhouettes, still on their own box
     assert filled["n_pixels"][1:].sum() == (filled["segment_ids"] > 0).sum()
+
+
+def test_sky_is_marked_above_each_columns_highest_return_and_below_the_top_beam_on_the_analytic_street():
+    from raydseg.geometry.project import SKY_PX
+
+    boxes = analytic.street_boxes()  # the far wall (25 m, 6 m tall) closes the street: above it is sky
+    scene = analytic.raycast(boxes, beams=32, columns=1024, fov_up_deg=12.0, max_range=40.0)
+    sw = sweep_segments(scene["points"], scene["ring"], ProposalsConfig(n_beams=32))
+    K, T = analytic.camera()
+    truth = _pixel_truth(boxes, K, 320, 160)
+    kw = dict(near=0.5, use=sw.use, radius_px=2)
+    off = project_segments(scene["points"][:, :3], sw.segment_id, sw.ground, K, T, 320, 160, **kw)
+    on = project_segments(scene["points"][:, :3], sw.segment_id, sw.ground, K, T, 320, 160, sky_margin_deg=1.0, **kw)
+    assert set(np.unique(off["ground_px"])) <= {0, 1}  # off by default: the ground mask as before
+    assert np.array_equal(on["segment_ids"], off["segment_ids"])
+    assert np.array_equal(on["ground_px"] == 1, off["ground_px"] == 1)
+    sky = on["ground_px"] == SKY_PX
+    v, u = np.mgrid[:160, :320]
+    elevation = np.degrees(np.arctan2(K[1, 2] - v, np.hypot(K[0, 0], u - K[0, 2])))  # pinhole, level camera
+    reachable = (truth == -2) & (elevation <= 12.0)  # sky the top beam could have seen
+    precision, recall = (sky & (truth == -2)).sum() / sky.sum(), (sky & reachable).sum() / reachable.sum()
+    print(f"sky: {sky.sum()} px, precision {precision:.3f}, recall within the LiDAR's field of view {recall:.3f}")
+    assert precision >= 0.99 and recall >= 0.8
+    assert not sky[elevation > 12.0 + 0.1].any()  # never above the top beam
+
+
+def test_sky_pixels_need_a_return_near_the_column_and_keep_the_margin_above_it():
+    from raydseg.geometry.sky import sky_pixels
+
+    elevation = np.repeat(np.radians(np.linspace(20, -20, 41))[:, None], 6, axis=1)  # rows 1 degree apart
+    px, py = np.array([1, 1]), np.array([30, 25])  # column 1: returns at -10 and -5 degrees
+    sky = sky_pixels(elevation, px, py, np.radians(10.0), np.radians(2.0), column_radius=1)
+    rows = np.flatnonzero(sky[:, 1])
+    assert rows.min() == 10 and rows.max() == 22  # from the top beam (+10) down to -3 = -5 + the 2-degree margin
+    assert sky[:, 0].tolist() == sky[:, 2].tolist() == sky[:, 1].tolist()  # neighbours within the column radius
+    assert not sky[:, 3:].any()  # nothing known where no return is near
+
+
+def test_pixel_elevation_inverts_the_lens_that_projects_points():
+    from raydseg.geometry.sky import camera_elevation, pixel_elevation
+
+    K, T = analytic.camera()
+    T = T.copy()
+    T[:3, :3] = T[:3, :3] @ np.array([[np.cos(0.2), -np.sin(0.2), 0], [np.sin(0.2), np.cos(0.2), 0], [0, 0, 1]])
+    lens = np.array([-0.25, 0.08, 0.001, -0.0015, -0.01])  # a wide-angle lens
+    rng = np.random.default_rng(0)
+    el, az = rng.uniform(-0.35, 0.35, 400), rng.uniform(-0.4, 0.8, 400)
+    xyz = 500.0 * np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], 1)
+    for distortion in (None, lens):
+        u, v, _, inside = project_points(xyz, K, T, 320, 160, distortion=distortion)
+        # round the projection into pixel i at coordinate i (project_points' convention) at 500 m: translation-free
+        c, r = np.floor(u[inside] + 0.5).astype(int), np.floor(v[inside] + 0.5).astype(int)
+        grid = pixel_elevation(K, T, 320, 160, distortion)
+        err = np.abs(grid[r, c] - el[inside])
+        assert inside.sum() > 100 and err.max() < np.radians(0.4)  # within a pixel (0.36 degrees at f = 160)
+        assert np.array_equal(camera_elevation(K, T, 320, 160, distortion), grid)

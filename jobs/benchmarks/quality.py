@@ -122,7 +122,7 @@ def pseudo_label_miou(run: str) -> dict[str, float]:
     """Hungarian mIoU / pixel accuracy (points) of the stored pseudo-labels on the pixels they cover, and their
     coverage, against the ground truth of the same images."""
     from raydseg import storage
-    from raydseg.config import load_config
+    from raydseg.config import load_config, painted_classes
     from raydseg.data.schema import decode_image
     from raydseg.eval.matching import covered_scores
     from raydseg.parts import part_names
@@ -134,7 +134,7 @@ def pseudo_label_miou(run: str) -> dict[str, float]:
         t = storage.read_table(os.path.join(pl_dir, name), columns=["label", "gt_semantic"])
         labels += [decode_image(v) for v in t.column("label").to_pylist()]
         gts += [decode_image(v) for v in t.column("gt_semantic").to_pylist()]
-    sc = covered_scores(np.stack(labels), np.stack(gts), cfg.cluster.k + int(cfg.cluster.ground_class))
+    sc = covered_scores(np.stack(labels), np.stack(gts), painted_classes(cfg))
     return {"pseudo_miou": 100 * sc["miou"], "pseudo_pixel_acc": 100 * sc["pixel_acc"],
             "pseudo_coverage": 100 * sc["coverage"]}
 

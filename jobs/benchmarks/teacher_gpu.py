@@ -60,13 +60,13 @@ def pack(args: argparse.Namespace) -> int:
     n_label}, images as PNG bytes (`segment_gt`: teacher_recipe.segment_truth, the clustering oracle's labels)."""
     from teacher_recipe import load_rows
 
-    from raydseg.config import load_config
+    from raydseg.config import load_config, painted_classes
     from raydseg.data.sources.synthetic import render_eval_images
 
     cfg = load_config(os.path.join(args.run, "config.yaml"))
     syn = cfg.synthetic.model_copy(update=dict(eval_images_per_condition=args.eval_images))
     data = {"run": os.path.abspath(args.run), "seed": args.seed,
-            "n_label": cfg.teacher.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class),
+            "n_label": cfg.teacher.n_cls or painted_classes(cfg),
             "train": [{"frame_id": r["frame_id"], **{k: png(r[k]) for k in ("image", "label", "gt", "segment_gt")}}
                       for r in load_rows(args.run, {})],
             "eval": {c: [(png(rgb), png(sem)) for *_, rgb, sem in render_eval_images(c, syn, args.seed)]

@@ -72,7 +72,7 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
     `segment_truth`; or repainted with new masks)."""
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
-    from raydseg.config import load_config
+    from raydseg.config import load_config, sky_pseudo_class
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
@@ -100,6 +100,7 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
         return rows
     run_cfg = load_config(os.path.join(run, "config.yaml"))
     cfg = run_cfg.proposals.model_copy(update=proposals)
+    sky = sky_pseudo_class(run_cfg.model_copy(update={"proposals": cfg}))
     assign: dict = {}
     for p in sorted(glob.glob(os.path.join(run, "cluster", "assignments", "part-*.parquet"))):
         for r in storage.read_table(p).to_pylist():
@@ -112,7 +113,8 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
                 out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg)
                 m = assign.get((f["frame_id"], cam["name"]), {})
                 lab = paint_labels(out["segment_ids"], np.array(list(m), np.int64),
-                                   np.array(list(m.values()), np.int64), out["ground_px"], run_cfg.cluster.ground_class)
+                                   np.array(list(m.values()), np.int64), out["ground_px"], run_cfg.cluster.ground_class,
+                                   sky)
                 rows.append({"frame_id": f["frame_id"], "image": decode_image(cam["image"]), "label": lab,
                              "gt": decode_image(cam["gt_semantic"])})
     return rows
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from raydseg.config import load_config
+    from raydseg.config import load_config, painted_classes
     from raydseg.data.sources.synthetic import render_eval_images
     from raydseg.eval.metrics import confusion_matrix
     from raydseg.models.infer import predict_image
@@ -181,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, overrides=args.set)
     t = cfg.teacher
-    proposals = {k: int(v) for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
+    proposals = {k: float(v) if "." in v else int(v)
+                 for k, v in (kv.split("=") for kv in args.proposals.split(",") if kv)}
     rows = load_rows(args.run, proposals, extras)
-    n_cls = (t.n_cls or cfg.cluster.k + int(cfg.cluster.ground_class)) if args.target == "label" else 19
+    painted = painted_classes(cfg.model_copy(update={"proposals": cfg.proposals.model_copy(update=proposals)}))
+    n_cls = (t.n_cls or painted) if args.target == "label" else 19
     if args.target != "gt":
         rows = [r for r in rows if not is_val(r["frame_id"], t.val_fraction)]
     labelled = np.stack([r[args.target] for r in rows])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from raydseg.eval.metrics import IGNORE_INDEX, confusion_matrix
+from raydseg.geometry.project import SKY_PX
 
 
 def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
@@ -12,12 +13,14 @@ def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
 
 
 def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.ndarray,
-                 ground_px: np.ndarray | None = None, ground_class: bool = True) -> np.ndarray:
+                 ground_px: np.ndarray | None = None, ground_class: bool = True, sky_class: int | None = None
+                 ) -> np.ndarray:
     """Paint a segment-id image into pseudo-classes.
 
     segment_ids (H, W) uint16 (0 = no segment); seg_ids (S,) / seg_classes (S,) the class of each labelled
-    segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) bool-like pixels hit by ground points, painted
-    0 when `ground_class` (segment pixels win over ground). Returns (H, W) uint8, 255 = ignore.
+    segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) uint8, 1 = ground, painted 0 when
+    `ground_class`, SKY_PX = sky (raydseg.geometry.sky), painted `sky_class` when given (segment pixels win over
+    both). Returns (H, W) uint8, 255 = ignore.
     """
     sid = np.asarray(segment_ids).astype(np.int64)
     lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE_INDEX, np.uint8)
@@ -27,8 +30,12 @@ def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.n
         lut[np.asarray(seg_ids, np.int64)] = np.asarray(seg_classes, np.uint8)
     lut[0] = IGNORE_INDEX
     label = lut[sid]
-    if ground_class and ground_px is not None:
-        label[(np.asarray(ground_px) > 0) & (sid == 0)] = 0
+    if ground_px is not None:
+        ground_px = np.asarray(ground_px)
+        if ground_class:
+            label[(ground_px == 1) & (sid == 0)] = 0
+        if sky_class is not None:
+            label[(ground_px == SKY_PX) & (sid == 0)] = sky_class
     return label
 
 

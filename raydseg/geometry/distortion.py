@@ -43,3 +43,16 @@ def undistort(x_d: float, y_d: float, coeffs: np.ndarray, iterations: int = 20) 
         if done:
             break
     return x, y
+
+
+def undistort_array(x_d: np.ndarray, y_d: np.ndarray, coeffs: np.ndarray, iterations: int = 20
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """`undistort` of many points at once (arrays of normalised distorted coordinates): the same fixed-point
+    iteration, `iterations` steps for every point."""
+    coeffs = np.asarray(coeffs, np.float64)
+    x_d, y_d = np.asarray(x_d, np.float64), np.asarray(y_d, np.float64)
+    x, y = x_d.copy(), y_d.copy()
+    for _ in range(iterations):
+        xd, yd, radial = distort_radial(x, y, coeffs)
+        x, y = (x_d - (xd - x * radial)) / radial, (y_d - (yd - y * radial)) / radial
+    return x, y

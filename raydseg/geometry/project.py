@@ -25,6 +25,7 @@ from raydseg.geometry.distortion import MAX_RADIAL, MIN_RADIAL, distort_radial
 from raydseg.geometry.range_image import EMPTY_KEY
 from raydseg.geometry.rolling_shutter import ROLLING_SHUTTER_SIZE, capture_point
 
+SKY_PX = 2  # `ground_px` value of a sky pixel (1 = ground)
 LENS_SIZE = 10  # fx, s, cx, fy, cy, k1, k2, p1, p2, k3: `_camera`'s lens without a rolling shutter
 
 
@@ -381,7 +382,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
                      rolling_shutter: np.ndarray | None = None, near: float = 0.5,
                      use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
-                     radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0) -> dict[str, np.ndarray | int]:
+                     radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0,
+                     sky_margin_deg: float = -1.0) -> dict[str, np.ndarray | int]:
     """Segment-id image and ground mask of one camera.
 
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
@@ -389,11 +391,12 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     shutter; `project_points`); use (N,) bool points to project
     (None = all); fill_gap_px / ground_fill_px: vertical gaps closed inside a segment's mask / between ground
     scanlines (`fill_masks`; both 0 = the plain densification). Occlusion and densification work on the (distorted)
-    pixels, where the image is: their radii are pixel radii either way.
+    pixels, where the image is: their radii are pixel radii either way. sky_margin_deg >= 0: also mark the sky,
+    the pixels crossed by rays without a return (`raydseg.geometry.sky`), that neither a segment nor the ground owns.
     Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with ground_fill_px 0 the
-    pixels hit by a visible ground point, else the pixels the densified and filled ground owns), `n_in_image` points in
-    front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels` (max(seg) + 1,) int64 pixel
-    count of every segment id.
+    pixels hit by a visible ground point, else the pixels the densified and filled ground owns; SKY_PX = sky),
+    `n_in_image` points in front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels`
+    (max(seg) + 1,) int64 pixel count of every segment id.
     """
     if not 0 <= radius_px <= MAX_DENSIFY_RADIUS_PX:
         raise ValueError(f"densify radius_px must be in [0, {MAX_DENSIFY_RADIUS_PX}], got {radius_px}")
@@ -419,5 +422,11 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
         n_px = np.bincount(seg_img.ravel(), minlength=n_seg + 1).astype(np.int64)
     else:
         seg_img, n_px = _densify(px, py, z, label, vis, width, height, int(radius_px), n_seg)
+    if sky_margin_deg >= 0:
+        from raydseg.geometry.sky import camera_elevation, sky_pixels, top_beam_elevation
+
+        sky = sky_pixels(camera_elevation(K, T_cam_lidar, width, height, distortion), px[vis > 0], py[vis > 0],
+                         top_beam_elevation(np.asarray(xyz)[:, :3]), np.radians(sky_margin_deg), int(radius_px))
+        ground_img[sky & (seg_img == 0) & (ground_img == 0)] = SKY_PX
     return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": n_vis,
             "n_pixels": n_px}

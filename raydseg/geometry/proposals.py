@@ -89,7 +89,7 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
                            zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
                            zbuf_abs_tol=cfg.zbuf_abs_tol_m,
                            radius_px=cfg.densify_radius_px, fill_gap_px=cfg.fill_gap_px,
-                           ground_fill_px=cfg.ground_fill_px)
+                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin_deg)
     n_px = out.pop("n_pixels")
     st = sw.stats
     vis = n_px[st["id"]] > 0

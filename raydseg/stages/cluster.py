@@ -21,6 +21,7 @@ from raydseg import stage_requests, storage
 from raydseg.clustering.assignments import NO_SEGMENTS, keys_at, read_assignments, write_assignments
 from raydseg.clustering.diagnostics import montage_png, purity_metrics
 from raydseg.clustering.pseudolabels import class_of_cluster, paint_labels
+from raydseg.config import painted_classes, sky_pseudo_class
 from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image, encode_png
 from raydseg.parts import part_names
@@ -35,7 +36,7 @@ PSEUDOLABELS_SCHEMA = pa.schema([("frame_id", pa.string()), ("camera", pa.string
 
 
 def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[str, str],
-               ground_class: bool) -> tuple[dict[str, pa.Table], list[dict]]:
+               ground_class: bool, sky_class: int | None = None) -> tuple[dict[str, pa.Table], list[dict]]:
     """proposals/segments part -> pseudolabels part (one row per frame x camera)."""
     frame_ids = table["frame_id"].to_pylist()
     cams = camera_records(frames_dir, index, frame_ids)
@@ -50,7 +51,7 @@ def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[st
         seg = decode_image(row["segment_ids"])
         ground = decode_image(row["ground_px"]) if row["ground_px"] else None
         ids, cls = lookup.get(key, NO_SEGMENTS)
-        label = paint_labels(seg, ids, cls, ground, ground_class)
+        label = paint_labels(seg, ids, cls, ground, ground_class, sky_class)
         rows.append({"frame_id": key[0], "camera": key[1], "image": cam["image"], "label": encode_png(label),
                      "segment_ids": row["segment_ids"], "gt_semantic": cam.get("gt_semantic")})
     return {"pseudolabels": pa.Table.from_pylist(rows, schema=PSEUDOLABELS_SCHEMA)}, rejects
@@ -86,7 +87,7 @@ def run(ctx: StageContext) -> StageResult:
     seg_dir = storage.join(ctx.stage_dir("proposals"), "segments")
     index = frame_index(frames_dir)
     fn = functools.partial(paint_part, assign_dir=assign_dir, frames_dir=frames_dir, index=index,
-                           ground_class=cfg.ground_class)
+                           ground_class=cfg.ground_class, sky_class=sky_pseudo_class(ctx.cfg))
     parts = map_parts(seg_dir, ctx.out_dir, fn, **stage_requests.pseudolabels(ctx.cfg).ray_options())
     if mlflow.active_run() is not None:
         for step, v in enumerate(res.inertia_history):  # best restart
@@ -107,7 +108,7 @@ def run(ctx: StageContext) -> StageResult:
     sizes = res.counts.astype(np.float64)
     metrics = {"inertia": res.inertia, "mean_sq_dist": res.inertia / n, "kmeans_s": res.seconds,
                "size_min": float(sizes.min()), "size_max": float(sizes.max()), "n_splits": float(res.n_splits),
-               "n_pseudo_classes": float(cfg.k + int(cfg.ground_class)),
+               "n_pseudo_classes": float(painted_classes(ctx.cfg)),
                "shard_peak_rss_gb": max(res.shard_peak_rss_gb, default=0.0),
                **purity_metrics(storage.join(ctx.out_dir, "pseudolabels"), assign_dir, index, ctx.cfg.run.seed)}
     counts = {"segments": int(n), "clusters": int(cfg.k),

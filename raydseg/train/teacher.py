@@ -20,7 +20,9 @@ TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "mom
 
 
 def n_pseudo_classes(cfg: Config) -> int:
-    return cfg.teacher.n_cls or (cfg.cluster.k + int(cfg.cluster.ground_class))
+    from raydseg.config import painted_classes
+
+    return cfg.teacher.n_cls or painted_classes(cfg)
 
 
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
