@@ -99,13 +99,16 @@ def test_segment_truth_paints_each_clustered_segment_with_its_majority_class_and
 
 
 def test_oracle_extras_give_the_ground_its_true_classes_and_label_sky_only_within_the_lidar_field_of_view():
-    from teacher_recipe import SKY, oracle_extras, pixel_elevation_deg, segment_truth
+    from teacher_recipe import oracle_extras, segment_truth
+
+    from raydseg.geometry.quality import SKY_TRAIN_ID as SKY
+    from raydseg.geometry.sky import pixel_elevation
 
     # a level camera looking along LiDAR +x (OpenCV axes: x right = -y_lidar, y down = -z_lidar, z forward = x_lidar),
     # f = 2 px over 4 x 4 px: in column 0 (0.75 to the left) the rows look up / down by 0.75 and 0.25
-    K = np.array([[2.0, 0, 2.0], [0, 2.0, 2.0], [0, 0, 1]])
+    K = np.array([[2.0, 0, 1.5], [0, 2.0, 1.5], [0, 0, 1]])  # pixel centres at integer coordinates
     T = np.array([[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
-    elevation = pixel_elevation_deg(K, T, 4, 4)
+    elevation = np.degrees(pixel_elevation(K, T, 4, 4))
     assert np.allclose(elevation[:, 0], np.degrees(np.arctan(np.array([0.75, 0.25, -0.25, -0.75]) / 1.25)), atol=1e-9)
     gt = np.array([[SKY, SKY, SKY, SKY], [SKY, SKY, 2, 2], [0, 1, 9, 13], [0, 1, 9, 13]], np.uint8)
     label = np.array([[255] * 4, [255, 255, 4, 4], [0, 0, 0, 6], [0, 0, 0, 255]], np.uint8)

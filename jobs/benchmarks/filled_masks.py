@@ -2,12 +2,13 @@
 
 `python jobs/benchmarks/filled_masks.py --run outputs/default --out FILE.json [--variants 0:0,12:0,0:48,12:48]`
 
-For every variant `fill_gap_px:ground_fill_px` the proposals of the run's `ingest/frames` are recomputed (all other
+For every variant `fill_gap_px:ground_fill_px[:sky_margin_deg]` (no third field: the sky off) the proposals of the run's `ingest/frames` are recomputed (all other
 proposals settings from the run's config) and painted with the run's k-means assignments (`cluster/assignments`),
 so only the masks change. Per variant: segment-image agreement with the ground-truth instances
 (`geometry.quality.image_agreement`), segment pixels per image, pseudo-label coverage, the ground's share of the
-labels, its recall / precision against road + sidewalk + terrain, and the Hungarian mIoU / pixel accuracy of the
-pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
+labels, its recall / precision against road + sidewalk + terrain, the sky pseudo-class's recall / precision against
+the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU / pixel accuracy of the pseudo-labels on the pixels
+they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
 """
 from __future__ import annotations
 
@@ -29,14 +30,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
-    from raydseg.config import load_config
+    from raydseg.config import load_config, painted_classes, sky_pseudo_class
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.eval.matching import covered_scores
     from raydseg.geometry import quality
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
     run_cfg = load_config(os.path.join(args.run, "config.yaml"))
-    n_cls = run_cfg.cluster.k + int(run_cfg.cluster.ground_class)
     frames = []
     for path in sorted(glob.glob(os.path.join(args.run, "ingest", "frames", "part-*.parquet"))):
         frames += table_to_frames(storage.read_table(path))
@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             assign.setdefault((r["frame_id"], r["camera"]), {})[r["segment_id"]] = r["pseudo_class"]
     flat: dict = {"frames": len(frames)}
     for variant in args.variants.split(","):
-        gap, ground_gap = (int(v) for v in variant.split(":"))
-        cfg = run_cfg.proposals.model_copy(update=dict(fill_gap_px=gap, ground_fill_px=ground_gap))
+        gap, ground_gap, *sky_margin = variant.split(":")
+        gap, ground_gap, sky_margin = int(gap), int(ground_gap), float(sky_margin[0]) if sky_margin else -1.0
+        cfg = run_cfg.proposals.model_copy(update=dict(fill_gap_px=gap, ground_fill_px=ground_gap,
+                                                       sky_margin_deg=sky_margin))
+        with_cfg = run_cfg.model_copy(update={"proposals": cfg})
+        n_cls, sky = painted_classes(with_cfg), sky_pseudo_class(with_cfg)
         agree, n_seg_px, labels, gts = 0.0, 0, [], []
         for f in frames:
             pts = np.asarray(f["points"], np.float32).reshape(-1, 4)
@@ -59,18 +63,24 @@ def main(argv: list[str] | None = None) -> int:
                 m = assign.get((f["frame_id"], cam["name"]), {})
                 labels.append(paint_labels(out["segment_ids"], np.array(list(m), np.int64),
                                            np.array(list(m.values()), np.int64), out["ground_px"],
-                                           run_cfg.cluster.ground_class))
+                                           run_cfg.cluster.ground_class, sky))
                 gts.append(decode_image(cam["gt_semantic"]))
         lab, gt = np.stack(labels), np.stack(gts)
         sc = covered_scores(lab, gt, n_cls)
         ground_gt, ground = np.isin(gt, quality.GROUND_TRAIN_IDS), lab == 0
-        key = f"fill{gap}_ground{ground_gap}"
+        key = f"fill{gap}_ground{ground_gap}" + (f"_sky{sky_margin:g}" if sky is not None else "")
         flat.update({f"{key}_agreement": agree / max(n_seg_px, 1), f"{key}_segment_px_frac": n_seg_px / lab.size,
                      f"{key}_coverage": sc["coverage"],
                      f"{key}_ground_share": float(ground.sum() / max((lab != 255).sum(), 1)),
                      f"{key}_ground_recall": float((ground & ground_gt).sum() / max(ground_gt.sum(), 1)),
                      f"{key}_ground_precision": float((ground & ground_gt).sum() / max(ground.sum(), 1)),
                      f"{key}_pl_miou_covered": 100 * sc["miou"], f"{key}_pl_pixel_acc_covered": 100 * sc["pixel_acc"]})
+        if sky is not None:
+            sky_gt, sky_lab = gt == quality.SKY_TRAIN_ID, lab == sky
+            hit = (sky_lab & sky_gt).sum()
+            flat.update({f"{key}_sky_recall": float(hit / max(sky_gt.sum(), 1)),
+                         f"{key}_sky_precision": float(hit / max((sky_lab & (gt != 255)).sum(), 1)),
+                         f"{key}_sky_share": float(sky_lab.sum() / max((lab != 255).sum(), 1))})
         print(f"{key:18s} agreement {flat[f'{key}_agreement']:.3f} coverage {flat[f'{key}_coverage']:.3f} "
               f"ground share {flat[f'{key}_ground_share']:.3f} recall {flat[f'{key}_ground_recall']:.3f} "
               f"mIoU {flat[f'{key}_pl_miou_covered']:.1f}", flush=True)

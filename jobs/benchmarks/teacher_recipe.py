@@ -41,29 +41,20 @@ def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np
     return out
 
 
-SKY = 10  # Cityscapes train id
-
-
-def pixel_elevation_deg(K: np.ndarray, T_cam_lidar: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(height, width) elevation in degrees, in the LiDAR frame, of each pixel centre's viewing ray (pinhole)."""
-    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    rays = np.linalg.solve(np.asarray(K, np.float64), np.stack([u.ravel(), v.ravel(), np.ones(u.size)]))
-    d = np.asarray(T_cam_lidar, np.float64)[:3, :3].T @ rays
-    return np.degrees(np.arctan2(d[2], np.hypot(d[0], d[1]))).reshape(height, width)
-
-
 def oracle_extras(target: np.ndarray, label: np.ndarray, segments: np.ndarray, gt: np.ndarray,
                   elevation: np.ndarray | None, fov_up_deg: float, extras: set[str]) -> np.ndarray:
     """`segment_truth` with what the pseudo-labels lack, given perfectly: "ground" (the ground's pixels carry their
     true class, road / sidewalk / terrain, instead of road) and "sky" (true sky pixels within the LiDAR's vertical
-    field of view, `elevation` <= fov_up_deg, labelled sky: a perfect detector of rays without a return)."""
+    field of view, `elevation` (degrees) <= fov_up_deg, labelled sky: a perfect detector of rays without a return)."""
+    from raydseg.geometry.quality import SKY_TRAIN_ID
+
     out = target.copy()
     if "ground" in extras:
         ground = (label == 0) & (segments == 0)
         out[ground] = gt[ground]
     if "sky" in extras:
-        sky = (gt == SKY) & (elevation <= fov_up_deg) & (out == 255)
-        out[sky] = SKY
+        sky = (gt == SKY_TRAIN_ID) & (elevation <= fov_up_deg) & (out == 255)
+        out[sky] = SKY_TRAIN_ID
     return out
 
 
@@ -75,6 +66,7 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
     from raydseg.config import load_config, sky_pseudo_class
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
+    from raydseg.geometry.sky import camera_elevation
 
     rows = []
     if not proposals:
@@ -84,8 +76,8 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
             for p in sorted(glob.glob(os.path.join(run, "ingest", "frames", "part-*.parquet"))):
                 for f in table_to_frames(storage.read_table(p)):
                     for cam in f["cameras"]:
-                        elevation[(f["frame_id"], cam["name"])] = pixel_elevation_deg(
-                            np.asarray(cam["K"]), np.asarray(cam["T_cam_lidar"]), cam["width"], cam["height"])
+                        elevation[(f["frame_id"], cam["name"])] = np.degrees(camera_elevation(
+                            np.asarray(cam["K"]), np.asarray(cam["T_cam_lidar"]), cam["width"], cam["height"]))
         for p in sorted(glob.glob(os.path.join(run, "cluster", "pseudolabels", "part-*.parquet"))):
             d = storage.read_table(p).to_pydict()
             for i, fid in enumerate(d["frame_id"]):

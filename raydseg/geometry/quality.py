@@ -9,7 +9,8 @@ import numpy as np
 
 from raydseg.eval.metrics import IGNORE_INDEX
 
-GROUND_TRAIN_IDS = (0, 1, 9)
+GROUND_TRAIN_IDS = (0, 1, 9)  # Cityscapes train ids of road, sidewalk, terrain
+SKY_TRAIN_ID = 10
 
 
 def ground_precision_recall(pred: np.ndarray, gt_label: np.ndarray, use: np.ndarray | None = None,
