@@ -148,8 +148,8 @@ class ProposalsConfig(Section):
     fill_gap_px: NonNegInt = 12  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
     ground_fill_px: NonNegInt = 0  # vertical gaps closed between ground scanlines and below the lowest (0 = hits only)
     # sky: pixels crossed by rays without a return, more than this above their column's highest return (deg; the
-    # gap to the next beam); painted as the last pseudo-class. < 0 = off (raydseg.geometry.sky)
-    sky_margin_deg: float = -1.0
+    # gap to the next beam); painted as the last pseudo-class. < 0 = off, as in the paper (raydseg.geometry.sky)
+    sky_margin_deg: float = 2.0
 
 
 class PretrainConfig(Section):

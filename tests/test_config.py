@@ -59,7 +59,7 @@ def test_every_problem_is_reported_at_once_one_line_each():
     assert e.value.problems == [
         "run.stages: unknown stage(s) bogus (stages: ingest, pretrain, proposals, features, cluster, teacher, student, "
         "evaluate)",
-        "teacher.n_cls: 5 does not match cluster.k + cluster.ground_class + sky (proposals.sky_margin_deg >= 0) = 13 "
+        "teacher.n_cls: 5 does not match cluster.k + cluster.ground_class + sky (proposals.sky_margin_deg >= 0) = 14 "
         "(0 = derive it)",
         "student.crop_size: 100 must be a positive multiple of the patch size 16 of vit_tiny_patch16_224",
         "eval.fit_set: 'zz' is not one of the eval sets (synthetic_day, synthetic_night, synthetic_fog)"]

@@ -129,9 +129,10 @@ def test_pseudo_labels_paint_ground_zero_and_the_sky_as_the_last_class_and_segme
     ids, classes = np.array([1, 2]), np.array([5, 7])  # segment 3 unclustered
     plain = paint_labels(segments, ids, classes, ground_px, True)
     assert plain.tolist() == [[255, 255, 5, 5], [255, 7, 7, 0], [0, 0, 0, 255]]  # sky pixels are not ground
-    cfg = load_config(None, ["proposals.sky_margin_deg=1.5"])
+    cfg = load_config(None)  # the default marks the sky
     assert painted_classes(cfg) == cfg.cluster.k + 2 and sky_pseudo_class(cfg) == cfg.cluster.k + 1
-    assert painted_classes(load_config(None)) == cfg.cluster.k + 1 and sky_pseudo_class(load_config(None)) is None
+    off = load_config(None, ["proposals.sky_margin_deg=-1"])
+    assert painted_classes(off) == cfg.cluster.k + 1 and sky_pseudo_class(off) is None
     sky = paint_labels(segments, ids, classes, ground_px, True, sky_pseudo_class(cfg))
     s = cfg.cluster.k + 1
     assert sky.tolist() == [[s, s, 5, 5], [s, 7, 7, 0], [0, 0, 0, 255]]
