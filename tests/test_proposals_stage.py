@@ -9,6 +9,7 @@ from raydseg import storage
 from raydseg.config import load_config
 from raydseg.data.schema import decode_image, encode_png, frames_to_table
 from raydseg.geometry import analytic
+from raydseg.geometry.project import SKY_PX
 from raydseg.pipeline import StageContext
 
 SEGMENT_COLUMNS = ["frame_id", "camera", "width", "height", "segment_ids", "n_segments", "seg_id", "seg_n_points",
@@ -59,7 +60,7 @@ def test_proposals_stage_writes_the_contract_and_rejects_a_frame_with_nothing_in
         assert dict(zip(row["seg_id"], row["seg_n_pixels"])) == dict(zip(ids.tolist(), counts.tolist()))
         assert len(row["seg_centroid"]) == len(row["seg_extent"]) == 3 * row["n_segments"]
         ground = decode_image(row["ground_px"])
-        assert ground.shape == img.shape and set(np.unique(ground)) <= {0, 1} and ground.sum() > 0
+        assert ground.shape == img.shape and set(np.unique(ground)) <= {0, 1, SKY_PX} and (ground == 1).sum() > 0
 
     pts = storage.read_table(str(tmp_path / "proposals" / "points" / "part-00000.parquet")).to_pylist()
     assert [p["frame_id"] for p in pts] == ["f0", "f1"]

@@ -157,7 +157,7 @@ def train(args: argparse.Namespace) -> int:
     base.update(TINY if args.tiny else {})
     base.update(pairs(args.set))
     variants = dict(v.partition("=")[::2] for v in args.variant) or {"default": ""}
-    data = torch.load(os.path.join(args.data, "data.pt"), weights_only=False)
+    data = torch.load(os.path.join(args.data, "data.pt"), weights_only=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
