@@ -27,8 +27,8 @@ import numpy as np
 
 def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """The pseudo-labels a perfect descriptor and clustering would give: each segment's pixels carry the majority
-    ground-truth class of the segment, the ground's pixels (pseudo-class 0 outside segments) road (0), as both
-    released Hungarian mappings send ground; unlabelled pixels stay 255. (H, W) uint8 in the 19 classes."""
+    ground-truth class of the segment, the ground's pixels (pseudo-class 0 outside segments, `cluster.ground_class`)
+    road (0), as both released Hungarian mappings send ground; the rest stays 255. (H, W) uint8 in the 19 classes."""
     out = np.full(label.shape, 255, np.uint8)
     out[(label == 0) & (segments == 0)] = 0
     valid = (segments > 0) & (gt != 255)
@@ -130,15 +130,10 @@ def recipe_scores(confs: dict[str, np.ndarray]) -> dict[str, float]:
 
 def target_quality(rows: list[dict], target: str, n_cls: int) -> dict[str, float]:
     """How good the training target is where it labels pixels: its Hungarian mIoU / pixel accuracy (points) against
-    the ground truth on the pixels it covers."""
-    from raydseg.eval.matching import hungarian_mapping
-    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    the ground truth on the pixels it covers (`covered_scores`, as quality.py scores the pseudo-labels)."""
+    from raydseg.eval.matching import covered_scores
 
-    conf = np.zeros((n_cls, 19), np.int64)
-    for r in rows:
-        m = r[target] != 255
-        conf += confusion_matrix(r[target][m], r["gt"][m], n_cls, 19)
-    sc = scores(apply_mapping(conf, hungarian_mapping(conf)))
+    sc = covered_scores(np.stack([r[target] for r in rows]), np.stack([r["gt"] for r in rows]), n_cls)
     return {"target_miou_covered": 100 * sc["miou"], "target_pixel_acc_covered": 100 * sc["pixel_acc"]}
 
 
