@@ -281,7 +281,7 @@ class TeacherConfig(TrainConfig):
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # paper: vit_small_patch16_224.dino (DINO ViT-S/16)
     weights: Text = ""  # encoder init ("" = features.weights when the backbones match, else random)
-    n_cls: NonNegInt = 0  # output pseudo-classes (0 = cluster.k + cluster.ground_class; paper: 31)
+    n_cls: NonNegInt = 0  # output pseudo-classes (0 = config.painted_classes: k + ground + sky; paper: 31)
     decoder: Literal["mask", "linear"] = "linear"  # mask (mask transformer, paper) | linear (faster to learn here)
     n_layers: PosInt = 1  # mask-transformer layers (released config: 1)
     dropout: Probability = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
