@@ -50,9 +50,9 @@ def blobs(tmp_path_factory):
 
 def small_cfg(**kw):
     sets = {"teacher.n_cls": 4, "cluster.k": 3, "proposals.sky_margin_deg": -1, "teacher.steps": 6,
-            "teacher.batch_size": 4, "teacher.crop_size": 64, "teacher.checkpoint_every": 2, "teacher.log_every": 1, "teacher.val_fraction": 0.2,
-            "teacher.val_images": 4, "teacher.val_every": 4, "teacher.lr": 2e-3, "teacher.scale_min": 0.5,
-            "teacher.torch_threads": 1, **kw}
+            "teacher.batch_size": 4, "teacher.crop_size": 64, "teacher.checkpoint_every": 2, "teacher.log_every": 1,
+            "teacher.val_fraction": 0.2, "teacher.val_images": 4, "teacher.val_every": 4, "teacher.lr": 2e-3,
+            "teacher.scale_min": 0.5, "teacher.torch_threads": 1, **kw}
     return load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
 
 

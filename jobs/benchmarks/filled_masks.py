@@ -2,13 +2,13 @@
 
 `python jobs/benchmarks/filled_masks.py --run outputs/default --out FILE.json [--variants 0:0,12:0,0:48,12:48]`
 
-For every variant `fill_gap_px:ground_fill_px[:sky_margin_deg]` (no third field: the sky off) the proposals of the run's `ingest/frames` are recomputed (all other
-proposals settings from the run's config) and painted with the run's k-means assignments (`cluster/assignments`),
-so only the masks change. Per variant: segment-image agreement with the ground-truth instances
-(`geometry.quality.image_agreement`), segment pixels per image, pseudo-label coverage, the ground's share of the
-labels, its recall / precision against road + sidewalk + terrain, the sky pseudo-class's recall / precision against
-the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU / pixel accuracy of the pseudo-labels on the pixels
-they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
+For every variant `fill_gap_px:ground_fill_px[:sky_margin_deg]` (no third field: the sky off) the proposals of the
+run's `ingest/frames` are recomputed (all other proposals settings from the run's config) and painted with the run's
+k-means assignments (`cluster/assignments`), so only the masks change. Per variant: segment-image agreement with the
+ground-truth instances (`geometry.quality.image_agreement`), segment pixels per image, pseudo-label coverage, the
+ground's share of the labels, its recall / precision against road + sidewalk + terrain, the sky pseudo-class's recall
+/ precision against the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU / pixel accuracy of the
+pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
 """
 from __future__ import annotations
 

@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.data.schema import decode_image, encode_png
     from raydseg.geometry.project import SKY_PX
     from raydseg.geometry.proposals import camera_segments, sweep_segments
-    from raydseg.geometry.sky import top_beam_elevation
 
     cfg = load_config(overrides=[f"data.source={args.source}", f"data.root={args.root}",
                                  "proposals.sky_margin_deg=2.0", *args.set])
@@ -41,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in reader.read_shard(shard, cfg)[0]:
             pts = np.asarray(r["points"], np.float32).reshape(-1, 4)
             cam = r["cameras"][0]
-            seg = camera_segments(pts[:, :3], sweep_segments(pts, r.get("ring"), cfg.proposals), cam["K"],
-                                  cam["T_cam_lidar"], cam["width"], cam["height"], cfg.proposals,
-                                  cam.get("distortion"), cam.get("rolling_shutter"))
+            sw = sweep_segments(pts, r.get("ring"), cfg.proposals)
+            seg = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"],
+                                  cfg.proposals, cam.get("distortion"), cam.get("rolling_shutter"))
             sky = seg["ground_px"] == SKY_PX
             rows = np.nonzero(sky)[0]
             name = r["frame_id"].replace("/", "_")
-            out[name] = {"top_beam_deg": float(np.degrees(top_beam_elevation(pts[:, :3]))), "sky_px": int(sky.sum()),
+            out[name] = {"top_beam_deg": float(np.degrees(sw.top_beam)), "sky_px": int(sky.sum()),
                          "height": int(cam["height"]),
                          "sky_rows": [int(rows.min()), int(np.median(rows)), int(rows.max())] if len(rows) else []}
             img = decode_image(cam["image"]).copy()

@@ -16,19 +16,22 @@ from raydseg.data.schema import encode_png
 from raydseg.geometry.ground import ground_points
 from raydseg.geometry.project import project_segments
 from raydseg.geometry.range_image import RangeImage, beam_rows, build_range_image
+from raydseg.geometry.sky import top_beam_elevation
 from raydseg.geometry.segment import segment_points
 
 
 @dataclass
 class SweepSegments:
     """Result of one sweep. use/ground (N,) bool, segment_id (N,) uint16 (0 = none), ri the range image,
-    stats the segments' segment.segment_stats."""
+    stats the segments' segment.segment_stats, top_beam (rad) the highest elevation of any of its returns (the sky's
+    upper bound in every camera, `raydseg.geometry.sky`)."""
 
     use: np.ndarray
     ground: np.ndarray
     segment_id: np.ndarray
     ri: RangeImage
     stats: dict[str, np.ndarray]
+    top_beam: float
 
 
 def density_mask(xyz: np.ndarray, ring: np.ndarray | None, cfg: ProposalsConfig,
@@ -70,7 +73,8 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
                                         min_points=cfg.min_points, max_points=cfg.max_points,
                                         min_extent_m=cfg.min_extent_m, max_extent_m=cfg.max_extent_m)
     ground &= use
-    return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri, stats=stats)
+    return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri, stats=stats,
+                         top_beam=top_beam_elevation(xyz) if cfg.sky_margin_deg >= 0 else -np.inf)
 
 
 def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lidar: np.ndarray, width: int,
@@ -89,7 +93,7 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
                            zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
                            zbuf_abs_tol=cfg.zbuf_abs_tol_m,
                            radius_px=cfg.densify_radius_px, fill_gap_px=cfg.fill_gap_px,
-                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin_deg)
+                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin_deg, top_beam=sw.top_beam)
     n_px = out.pop("n_pixels")
     st = sw.stats
     vis = n_px[st["id"]] > 0

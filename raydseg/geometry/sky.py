@@ -3,8 +3,9 @@
 A LiDAR ray that crosses the camera's view above the highest return of its image column, yet below the sensor's
 top beam, met nothing within range: in a street scene that is sky. Per camera, the pixels whose viewing ray lies
 above the column's highest visible return by more than a margin (`proposals.sky_margin_deg`: the gap to the next
-beam, where nothing is known) and at or below the sweep's highest return elevation (the top beam) are sky. The rolling shutter is ignored
-here: at infinity only the camera's rotation during readout moves a ray, by a fraction of a degree.
+beam, where nothing is known) and at or below the sweep's highest return elevation (the top beam) are sky. The
+rolling shutter is ignored here: at infinity only the camera's rotation during readout moves a ray, by a fraction
+of a degree.
 """
 from __future__ import annotations
 
