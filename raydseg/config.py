@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from raydseg.errors import ConfigError
 from raydseg.train.feed import batch_split
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: installed with the wheel
 DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
+SYNTHETIC_SKY_MARGIN_DEG = 2.0  # proposals.sky_margin_deg's resolution on the synthetic world (docs/results.md)
 
 
 def _number_to_text(value: Any) -> Any:
@@ -148,8 +149,15 @@ class ProposalsConfig(Section):
     fill_gap_px: NonNegInt = 12  # vertical gaps closed inside a segment's mask (between its scanlines; 0 = off)
     ground_fill_px: NonNegInt = 0  # vertical gaps closed between ground scanlines and below the lowest (0 = hits only)
     # sky: pixels crossed by rays without a return, more than this above their column's highest return (deg; the
-    # gap to the next beam); painted as the last pseudo-class. < 0 = off, as in the paper (raydseg.geometry.sky)
-    sky_margin_deg: float = 2.0
+    # gap to the next beam); painted as the last pseudo-class. < 0 = off, as in the paper (raydseg.geometry.sky).
+    # null = SYNTHETIC_SKY_MARGIN_DEG on data.source=synthetic, off on real sensors: there the band under the top
+    # beam holds far trees and buildings that return nothing (KITTI, nuScenes; docs/results.md)
+    sky_margin_deg: float | None = None
+
+    @property
+    def sky_margin(self) -> float:
+        """deg, < 0 = no sky; unresolved (None, a bare ProposalsConfig outside a Config) marks none either."""
+        return -1.0 if self.sky_margin_deg is None else self.sky_margin_deg
 
 
 class PretrainConfig(Section):
@@ -218,7 +226,10 @@ class FeaturesConfig(Section):
     crop_size: PosInt = 112  # crop_cls: side of the resized masked crop, a patch multiple (paper: 224)
     crop_pad: NonNegInt = 0  # crop_cls: px of context around the tight box (paper: 0)
     image_size: NonNegInt = 0  # mask_pool: shorter input side in px (0 = native), rounded to patch multiples
-    min_pixels: PosInt = 16  # segments with fewer projected pixels get no descriptor (stay unlabelled)
+    min_pixels: PosInt = 16  # segments (and ground patches) with fewer pixels get no descriptor (stay unlabelled)
+    # also describe the ground: one patch token per token-grid cell of a whole-image pass (at image_size) that holds
+    # >= min_pixels LiDAR ground pixels (features/ground; clustered with cluster.ground_k; raydseg.features.ground)
+    ground_patches: bool = False
     batch_size: PosInt = 32  # crops per forward pass
     num_actors: PosInt = 1  # actor-pool size (each actor loads the backbone once)
     cpus_per_actor: PosFloat = 1.0
@@ -233,6 +244,9 @@ class ClusterConfig(Section):
     n_restarts: PosInt = 3  # keep the restart with the lowest inertia
     n_actors: PosInt = 2  # shard actors
     ground_class: bool = True  # ground points form pseudo-class 0; k-means classes are 1..k
+    # > 1: the ground patches (features.ground_patches) get their own k-means into this many ground pseudo-classes
+    # 0..ground_k-1 (road / sidewalk / terrain), and the object clusters follow
+    ground_k: PosInt = 1
     num_gpus: NonNegFloat = 0.0  # GPUs per shard actor (faiss GPU index when available)
     use_faiss: bool = True  # false: numpy distances (reference path)
     seed_sample: PosInt = 20_000  # k-means++ runs on this many rows (deterministic global sample)
@@ -331,6 +345,8 @@ class TrackingConfig(Section):
 
 
 class Config(Section):
+    """The whole configuration; `proposals.sky_margin_deg: null` resolves here, from data.source."""
+
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -342,6 +358,13 @@ class Config(Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _resolve_sky(self) -> "Config":
+        if self.proposals.sky_margin_deg is None:
+            synthetic = self.data.source == "synthetic"
+            self.proposals.sky_margin_deg = SYNTHETIC_SKY_MARGIN_DEG if synthetic else -1.0
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -365,15 +388,20 @@ def patch_size(backbone: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def ground_pseudo_classes(cfg: Config) -> int:
+    """How many pseudo-classes the ground takes (the first ones): cluster.ground_k, 0 without cluster.ground_class."""
+    return cfg.cluster.ground_k if cfg.cluster.ground_class else 0
+
+
 def painted_classes(cfg: Config) -> int:
-    """Pseudo-classes the cluster stage paints: ground (0, when cluster.ground_class), the k clusters, then sky (the
-    last, when proposals.sky_margin_deg >= 0)."""
-    return cfg.cluster.k + int(cfg.cluster.ground_class) + int(cfg.proposals.sky_margin_deg >= 0)
+    """Pseudo-classes the cluster stage paints: the ground's (`ground_pseudo_classes`), the k clusters, then sky
+    (the last, when proposals.sky_margin_deg >= 0)."""
+    return ground_pseudo_classes(cfg) + cfg.cluster.k + int(cfg.proposals.sky_margin >= 0)
 
 
 def sky_pseudo_class(cfg: Config) -> int | None:
     """The sky's pseudo-class (the last one), or None when the proposals mark no sky."""
-    return painted_classes(cfg) - 1 if cfg.proposals.sky_margin_deg >= 0 else None
+    return painted_classes(cfg) - 1 if cfg.proposals.sky_margin >= 0 else None
 
 
 def cross_field_problems(cfg: Config) -> list[str]:
@@ -402,8 +430,13 @@ def cross_field_problems(cfg: Config) -> list[str]:
         out.append(f"proposals.ground_sg_window: {p.ground_sg_window} must be odd (a centred Savitzky-Golay window)")
     n_cls = painted_classes(cfg)
     if cfg.teacher.n_cls not in (0, n_cls):
-        out.append(f"teacher.n_cls: {cfg.teacher.n_cls} does not match cluster.k + cluster.ground_class + sky "
+        out.append(f"teacher.n_cls: {cfg.teacher.n_cls} does not match cluster.k + ground (cluster.ground_k) + sky "
                    f"(proposals.sky_margin_deg >= 0) = {n_cls} (0 = derive it)")
+    if cfg.cluster.ground_k > 1 and not (cfg.cluster.ground_class and cfg.features.ground_patches):
+        out.append(f"cluster.ground_k: {cfg.cluster.ground_k} needs cluster.ground_class and features.ground_patches "
+                   "(the ground patches it clusters)")
+    if cfg.features.ground_patches and not patch_size(cfg.features.backbone):
+        out.append(f"features.ground_patches: the backbone {cfg.features.backbone} names no patch size (patchNN)")
     crops = [("features.crop_size", cfg.features.crop_size, cfg.features.backbone)]
     crops += [(f"{t}.crop_size", getattr(cfg, t).crop_size, cfg.teacher.backbone) for t in ("teacher", "student")]
     crops += [(f"pretrain.{c}_crop_size", getattr(cfg.pretrain, f"{c}_crop_size"), cfg.pretrain.backbone)

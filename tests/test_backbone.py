@@ -99,3 +99,34 @@ def test_random_init_is_reproducible_per_seed_and_leaves_global_rng_alone():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["patch_embed.proj.weight"], sc["patch_embed.proj.weight"])
+
+
+def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
+    """A ground pixel's cell is the token its pixel lands on after the whole-image resize (here 50x70 -> 48x64 at
+    patch 16: a 3x4 grid); a cell's descriptor is that token, i.e. the mask-pooled descriptor of exactly the cell."""
+    from raydseg.features.ground import described_cells, ground_cells, paint_ground
+    from raydseg.features.pooling import ground_descriptors
+
+    ground = np.zeros((50, 70), bool)
+    ground[40:, :] = True  # the bottom rows: cell row 2
+    ground[45:, 60:] = False
+    cells = ground_cells(ground, 16)
+    assert cells[:40].max() == 0 and set(np.unique(cells[ground])) == {9, 10, 11, 12} and not cells[~ground].any()
+    assert cells[49, 0] == 9 and cells[40, 69] == 12 and cells[40, 52] == 11  # col 52 * 4 // 70 = 2
+    counts = {int(i): int((cells == i).sum()) for i in (9, 10, 11, 12)}
+    assert counts == {9: 180, 10: 170, 11: 180, 12: 120}
+    np.testing.assert_array_equal(described_cells(cells, 150), [9, 10, 11])
+    painted = paint_ground(cells, np.array([9, 10, 11]), np.array([1, 0, 1]))
+    assert painted[49, 0] == 1 and painted[49, 20] == 0 and painted[40, 69] == 255 and painted[0, 0] == 255
+
+    m = create_backbone(NAME)
+    img, _, _ = _scene()  # 64x96: an exact 4x6 grid
+    g = np.zeros((64, 96), bool)
+    g[48:, :] = True
+    cells = ground_cells(g, 16)
+    ids = described_cells(cells, 16)
+    np.testing.assert_array_equal(ids, np.arange(19, 25))
+    d = ground_descriptors(m, img, cells, ids)
+    assert d.shape == (6, 192)
+    np.testing.assert_allclose(d, mask_pool_descriptors(m, img, cells, ids), atol=1e-5)
+    assert ground_descriptors(m, img, cells, ids[:0]).shape == (0, 192)

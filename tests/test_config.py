@@ -59,8 +59,8 @@ def test_every_problem_is_reported_at_once_one_line_each():
     assert e.value.problems == [
         "run.stages: unknown stage(s) bogus (stages: ingest, pretrain, proposals, features, cluster, teacher, student, "
         "evaluate)",
-        "teacher.n_cls: 5 does not match cluster.k + cluster.ground_class + sky (proposals.sky_margin_deg >= 0) = 14 "
-        "(0 = derive it)",
+        "teacher.n_cls: 5 does not match cluster.k + ground (cluster.ground_k) + sky (proposals.sky_margin_deg >= 0) "
+        "= 14 (0 = derive it)",
         "student.crop_size: 100 must be a positive multiple of the patch size 16 of vit_tiny_patch16_224",
         "eval.fit_set: 'zz' is not one of the eval sets (synthetic_day, synthetic_night, synthetic_fog)"]
 
@@ -124,3 +124,18 @@ def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatc
     assert load_config("configs/waymo.yaml").run.name == "mine"
     with pytest.raises(ConfigError, match=r"^config file configs/nope.yaml does not exist$"):
         load_config("configs/nope.yaml")
+
+
+def test_sky_resolves_from_the_source():
+    """`proposals.sky_margin_deg: null` marks sky on the synthetic world only: on real sensors the band under the top
+    beam holds far trees and buildings (docs/results.md). An explicit value wins; a resolved config round-trips."""
+    from raydseg.config import SYNTHETIC_SKY_MARGIN_DEG, ProposalsConfig, painted_classes
+
+    assert load_config().proposals.sky_margin_deg == SYNTHETIC_SKY_MARGIN_DEG
+    kitti = ["data.source=kitti", "data.root=/data/kitti"]
+    real = load_config(overrides=kitti)
+    assert real.proposals.sky_margin_deg == -1.0 and painted_classes(real) == painted_classes(load_config()) - 1
+    assert config_from_dict(real.to_dict()).proposals.sky_margin_deg == -1.0
+    assert load_config(overrides=kitti + ["proposals.sky_margin_deg=2.5"]).proposals.sky_margin_deg == 2.5
+    assert load_config(overrides=["proposals.sky_margin_deg=-1"]).proposals.sky_margin_deg == -1.0
+    assert ProposalsConfig().sky_margin == -1.0  # unresolved outside a Config: no sky

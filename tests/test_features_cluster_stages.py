@@ -20,6 +20,9 @@ def _frame(i: int):
     seg = np.zeros((H, W), np.uint16)
     ground = np.zeros((H, W), np.uint8)
     ground[50:, :] = 1
+    walk = slice(0, 48) if i % 2 else slice(48, W)  # a light sidewalk beside the road, on either side
+    img[50:, walk] = (170, 165, 160)
+    gt[50:, walk] = 1
     boxes = [(5, 25, 5 + 3 * i, 30 + 3 * i, (220, 30, 30), 13), (8, 40, 55, 80, (30, 30, 220), 11),
              (30, 48, 30, 50, (30, 200, 30), 8)]
     for sid, (r0, r1, c0, c1, col, cls) in enumerate(boxes, start=1):
@@ -40,8 +43,10 @@ def _frame(i: int):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("descriptor", ["mask_pool", "crop_cls"])
-def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descriptor):
+@pytest.mark.parametrize("descriptor,ground_k", [("mask_pool", 1), ("crop_cls", 2)])
+def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descriptor, ground_k):
+    """Three colour-coded object classes and a two-coloured ground (road / sidewalk, switching sides from frame to
+    frame): the clusters follow the colours; with cluster.ground_k = 2 so do the ground's two pseudo-classes."""
     import mlflow
 
     from raydseg.stages import cluster, features
@@ -58,7 +63,8 @@ def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descrip
         segs.update({r[1]["frame_id"]: (r[2], r[3]) for r in rows})
     cfg = load_config(overrides=[f"features.descriptor={descriptor}", "features.crop_size=32", "cluster.k=3",
                                  "cluster.n_actors=2", "cluster.n_iter=5", "cluster.n_restarts=2",
-                                 "cluster.montage_per_cluster=2"])
+                                 "cluster.montage_per_cluster=2", f"cluster.ground_k={ground_k}",
+                                 f"features.ground_patches={ground_k > 1}"])
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("test_features_cluster")
     with mlflow.start_run() as run:
@@ -69,6 +75,7 @@ def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descrip
                             mlflow_run_id=run.info.run_id)
         cres = cluster.run(cctx)
     assert fres.counts["images"] == 4 and fres.counts["segments"] == 12 and fres.metrics["images_per_s"] > 0
+    assert fres.counts["ground_patches"] == (24 if ground_k > 1 else 0)  # the bottom row of a 4 x 6 token grid
     ft = storage.read_table(storage.join(root, "features", "part-00000.parquet"))
     assert ft.schema.names == ["frame_id", "camera", "segment_id", "descriptor"]
     assert ft.schema.field("segment_id").type == pa.uint16()
@@ -85,16 +92,26 @@ def test_features_and_cluster_stages(tmp_path, ray_local, mlflow_server, descrip
     assert cres.metrics["purity_random"] < cres.metrics["purity_segments"] - 0.2
     pl = pa.concat_tables([storage.read_table(storage.join(root, "cluster", "pseudolabels", f"part-{p:05d}.parquet"))
                            for p in range(2)])
+    ground_of: dict = {}
     assert pl.schema.names == ["frame_id", "camera", "image", "label", "segment_ids", "gt_semantic"]
     for row in pl.to_pylist():
         seg, gt = segs[row["frame_id"]]
         lab = decode_image(row["label"])
         assert lab.dtype == np.uint8 and lab.shape == (H, W)
-        assert np.all(lab[seg == 0][:10] == 255) and np.all(lab[50:][seg[50:] == 0] == 0)  # unlabelled / ground
-        assert set(np.unique(lab[seg > 0])) <= {1, 2, 3}
+        assert np.all(lab[seg == 0][:10] == 255)  # unlabelled
+        ground = lab[50:][seg[50:] == 0]
+        if ground_k == 1:
+            assert np.all(ground == 0)
+        else:  # each side one ground class; across frames the classes follow the colour, not the side
+            ground_of[row["frame_id"]] = (lab[60, 10], lab[60, 80])
+            assert set(np.unique(ground)) <= {0, 1} and lab[60, 10] != lab[60, 80]
+        assert set(np.unique(lab[seg > 0])) <= {ground_k, ground_k + 1, ground_k + 2}
         for s in (1, 2, 3):  # a segment is painted with one pseudo-class
             assert len(np.unique(lab[seg == s])) == 1
         np.testing.assert_array_equal(decode_image(row["gt_semantic"]), gt)
+    if ground_k > 1:
+        assert cres.metrics["ground_patches"] == 24
+        assert ground_of["f0"] == ground_of["f2"] == ground_of["f1"][::-1] == ground_of["f3"][::-1]
     client = mlflow.tracking.MlflowClient(mlflow_server)
     hist = client.get_metric_history(run.info.run_id, "cluster/inertia")
     assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 5
@@ -127,12 +144,12 @@ def test_pseudo_labels_paint_ground_zero_and_the_sky_as_the_last_class_and_segme
     segments = np.array([[0, 0, 1, 1], [0, 2, 2, 0], [0, 0, 0, 3]], np.uint16)
     ground_px = np.array([[2, 2, 2, 0], [2, 2, 0, 1], [1, 1, 1, 1]], np.uint8)  # 2 = sky, 1 = ground
     ids, classes = np.array([1, 2]), np.array([5, 7])  # segment 3 unclustered
-    plain = paint_labels(segments, ids, classes, ground_px, True)
+    plain = paint_labels(segments, ids, classes, ground_px, 0)
     assert plain.tolist() == [[255, 255, 5, 5], [255, 7, 7, 0], [0, 0, 0, 255]]  # sky pixels are not ground
     cfg = load_config(None)  # the default marks the sky
     assert painted_classes(cfg) == cfg.cluster.k + 2 and sky_pseudo_class(cfg) == cfg.cluster.k + 1
     off = load_config(None, ["proposals.sky_margin_deg=-1"])
     assert painted_classes(off) == cfg.cluster.k + 1 and sky_pseudo_class(off) is None
-    sky = paint_labels(segments, ids, classes, ground_px, True, sky_pseudo_class(cfg))
+    sky = paint_labels(segments, ids, classes, ground_px, 0, sky_pseudo_class(cfg))
     s = cfg.cluster.k + 1
     assert sky.tolist() == [[s, s, 5, 5], [s, 7, 7, 0], [0, 0, 0, 255]]

@@ -49,7 +49,7 @@ def _earlier_run(root: Path) -> Path:
      "only the synthetic source brings its own eval splits"),
     (["--set", "run.name=../escape"], "run.name: string should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]*$', "
                                       "got '../escape'"),
-    (["--set", "teacher.n_cls=7"], "teacher.n_cls: 7 does not match cluster.k + cluster.ground_class + sky"),
+    (["--set", "teacher.n_cls=7"], "teacher.n_cls: 7 does not match cluster.k + ground (cluster.ground_k) + sky"),
     (["--config", "{tmp}/none.yaml"], "config file {tmp}/none.yaml does not exist"),
     (["--set", "cluster.kk=3"], "unknown key 'cluster.kk'"),
 ])

@@ -30,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
-    from raydseg.config import load_config, painted_classes, sky_pseudo_class
+    from raydseg.config import ground_pseudo_classes, load_config, painted_classes, sky_pseudo_class
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.eval.matching import covered_scores
     from raydseg.geometry import quality
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
     run_cfg = load_config(os.path.join(args.run, "config.yaml"))
+    if ground_pseudo_classes(run_cfg) > 1:
+        raise SystemExit(f"--run {args.run}: repainting the ground patches' classes (cluster.ground_k > 1) is not "
+                         "supported")
     frames = []
     for path in sorted(glob.glob(os.path.join(args.run, "ingest", "frames", "part-*.parquet"))):
         frames += table_to_frames(storage.read_table(path))
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = assign.get((f["frame_id"], cam["name"]), {})
                 labels.append(paint_labels(out["segment_ids"], np.array(list(m), np.int64),
                                            np.array(list(m.values()), np.int64), out["ground_px"],
-                                           run_cfg.cluster.ground_class, sky))
+                                           0 if run_cfg.cluster.ground_class else None, sky))
                 gts.append(decode_image(cam["gt_semantic"]))
         lab, gt = np.stack(labels), np.stack(gts)
         sc = covered_scores(lab, gt, n_cls)

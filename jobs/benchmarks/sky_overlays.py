@@ -2,7 +2,7 @@
 per-pixel truth here: overlays and per-frame figures for a look.
 
 `python jobs/benchmarks/sky_overlays.py --source kitti --root DIR --out OUT [--set proposals.sky_margin_deg=2.0]`
-reads the frames with the source's reader, computes each first camera's proposals with the sky on, and writes
+reads the frames with the source's reader, computes every camera's proposals with the sky on, and writes
 OUT/<frame>.png (the sky in magenta over the image) and OUT/sky_overlays.json: the sweep's top-beam elevation (deg),
 the sky's pixel count and its rows (min / median / max).
 """
@@ -39,20 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     for shard in reader.list_shards(cfg):
         for r in reader.read_shard(shard, cfg)[0]:
             pts = np.asarray(r["points"], np.float32).reshape(-1, 4)
-            cam = r["cameras"][0]
             sw = sweep_segments(pts, r.get("ring"), cfg.proposals)
-            seg = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"],
-                                  cfg.proposals, cam.get("distortion"), cam.get("rolling_shutter"))
-            sky = seg["ground_px"] == SKY_PX
-            rows = np.nonzero(sky)[0]
-            name = r["frame_id"].replace("/", "_")
-            out[name] = {"top_beam_deg": float(np.degrees(sw.top_beam)), "sky_px": int(sky.sum()),
-                         "height": int(cam["height"]),
-                         "sky_rows": [int(rows.min()), int(np.median(rows)), int(rows.max())] if len(rows) else []}
-            img = decode_image(cam["image"]).copy()
-            img[sky] = (0.3 * img[sky] + 0.7 * np.array([255, 0, 255])).astype(np.uint8)
-            with open(os.path.join(args.out, f"{name}.png"), "wb") as f:
-                f.write(encode_png(img))
+            for cam in r["cameras"]:
+                seg = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"],
+                                      cfg.proposals, cam.get("distortion"), cam.get("rolling_shutter"))
+                sky = seg["ground_px"] == SKY_PX
+                rows = np.nonzero(sky)[0]
+                name = f"{r['frame_id']}_{cam['name']}".replace("/", "_")
+                out[name] = {"top_beam_deg": float(np.degrees(sw.top_beam)), "sky_px": int(sky.sum()),
+                             "height": int(cam["height"]),
+                             "sky_rows": [int(rows.min()), int(np.median(rows)), int(rows.max())] if len(rows) else []}
+                img = decode_image(cam["image"]).copy()
+                img[sky] = (0.3 * img[sky] + 0.7 * np.array([255, 0, 255])).astype(np.uint8)
+                with open(os.path.join(args.out, f"{name}.png"), "wb") as f:
+                    f.write(encode_png(img))
     with open(os.path.join(args.out, "sky_overlays.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(out, indent=1))

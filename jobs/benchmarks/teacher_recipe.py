@@ -25,12 +25,13 @@ import time
 import numpy as np
 
 
-def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray, n_ground: int = 1) -> np.ndarray:
     """The pseudo-labels a perfect descriptor and clustering would give: each segment's pixels carry the majority
     ground-truth class of the segment, the ground's pixels (pseudo-class 0 outside segments, `cluster.ground_class`)
-    road (0), as both released Hungarian mappings send ground; the rest stays 255. (H, W) uint8 in the 19 classes."""
+    road (0), as both released Hungarian mappings send ground; the rest stays 255. (H, W) uint8 in the 19 classes.
+    n_ground: the ground's pseudo-classes (0..n_ground-1, `config.ground_pseudo_classes`)."""
     out = np.full(label.shape, 255, np.uint8)
-    out[(label == 0) & (segments == 0)] = 0
+    out[(label < n_ground) & (segments == 0)] = 0
     valid = (segments > 0) & (gt != 255)
     seg, cls = segments[valid].astype(np.int64), gt[valid].astype(np.int64)
     counts = np.zeros((int(segments.max()) + 1, 19), np.int64)
@@ -42,7 +43,7 @@ def segment_truth(label: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np
 
 
 def oracle_extras(target: np.ndarray, label: np.ndarray, segments: np.ndarray, gt: np.ndarray,
-                  elevation: np.ndarray | None, fov_up_deg: float, extras: set[str]) -> np.ndarray:
+                  elevation: np.ndarray | None, fov_up_deg: float, extras: set[str], n_ground: int = 1) -> np.ndarray:
     """`segment_truth` with what the pseudo-labels lack, given perfectly: "ground" (the ground's pixels carry their
     true class, road / sidewalk / terrain, instead of road) and "sky" (true sky pixels within the LiDAR's vertical
     field of view, `elevation` (degrees) <= fov_up_deg, labelled sky: a perfect detector of rays without a return)."""
@@ -50,7 +51,7 @@ def oracle_extras(target: np.ndarray, label: np.ndarray, segments: np.ndarray, g
 
     out = target.copy()
     if "ground" in extras:
-        ground = (label == 0) & (segments == 0)
+        ground = (label < n_ground) & (segments == 0)
         out[ground] = gt[ground]
     if "sky" in extras:
         sky = (gt == SKY_TRAIN_ID) & (elevation <= fov_up_deg) & (out == 255)
@@ -63,16 +64,17 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
     `segment_truth`; or repainted with new masks)."""
     from raydseg import storage
     from raydseg.clustering.pseudolabels import paint_labels
-    from raydseg.config import load_config, sky_pseudo_class
+    from raydseg.config import ground_pseudo_classes, load_config, sky_pseudo_class
     from raydseg.data.schema import decode_image, table_to_frames
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
     from raydseg.geometry.sky import camera_elevation
 
     rows = []
+    run_cfg = load_config(os.path.join(run, "config.yaml"))
+    n_ground = ground_pseudo_classes(run_cfg)
     if not proposals:
-        elevation, fov_up = {}, 0.0
+        elevation, fov_up = {}, run_cfg.synthetic.fov_up_deg
         if "sky" in extras:
-            fov_up = load_config(os.path.join(run, "config.yaml")).synthetic.fov_up_deg
             for p in sorted(glob.glob(os.path.join(run, "ingest", "frames", "part-*.parquet"))):
                 for f in table_to_frames(storage.read_table(p)):
                     for cam in f["cameras"]:
@@ -83,14 +85,15 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
             for i, fid in enumerate(d["frame_id"]):
                 label, gt = decode_image(d["label"][i]), decode_image(d["gt_semantic"][i])
                 segments = decode_image(d["segment_ids"][i])
-                target = segment_truth(label, segments, gt)
+                target = segment_truth(label, segments, gt, n_ground)
                 if extras:
                     target = oracle_extras(target, label, segments, gt, elevation.get((fid, d["camera"][i])),
-                                           fov_up, extras)
+                                           fov_up, extras, n_ground)
                 rows.append({"frame_id": fid, "image": decode_image(d["image"][i]), "label": label, "gt": gt,
                              "segment_gt": target})
         return rows
-    run_cfg = load_config(os.path.join(run, "config.yaml"))
+    if n_ground > 1:
+        raise SystemExit("--proposals: repainting the ground patches' classes (cluster.ground_k > 1) is not supported")
     cfg = run_cfg.proposals.model_copy(update=proposals)
     sky = sky_pseudo_class(run_cfg.model_copy(update={"proposals": cfg}))
     assign: dict = {}
@@ -105,7 +108,7 @@ def load_rows(run: str, proposals: dict, extras: frozenset = frozenset()) -> lis
                 out = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], cam["width"], cam["height"], cfg)
                 m = assign.get((f["frame_id"], cam["name"]), {})
                 lab = paint_labels(out["segment_ids"], np.array(list(m), np.int64),
-                                   np.array(list(m.values()), np.int64), out["ground_px"], run_cfg.cluster.ground_class,
+                                   np.array(list(m.values()), np.int64), out["ground_px"], 0 if n_ground else None,
                                    sky)
                 rows.append({"frame_id": f["frame_id"], "image": decode_image(cam["image"]), "label": lab,
                              "gt": decode_image(cam["gt_semantic"])})

@@ -16,7 +16,7 @@ PURITY_MAX_IMAGES = 200  # images scored against ground truth (a sample is enoug
 
 
 def montage_png(picks: list[list[tuple[str, str, int]]], counts: np.ndarray, frames_dir: str, seg_dir: str,
-                index: dict[str, str], px: int, ground_class: bool) -> bytes:
+                index: dict[str, str], px: int, n_ground: int) -> bytes:
     """Per cluster (one row, labelled with its pseudo-class and size `counts[j]`), its picked segments (frame_id,
     camera, segment_id; KMeansResult.nearest: nearest to the centroid first) as masked `px`-pixel thumbnails;
     images from `frames_dir`, segment images from `seg_dir` (the parts named by `index`)."""
@@ -32,7 +32,7 @@ def montage_png(picks: list[list[tuple[str, str, int]]], counts: np.ndarray, fra
     for j, row in enumerate(picks):
         thumbs.append([segment_thumbnail(decode_image(images[(f, c)]["image"]), decode_image(segs[(f, c)]), sid, px)
                        for f, c, sid in row if (f, c) in images and (f, c) in segs])
-        names.append(f"{int(class_of_cluster(j, ground_class))} (n={int(counts[j])})")
+        names.append(f"{int(class_of_cluster(j, n_ground))} (n={int(counts[j])})")
     return encode_png(montage(thumbs, names, px))
 
 

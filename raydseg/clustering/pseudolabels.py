@@ -7,20 +7,22 @@ from raydseg.eval.metrics import IGNORE_INDEX, confusion_matrix
 from raydseg.geometry.project import SKY_PX
 
 
-def class_of_cluster(cluster: np.ndarray, ground_class: bool) -> np.ndarray:
-    """k-means cluster index (0..k-1) -> pseudo-class (1..k when pseudo-class 0 is ground, else 0..k-1)."""
-    return np.asarray(cluster, np.int64) + int(ground_class)
+def class_of_cluster(cluster: np.ndarray, n_ground: int) -> np.ndarray:
+    """k-means cluster index (0..k-1) -> pseudo-class, after the `n_ground` ground pseudo-classes
+    (`config.ground_pseudo_classes`)."""
+    return np.asarray(cluster, np.int64) + int(n_ground)
 
 
 def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.ndarray,
-                 ground_px: np.ndarray | None = None, ground_class: bool = True, sky_class: int | None = None
-                 ) -> np.ndarray:
+                 ground_px: np.ndarray | None = None, ground: int | np.ndarray | None = 0,
+                 sky_class: int | None = None) -> np.ndarray:
     """Paint a segment-id image into pseudo-classes.
 
     segment_ids (H, W) uint16 (0 = no segment); seg_ids (S,) / seg_classes (S,) the class of each labelled
-    segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) uint8, 1 = ground, painted 0 when
-    `ground_class`, SKY_PX = sky (raydseg.geometry.sky), painted `sky_class` when given (segment pixels win over
-    both). Returns (H, W) uint8, 255 = ignore.
+    segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) uint8, 1 = ground, painted `ground` (one
+    pseudo-class, or (H, W) uint8 per pixel from `raydseg.features.ground.paint_ground`; None = unlabelled), SKY_PX
+    = sky (raydseg.geometry.sky), painted `sky_class` when given (segment pixels win over both). Returns (H, W)
+    uint8, 255 = ignore.
     """
     sid = np.asarray(segment_ids).astype(np.int64)
     lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE_INDEX, np.uint8)
@@ -32,8 +34,9 @@ def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.n
     label = lut[sid]
     if ground_px is not None:
         ground_px = np.asarray(ground_px)
-        if ground_class:
-            label[(ground_px == 1) & (sid == 0)] = 0
+        if ground is not None:
+            on = (ground_px == 1) & (sid == 0)
+            label[on] = ground[on] if isinstance(ground, np.ndarray) else ground
         if sky_class is not None:
             label[(ground_px == SKY_PX) & (sid == 0)] = sky_class
     return label
@@ -63,8 +66,8 @@ def segment_purity(images: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     labels, controls, gts, start = [], [], [], 0
     for sid, gt, seg_ids, seg_classes in images:
         n = len(seg_ids)
-        labels.append(paint_labels(sid, seg_ids, seg_classes, ground_class=False))
-        controls.append(paint_labels(sid, seg_ids, shuffled[start:start + n], ground_class=False))
+        labels.append(paint_labels(sid, seg_ids, seg_classes, ground=None))
+        controls.append(paint_labels(sid, seg_ids, shuffled[start:start + n], ground=None))
         gts.append(gt)
         start += n
     return purity(labels, gts), purity(controls, gts)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from raydseg.features.ground import patch_grid_size
+
 
 def normalize_image(image: np.ndarray, model: nn.Module | None = None) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - mean) / std with the model's pretrained_cfg statistics."""
@@ -63,13 +65,6 @@ def crop_cls_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.nd
     return F.normalize(torch.cat(out), dim=1).numpy().astype(np.float32)
 
 
-def patch_grid_size(h: int, w: int, patch: int, size: int = 0) -> tuple[int, int]:
-    """Input size (H', W') for a whole-image pass: the shorter side scaled to `size` (0 = keep), both sides rounded
-    to multiples of the patch size."""
-    scale = size / min(h, w) if size > 0 else 1.0
-    return max(patch, int(round(h * scale / patch)) * patch), max(patch, int(round(w * scale / patch)) * patch)
-
-
 def mask_weights(segment_ids: np.ndarray, ids: np.ndarray, grid: tuple[int, int], chunk: int = 16) -> torch.Tensor:
     """Fraction of every patch cell covered by each segment: segment_ids (H, W), ids (S,) -> (S, gh, gw) float32;
     every non-empty segment has a positive total (area-averaged masks, `chunk` segments at a time)."""
@@ -81,24 +76,40 @@ def mask_weights(segment_ids: np.ndarray, ids: np.ndarray, grid: tuple[int, int]
 
 
 @torch.no_grad()
-def mask_pool_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray, *,
-                          size: int = 0, device: str = "cpu", dtype: torch.dtype | None = None) -> np.ndarray:
-    """Fast descriptor: one ViT pass over the whole image, patch tokens averaged with each segment's per-patch
-    coverage as weights. image (H, W, 3) uint8, segment_ids (H, W), ids (S,) -> (S, D) float32, L2-normalised.
-    `size`: shorter input side in px (0 = native), rounded to patch multiples."""
-    h, w = segment_ids.shape
+def patch_tokens(model: nn.Module, image: np.ndarray, size: int = 0, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One ViT pass over the whole image (H, W, 3) uint8, its shorter side at `size` px (0 = native), both sides
+    rounded to patch multiples: the patch tokens (gh*gw, D) float32 on the CPU, row-major, and the grid (gh, gw)."""
+    h, w = image.shape[:2]
     patch = model.patch_embed.patch_size[0]
     ih, iw = patch_grid_size(h, w, patch, size)
     x = F.interpolate(normalize_image(image, model)[None], size=(ih, iw), mode="bilinear", align_corners=False)
     with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
         tokens = model.forward_features(x.to(device))  # (1, prefix + gh*gw, D)
-    grid = (ih // patch, iw // patch)
-    feats = tokens[0, model.num_prefix_tokens:].float().cpu()  # (gh*gw, D)
+    return tokens[0, model.num_prefix_tokens:].float().cpu(), (ih // patch, iw // patch)
+
+
+def mask_pool_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray, *,
+                          size: int = 0, device: str = "cpu", dtype: torch.dtype | None = None) -> np.ndarray:
+    """Fast descriptor: one ViT pass over the whole image, patch tokens averaged with each segment's per-patch
+    coverage as weights. image (H, W, 3) uint8, segment_ids (H, W), ids (S,) -> (S, D) float32, L2-normalised.
+    `size`: shorter input side in px (0 = native), rounded to patch multiples."""
+    feats, grid = patch_tokens(model, image, size, device, dtype)
     wts = mask_weights(segment_ids, np.asarray(ids), grid).reshape(len(ids), -1)  # (S, gh*gw)
     if len(ids) == 0:
         return np.zeros((0, feats.shape[1]), np.float32)
     pooled = (wts @ feats) / wts.sum(1, keepdim=True).clamp_min(1e-12)
     return F.normalize(pooled, dim=1).numpy().astype(np.float32)
+
+
+def ground_descriptors(model: nn.Module, image: np.ndarray, cells: np.ndarray, ids: np.ndarray, *, size: int = 0,
+                       device: str = "cpu", dtype: torch.dtype | None = None) -> np.ndarray:
+    """The ground patches' descriptors: the patch token of each cell (`raydseg.features.ground.ground_cells` on the
+    same `size`). image (H, W, 3) uint8, cells (H, W), ids (G,) 1-based cells -> (G, D) float32, L2-normalised."""
+    if len(ids) == 0:
+        return np.zeros((0, model.num_features), np.float32)
+    feats, _ = patch_tokens(model, image, size, device, dtype)
+    return F.normalize(feats[torch.as_tensor(np.asarray(ids, np.int64) - 1)], dim=1).numpy().astype(np.float32)
 
 
 def segment_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray,

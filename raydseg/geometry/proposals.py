@@ -74,7 +74,7 @@ def sweep_segments(points: np.ndarray, ring: np.ndarray | None, cfg: ProposalsCo
                                         min_extent_m=cfg.min_extent_m, max_extent_m=cfg.max_extent_m)
     ground &= use
     return SweepSegments(use=use, ground=ground, segment_id=seg, ri=ri, stats=stats,
-                         top_beam=top_beam_elevation(xyz) if cfg.sky_margin_deg >= 0 else -np.inf)
+                         top_beam=top_beam_elevation(xyz) if cfg.sky_margin >= 0 else -np.inf)
 
 
 def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lidar: np.ndarray, width: int,
@@ -93,7 +93,7 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
                            zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
                            zbuf_abs_tol=cfg.zbuf_abs_tol_m,
                            radius_px=cfg.densify_radius_px, fill_gap_px=cfg.fill_gap_px,
-                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin_deg, top_beam=sw.top_beam)
+                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin, top_beam=sw.top_beam)
     n_px = out.pop("n_pixels")
     st = sw.stats
     vis = n_px[st["id"]] > 0
