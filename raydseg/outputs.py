@@ -26,11 +26,15 @@ RUN_FILE = "run.json"
 
 
 def stage_keys(cfg: Config, stages: dict[str, ModuleType]) -> dict[str, dict]:
-    """{stage: {hash, config_hash, inputs}} for `stages` in pipeline order (each stage's INPUTS come before it)."""
+    """{stage: {hash, config_hash, inputs}} for `stages` in pipeline order (each stage's INPUTS come before it).
+    A stage's optional OUTPUT_VERSION (int, bumped when the same config starts to give different outputs) joins
+    its key when nonzero, so stores made by the older code are not reused; its downstream keys change with it."""
     keys: dict[str, dict] = {}
     for name, stage in stages.items():
         inputs = {i: keys[i]["hash"] for i in stage.INPUTS}
         config_hash = cfg.section_hash(*stage.CONFIG_SECTIONS) + f"-seed{cfg.run.seed}"
+        version = getattr(stage, "OUTPUT_VERSION", 0)
+        config_hash += f"-v{version}" if version else ""
         digest = hashlib.sha256(f"{config_hash}|{sorted(inputs.items())}".encode()).hexdigest()[:16]
         keys[name] = {"hash": digest, "config_hash": config_hash, "inputs": inputs}
     return keys

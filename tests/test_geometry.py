@@ -509,6 +509,13 @@ def test_sky_is_marked_above_each_columns_highest_return_and_below_the_top_beam_
     print(f"sky: {sky.sum()} px, precision {precision:.3f}, recall within the LiDAR's field of view {recall:.3f}")
     assert precision >= 0.99 and recall >= 0.8
     assert not sky[elevation > 12.0 + 0.1].any()  # never above the top beam
+    # sky_above_top_beam: the open columns' sky goes on above the top beam (the street's end is open)
+    up = project_segments(scene["points"][:, :3], sw.segment_id, sw.ground, K, T, 320, 160, sky_margin_deg=1.0,
+                          sky_above_top_beam=True, **kw)["ground_px"] == SKY_PX
+    precision, recall = (up & (truth == -2)).sum() / up.sum(), (up & (truth == -2)).sum() / (truth == -2).sum()
+    print(f"above the top beam too: {up.sum()} px, precision {precision:.3f}, recall of all sky {recall:.3f}")
+    assert precision >= 0.99 and recall >= 0.8 and up[elevation > 12.0 + 0.1].sum() > 0.3 * up.sum()
+    assert np.array_equal(up & (elevation <= 12.0 - 0.1), sky & (elevation <= 12.0 - 0.1))
 
 
 def test_sky_pixels_need_a_return_near_the_column_and_keep_the_margin_above_it():
@@ -521,6 +528,10 @@ def test_sky_pixels_need_a_return_near_the_column_and_keep_the_margin_above_it()
     assert rows.min() == 10 and rows.max() == 22  # from the top beam (+10) down to -3 = -5 + the 2-degree margin
     assert sky[:, 0].tolist() == sky[:, 2].tolist() == sky[:, 1].tolist()  # neighbours within the column radius
     assert not sky[:, 3:].any()  # nothing known where no return is near
+    px, py = np.array([1, 1, 5]), np.array([30, 25, 11])  # and column 5's highest return at +9 degrees
+    up = sky_pixels(elevation, px, py, np.radians(10.0), np.radians(2.0), column_radius=1, above_top_beam=True)
+    assert np.flatnonzero(up[:, 1]).tolist() == list(range(23))  # open: everything above -3 degrees
+    assert not up[:, 3:].any()  # column 5's top beam hit something within the margin: a façade may go on above it
 
 
 def test_pixel_elevation_inverts_the_lens_that_projects_points():

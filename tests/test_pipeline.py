@@ -146,3 +146,21 @@ def test_full_run_rejects_bad_config_with_clear_message(tmp_path, mlflow_server)
     bad = _full_run(tmp_path, mlflow_server, "--set", "cluster.k=many")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.splitlines()[-1] == "error: cluster.k: input should be a valid integer, got 'many'"
+
+
+def test_a_stage_output_version_changes_its_key_and_the_keys_below_it_only():
+    """OUTPUT_VERSION: the same config gives new outputs after a code change, so the older stores are not reused."""
+    import types
+
+    from raydseg.config import load_config
+    from raydseg.outputs import stage_keys
+
+    def stage(inputs, version=0):
+        return types.SimpleNamespace(INPUTS=inputs, CONFIG_SECTIONS=("data",), OUTPUT_VERSION=version)
+
+    cfg = load_config()
+    before = stage_keys(cfg, {"a": stage(()), "b": stage(("a",)), "c": stage(("b",))})
+    after = stage_keys(cfg, {"a": stage(()), "b": stage(("a",), 1), "c": stage(("b",))})
+    assert before["a"] == after["a"]
+    assert before["b"]["hash"] != after["b"]["hash"] and after["b"]["config_hash"].endswith("-seed0-v1")
+    assert before["c"]["hash"] != after["c"]["hash"] and before["c"]["config_hash"] == after["c"]["config_hash"]

@@ -383,7 +383,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
                      use: np.ndarray | None = None,
                      zbuf_radius_px: int = 2, zbuf_rel_tol: float = 0.05, zbuf_abs_tol: float = 0.3,
                      radius_px: int = 4, fill_gap_px: int = 0, ground_fill_px: int = 0,
-                     sky_margin_deg: float = -1.0, top_beam: float | None = None) -> dict[str, np.ndarray | int]:
+                     sky_margin_deg: float = -1.0, top_beam: float | None = None,
+                     sky_above_top_beam: bool = False) -> dict[str, np.ndarray | int]:
     """Segment-id image and ground mask of one camera.
 
     Args: xyz (N, 3) m; seg (N,) uint16 ids (0 none); ground (N,) bool; K, T_cam_lidar; width, height px;
@@ -393,7 +394,8 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
     scanlines (`fill_masks`; both 0 = the plain densification). Occlusion and densification work on the (distorted)
     pixels, where the image is: their radii are pixel radii either way. sky_margin_deg >= 0: also mark the sky,
     the pixels crossed by rays without a return (`raydseg.geometry.sky`), that neither a segment nor the ground owns;
-    top_beam: the sweep's top-beam elevation (rad; None = `top_beam_elevation(xyz)`, which a sweep's cameras share).
+    top_beam: the sweep's top-beam elevation (rad; None = `top_beam_elevation(xyz)`, which a sweep's cameras share);
+    sky_above_top_beam: open columns' sky goes on above the top beam (`sky_pixels`).
     Returns dict: `segment_ids` (H, W) uint16, `ground_px` (H, W) uint8 (1 = ground: with ground_fill_px 0 the
     pixels hit by a visible ground point, else the pixels the densified and filled ground owns; SKY_PX = sky),
     `n_in_image` points in front of the camera inside the image, `n_visible` after the z-buffer, `n_pixels`
@@ -428,7 +430,7 @@ def project_segments(xyz: np.ndarray, seg: np.ndarray, ground: np.ndarray, K: np
 
         sky = sky_pixels(camera_elevation(K, T_cam_lidar, width, height, distortion), px[vis > 0], py[vis > 0],
                          top_beam_elevation(np.asarray(xyz)[:, :3]) if top_beam is None else top_beam,
-                         np.radians(sky_margin_deg), int(radius_px))
+                         np.radians(sky_margin_deg), int(radius_px), sky_above_top_beam)
         ground_img[sky & (seg_img == 0) & (ground_img == 0)] = SKY_PX
     return {"segment_ids": seg_img, "ground_px": ground_img, "n_in_image": int(len(px)), "n_visible": n_vis,
             "n_pixels": n_px}

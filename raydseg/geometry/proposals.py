@@ -24,7 +24,7 @@ from raydseg.geometry.segment import segment_points
 class SweepSegments:
     """Result of one sweep. use/ground (N,) bool, segment_id (N,) uint16 (0 = none), ri the range image,
     stats the segments' segment.segment_stats, top_beam (rad) the highest elevation of any of its returns (the sky's
-    upper bound in every camera, `raydseg.geometry.sky`)."""
+    upper bound, or what tells its open columns, in every camera, `raydseg.geometry.sky`)."""
 
     use: np.ndarray
     ground: np.ndarray
@@ -93,7 +93,8 @@ def camera_segments(xyz: np.ndarray, sw: SweepSegments, K: np.ndarray, T_cam_lid
                            zbuf_radius_px=cfg.zbuf_radius_px, zbuf_rel_tol=cfg.zbuf_rel_tol,
                            zbuf_abs_tol=cfg.zbuf_abs_tol_m,
                            radius_px=cfg.densify_radius_px, fill_gap_px=cfg.fill_gap_px,
-                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin, top_beam=sw.top_beam)
+                           ground_fill_px=cfg.ground_fill_px, sky_margin_deg=cfg.sky_margin, top_beam=sw.top_beam,
+                           sky_above_top_beam=cfg.sky_above_top_beam)
     n_px = out.pop("n_pixels")
     st = sw.stats
     vis = n_px[st["id"]] > 0

@@ -3,9 +3,12 @@
 A LiDAR ray that crosses the camera's view above the highest return of its image column, yet below the sensor's
 top beam, met nothing within range: in a street scene that is sky. Per camera, the pixels whose viewing ray lies
 above the column's highest visible return by more than a margin (`proposals.sky_margin_deg`: the gap to the next
-beam, where nothing is known) and at or below the sweep's highest return elevation (the top beam) are sky. The
-rolling shutter is ignored here: at infinity only the camera's rotation during readout moves a ray, by a fraction
-of a degree.
+beam, where nothing is known) and at or below the sweep's highest return elevation (the top beam) are sky. With
+`proposals.sky_above_top_beam`, an open column (the top beam returned nothing there: the column's highest return
+lies more than the margin below it) is sky above the top beam too, since nothing grounded stands in it up to the
+range; a column whose top beam hit something (a façade) gets none either way. The rolling shutter is ignored here: at infinity only the camera's rotation during readout moves a ray,
+by a fraction of a degree. On real sensors far trees and buildings beyond range, glass and dark paint return nothing
+too, so the config resolves it on for the synthetic world only (docs/results.md).
 """
 from __future__ import annotations
 
@@ -50,14 +53,16 @@ def _cached_elevation(key: tuple) -> np.ndarray:
 
 
 def sky_pixels(elevation: np.ndarray, px: np.ndarray, py: np.ndarray, top_beam: float, margin: float,
-               column_radius: int) -> np.ndarray:
+               column_radius: int, above_top_beam: bool = False) -> np.ndarray:
     """(H, W) bool sky mask of one camera.
 
     elevation: (H, W) rad of each pixel (`pixel_elevation`); px, py: (M,) integer pixel coordinates of the visible
     LiDAR returns in the image (any kind: ground, segments, the rest); top_beam: rad, the sweep's highest return
-    elevation; margin: rad above a column's highest return left unlabelled; column_radius: px, a column's highest
-    return is the highest within this many columns either side (LiDAR columns are sparser than pixels, and a beam's
-    scanline is not vertical in the image). Columns without a return within the radius get no sky.
+    elevation; margin: rad above a column's highest return left unlabelled, and below the top beam for a column to
+    count as open; column_radius: px, a column's highest return is the highest within this many columns either side
+    (LiDAR columns are sparser than pixels, and a beam's scanline is not vertical in the image); above_top_beam:
+    open columns' sky goes on above the top beam. Columns without a return within the radius get no sky, nor do
+    columns whose highest return is within the margin of the top beam.
     """
     h, w = elevation.shape
     col, row = np.clip(px.astype(np.int64), 0, w - 1), np.clip(py.astype(np.int64), 0, h - 1)
@@ -65,7 +70,10 @@ def sky_pixels(elevation: np.ndarray, px: np.ndarray, py: np.ndarray, top_beam: 
     np.maximum.at(highest, col + column_radius, elevation[row, col])
     highest = np.lib.stride_tricks.sliding_window_view(highest, 2 * column_radius + 1).max(axis=1)
     highest[np.isneginf(highest)] = np.inf  # no return near the column: nothing is known there
-    return (elevation > highest[None, :] + margin) & (elevation <= top_beam)
+    sky = elevation > highest[None, :] + margin
+    if above_top_beam:
+        return sky & (highest < top_beam - margin)[None, :]  # the top beam met nothing here: the sky goes on above it
+    return sky & (elevation <= top_beam)
 
 
 def top_beam_elevation(xyz: np.ndarray) -> float:
