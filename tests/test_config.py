@@ -139,3 +139,18 @@ def test_sky_resolves_from_the_source():
     assert load_config(overrides=kitti + ["proposals.sky_margin_deg=2.5"]).proposals.sky_margin_deg == 2.5
     assert load_config(overrides=["proposals.sky_margin_deg=-1"]).proposals.sky_margin_deg == -1.0
     assert ProposalsConfig().sky_margin == -1.0  # unresolved outside a Config: no sky
+
+
+def test_ground_split_needs_the_ground_patches_and_a_patch_size():
+    from raydseg.config import ground_pseudo_classes, painted_classes
+
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["cluster.ground_k=3"])
+    assert e.value.problems == ["cluster.ground_k: 3 needs cluster.ground_class and features.ground_patches (the "
+                                "ground patches it clusters)"]
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["features.ground_patches=true", "features.backbone=resnet50"])
+    assert "features.ground_patches: the backbone resnet50 names no patch size (patchNN)" in e.value.problems
+    cfg = load_config(overrides=["features.ground_patches=true", "cluster.ground_k=3"])
+    assert ground_pseudo_classes(cfg) == 3 and painted_classes(cfg) == 3 + cfg.cluster.k + 1
+    assert ground_pseudo_classes(load_config(overrides=["cluster.ground_class=false"])) == 0
