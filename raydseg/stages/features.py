@@ -19,7 +19,7 @@ from raydseg import stage_requests, storage
 from raydseg.config import config_from_dict, patch_size
 from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image
-from raydseg.features.ground import GROUND_DIR
+from raydseg.features.ground import GROUND_DIR, described_cells, ground_cells
 from raydseg.features.table import descriptors_table
 from raydseg.pipeline import StageContext, StageResult
 
@@ -48,7 +48,6 @@ class FeatureExtractor:
         self.frames_dir, self.index = frames_dir, index
 
     def __call__(self, table: pa.Table) -> tuple[dict[str, pa.Table], list[dict]]:
-        from raydseg.features.ground import described_cells, ground_cells
         from raydseg.features.pooling import ground_descriptors, segment_descriptors
 
         t0 = time.perf_counter()
@@ -79,10 +78,10 @@ class FeatureExtractor:
             image = decode_image(rec["image"])
             if len(ids):
                 if self.cfg.descriptor == "crop_cls":
-                    kw_d = dict(crop_size=self.cfg.crop_size, batch_size=self.cfg.batch_size, pad=self.cfg.crop_pad)
+                    how = dict(crop_size=self.cfg.crop_size, batch_size=self.cfg.batch_size, pad=self.cfg.crop_pad)
                 else:
-                    kw_d = dict(size=self.cfg.image_size)
-                desc = segment_descriptors(self.model, image, seg, ids, self.cfg.descriptor, **kw, **kw_d)
+                    how = dict(size=self.cfg.image_size)
+                desc = segment_descriptors(self.model, image, seg, ids, self.cfg.descriptor, **kw, **how)
                 out += [(fid, cam, int(i), d) for i, d in zip(ids, desc)]
             if len(cells):
                 desc = ground_descriptors(self.model, image, cell_img, cells, size=self.cfg.image_size, **kw)
