@@ -231,7 +231,8 @@ class FeaturesConfig(Section):
     image_size: NonNegInt = 0  # mask_pool: shorter input side in px (0 = native), rounded to patch multiples
     min_pixels: PosInt = 16  # segments (and ground patches) with fewer pixels get no descriptor (stay unlabelled)
     # also describe the ground: one patch token per token-grid cell of a whole-image pass (at image_size) that holds
-    # >= min_pixels LiDAR ground pixels (features/ground; clustered with cluster.ground_k; raydseg.features.ground)
+    # >= min_pixels LiDAR ground pixels (features/ground; clustered with cluster.ground_k; raydseg.features.ground);
+    # the cluster stage then paints the ground of those cells only
     ground_patches: bool = False
     batch_size: PosInt = 32  # crops per forward pass
     num_actors: PosInt = 1  # actor-pool size (each actor loads the backbone once)

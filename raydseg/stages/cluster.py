@@ -101,17 +101,21 @@ def run(ctx: StageContext) -> StageResult:
     assign_dir = storage.join(ctx.out_dir, "assignments")
     write_assignments(files, class_of_cluster(res.labels, n_ground), assign_dir)
     ground_assign_dir, ground_metrics = "", {}
-    if cfg.ground_k > 1:  # the ground patches' own k-means: ground pseudo-classes 0..ground_k-1
+    if ctx.cfg.features.ground_patches and cfg.ground_class:  # paint the described ground cells only
         ground_files = _feature_files(storage.join(feat_dir, GROUND_DIR))
         n_patches = sum(r for _, r in ground_files)
         if n_patches < cfg.ground_k:
             raise RuntimeError(f"cluster: {n_patches} ground patches under {feat_dir}/{GROUND_DIR}, fewer than "
                                f"cluster.ground_k={cfg.ground_k}")
-        ground_res = kmeans(ground_files, cfg.ground_k, n_actors=max(1, min(cfg.n_actors, n_patches)))
+        ground_labels = np.zeros(n_patches, np.int64)
+        if cfg.ground_k > 1:  # their own k-means: ground pseudo-classes 0..ground_k-1
+            ground_res = kmeans(ground_files, cfg.ground_k, n_actors=max(1, min(cfg.n_actors, n_patches)))
+            ground_labels = ground_res.labels
+            ground_metrics = {"ground_size_min": float(ground_res.counts.min()),
+                              "ground_size_max": float(ground_res.counts.max())}
         ground_assign_dir = storage.join(ctx.out_dir, "ground_assignments")
-        write_assignments(ground_files, ground_res.labels, ground_assign_dir)
-        ground_metrics = {"ground_patches": float(n_patches), "ground_size_min": float(ground_res.counts.min()),
-                          "ground_size_max": float(ground_res.counts.max())}
+        write_assignments(ground_files, ground_labels, ground_assign_dir)
+        ground_metrics["ground_patches"] = float(n_patches)
     frames_dir = storage.join(ctx.stage_dir("ingest"), "frames")
     seg_dir = storage.join(ctx.stage_dir("proposals"), "segments")
     index = frame_index(frames_dir)
