@@ -110,7 +110,7 @@ def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
     ground = np.zeros((50, 70), bool)
     ground[40:, :] = True  # the bottom rows: cell row 2
     ground[45:, 60:] = False
-    cells = ground_cells(ground, 16)
+    cells = ground_cells(ground.astype(np.uint8), np.zeros(ground.shape, np.uint16), 16)
     assert cells[:40].max() == 0 and set(np.unique(cells[ground])) == {9, 10, 11, 12} and not cells[~ground].any()
     assert cells[49, 0] == 9 and cells[40, 69] == 12 and cells[40, 52] == 11  # col 52 * 4 // 70 = 2
     counts = {int(i): int((cells == i).sum()) for i in (9, 10, 11, 12)}
@@ -121,9 +121,12 @@ def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
 
     m = create_backbone(NAME)
     img, _, _ = _scene()  # 64x96: an exact 4x6 grid
-    g = np.zeros((64, 96), bool)
-    g[48:, :] = True
-    cells = ground_cells(g, 16)
+    g = np.zeros((64, 96), np.uint8)
+    g[40:, :] = 1
+    g[:16, :] = 2  # sky is not ground
+    seg = np.zeros((64, 96), np.uint16)
+    seg[40:48, :] = 5  # ground pixels under a segment are not the ground's
+    cells = ground_cells(g, seg, 16)
     ids = described_cells(cells, 16)
     np.testing.assert_array_equal(ids, np.arange(19, 25))
     d = ground_descriptors(m, img, cells, ids)

@@ -19,9 +19,11 @@ def patch_grid_size(h: int, w: int, patch: int, size: int = 0) -> tuple[int, int
     return max(patch, int(round(h * scale / patch)) * patch), max(patch, int(round(w * scale / patch)) * patch)
 
 
-def ground_cells(ground: np.ndarray, patch: int, size: int = 0) -> np.ndarray:
+def ground_cells(ground_px: np.ndarray, segment_ids: np.ndarray, patch: int, size: int = 0) -> np.ndarray:
     """(H, W) int32: the 1-based token-grid cell of every ground pixel (0 elsewhere), for the grid of a whole-image
-    pass at `size` (`patch_grid_size`). ground: (H, W) bool, the LiDAR's ground pixels outside segments."""
+    pass at `size` (`patch_grid_size`). Ground pixels: the proposals' ground_px (H, W) == 1 outside the segments
+    of segment_ids (H, W)."""
+    ground = (np.asarray(ground_px) == 1) & (np.asarray(segment_ids) == 0)
     h, w = ground.shape
     ih, iw = patch_grid_size(h, w, patch, size)
     gh, gw = ih // patch, iw // patch

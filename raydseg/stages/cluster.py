@@ -59,7 +59,7 @@ def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[st
         ids, cls = lookup.get(key, NO_SEGMENTS)
         paint: int | np.ndarray | None = 0 if n_ground else None
         if ground_assign_dir and ground is not None:
-            paint = paint_ground(ground_cells((ground == 1) & (seg == 0), patch, image_size),
+            paint = paint_ground(ground_cells(ground, seg, patch, image_size),
                                  *ground_lookup.get(key, NO_SEGMENTS))
         label = paint_labels(seg, ids, cls, ground, paint, sky_class)
         rows.append({"frame_id": key[0], "camera": key[1], "image": cam["image"], "label": encode_png(label),

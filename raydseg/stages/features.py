@@ -69,8 +69,7 @@ class FeatureExtractor:
             ids = ids[np.isin(ids, seg)] if len(ids) else ids
             cells = np.zeros(0, np.int64)
             if self.cfg.ground_patches and row["ground_px"]:
-                cell_img = ground_cells((decode_image(row["ground_px"]) == 1) & (seg == 0), self.patch,
-                                        self.cfg.image_size)
+                cell_img = ground_cells(decode_image(row["ground_px"]), seg, self.patch, self.cfg.image_size)
                 cells = described_cells(cell_img, self.cfg.min_pixels)
             n_images += 1
             if len(ids) == 0 and len(cells) == 0:
