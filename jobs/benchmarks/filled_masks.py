@@ -1,14 +1,15 @@
 """Segment masks and pseudo-labels before / after filling, against the synthetic ground truth of one run's frames.
 
-`python jobs/benchmarks/filled_masks.py --run outputs/default --out FILE.json [--variants 0:0,12:0,0:48,12:48]`
+`python jobs/benchmarks/filled_masks.py --run outputs/default --out FILE.json [--variants 0:0,12:0,0:48,12:48]
+[--set proposals.KEY=VALUE ...]`
 
 For every variant `fill_gap_px:ground_fill_px[:sky_margin_deg]` (no third field: the sky off) the proposals of the
-run's `ingest/frames` are recomputed (all other proposals settings from the run's config) and painted with the run's
-k-means assignments (`cluster/assignments`), so only the masks change. Per variant: segment-image agreement with the
-ground-truth instances (`geometry.quality.image_agreement`), segment pixels per image, pseudo-label coverage, the
-ground's share of the labels, its recall / precision against road + sidewalk + terrain, the sky pseudo-class's recall
-/ precision against the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU / pixel accuracy of the
-pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
+run's `ingest/frames` are recomputed (all other proposals settings from the run's config and --set) and painted with
+the run's k-means assignments (`cluster/assignments`), so only the masks change. Per variant: segment-image
+agreement with the ground-truth instances (`geometry.quality.image_agreement`), segment pixels per image,
+pseudo-label coverage, the ground's share of the labels, its recall / precision against road + sidewalk + terrain,
+the sky pseudo-class's recall / precision against the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU /
+pixel accuracy of the pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--run", required=True, help="a pipeline run directory with ingest and cluster outputs")
     p.add_argument("--variants", default="0:0,12:0,0:48,12:48")
+    p.add_argument("--set", action="append", default=[], help="proposals.key=value, for every variant")
     args = p.parse_args(argv)
 
     from raydseg import storage
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.geometry import quality
     from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
 
-    run_cfg = load_config(os.path.join(args.run, "config.yaml"))
+    run_cfg = load_config(os.path.join(args.run, "config.yaml"), args.set)
     if ground_pseudo_classes(run_cfg) > 1:
         raise SystemExit(f"--run {args.run}: repainting the ground patches' classes (cluster.ground_k > 1) is not "
                          "supported")
