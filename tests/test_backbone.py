@@ -104,7 +104,8 @@ def test_random_init_is_reproducible_per_seed_and_leaves_global_rng_alone():
 def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
     """A ground pixel's cell is the token its pixel lands on after the whole-image resize (here 50x70 -> 48x64 at
     patch 16: a 3x4 grid); a cell's descriptor is that token, i.e. the mask-pooled descriptor of exactly the cell."""
-    from raydseg.features.ground import described_cells, ground_cells, paint_ground
+    from raydseg.clustering.pseudolabels import paint_labels
+    from raydseg.features.ground import described_cells, ground_cells
     from raydseg.features.pooling import ground_descriptors
 
     ground = np.zeros((50, 70), bool)
@@ -116,7 +117,7 @@ def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
     counts = {int(i): int((cells == i).sum()) for i in (9, 10, 11, 12)}
     assert counts == {9: 180, 10: 170, 11: 180, 12: 120}
     np.testing.assert_array_equal(described_cells(cells, 150), [9, 10, 11])
-    painted = paint_ground(cells, np.array([9, 10, 11]), np.array([1, 0, 1]))
+    painted = paint_labels(cells, np.array([9, 10, 11]), np.array([1, 0, 1]))  # as the cluster stage paints cells
     assert painted[49, 0] == 1 and painted[49, 20] == 0 and painted[40, 69] == 255 and painted[0, 0] == 255
 
     m = create_backbone(NAME)

@@ -9,7 +9,8 @@ the run's k-means assignments (`cluster/assignments`), so only the masks change.
 agreement with the ground-truth instances (`geometry.quality.image_agreement`), segment pixels per image,
 pseudo-label coverage, the ground's share of the labels, its recall / precision against road + sidewalk + terrain,
 the sky pseudo-class's recall / precision against the true sky (`raydseg.geometry.sky`), and the Hungarian mIoU /
-pixel accuracy of the pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`) and prints a table.
+pixel accuracy of the pseudo-labels on the pixels they cover. Writes one flat JSON object (`<variant>_<figure>`)
+and prints a table.
 """
 from __future__ import annotations
 

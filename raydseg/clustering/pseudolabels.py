@@ -20,9 +20,9 @@ def paint_labels(segment_ids: np.ndarray, seg_ids: np.ndarray, seg_classes: np.n
 
     segment_ids (H, W) uint16 (0 = no segment); seg_ids (S,) / seg_classes (S,) the class of each labelled
     segment (segments not listed stay IGNORE_INDEX); ground_px (H, W) uint8, 1 = ground, painted `ground` (one
-    pseudo-class, or (H, W) uint8 per pixel from `raydseg.features.ground.paint_ground`; None = unlabelled), SKY_PX
-    = sky (raydseg.geometry.sky), painted `sky_class` when given (segment pixels win over both). Returns (H, W)
-    uint8, 255 = ignore.
+    pseudo-class, or (H, W) uint8 per pixel: the ground cells of `raydseg.features.ground.ground_cells` painted by
+    this function; None = unlabelled), SKY_PX = sky (raydseg.geometry.sky), painted `sky_class` when given (segment
+    pixels win over both). Returns (H, W) uint8, 255 = ignore.
     """
     sid = np.asarray(segment_ids).astype(np.int64)
     lut = np.full(max(int(sid.max(initial=0)), int(np.max(seg_ids, initial=0))) + 1, IGNORE_INDEX, np.uint8)

@@ -1,13 +1,12 @@
 """The ground's patches: the ViT token-grid cells that the LiDAR's ground covers, one descriptor each (the features
 stage) and one pseudo-class each after their own k-means (the cluster stage, `cluster.ground_k`), so that the
-ground can split into road / sidewalk / terrain as the object segments split into classes. numpy only: the cluster
-stage paints with it without torch.
+ground can split into road / sidewalk / terrain as the object segments split into classes. A cell-id image paints
+like a segment-id image (`clustering.pseudolabels.paint_labels`). numpy only: the cluster stage uses it without
+torch.
 """
 from __future__ import annotations
 
 import numpy as np
-
-from raydseg.eval.metrics import IGNORE_INDEX
 
 GROUND_DIR = "ground"  # features/ground/part-*: the ground patches' descriptors (features.ground_patches)
 
@@ -36,11 +35,3 @@ def described_cells(cells: np.ndarray, min_pixels: int) -> np.ndarray:
     ids, counts = np.unique(cells[cells > 0], return_counts=True)
     return ids[counts >= min_pixels].astype(np.int64)
 
-
-def paint_ground(cells: np.ndarray, cell_ids: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 ground pseudo-class per pixel: each described cell's class, IGNORE_INDEX elsewhere (cells without
-    a descriptor, and non-ground pixels). cells (H, W) from `ground_cells`; cell_ids (G,), classes (G,)."""
-    lut = np.full(max(int(cells.max(initial=0)), int(np.max(cell_ids, initial=0))) + 1, IGNORE_INDEX, np.uint8)
-    lut[np.asarray(cell_ids, np.int64)] = np.asarray(classes, np.uint8)
-    lut[0] = IGNORE_INDEX
-    return lut[cells]

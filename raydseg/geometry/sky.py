@@ -6,9 +6,10 @@ above the column's highest visible return by more than a margin (`proposals.sky_
 beam, where nothing is known) and at or below the sweep's highest return elevation (the top beam) are sky. With
 `proposals.sky_above_top_beam`, an open column (the top beam returned nothing there: the column's highest return
 lies more than the margin below it) is sky above the top beam too, since nothing grounded stands in it up to the
-range; a column whose top beam hit something (a façade) gets none either way. The rolling shutter is ignored here: at infinity only the camera's rotation during readout moves a ray,
-by a fraction of a degree. On real sensors far trees and buildings beyond range, glass and dark paint return nothing
-too, so the config resolves it on for the synthetic world only (docs/results.md).
+range; a column whose top beam hit something (a façade) gets none either way. The rolling shutter is ignored
+here: at infinity only the camera's rotation during readout moves a ray, by a fraction of a degree. On real
+sensors far trees and buildings beyond range, glass and dark paint return nothing too, so the config resolves it
+on for the synthetic world only (docs/results.md).
 """
 from __future__ import annotations
 

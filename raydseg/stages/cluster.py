@@ -24,7 +24,7 @@ from raydseg.clustering.pseudolabels import class_of_cluster, paint_labels
 from raydseg.config import ground_pseudo_classes, painted_classes, patch_size, sky_pseudo_class
 from raydseg.data.frame_lookup import camera_records, frame_index
 from raydseg.data.schema import decode_image, encode_png
-from raydseg.features.ground import GROUND_DIR, ground_cells, paint_ground
+from raydseg.features.ground import GROUND_DIR, ground_cells
 from raydseg.parts import part_names
 from raydseg.pipeline import StageContext, StageResult
 
@@ -59,8 +59,7 @@ def paint_part(table: pa.Table, assign_dir: str, frames_dir: str, index: dict[st
         ids, cls = lookup.get(key, NO_SEGMENTS)
         paint: int | np.ndarray | None = 0 if n_ground else None
         if ground_assign_dir and ground is not None:
-            paint = paint_ground(ground_cells(ground, seg, patch, image_size),
-                                 *ground_lookup.get(key, NO_SEGMENTS))
+            paint = paint_labels(ground_cells(ground, seg, patch, image_size), *ground_lookup.get(key, NO_SEGMENTS))
         label = paint_labels(seg, ids, cls, ground, paint, sky_class)
         rows.append({"frame_id": key[0], "camera": key[1], "image": cam["image"], "label": encode_png(label),
                      "segment_ids": row["segment_ids"], "gt_semantic": cam.get("gt_semantic")})
