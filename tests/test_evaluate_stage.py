@@ -196,6 +196,34 @@ def test_knn_analysis_on_feature_and_pseudolabel_parts(tmp_path):
     assert knn_analysis(str(tmp_path / "missing"), str(tmp_path / "missing"), k=3) == ({}, None)
 
 
+def test_knn_analysis_splits_by_drive_so_a_twin_in_the_next_frame_does_not_count(tmp_path):
+    """Two drives of two frames, each frame with a class-0 and a class-2 segment. A descriptor identifies the object
+    (drive b's road looks like drive a's car): split by frame, each test segment finds its twin (accuracy 1); split
+    by drive, every one is wrong (0). The drives come from the ingest frame parts (`frame_sequences`)."""
+    import pyarrow.parquet as pq
+
+    from raydseg.data.schema import encode_png
+    from raydseg.eval.knn import frame_sequences, knn_analysis
+
+    look = {("a", 0): [1.0, 0, 0], ("a", 2): [0, 1.0, 0], ("b", 0): [0, 1.0, 0.5], ("b", 2): [1.0, 0, 0.5]}
+    drives = {"f0": "a", "f1": "a", "f2": "b", "f3": "b"}
+    seg = np.array([[1, 1, 2, 2]] * 4, dtype=np.uint16)
+    gt = np.array([[0, 0, 2, 2]] * 4, dtype=np.uint8)
+    feat = [{"frame_id": f, "camera": "front", "segment_id": sid, "descriptor": look[(d, cls)]}
+            for f, d in drives.items() for sid, cls in ((1, 0), (2, 2))]
+    pl = [{"frame_id": f, "camera": "front", "segment_ids": encode_png(seg), "gt_semantic": encode_png(gt)}
+          for f in drives]
+    for folder, rows in (("features", feat), ("pseudolabels", pl),
+                         ("frames", [{"frame_id": f, "sequence": d} for f, d in drives.items()])):
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / folder / "part-00000.parquet")
+    sequences = frame_sequences(str(tmp_path / "frames"))
+    assert sequences == drives and frame_sequences(str(tmp_path / "missing")) == {}
+    by_frame, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "pseudolabels"), k=1)
+    by_drive, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "pseudolabels"), k=1, sequences=sequences)
+    assert by_frame["knn_acc"] == 1.0 and by_drive["knn_acc"] == 0.0
+
+
 def test_knn_predict_majority_vote_and_segment_majority():
     from raydseg.eval.knn import knn_predict, segment_majority_class
 
@@ -207,11 +235,15 @@ def test_knn_predict_majority_vote_and_segment_majority():
     assert segment_majority_class(seg, gt) == {1: 3, 2: 5}
 
 
-def test_frame_split_keeps_each_frame_on_one_side_and_alternates_sorted_frames():
-    from raydseg.eval.knn import frame_split
+def test_scene_split_keeps_each_drive_on_one_side_and_falls_back_to_frames():
+    """Every other sorted sequence tests (b: f1, f2); with one sequence, or none given, every other sorted frame."""
+    from raydseg.eval.knn import scene_split
 
     frames = ["f2", "f0", "f1", "f0", "f2", "f3"]
-    assert frame_split(frames).tolist() == [False, False, True, False, False, True]  # f1 and f3 test
+    drives = {"f0": "a", "f1": "b", "f2": "b", "f3": "c"}
+    assert scene_split(frames, drives).tolist() == [True, False, True, False, True, False]
+    assert scene_split(frames, {f: "a" for f in drives}).tolist() == [False, False, True, False, False, True]
+    assert scene_split(frames).tolist() == [False, False, True, False, False, True]  # f1 and f3 test
 
 
 def test_colour_histogram_bins_each_segments_pixels():

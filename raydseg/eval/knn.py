@@ -1,6 +1,8 @@
 """k-NN evaluation of segment descriptors against the majority ground-truth class of each segment."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from raydseg.eval.metrics import IGNORE_INDEX
@@ -62,11 +64,28 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return {"knn_acc": float(np.mean(pred == test_y)), "knn_mean_class_acc": float(np.mean(per_class))}
 
 
-def frame_split(frames: list[str]) -> np.ndarray:
-    """(N,) bool, True for the items of test frames: every other distinct frame id in sorted order, so that no
-    frame has segments on both sides of the split (neighbouring segments of one image look alike)."""
-    test = set(sorted(set(frames))[1::2])
-    return np.array([f in test for f in frames], dtype=bool)
+def scene_split(frames: list[str], sequences: Mapping[str, str] | None = None) -> np.ndarray:
+    """(N,) bool, True for the items of test scenes: every other distinct sequence (frame id -> `sequences`) in
+    sorted order, so that no drive has segments on both sides. The frames of one drive are metres apart and show the
+    same objects, so a split by frame scores re-identification, not class. With fewer than two sequences (or none
+    given), every other distinct frame tests instead."""
+    groups = [sequences.get(f, "") for f in frames] if sequences else []
+    if len(set(groups)) < 2:
+        groups = frames
+    test = set(sorted(set(groups))[1::2])
+    return np.array([g in test for g in groups], dtype=bool)
+
+
+def frame_sequences(frames_dir: str) -> dict[str, str]:
+    """{frame_id: sequence} of the ingest stage's frame parts under `frames_dir` ({} when there are none)."""
+    from raydseg import storage
+    from raydseg.parts import part_names
+
+    out: dict[str, str] = {}
+    for name in part_names(frames_dir) if storage.exists(frames_dir) else []:
+        t = storage.read_table(storage.join(frames_dir, name), columns=["frame_id", "sequence"])
+        out.update(zip(t.column("frame_id").to_pylist(), t.column("sequence").to_pylist()))
+    return out
 
 
 def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray, levels: int = 4) -> np.ndarray:
@@ -81,10 +100,11 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
     return out
 
 
-def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
-                 ) -> tuple[dict[str, float], bytes | None]:
-    """k-NN accuracy of segment descriptors (train/test split by frame) vs the segments' majority gt class, and a
-    PCA plot; ({}, None) when the features / pseudo-label outputs or their ground truth are missing.
+def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000,
+                 sequences: Mapping[str, str] | None = None) -> tuple[dict[str, float], bytes | None]:
+    """k-NN accuracy of segment descriptors (train/test split by scene, `scene_split` over `sequences`: frame id ->
+    sequence) vs the segments' majority gt class, and a PCA plot; ({}, None) when the features / pseudo-label
+    outputs or their ground truth are missing.
 
     Bounded memory: label images are decoded, in part order, only until `max_segments` segments have a majority
     class, and the descriptor column is read part by part until those segments are found."""
@@ -123,7 +143,7 @@ def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000
     if len(set(frames)) < 2:
         return {}, None
     x, y = np.stack(xs), np.array(ys)
-    is_test = frame_split(frames)
+    is_test = scene_split(frames, sequences)
     metrics = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     metrics["knn_n_segments"] = float(len(y))
     png = plots.pca_plot(x, y, class_names(19), title=f"PCA of {len(y)} segment descriptors (majority gt class)")

@@ -92,9 +92,9 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                     ) -> dict[str, Any]:
     """LiDAR segments of `n_frames` evenly spaced frames that have ground truth, with their majority class.
 
-    Returns {frame_ids: [str], images: [(H, W, 3) uint8 tensors], segment_ids: [(H, W) int32 tensors],
-    seg_image: (S,) int64, seg_id: (S,) int64, seg_class: (S,) int64} (one image per frame x camera with
-    `gt_semantic`; segments with >= min_pixels pixels and a valid majority class). Empty lists when no frame has
+    Returns {frame_ids: [str], sequences: {frame_id: sequence}, images: [(H, W, 3) uint8 tensors], segment_ids:
+    [(H, W) int32 tensors], seg_image: (S,) int64, seg_id: (S,) int64, seg_class: (S,) int64} (one image per frame x
+    camera with `gt_semantic`; segments with >= min_pixels pixels and a valid majority class). Empty lists when no frame has
     ground truth.
     """
     from raydseg import storage
@@ -109,8 +109,8 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
     wanted: dict[str, set[str]] = {}
     for i in sorted(pick):
         wanted.setdefault(ids[i][0], set()).add(ids[i][1])
-    probe: dict[str, Any] = {"frame_ids": [], "images": [], "segment_ids": [], "seg_image": [], "seg_id": [],
-                             "seg_class": []}
+    probe: dict[str, Any] = {"frame_ids": [], "sequences": {}, "images": [], "segment_ids": [], "seg_image": [],
+                             "seg_id": [], "seg_class": []}
     for path, fids in wanted.items():
         for frame in table_to_frames(storage.read_table(path)):
             if frame["frame_id"] not in fids:
@@ -135,6 +135,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
                 image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
                 k = len(probe["images"])
                 probe["frame_ids"].append(frame["frame_id"])
+                probe["sequences"][frame["frame_id"]] = frame.get("sequence") or ""
                 probe["images"].append(torch.from_numpy(np.array(image)))  # a writable copy
                 probe["segment_ids"].append(torch.from_numpy(seg))
                 for s, c in sorted(majority.items()):
@@ -149,7 +150,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
 def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
                        device: str = "cpu") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
-    ground-truth class; train / test split by frame (every other frame tests), as the evaluate stage does."""
+    ground-truth class; train / test split by scene (`scene_split`), as the evaluate stage does."""
     from raydseg.features.pooling import crop_cls_descriptors
 
     if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
@@ -174,12 +175,12 @@ def probe_descriptors(probe: dict[str, Any], describe: Any, dim: int) -> np.ndar
 
 
 def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5) -> dict[str, float]:
-    """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by frame
-    (`frame_split`, as the evaluate stage)."""
-    from raydseg.eval.knn import frame_split, knn_accuracy
+    """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by scene
+    (`scene_split`, as the evaluate stage)."""
+    from raydseg.eval.knn import knn_accuracy, scene_split
 
     y = probe["seg_class"].numpy()
-    is_test = frame_split([probe["frame_ids"][i] for i in probe["seg_image"].numpy()])
+    is_test = scene_split([probe["frame_ids"][i] for i in probe["seg_image"].numpy()], probe.get("sequences"))
     out = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     out["knn_n_segments"] = float(len(y))
     return out
