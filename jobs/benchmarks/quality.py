@@ -79,9 +79,11 @@ def stage_mapping(run: str, model: str) -> np.ndarray:
         return np.asarray(json.load(f)["19/hungarian"], np.int64)
 
 
-def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
+def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0, by_scene: bool = False
+                 ) -> dict[str, float]:
     """{condition: standard error (points) of `model`'s mIoU}: the std of the mIoU over `n_boot` resamples (with
-    replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed."""
+    replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed. by_scene: resample
+    whole scenes (sample id `<city>_<scene>_<frame>`): a scene's frames are metres apart and not independent."""
     from raydseg.config import load_config
     from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
     from raydseg.eval.sets import eval_sets, list_samples, load_label, read_prediction
@@ -90,10 +92,14 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict
     rng, out = np.random.default_rng(seed), {}
     pred_root = os.path.join(run, "evaluate", "predictions", model)
     for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), os.path.join(run, "ingest")):
+        samples = list_samples(eval_set)
         mapped = np.stack([apply_mapping(confusion_matrix(read_prediction(pred_root, eval_set.name, x.sample_id),
                                                           load_label(x, 19), len(mapping), 19), mapping)
-                           for x in list_samples(eval_set)])
-        boot = [scores(mapped[rng.integers(0, len(mapped), len(mapped))].sum(0))["miou"] for _ in range(n_boot)]
+                           for x in samples])
+        groups = [x.sample_id.rsplit("_", 1)[0] if by_scene else x.sample_id for x in samples]
+        names = sorted(set(groups))
+        units = np.stack([mapped[[g == n for g in groups]].sum(0) for n in names])
+        boot = [scores(units[rng.integers(0, len(units), len(units))].sum(0))["miou"] for _ in range(n_boot)]
         out[eval_set.name.removeprefix("synthetic_")] = 100 * float(np.std(boot, ddof=1))
     return out
 
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in ("teacher", "student"):
                 row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
                 row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
+                row.update({f"{model}_{c}_se_scenes": v for c, v in bootstrap_se(run, model, by_scene=True).items()})
                 row.update({f"{model}_unseen_{c}": v for c, v in unseen_world_miou(run, model, UNSEEN + seed).items()})
             t0 = time.time()
             row.update({f"oracle_{c}": v for c, v in

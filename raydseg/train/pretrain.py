@@ -8,7 +8,7 @@
   the head's last layer stays frozen for `freeze_last_layer_steps`.
 - k-NN probe: LiDAR segments (the proposals stage's pure functions) of a few frames with ground truth, their
   majority class; every `knn_every` steps rank 0 describes them with the teacher backbone (masked-crop [CLS], the
-  features stage's descriptor) and logs the k-NN accuracy (raydseg.eval.knn, train / test split by frame).
+  features stage's descriptor) and logs the k-NN accuracy (raydseg.eval.knn, train / test split by drive).
 - Export: the teacher backbone as a timm-layout safetensors file `<out_dir>/backbone.safetensors`, loadable by
   `features.weights` / `teacher.weights` (raydseg.features.backbone) and by
   `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`.
