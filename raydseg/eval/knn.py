@@ -102,7 +102,7 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
 
 def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000,
                  sequences: Mapping[str, str] | None = None) -> tuple[dict[str, float], bytes | None]:
-    """k-NN accuracy of segment descriptors (train/test split by scene, `scene_split` over `sequences`: frame id ->
+    """k-NN accuracy of segment descriptors (train/test split by drive, `scene_split` over `sequences`: frame id ->
     sequence) vs the segments' majority gt class, and a PCA plot; ({}, None) when the features / pseudo-label
     outputs or their ground truth are missing.
 

@@ -94,8 +94,8 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
 
     Returns {frame_ids: [str], sequences: {frame_id: sequence}, images: [(H, W, 3) uint8 tensors], segment_ids:
     [(H, W) int32 tensors], seg_image: (S,) int64, seg_id: (S,) int64, seg_class: (S,) int64} (one image per frame x
-    camera with `gt_semantic`; segments with >= min_pixels pixels and a valid majority class). Empty lists when no frame has
-    ground truth.
+    camera with `gt_semantic`; segments with >= min_pixels pixels and a valid majority class). Empty lists when no
+    frame has ground truth.
     """
     from raydseg import storage
     from raydseg.data.schema import decode_image, table_to_frames
@@ -150,7 +150,7 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
 def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
                        device: str = "cpu") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
-    ground-truth class; train / test split by scene (`scene_split`), as the evaluate stage does."""
+    ground-truth class; train / test split by drive (`scene_split`), as the evaluate stage does."""
     from raydseg.features.pooling import crop_cls_descriptors
 
     if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
@@ -175,7 +175,7 @@ def probe_descriptors(probe: dict[str, Any], describe: Any, dim: int) -> np.ndar
 
 
 def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5) -> dict[str, float]:
-    """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by scene
+    """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by drive
     (`scene_split`, as the evaluate stage)."""
     from raydseg.eval.knn import knn_accuracy, scene_split
 
