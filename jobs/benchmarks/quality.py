@@ -189,7 +189,8 @@ def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int
     evaluate outputs: the same teacher, data and seed, so that the difference is paired."""
     dst = os.path.join(root, f"{base}_{name}")
     if not os.path.exists(dst):
-        shutil.copytree(os.path.join(root, base), dst, ignore=shutil.ignore_patterns("student", "evaluate"))
+        shutil.copytree(os.path.join(root, base), dst, symlinks=True,  # stage links into the shared store
+                        ignore=shutil.ignore_patterns("student", "evaluate"))
     wall = run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in overrides for a in ("--set", o)], env)
     return {"student": eval_miou(dst, "student"), "wall_s": wall}
 
