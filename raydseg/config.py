@@ -89,7 +89,7 @@ class SyntheticConfig(Section):
     beams: Annotated[int, Field(ge=2)] = 32
     conditions: Annotated[list[Condition], Field(min_length=1)] = Field(default_factory=lambda: ["day"])
     eval_conditions: list[Condition] = Field(default_factory=lambda: ["day", "night", "fog"])
-    eval_images_per_condition: PosInt = 64  # one image from each of 64 scenes: standard error < 1 point (docs/results.md)
+    eval_images_per_condition: PosInt = 64  # one image from each of 64 scenes: SE < 1 point (docs/results.md)
     eval_images_per_scene: PosInt = 1  # eval images are taken this many at a time from one scene, 8 m apart
     eval_city: NonEmpty = "synthcity"  # <city> of the Cityscapes-layout eval splits
     hfov_deg: Annotated[float, Field(gt=0, lt=180)] = 90.0  # camera horizontal field of view

@@ -220,7 +220,8 @@ def test_knn_analysis_splits_by_drive_so_a_twin_in_the_next_frame_does_not_count
     sequences = frame_sequences(str(tmp_path / "frames"))
     assert sequences == drives and frame_sequences(str(tmp_path / "missing")) == {}
     by_frame, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "pseudolabels"), k=1)
-    by_drive, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "pseudolabels"), k=1, sequences=sequences)
+    by_drive, _ = knn_analysis(str(tmp_path / "features"), str(tmp_path / "pseudolabels"), k=1,
+                               frames_dir=str(tmp_path / "frames"))
     assert by_frame["knn_acc"] == 1.0 and by_drive["knn_acc"] == 0.0
 
 

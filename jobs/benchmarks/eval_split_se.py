@@ -13,11 +13,9 @@ import os
 
 import numpy as np
 
-from quality import CONDITIONS, stage_mapping
+from quality import CONDITIONS, bootstrap_std, rendered_confusions, stage_mapping
 from raydseg.config import load_config
-from raydseg.data.sources.synthetic import render_eval_images
-from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
-from raydseg.models.infer import predict_image
+from raydseg.eval.metrics import scores
 from raydseg.models.io import load_model
 
 
@@ -35,13 +33,11 @@ def main() -> None:
         for model in ("teacher", "student"):
             mapping, net = stage_mapping(run, model), load_model(os.path.join(run, model, "model"))
             for c in CONDITIONS:
-                per = np.stack([apply_mapping(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19), mapping)
-                                for *_, rgb, sem in render_eval_images(c, syn, seed)])
+                per = rendered_confusions(net, mapping, syn, c, seed)
                 rng = np.random.default_rng(0)
                 for m in (32, a.n):
-                    boot = [scores(per[:m][rng.integers(0, m, m)].sum(0))["miou"] for _ in range(500)]
                     out[f"{run}/{model}/{c}/{m}"] = {"miou": 100 * scores(per[:m].sum(0))["miou"],
-                                                     "se": 100 * float(np.std(boot, ddof=1))}
+                                                     "se": bootstrap_std(per[:m], 500, rng)}
                 print(run, model, c, out[f"{run}/{model}/{c}/{a.n}"], flush=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -19,8 +19,7 @@ import torch
 from raydseg.config import load_config
 from raydseg.eval.knn import colour_histogram, knn_accuracy, scene_split
 from raydseg.features.backbone import create_backbone
-from raydseg.features.pooling import crop_cls_descriptors
-from raydseg.train.pretrain import build_knn_probe, probe_descriptors
+from raydseg.train.pretrain import build_knn_probe, probe_cls_descriptors, probe_descriptors
 
 
 def main() -> None:
@@ -42,9 +41,8 @@ def main() -> None:
         descs = {"colour_hist": probe_descriptors(probe, colour_histogram, 64)}
         for name, w in checkpoints.items():
             torch.manual_seed(seed)
-            net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0).eval()
-            descs[name] = probe_descriptors(probe, lambda im, seg, ids: crop_cls_descriptors(
-                net, im, seg, ids, crop_size=cfg.features.crop_size), net.num_features)
+            net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0)
+            descs[name] = probe_cls_descriptors(net, probe, cfg.features.crop_size)
         row: dict = {"n_segments": len(y), "n_drives": len(set(probe["sequences"].values()))}
         for s, t in splits.items():
             row[f"majority/{s}"] = {"knn_acc": 100 * float(np.mean(y[t] == np.bincount(y[~t]).argmax()))}

@@ -85,7 +85,7 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0, by_scen
     replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed. by_scene: resample
     whole scenes (sample id `<city>_<scene>_<frame>`): a scene's frames are metres apart and not independent."""
     from raydseg.config import load_config
-    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix
     from raydseg.eval.sets import eval_sets, list_samples, load_label, read_prediction
 
     mapping = stage_mapping(run, model)
@@ -97,31 +97,42 @@ def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0, by_scen
                                                           load_label(x, 19), len(mapping), 19), mapping)
                            for x in samples])
         groups = [x.sample_id.rsplit("_", 1)[0] if by_scene else x.sample_id for x in samples]
-        names = sorted(set(groups))
-        units = np.stack([mapped[[g == n for g in groups]].sum(0) for n in names])
-        boot = [scores(units[rng.integers(0, len(units), len(units))].sum(0))["miou"] for _ in range(n_boot)]
-        out[eval_set.name.removeprefix("synthetic_")] = 100 * float(np.std(boot, ddof=1))
+        units = np.stack([mapped[[g == n for g in groups]].sum(0) for n in sorted(set(groups))])
+        out[eval_set.name.removeprefix("synthetic_")] = bootstrap_std(units, n_boot, rng)
     return out
+
+
+def bootstrap_std(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> float:
+    """The std (points) of the mIoU of `n_boot` resamples with replacement of units (N, C, C) mapped confusions."""
+    from raydseg.eval.metrics import scores
+
+    boot = [scores(units[rng.integers(0, len(units), len(units))].sum(0))["miou"] for _ in range(n_boot)]
+    return 100 * float(np.std(boot, ddof=1))
+
+
+def rendered_confusions(net, mapping: np.ndarray, syn, condition: str, seed: int) -> np.ndarray:
+    """(N, 19, 19) confusions of `net` on the synthetic eval scenes of `condition` rendered for world `seed` (config
+    `syn`), one per image, under `mapping` (pseudo-class -> class)."""
+    from raydseg.data.sources.synthetic import render_eval_images
+    from raydseg.eval.metrics import apply_mapping, confusion_matrix
+    from raydseg.models.infer import predict_image
+
+    return np.stack([apply_mapping(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19), mapping)
+                     for *_, rgb, sem in render_eval_images(condition, syn, seed)])
 
 
 def unseen_world_miou(run: str, model: str, seed: int) -> dict[str, float]:
     """{condition: mIoU points} of the run's `model` on eval scenes of another world (run.seed `seed`, never seen by
     the run: its own eval seed stream too), under the run's own Hungarian mapping (fitted on its day split)."""
     from raydseg.config import load_config
-    from raydseg.data.sources.synthetic import render_eval_images
-    from raydseg.eval.metrics import apply_mapping, confusion_matrix, scores
-    from raydseg.models.infer import predict_image
+    from raydseg.eval.metrics import scores
     from raydseg.models.io import load_model
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     mapping = stage_mapping(run, model)
     net = load_model(os.path.join(run, model, "model"))
-    out = {}
-    for c in CONDITIONS:
-        conf = sum(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19)
-                   for *_, rgb, sem in render_eval_images(c, cfg.synthetic, seed))
-        out[c] = 100 * scores(apply_mapping(conf, mapping))["miou"]
-    return out
+    return {c: 100 * scores(rendered_confusions(net, mapping, cfg.synthetic, c, seed).sum(0))["miou"]
+            for c in CONDITIONS}
 
 
 def pseudo_label_miou(run: str) -> dict[str, float]:

@@ -100,11 +100,11 @@ def colour_histogram(image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray
     return out
 
 
-def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000,
-                 sequences: Mapping[str, str] | None = None) -> tuple[dict[str, float], bytes | None]:
-    """k-NN accuracy of segment descriptors (train/test split by drive, `scene_split` over `sequences`: frame id ->
-    sequence) vs the segments' majority gt class, and a PCA plot; ({}, None) when the features / pseudo-label
-    outputs or their ground truth are missing.
+def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000, frames_dir: str = ""
+                 ) -> tuple[dict[str, float], bytes | None]:
+    """k-NN accuracy of segment descriptors (train/test split by drive: `scene_split` over the sequences of the
+    ingest frame parts in `frames_dir`; by frame without it) vs the segments' majority gt class, and a PCA plot;
+    ({}, None) when the features / pseudo-label outputs or their ground truth are missing.
 
     Bounded memory: label images are decoded, in part order, only until `max_segments` segments have a majority
     class, and the descriptor column is read part by part until those segments are found."""
@@ -143,7 +143,7 @@ def knn_analysis(feat_dir: str, pl_dir: str, k: int, max_segments: int = 20000,
     if len(set(frames)) < 2:
         return {}, None
     x, y = np.stack(xs), np.array(ys)
-    is_test = scene_split(frames, sequences)
+    is_test = scene_split(frames, frame_sequences(frames_dir) if frames_dir else None)
     metrics = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     metrics["knn_n_segments"] = float(len(y))
     png = plots.pca_plot(x, y, class_names(19), title=f"PCA of {len(y)} segment descriptors (majority gt class)")

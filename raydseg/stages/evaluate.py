@@ -21,7 +21,7 @@ import numpy as np
 
 from raydseg import storage
 from raydseg.eval.inference import infer_models
-from raydseg.eval.knn import frame_sequences, knn_analysis
+from raydseg.eval.knn import knn_analysis
 from raydseg.eval.report import Section, evaluation_report, model_set_section, summary_row
 from raydseg.eval.scoring import fit_sets, score_model
 from raydseg.eval.sets import eval_samples, eval_sets
@@ -86,7 +86,7 @@ def run_evaluation(ctx: StageContext, loader: Callable | None = None, predictor:
 
     pl_dir = storage.join(ctx.stage_dir("cluster"), "pseudolabels")
     knn_metrics, pca_png = knn_analysis(ctx.stage_dir("features"), pl_dir, cfg.eval.knn_k,
-                                        sequences=frame_sequences(storage.join(ctx.stage_dir("ingest"), "frames")))
+                                        frames_dir=storage.join(ctx.stage_dir("ingest"), "frames"))
     all_metrics.update({f"eval/features/{k}": v for k, v in knn_metrics.items()})
     html_text = evaluation_report(cfg.run.name, ctx.run_root, sets, cfg.eval, summary_rows, sections, knn_metrics,
                                   pca_png, save_png)

@@ -151,16 +151,23 @@ def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int 
                        device: str = "cpu") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
     ground-truth class; train / test split by drive (`scene_split`), as the evaluate stage does."""
-    from raydseg.features.pooling import crop_cls_descriptors
-
     if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
         return {}
+    return probe_knn_scores(probe, probe_cls_descriptors(backbone, probe, crop_size, device), k)
+
+
+def probe_cls_descriptors(backbone: torch.nn.Module, probe: dict[str, Any], crop_size: int = 112,
+                          device: str = "cpu") -> np.ndarray:
+    """(S, D) float32 masked-crop [CLS] descriptors of the probe's segments (the features stage's descriptor), the
+    backbone in eval mode for the pass and then back in its former mode."""
+    from raydseg.features.pooling import crop_cls_descriptors
+
     was_training = backbone.training
     backbone.eval()
     x = probe_descriptors(probe, lambda image, seg, ids: crop_cls_descriptors(
         backbone, image, seg, ids, crop_size=crop_size, device=device), backbone.num_features)
     backbone.train(was_training)
-    return probe_knn_scores(probe, x, k)
+    return x
 
 
 def probe_descriptors(probe: dict[str, Any], describe: Any, dim: int) -> np.ndarray:
