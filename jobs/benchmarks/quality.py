@@ -197,12 +197,14 @@ def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str,
 def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int, cli: list[str],
                 env: dict[str, str]) -> dict:
     """The student rerun with `overrides` (student.key=value), from a copy of run `base` without its student /
-    evaluate outputs: the same teacher, data and seed, so that the difference is paired."""
+    evaluate outputs: the same teacher, data and seed, so that the difference is paired. Only the student is scored
+    (`eval.models`): the teacher's figures are the base run's."""
     dst = os.path.join(root, f"{base}_{name}")
     if not os.path.exists(dst):
         shutil.copytree(os.path.join(root, base), dst, symlinks=True,  # stage links into the shared store
                         ignore=shutil.ignore_patterns("student", "evaluate"))
-    wall = run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in overrides for a in ("--set", o)], env)
+    sets = [*overrides, "eval.models=[student]"]
+    wall = run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in sets for a in ("--set", o)], env)
     return {"student": eval_miou(dst, "student"), "wall_s": wall}
 
 
