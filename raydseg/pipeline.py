@@ -21,6 +21,7 @@ from raydseg.checks import check_inputs
 from raydseg.config import Config, dump_yaml
 from raydseg.data.schema import rejects_table
 from raydseg.errors import UserError, in_stage
+from raydseg.ports import free_port
 from raydseg.procstats import peak_rss_gb
 
 STAGE_ORDER = ["ingest", "pretrain", "proposals", "features", "cluster", "teacher", "student", "evaluate"]
@@ -123,9 +124,18 @@ def init_ray(cfg: Config) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if env:  # under `ray job submit`, merge with the job's runtime env (working_dir, its env_vars) instead of failing
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    dashboard = {}
+    if address is None:
+        # Ray Train's placement-group cleaner asks the state API, which the dashboard serves, whether the controller
+        # lives. Without one it logs a warning every second; with two local clusters on the machine it cannot tell
+        # which to ask and its thread dies. So a local cluster gets a dashboard on its own port, and its workers
+        # are told where it is.
+        port = free_port()
+        dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local" always starts a fresh cluster instead of joining a stray `ray start` on this machine
-    ray.init(address=address or "local", include_dashboard=False if address is None else None,
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True, configure_logging=False)
+    ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             configure_logging=False, **dashboard)
 
 
 def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = print) -> None:

@@ -87,7 +87,6 @@ def screenshot_compare(tracking_uri: str, run_ids: list[str], out_png: str, size
     started on loopback for the screenshot. Raises RuntimeError when Chromium is missing or the page stays blank.
     """
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -95,6 +94,8 @@ def screenshot_compare(tracking_uri: str, run_ids: list[str], out_png: str, size
     import urllib.request
 
     from mlflow.tracking import MlflowClient
+
+    from raydseg.ports import free_port
 
     exe = chromium_executable()
     if exe is None:
@@ -105,9 +106,7 @@ def screenshot_compare(tracking_uri: str, run_ids: list[str], out_png: str, size
         if tracking_uri.startswith(("http://", "https://")):
             base = tracking_uri
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             base = f"http://127.0.0.1:{port}"
             server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                                        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
