@@ -114,12 +114,13 @@ def read_manifest(stage_dir: str) -> dict | None:
     return storage.read_json(path) if storage.exists(path) else None
 
 
-def init_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS / run.ray_address when set (ray job submit), else start a local cluster."""
+def init_ray(cfg: Config) -> str:
+    """Join RAY_ADDRESS / run.ray_address when set (ray job submit), else start a local cluster. Returns the Ray
+    dashboard's URL ('' when Ray was already initialised or the cluster has none)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return ""
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     if env:  # under `ray job submit`, merge with the job's runtime env (working_dir, its env_vars) instead of failing
@@ -134,8 +135,9 @@ def init_ray(cfg: Config) -> None:
         dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local" always starts a fresh cluster instead of joining a stray `ray start` on this machine
-    ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             configure_logging=False, **dashboard)
+    context = ray.init(address=address or "local", runtime_env={"env_vars": env} if env else None,
+                       log_to_driver=True, configure_logging=False, **dashboard)
+    return f"http://{context.dashboard_url}" if context.dashboard_url else ""
 
 
 def check_cluster(cfg: Config, stages: list[str], log: Callable[[str], None] = print) -> None:
@@ -227,7 +229,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, log: Callable[[st
         outputs.adopt_legacy(output_root(cfg), cfg.run.name, name, log)
     rel = {s: outputs.store_rel(s, k["hash"]) for s, k in keys.items()}
     dirs = {s: storage.join(output_root(cfg), r) for s, r in rel.items()}
-    init_ray(cfg)
+    dashboard = init_ray(cfg)
+    if dashboard:
+        log(f"Ray dashboard: {dashboard}")
     check_cluster(cfg, wanted, log)  # requests that could never be scheduled, a tracking store other nodes cannot reach
     check_upstream(wanted, dirs)
     uri = tracking.setup(cfg)

@@ -128,6 +128,7 @@ def test_full_run_twice_second_skips_ingest(tmp_path, mlflow_server):
     first = _full_run(tmp_path, mlflow_server)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[ingest] done" in first.stdout and "MLflow parent run:" in first.stdout
+    assert "Ray dashboard: http://127.0.0.1:" in first.stdout  # a local cluster serves its state API
     second = _full_run(tmp_path, mlflow_server)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[ingest] skipped" in second.stdout
