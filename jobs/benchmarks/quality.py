@@ -2,7 +2,7 @@
 student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
-[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine,degrade]
+[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade]]
 [--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
@@ -49,6 +49,7 @@ import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
 ABLATIONS = {"ema": "false", "soft_targets": "false", "refine": "false", "degrade": "0"}  # student part: its "off"
+PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", default="", help="checkpoint for knn_pretrained (default: features.weights)")
     p.add_argument("--config", default=None, help="config file of every run (default: the embedded default)")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
-    p.add_argument("--ablate", default=",".join(ABLATIONS), help="student parts turned off one at a time ('' = none)")
+    p.add_argument("--ablate", default=",".join(PAPER_ABLATIONS),
+                   help=f"student parts turned off one at a time, of {', '.join(ABLATIONS)} ('' = none)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
     p.add_argument("--label-oracles", default="", help=f"comma list of {', '.join(LABEL_ORACLES)}")
