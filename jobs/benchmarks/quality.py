@@ -26,9 +26,10 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   ground,sky`: the ground's true road / sidewalk / terrain, and true sky within the LiDAR's field of view); with
   `oracle_*` and `teacher_*` they split the gap between the teacher and the oracle into clustering, label space and
   the rest;
-- `no_ema_*` / `no_soft_targets_*` / `no_refine_*` / `no_degrade_*` (those named by --ablate): the student rerun
-  with one part off, from the same teacher, data and seed (a copy of q<S> without its student and evaluate
-  outputs), so differences are paired;
+- `no_<part>_*` / `with_<part>_*` (each part named by --ablate: ema, soft_targets, refine, degrade): the student
+  rerun with that part toggled from the config, from the same teacher, data and seed (a copy of q<S> without its
+  student and evaluate outputs), so differences are paired: `no_` turns a part that the config has on off, `with_`
+  turns an off part on (the embedded default has student.refine off, so its refinement row is `with_refine`);
 - `<NAME>_*` (each --variant NAME=student.key=value[;student.key=value]): the student rerun the same way with those
   settings (a recipe candidate, paired like the ablations).
 A seed whose row is finished gets only the ablations / variants it lacks.
@@ -48,7 +49,8 @@ import time
 import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
-ABLATIONS = {"ema": "false", "soft_targets": "false", "refine": "false", "degrade": "0"}  # student part: its "off"
+ABLATIONS = {"ema": ("false", "true"), "soft_targets": ("false", "true"), "refine": ("false", "true"),
+             "degrade": ("0", "0.8")}  # student part: its (off, on) values
 PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
@@ -209,6 +211,17 @@ def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int
     return {"student": eval_miou(dst, "student"), "wall_s": wall}
 
 
+def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
+    """{variant name: overrides} toggling each student part from its configured value: `no_<part>` when it is on,
+    `with_<part>` when it is off (degrade: on = any strength > 0)."""
+    out = {}
+    for part in parts:
+        off, on = ABLATIONS[part]
+        is_on = bool(getattr(student, part))
+        out[f"no_{part}" if is_on else f"with_{part}"] = [f"student.{part}={off if is_on else on}"]
+    return out
+
+
 def stats(values: list[float]) -> dict[str, float]:
     v = np.asarray(values, np.float64)
     std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
@@ -225,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="config file of every run (default: the embedded default)")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
     p.add_argument("--ablate", default=",".join(PAPER_ABLATIONS),
-                   help=f"student parts turned off one at a time, of {', '.join(ABLATIONS)} ('' = none)")
+                   help=f"student parts toggled one at a time, of {', '.join(ABLATIONS)} ('' = none)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
     p.add_argument("--label-oracles", default="", help=f"comma list of {', '.join(LABEL_ORACLES)}")
@@ -234,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
         p.error(f"--ablate: unknown student part(s) {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
-    variants = {f"no_{f}": [f"student.{f}={ABLATIONS[f]}"] for f in ablate}
+    recipes = {}
     for v in args.variant:
         name, _, sets = v.partition("=")
         if not name.isidentifier() or not sets or any(not o.startswith("student.") or "=" not in o
                                                       for o in sets.split(";")):
             p.error(f"--variant: expected NAME=student.key=value[;student.key=value], got {v!r}")
-        variants[name] = sets.split(";")
+        recipes[name] = sets.split(";")
     label_oracles = [o for o in args.label_oracles.split(",") if o]
     unknown = sorted(set(label_oracles) - set(LABEL_ORACLES))
     if unknown:
@@ -249,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.config import load_config
 
     cfg = load_config(args.config, overrides=args.set)
+    variants = {**ablation_variants(ablate, cfg.student), **recipes}
     passed = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     pretrained = args.pretrained or cfg.features.weights
     seeds = [int(s) for s in args.seeds.split(",") if s]
