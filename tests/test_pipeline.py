@@ -189,7 +189,7 @@ print("state:", ray.get(probe.state_of.remote(probe._actor_id.hex())))
 
 def test_a_local_cluster_serves_its_state_api_to_its_own_workers(tmp_path):
     # Ray Train's placement-group cleaner asks the state API from a worker whether the controller lives; without it
-    # `make run` logged a warning every second of training (541 of 740 lines of a run)
+    # `make run` logged a warning every second of training (docs/results.md, End to end)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     done = subprocess.run([sys.executable, "-c", LIVE_ACTOR_STATE], capture_output=True, text=True, cwd=tmp_path,
                           env={**env, "PYTHONPATH": str(REPO)}, timeout=300)

@@ -49,8 +49,9 @@ import time
 import numpy as np
 
 CONDITIONS = ("day", "night", "fog")
+# student part: its (off, on) values; on None = the strength StudentConfig defaults to
 ABLATIONS = {"ema": ("false", "true"), "soft_targets": ("false", "true"), "refine": ("false", "true"),
-             "degrade": ("0", "0.8")}  # student part: its (off, on) values
+             "degrade": ("0", None)}
 PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
@@ -217,6 +218,7 @@ def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
     out = {}
     for part in parts:
         off, on = ABLATIONS[part]
+        on = on if on is not None else str(type(student).model_fields[part].default)
         is_on = bool(getattr(student, part))
         out[f"no_{part}" if is_on else f"with_{part}"] = [f"student.{part}={off if is_on else on}"]
     return out
