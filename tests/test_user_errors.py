@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from raydseg.cli import full_run, one_stage
+from raydseg.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_MISSING = "'vit_nonexistent_patch16' is not a timm model"
@@ -77,11 +78,7 @@ def test_unknown_stage_and_unwritable_output_root(tmp_path, capsys):
 
 
 def test_unreachable_s3_endpoint_is_one_line(tmp_path, capsys, monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 
@@ -25,6 +24,7 @@ from train_step import bench as train_step_bench  # noqa: E402
 from train_step import peak_tflops, sgd_step  # noqa: E402
 
 from raydseg.models.segmenter import build_segmenter  # noqa: E402
+from raydseg.ports import free_port  # noqa: E402
 
 GOALS = {"teacher_step_mfu": 0.35, "features_crops_per_s": 5000.0}
 NOT_ON_DEVICE = ("ray", "pyarrow", "pydantic", "mlflow", "open3d", "faiss")  # absent on the device machine
@@ -86,9 +86,7 @@ def ddp_step(args: argparse.Namespace, device: torch.device) -> dict[str, float]
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
