@@ -321,6 +321,7 @@ class StudentConfig(TrainConfig):
     # LiDAR-segment refinement (majority class inside each projected segment). Off in the embedded default: at its
     # budget it cost the student on every condition and seed (docs/results.md); the paper's configs turn it on
     refine: bool = False
+    refine_vote: Literal["majority", "mean"] = "majority"  # majority of the teacher's argmax (paper) | mean of its probs
     export: Literal["ema", "student"] = "ema"  # model saved to student/model: the EMA teacher (ema on) | student
 
 
@@ -336,6 +337,7 @@ class EvalConfig(Section):
     batch_size: PosInt = 4  # images per inference call of an actor
     num_actors: PosInt = 1  # inference actor pool size
     num_gpus: NonNegFloat = 0.0  # GPUs per inference actor
+    torch_threads: PosInt = 2  # intra-op threads per inference actor (both cores of the embedded default)
     models: Annotated[list[Literal["teacher", "student"]], Field(min_length=1)] = \
         Field(default_factory=lambda: ["teacher", "student"])  # stages whose model/ is evaluated
     max_images: NonNegInt = 0  # per set (0 = all)

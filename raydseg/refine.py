@@ -1,5 +1,7 @@
-"""LiDAR geometric refinement: inside every projected LiDAR segment, the teacher's classes are replaced by the
-segment's majority class (the segment is one object, so it gets one pseudo-class); other pixels are unchanged."""
+"""LiDAR geometric refinement: inside every projected LiDAR segment the teacher's prediction is replaced by one
+for the whole segment (the segment is one object, so it gets one pseudo-class): its majority class (the paper), or
+the mean of the teacher's probabilities over its pixels (a soft vote that keeps the teacher's uncertainty); other
+pixels are unchanged."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,6 +26,25 @@ def refine_with_segments(labels: torch.Tensor, segments: torch.Tensor, n_cls: in
     majority = votes.view(B * n_seg, n_cls).argmax(1)  # first max -> smallest class id on ties
     refined = majority[key]
     return torch.where(segments > 0, refined, labels)
+
+
+def segment_mean(probs: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Mean of `probs` inside each segment.
+
+    probs: (B, C, H, W) float per-pixel class probabilities; segments: (B, H, W) int segment ids, 0 = no segment
+    (ids are per image). Returns (B, C, H, W): pixels of segment s get the mean of probs over s's pixels; pixels
+    with segment 0 keep theirs.
+    """
+    B, C = probs.shape[:2]
+    segments = segments.long()
+    n_seg = int(segments.max().item()) + 1 if segments.numel() else 1
+    key = (torch.arange(B, device=probs.device).view(B, 1, 1) * n_seg + segments).reshape(B, 1, -1)  # (B, 1, HW)
+    flat = probs.reshape(B, C, -1).permute(1, 0, 2).reshape(C, -1)  # (C, B*HW)
+    sums = torch.zeros(C, B * n_seg, dtype=probs.dtype, device=probs.device)
+    sums.index_add_(1, key.reshape(-1), flat)
+    counts = torch.bincount(key.reshape(-1), minlength=B * n_seg).clamp_min(1).to(probs.dtype)
+    mean = (sums / counts)[:, key.reshape(-1)].reshape(C, B, -1).permute(1, 0, 2).reshape(probs.shape)
+    return torch.where((segments > 0).unsqueeze(1), mean, probs)
 
 
 def refine_numpy(labels: np.ndarray, segments: np.ndarray, n_cls: int) -> np.ndarray:

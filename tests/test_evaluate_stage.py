@@ -150,6 +150,30 @@ def test_evaluate_fits_matching_on_day_and_logs_metrics_report_and_predictions(
     assert "synthetic_night" in report
 
 
+def predict_threads(model: torch.nn.Module, image: np.ndarray, **kwargs) -> np.ndarray:
+    """Every pixel is the calling process's torch intra-op thread count."""
+    return np.full(image.shape[:2], torch.get_num_threads(), np.int64)
+
+
+@pytest.mark.ray
+def test_inference_actors_run_with_eval_torch_threads(tmp_path, ray_local):
+    """Ray starts a 1-CPU actor with OMP_NUM_THREADS=1; the actor must use `eval.torch_threads` intra-op threads."""
+    from raydseg.config import load_config
+    from raydseg.eval.inference import infer_models
+    from raydseg.eval.sets import eval_samples, eval_sets
+
+    root = tmp_path / "run"
+    _write_split(root, "day", 2)
+    save_tiny(root / "student" / "model", perm=[0, 1, 2, 3])
+    cfg = load_config(overrides=["synthetic.eval_conditions=day", "eval.torch_threads=2"])
+    sets = eval_sets(cfg, str(root / "ingest"))
+    samples, _ = eval_samples(sets)
+    out = infer_models(cfg, {"student": str(root / "student" / "model")}, samples, sets,
+                       {"student": str(tmp_path / "pred")}, load_tiny, predict_threads)
+    conf = out["student"]["confusion"]["synthetic_day"].matrix
+    assert conf.shape[0] == 3 and conf[2].sum() == conf.sum() > 0  # every pixel predicted "2 threads"
+
+
 def test_fit_sets_one_per_protocol_and_rejects_unknown_fit_set():
     from raydseg.eval.sets import EvalSet
     from raydseg.eval.scoring import fit_sets

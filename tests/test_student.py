@@ -11,7 +11,7 @@ import torch
 from raydseg.models.ema import EMA
 from raydseg.models.losses import ce_loss, soft_target_loss
 from raydseg.models.segmenter import build_segmenter
-from raydseg.refine import refine_numpy, refine_with_segments
+from raydseg.refine import refine_numpy, refine_with_segments, segment_mean
 from raydseg.train.engine import load_train_state, lr_scheduler, save_train_state
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
@@ -87,6 +87,34 @@ def test_refinement_is_per_image_in_a_batch():
     labels = torch.tensor([[[0, 0, 1]], [[1, 1, 0]]])
     segments = torch.tensor([[[1, 1, 1]], [[1, 1, 1]]])  # same id in two images = two different segments
     assert refine_with_segments(labels, segments, 2).tolist() == [[[0, 0, 0]], [[1, 1, 1]]]
+
+
+def test_segment_mean_averages_probabilities_per_segment_and_image():
+    p0 = torch.tensor([[0.9, 0.6, 0.6, 0.2], [0.1, 0.4, 0.4, 0.8]])  # class-0 probability, (image, x)
+    probs = torch.stack([p0, 1 - p0], 1).unsqueeze(2)  # (B=2, C=2, H=1, W=4)
+    segments = torch.tensor([[[1, 1, 1, 0]], [[1, 1, 2, 2]]])  # same id 1 in both images = two segments
+    out = segment_mean(probs, segments)
+    assert torch.allclose(out[:, 0, 0], torch.tensor([[0.7, 0.7, 0.7, 0.2], [0.25, 0.25, 0.6, 0.6]]))
+    assert torch.allclose(out.sum(1), torch.ones(2, 1, 4))  # pixel (0, 3) has no segment: kept
+
+
+def test_mean_vote_follows_the_teacher_confidence_where_the_majority_does_not():
+    """Segment of 3 pixels: two lean weakly to class 1, one is sure of class 0. The majority vote gives 1; the mean
+    of the probabilities gives 0, and the soft targets are that mean on every pixel of the segment."""
+    from raydseg.train.steps import student_targets
+
+    p = torch.tensor([[0.45, 0.45, 0.98], [0.55, 0.55, 0.02]])  # (C=2, W=3)
+    teacher = lambda x: p.log().view(1, 2, 1, 3).expand(x.shape[0], -1, -1, -1)  # noqa: E731  logits = log p
+    batch = {"segments": torch.ones(1, 1, 3, dtype=torch.long)}
+    x = torch.zeros(1, 3, 1, 3)
+    kw = dict(soft_targets=True, temperature=1.0, refine=True)
+    hard, probs = student_targets(teacher, x, batch, 2, refine_vote="majority", **kw)
+    assert hard.tolist() == [[[1, 1, 1]]] and probs[0, 1].tolist() == [[1.0, 1.0, 1.0]]
+    hard, probs = student_targets(teacher, x, batch, 2, refine_vote="mean", **kw)
+    assert hard.tolist() == [[[0, 0, 0]]]
+    assert torch.allclose(probs[0, :, 0], torch.tensor([[0.6267] * 3, [0.3733] * 3]), atol=1e-4)
+    hard, probs = student_targets(teacher, x, batch, 2, refine_vote="mean", **{**kw, "soft_targets": False})
+    assert hard.tolist() == [[[0, 0, 0]]] and probs is None
 
 
 def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
@@ -171,7 +199,7 @@ def test_distillation_student_sees_the_degraded_view_and_teacher_the_clean_one()
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
     degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False}
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority"}
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     step = DistillationStep(teacher, 4, cfg, mean, std)
     norm = lambda im: normalize(im, mean, std)  # noqa: E731

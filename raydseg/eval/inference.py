@@ -29,20 +29,24 @@ class Predictor:
 
     `models`: {name: model dir}; `pred_roots`: {name: folder of that model's PNGs}. The models are moved to `device`
     in `__init__` (as in Ray's batch-inference examples): "cuda" when the actor has a GPU (`num_gpus` > 0) and CUDA
-    is available, else "cpu". On CUDA the forwards run under bf16 autocast; on CPU they run in full precision
-    (`amp=True` forces bf16 autocast on CPU too: the tests' way to exercise the GPU path's dtypes without a GPU).
+    is available, else "cpu"; `torch_threads` (> 0) sets its intra-op threads. On CUDA the forwards run under bf16
+    autocast; on CPU they run in full precision (`amp=True` forces bf16 autocast on CPU too: the tests' way to
+    exercise the GPU path's dtypes without a GPU).
     `loader(model_dir) -> model` / `predictor(model, image, size=, window=, stride=[, autocast_dtype=]) -> (H, W)
     int` default to raydseg.models' load_model / predict_image.
     """
 
     def __init__(self, models: dict[str, str], pred_roots: dict[str, str], loader: Callable | None = None,
                  predictor: Callable | None = None, size: int = 0, window: int = 0, stride: int = 0,
-                 num_gpus: float = 0.0, device: str | None = None, amp: bool | None = None) -> None:
+                 num_gpus: float = 0.0, device: str | None = None, amp: bool | None = None,
+                 torch_threads: int = 0) -> None:
         import torch
 
         from raydseg.models.infer import predict_image
         from raydseg.models.io import load_model
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # Ray starts the actor with OMP_NUM_THREADS = its CPUs
         self.device = device or inference_device(num_gpus)
         self.models = {name: (loader or load_model)(d).to(self.device) for name, d in models.items()}
         self.predict = predictor or predict_image
@@ -93,7 +97,8 @@ def infer_models(cfg: Config, models: dict[str, str], samples: dict[str, list[Ev
     batches = [({k: np.array([x[k] for x in items[i:i + bs]]) for k in items[0]},)
                for i in range(0, len(items) if models else 0, bs)]
     kwargs = dict(models=models, pred_roots=pred_roots, loader=loader, predictor=predictor, size=cfg.eval.size,
-                  window=cfg.eval.window, stride=cfg.eval.stride, num_gpus=cfg.eval.num_gpus)
+                  window=cfg.eval.window, stride=cfg.eval.stride, num_gpus=cfg.eval.num_gpus,
+                  torch_threads=cfg.eval.torch_threads)
     for batch in map_actors(Predictor, kwargs, Predictor.__call__, batches, stage_requests.evaluate(cfg).ray_options(),
                             (1, max(1, cfg.eval.num_actors))):
         for j, name in enumerate(batch["set"]):

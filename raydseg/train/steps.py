@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from raydseg.models.losses import ce_loss, soft_target_loss
 from raydseg.models.segmenter import normalize
-from raydseg.refine import refine_with_segments
+from raydseg.refine import refine_with_segments, segment_mean
 
 
 class SegmentationStep:
@@ -36,17 +36,21 @@ class SegmentationStep:
 
 
 def student_targets(teacher: nn.Module, x: torch.Tensor, batch: dict[str, torch.Tensor], n_cls: int, *,
-                    soft_targets: bool, temperature: float, refine: bool
+                    soft_targets: bool, temperature: float, refine: bool, refine_vote: str
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student targets from the (EMA) teacher on the same view x (B,3,H,W): (hard labels (B,H,W), soft probs
-    (B,n_cls,H,W) or None). With `refine` and batch["segments"] (B,H,W) the LiDAR segments act as hard
-    constraints: the segment's majority class (one-hot in the soft targets)."""
+    (B,n_cls,H,W) or None). With `refine` and batch["segments"] (B,H,W) each LiDAR segment gets one target:
+    `refine_vote` "majority", the segment's majority class (one-hot in the soft targets), or "mean", the mean of the
+    teacher's probabilities over the segment (its argmax as the hard label)."""
     with torch.no_grad():
         logits = teacher(x).float()
         hard = logits.argmax(1)
         probs = F.softmax(logits / temperature, dim=1) if soft_targets else None
         if refine and "segments" in batch:
             segs = batch["segments"].long()
+            if refine_vote == "mean":
+                mean = segment_mean(probs if probs is not None else F.softmax(logits / temperature, dim=1), segs)
+                return mean.argmax(1), mean if probs is not None else None
             refined = refine_with_segments(hard, segs, n_cls)
             if probs is not None:
                 inside = (segs > 0).unsqueeze(1)
@@ -63,6 +67,7 @@ class DistillationStep:
                  std: Sequence[float] | None):
         self.teacher, self.n_cls = teacher, n_cls
         self.soft_targets, self.temperature, self.refine = cfg["soft_targets"], cfg["temperature"], cfg["refine"]
+        self.refine_vote = cfg["refine_vote"]
         self.mean, self.std = mean, std
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
@@ -70,6 +75,7 @@ class DistillationStep:
         x = normalize(batch["image"], self.mean, self.std)
         logits = model(normalize(batch["degraded"], self.mean, self.std) if "degraded" in batch else x)
         hard, probs = student_targets(self.teacher, x, batch, self.n_cls, soft_targets=self.soft_targets,
-                                      temperature=self.temperature, refine=self.refine)
+                                      temperature=self.temperature, refine=self.refine,
+                                      refine_vote=self.refine_vote)
         loss = soft_target_loss(logits, probs, self.temperature) if probs is not None else ce_loss(logits, hard)
         return loss, {}
