@@ -1,6 +1,9 @@
-"""The quality ladder's paired ablations (jobs/benchmarks/quality.py) toggle each student part from the config."""
+"""The quality ladder (jobs/benchmarks/quality.py): paired ablations toggle each student part from the config, and a
+seed's oracle and student reruns run side by side on their share of the cores, from the stored teacher."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,3 +31,30 @@ def test_an_unknown_part_is_refused_in_one_line(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's program name
         ": error: --ablate: unknown student part(s) dropout (known: ema, soft_targets, refine, degrade)")
+
+
+def test_jobs_below_one_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--out", "/tmp/never.json", "--jobs", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --jobs: expected at least 1, got 0")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_the_stored_teacher(tmp_path):
+    out, root = tmp_path / "q.json", tmp_path / "root"
+    threads = [a for k in ("teacher", "student", "eval") for a in ("--set", f"{k}.torch_threads=2")]
+    assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
+                         "--ablate", "ema", "--jobs", "2", *threads]) == 0
+    row = json.loads(out.read_text())["seeds"][0]
+    for key in ("teacher_day", "teacher_night", "student_day", "student_night", "oracle_day", "oracle_fog",
+                "no_ema_day", "no_ema_night", "teacher_unseen_fog", "student_unseen_day", "knn_random", "pseudo_miou"):
+        assert 0 <= row[key] <= 100, key
+    assert row["teacher_day_se_images"] >= 0 and row["student_night_se_scenes"] >= 0
+    base, rerun = (json.loads((root / r / "run.json").read_text())["stages"] for r in ("q0", "q0_no_ema"))
+    assert rerun["teacher"] == base["teacher"] and rerun["student"] != base["student"]  # the stored teacher reused
+    cfg = load_config(str(root / "q0_no_ema" / "config.yaml"))
+    share = quality.job_threads(2)  # the rerun's student and evaluation on its share of the cores, the teacher as set
+    assert (cfg.student.torch_threads, cfg.eval.torch_threads, cfg.teacher.torch_threads) == (share, share, 2)
+    assert sorted(p.name for p in root.glob("mlflow_*.db")) == ["mlflow_q0.db", "mlflow_q0_no_ema.db"]

@@ -13,10 +13,9 @@ import os
 
 import numpy as np
 
-from quality import CONDITIONS, bootstrap_std, rendered_confusions, stage_mapping
+from quality import CONDITIONS, bootstrap_std, rendered_confusions, run_models
 from raydseg.config import load_config
 from raydseg.eval.metrics import scores
-from raydseg.models.io import load_model
 
 
 def main() -> None:
@@ -30,10 +29,9 @@ def main() -> None:
         seed = int(run.rstrip("/")[-1])
         syn = load_config(os.path.join(run, "config.yaml")).synthetic.model_copy(
             update=dict(eval_images_per_condition=a.n, eval_images_per_scene=1))
-        for model in ("teacher", "student"):
-            mapping, net = stage_mapping(run, model), load_model(os.path.join(run, model, "model"))
-            for c in CONDITIONS:
-                per = rendered_confusions(net, mapping, syn, c, seed)
+        nets = run_models(run, ["teacher", "student"])
+        for c in CONDITIONS:
+            for model, per in rendered_confusions(nets, syn, c, seed).items():
                 rng = np.random.default_rng(0)
                 for m in (32, a.n):
                     out[f"{run}/{model}/{c}/{m}"] = {"miou": 100 * scores(per[:m].sum(0))["miou"],

@@ -3,11 +3,14 @@ student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
 [--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade]]
-[--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle]`
+[--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle] [--jobs 2]`
 
-A finished seed's row is kept in <root>/q<S>/quality_row.json and reused: on 2 cores, run one process per seed
-(`--seeds 0`, `--seeds 1`, ... side by side; the training stages use one core each), then all seeds together to
-aggregate.
+A finished seed's row is kept in <root>/q<S>/quality_row.json and reused. Seeds run in sequence; within a seed,
+after its pipeline run, the oracles and the student reruns are independent processes and run `--jobs` at a time,
+each on cores // jobs torch threads (teacher, student and eval `torch_threads`: on 2 cores, two one-thread jobs
+side by side finish sooner than one two-thread job after the other, whose Ray start-up, data loading and scoring
+leave a core idle), while this process scores the run itself. `--jobs 1`: one after the other, on the configured
+threads. Every run has its own sqlite MLflow (<root>/mlflow_<run>.db), as sqlite takes one writer at a time.
 
 Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval scenes), under --root:
 - `q<S>`: `jobs/full_run.py` of the embedded default plus --set;
@@ -39,6 +42,8 @@ table. All figures are mIoU / accuracy in points (0-100).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -59,11 +64,11 @@ JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def run_pipeline(root: str, name: str, seed: int, cli: list[str], env: dict[str, str]) -> float:
-    """`jobs/full_run.py` as run `name` under `root` (one sqlite MLflow per seed, so that seeds can run as parallel
-    processes); returns the wall time in s. `cli`: --config FILE / --set overrides, as given to this script."""
+    """`jobs/full_run.py` as run `name` under `root` (its own sqlite MLflow, so that runs can go side by side);
+    returns the wall time in s. `cli`: --config FILE / --set overrides, as given to this script."""
     args = [sys.executable, os.path.join(JOBS, "full_run.py"), "--set", f"run.name={name}", "--set",
             f"run.seed={seed}", "--set", f"run.output_root={root}", "--set",
-            f"tracking.uri=sqlite:///{os.path.abspath(root)}/mlflow_seed{seed}.db", *cli]
+            f"tracking.uri=sqlite:///{os.path.abspath(root)}/mlflow_{name}.db", *cli]
     t0 = time.time()
     subprocess.run(args, check=True, env=env)
     return time.time() - t0
@@ -83,26 +88,28 @@ def stage_mapping(run: str, model: str) -> np.ndarray:
         return np.asarray(json.load(f)["19/hungarian"], np.int64)
 
 
-def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0, by_scene: bool = False
-                 ) -> dict[str, float]:
-    """{condition: standard error (points) of `model`'s mIoU}: the std of the mIoU over `n_boot` resamples (with
-    replacement) of the eval images, the stage's Hungarian mapping (fitted on day) held fixed. by_scene: resample
-    whole scenes (sample id `<city>_<scene>_<frame>`): a scene's frames are metres apart and not independent."""
+def bootstrap_se(run: str, model: str, n_boot: int = 500, seed: int = 0) -> dict[str, float]:
+    """{<condition>_se_images / <condition>_se_scenes: standard error (points) of `model`'s mIoU}: the std of the
+    mIoU over `n_boot` resamples (with replacement) of the eval images, or of whole scenes (sample id
+    `<city>_<scene>_<frame>`: a scene's frames are metres apart and not independent), the stage's Hungarian mapping
+    (fitted on day) held fixed."""
     from raydseg.config import load_config
     from raydseg.eval.metrics import apply_mapping, confusion_matrix
     from raydseg.eval.sets import eval_sets, list_samples, load_label, read_prediction
 
     mapping = stage_mapping(run, model)
-    rng, out = np.random.default_rng(seed), {}
+    out = {}
     pred_root = os.path.join(run, "evaluate", "predictions", model)
     for eval_set in eval_sets(load_config(os.path.join(run, "config.yaml")), os.path.join(run, "ingest")):
         samples = list_samples(eval_set)
         mapped = np.stack([apply_mapping(confusion_matrix(read_prediction(pred_root, eval_set.name, x.sample_id),
                                                           load_label(x, 19), len(mapping), 19), mapping)
                            for x in samples])
-        groups = [x.sample_id.rsplit("_", 1)[0] if by_scene else x.sample_id for x in samples]
-        units = np.stack([mapped[[g == n for g in groups]].sum(0) for n in sorted(set(groups))])
-        out[eval_set.name.removeprefix("synthetic_")] = bootstrap_std(units, n_boot, rng)
+        condition = eval_set.name.removeprefix("synthetic_")
+        for unit, groups in (("images", [x.sample_id for x in samples]),
+                             ("scenes", [x.sample_id.rsplit("_", 1)[0] for x in samples])):
+            units = np.stack([mapped[[g == n for g in groups]].sum(0) for n in sorted(set(groups))])
+            out[f"{condition}_se_{unit}"] = bootstrap_std(units, n_boot, np.random.default_rng(seed))
     return out
 
 
@@ -114,29 +121,37 @@ def bootstrap_std(units: np.ndarray, n_boot: int, rng: np.random.Generator) -> f
     return 100 * float(np.std(boot, ddof=1))
 
 
-def rendered_confusions(net, mapping: np.ndarray, syn, condition: str, seed: int) -> np.ndarray:
-    """(N, 19, 19) confusions of `net` on the synthetic eval scenes of `condition` rendered for world `seed` (config
-    `syn`), one per image, under `mapping` (pseudo-class -> class)."""
+def rendered_confusions(nets: dict, syn, condition: str, seed: int) -> dict[str, np.ndarray]:
+    """{name: (N, 19, 19) confusions, one per image} of each (net, mapping: pseudo-class -> class) of `nets` on the
+    synthetic eval scenes of `condition` rendered for world `seed` (config `syn`); each image is rendered once."""
     from raydseg.data.sources.synthetic import render_eval_images
     from raydseg.eval.metrics import apply_mapping, confusion_matrix
     from raydseg.models.infer import predict_image
 
-    return np.stack([apply_mapping(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19), mapping)
-                     for *_, rgb, sem in render_eval_images(condition, syn, seed)])
+    out: dict[str, list] = {name: [] for name in nets}
+    for *_, rgb, sem in render_eval_images(condition, syn, seed):
+        for name, (net, mapping) in nets.items():
+            out[name].append(apply_mapping(confusion_matrix(predict_image(net, rgb), sem, len(mapping), 19), mapping))
+    return {name: np.stack(v) for name, v in out.items()}
 
 
-def unseen_world_miou(run: str, model: str, seed: int) -> dict[str, float]:
-    """{condition: mIoU points} of the run's `model` on eval scenes of another world (run.seed `seed`, never seen by
-    the run: its own eval seed stream too), under the run's own Hungarian mapping (fitted on its day split)."""
-    from raydseg.config import load_config
-    from raydseg.eval.metrics import scores
+def run_models(run: str, models: list[str]) -> dict:
+    """{model: (net, the evaluate stage's Hungarian mapping)} of a run."""
     from raydseg.models.io import load_model
 
-    cfg = load_config(os.path.join(run, "config.yaml"))
-    mapping = stage_mapping(run, model)
-    net = load_model(os.path.join(run, model, "model"))
-    return {c: 100 * scores(rendered_confusions(net, mapping, cfg.synthetic, c, seed).sum(0))["miou"]
-            for c in CONDITIONS}
+    return {m: (load_model(os.path.join(run, m, "model")), stage_mapping(run, m)) for m in models}
+
+
+def unseen_world_miou(run: str, models: list[str], seed: int) -> dict[str, float]:
+    """{<model>_unseen_<condition>: mIoU points} of the run's `models` on eval scenes of another world (run.seed
+    `seed`, never seen by the run: its own eval seed stream too), each under the run's own Hungarian mapping (fitted
+    on its day split)."""
+    from raydseg.config import load_config
+    from raydseg.eval.metrics import scores
+
+    syn, nets = load_config(os.path.join(run, "config.yaml")).synthetic, run_models(run, models)
+    return {f"{m}_unseen_{c}": 100 * scores(per.sum(0))["miou"]
+            for c in CONDITIONS for m, per in rendered_confusions(nets, syn, c, seed).items()}
 
 
 def pseudo_label_miou(run: str) -> dict[str, float]:
@@ -199,7 +214,7 @@ def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str,
 
 
 def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int, cli: list[str],
-                env: dict[str, str]) -> dict:
+                env: dict[str, str]) -> dict[str, float]:
     """The student rerun with `overrides` (student.key=value), from a copy of run `base` without its student /
     evaluate outputs: the same teacher, data and seed, so that the difference is paired. Only the student is scored
     (`eval.models`): the teacher's figures are the base run's."""
@@ -208,8 +223,8 @@ def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int
         shutil.copytree(os.path.join(root, base), dst, symlinks=True,  # stage links into the shared store
                         ignore=shutil.ignore_patterns("student", "evaluate"))
     sets = [*overrides, "eval.models=[student]"]
-    wall = run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in sets for a in ("--set", o)], env)
-    return {"student": eval_miou(dst, "student"), "wall_s": wall}
+    run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in sets for a in ("--set", o)], env)
+    return eval_miou(dst, "student")
 
 
 def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
@@ -222,6 +237,23 @@ def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
         is_on = bool(getattr(student, part))
         out[f"no_{part}" if is_on else f"with_{part}"] = [f"student.{part}={off if is_on else on}"]
     return out
+
+
+def thread_sets(sections: list[str], jobs: int) -> list[str]:
+    """--set overrides giving each of `jobs` processes side by side its share of this machine's cores as the
+    `torch_threads` of `sections` (none for one job: the configured threads)."""
+    return [a for k in sections for a in ("--set", f"{k}.torch_threads={job_threads(jobs)}")] if jobs > 1 else []
+
+
+def job_threads(jobs: int) -> int:
+    """Torch threads of each of `jobs` processes side by side."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def timed(job) -> tuple:
+    """(job(), its wall time in s)."""
+    t0 = time.time()
+    return job(), time.time() - t0
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -244,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
     p.add_argument("--label-oracles", default="", help=f"comma list of {', '.join(LABEL_ORACLES)}")
+    p.add_argument("--jobs", type=int, default=2, help="a seed's oracles and student reruns side by side")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs: expected at least 1, got {args.jobs}")
     ablate = [a for a in args.ablate.split(",") if a]
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
@@ -271,36 +306,46 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))
     os.makedirs(args.root, exist_ok=True)
+    # side by side, the oracles (teacher recipe) and the student reruns each get their share of the cores; a rerun
+    # keeps the teacher's threads, which are part of the stored teacher's config
+    oracle_cli, variant_cli = (passed + thread_sets(sections, args.jobs) for sections in (["teacher"],
+                                                                                          ["student", "eval"]))
+    eval_images = cfg.synthetic.eval_images_per_condition
+    if args.jobs > 1:
+        import torch
+
+        torch.set_num_threads(job_threads(args.jobs))  # this process's scoring runs beside the jobs
     rows = []
     for seed in seeds:
         base = f"q{seed}"
         run = os.path.join(args.root, base)
-        done = os.path.join(run, "quality_row.json")  # a finished seed (seeds may run as parallel processes)
-        if os.path.exists(done):
+        done = os.path.join(run, "quality_row.json")  # a finished seed
+        fresh = not os.path.exists(done)
+        if fresh:
+            row = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
+        else:
             with open(done) as f:
                 row = json.load(f)
-        else:
-            row = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
-            row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
-            row.update(pseudo_label_miou(run))
-            for model in ("teacher", "student"):
-                row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
-                row.update({f"{model}_{c}_se_images": v for c, v in bootstrap_se(run, model).items()})
-                row.update({f"{model}_{c}_se_scenes": v for c, v in bootstrap_se(run, model, by_scene=True).items()})
-                row.update({f"{model}_unseen_{c}": v for c, v in unseen_world_miou(run, model, UNSEEN + seed).items()})
-            t0 = time.time()
-            row.update({f"oracle_{c}": v for c, v in
-                        oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env).items()})
-            row["oracle_s"] = time.time() - t0
+        jobs = {"oracle": functools.partial(oracle, run, seed, oracle_cli, eval_images, env)}  # each its own process
         for name, overrides in variants.items():
-            if f"{name}_day" not in row:
-                a = variant_run(args.root, base, name, overrides, seed, passed, env)
-                row.update({f"{name}_{c}": v for c, v in a["student"].items()})
+            jobs[name] = functools.partial(variant_run, args.root, base, name, overrides, seed, variant_cli, env)
         for name in label_oracles:
-            if f"{name}_day" not in row:
-                scored = oracle(run, seed, passed, cfg.synthetic.eval_images_per_condition, env, name,
-                                *LABEL_ORACLES[name])
+            jobs[name] = functools.partial(oracle, run, seed, oracle_cli, eval_images, env, name,
+                                           *LABEL_ORACLES[name])
+        jobs = {name: job for name, job in jobs.items() if f"{name}_day" not in row}
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            started = {name: pool.submit(timed, job) for name, job in jobs.items()}
+            if fresh:  # this process scores the run meanwhile
+                row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
+                row.update(pseudo_label_miou(run))
+                for model in ("teacher", "student"):
+                    row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
+                    row.update({f"{model}_{k}": v for k, v in bootstrap_se(run, model).items()})
+                row.update(unseen_world_miou(run, ["teacher", "student"], UNSEEN + seed))
+            for name, future in started.items():
+                scored, wall = future.result()
                 row.update({f"{name}_{c}": v for c, v in scored.items()})
+                row[f"{name}_s"] = wall
         rows.append(row)
         with open(done, "w") as f:
             json.dump(row, f)
