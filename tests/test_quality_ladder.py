@@ -3,7 +3,6 @@ seed's oracle and student reruns run side by side on their share of the cores, f
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
