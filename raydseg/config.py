@@ -318,8 +318,8 @@ class StudentConfig(TrainConfig):
     ema_momentum: Annotated[float, Field(ge=0, le=1)] = 0.99  # paper: about 0.999 for long runs
     soft_targets: bool = True  # soft teacher probabilities (temperature) vs hard argmax targets
     temperature: PosFloat = 1.0
-    # LiDAR-segment refinement (majority class inside each projected segment). Off in the embedded default: at its
-    # budget it cost the student on every condition and seed (docs/results.md); the paper's configs turn it on
+    # LiDAR-segment refinement (one target per projected segment, by refine_vote). Off in the embedded default: at
+    # its budget it cost the student on every condition and seed (docs/results.md); the paper's configs turn it on
     refine: bool = False
     refine_vote: Literal["majority", "mean"] = "majority"  # majority of the teacher's argmax (paper) | mean of its probs
     export: Literal["ema", "student"] = "ema"  # model saved to student/model: the EMA teacher (ema on) | student
