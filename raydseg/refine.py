@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 
+def batch_segment_keys(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, H, W) int64 per-image segment ids -> ((B, H, W) ids unique over the batch, their count): image b's
+    segment s becomes b * n + s, n = the largest id + 1."""
+    B = segments.shape[0]
+    n_seg = int(segments.max().item()) + 1 if segments.numel() else 1
+    return torch.arange(B, device=segments.device).view(B, 1, 1) * n_seg + segments, B * n_seg
+
+
 def refine_with_segments(labels: torch.Tensor, segments: torch.Tensor, n_cls: int) -> torch.Tensor:
     """Majority vote of `labels` inside each segment.
 
@@ -17,13 +25,11 @@ def refine_with_segments(labels: torch.Tensor, segments: torch.Tensor, n_cls: in
     """
     labels = labels.long()
     segments = segments.long()
-    B = labels.shape[0]
-    n_seg = int(segments.max().item()) + 1 if segments.numel() else 1
-    key = (torch.arange(B, device=labels.device).view(B, 1, 1) * n_seg + segments)  # (B, H, W)
-    votes = torch.zeros(B * n_seg * n_cls, dtype=torch.long, device=labels.device)
+    key, n_keys = batch_segment_keys(segments)
+    votes = torch.zeros(n_keys * n_cls, dtype=torch.long, device=labels.device)
     votes.scatter_add_(0, (key * n_cls + labels).reshape(-1), torch.ones(labels.numel(), dtype=torch.long,
                                                                           device=labels.device))
-    majority = votes.view(B * n_seg, n_cls).argmax(1)  # first max -> smallest class id on ties
+    majority = votes.view(n_keys, n_cls).argmax(1)  # first max -> smallest class id on ties
     refined = majority[key]
     return torch.where(segments > 0, refined, labels)
 
@@ -37,13 +43,13 @@ def segment_mean(probs: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """
     B, C = probs.shape[:2]
     segments = segments.long()
-    n_seg = int(segments.max().item()) + 1 if segments.numel() else 1
-    key = (torch.arange(B, device=probs.device).view(B, 1, 1) * n_seg + segments).reshape(B, 1, -1)  # (B, 1, HW)
-    flat = probs.reshape(B, C, -1).permute(1, 0, 2).reshape(C, -1)  # (C, B*HW)
-    sums = torch.zeros(C, B * n_seg, dtype=probs.dtype, device=probs.device)
-    sums.index_add_(1, key.reshape(-1), flat)
-    counts = torch.bincount(key.reshape(-1), minlength=B * n_seg).clamp_min(1).to(probs.dtype)
-    mean = (sums / counts)[:, key.reshape(-1)].reshape(C, B, -1).permute(1, 0, 2).reshape(probs.shape)
+    key, n_keys = batch_segment_keys(segments)
+    key = key.reshape(-1)  # (B*H*W,)
+    flat = probs.reshape(B, C, -1).permute(1, 0, 2).reshape(C, -1)  # (C, B*H*W)
+    sums = torch.zeros(C, n_keys, dtype=probs.dtype, device=probs.device)
+    sums.index_add_(1, key, flat)
+    counts = torch.bincount(key, minlength=n_keys).clamp_min(1).to(probs.dtype)
+    mean = (sums / counts)[:, key].reshape(C, B, -1).permute(1, 0, 2).reshape(probs.shape)
     return torch.where((segments > 0).unsqueeze(1), mean, probs)
 
 
