@@ -305,6 +305,9 @@ class TeacherConfig(TrainConfig):
     dropout: Probability = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
     drop_path: Probability = 0.0  # encoder stochastic depth (released config: 0.1)
     class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0  # class weight n_c^-p over its batch pixels (0 = CE)
+    # image: each input image standardised inside the model (models.segmenter.standardize_image); it lifts the
+    # teacher's and the oracle's night, not the student's, whose degraded views do the same (docs/results.md)
+    input_norm: Literal["dataset", "image"] = "dataset"
 
 
 class StudentConfig(TrainConfig):

@@ -45,6 +45,15 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def image_norm_model_dir(tmp_path_factory):
+    """A model that standardises each image itself (`input_norm: image`): its reductions are in the export too."""
+    torch.manual_seed(0)
+    d, cfg = str(tmp_path_factory.mktemp("model_image_norm")), {**TINY, "input_norm": "image"}
+    save_model(build_segmenter(cfg), cfg, d)
+    return d
+
+
+@pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
     for i, im in enumerate(_images()):
@@ -56,8 +65,9 @@ def _labels(out_dir: str) -> list[np.ndarray]:
     return [decode_image(open(os.path.join(out_dir, "labels", f"im{i}.png"), "rb").read()) for i in range(len(SIZES))]
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exported_model_predicts_the_same_labels_as_pytorch_at_any_size(fmt, model_dir, images_dir, tmp_path):
+@pytest.mark.parametrize("fmt,norm", [("onnx", "dataset"), ("torchscript", "dataset"), ("onnx", "image")])
+def test_exported_model_predicts_the_same_labels_as_pytorch_at_any_size(fmt, norm, request, images_dir, tmp_path):
+    model_dir = request.getfixturevalue("model_dir" if norm == "dataset" else "image_norm_model_dir")
     out = str(tmp_path / f"model.{fmt}")
     assert cli(["export", "--model", model_dir, "--format", fmt, "--out", out]) == 0
     assert cli(["predict", "--model", model_dir, "--images", images_dir, "--out", str(tmp_path / "torch")]) == 0

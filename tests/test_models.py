@@ -8,7 +8,7 @@ import torch
 from raydseg.models.infer import _windows, predict_image, predict_logits
 from raydseg.models.io import load_model, log_model_artifact, save_model
 from raydseg.models.losses import ce_loss
-from raydseg.models.segmenter import build_segmenter, count_flops_per_image, resolve_model_cfg
+from raydseg.models.segmenter import build_segmenter, count_flops_per_image, resolve_model_cfg, standardize_image
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 5, "drop_path": 0.0, "dropout": 0.0}
 
@@ -67,6 +67,23 @@ def test_class_balanced_loss_weighs_every_class_alike_at_power_one():
     lo, hi = sorted([ce_loss(logits, target).item(), class_means.mean().item()])
     assert lo <= half.item() <= hi
     assert ce_loss(logits, torch.full_like(target, 255), balance=0.5).item() == 0.0
+
+
+def test_per_image_input_norm_predicts_a_dark_tinted_low_contrast_copy_like_the_original(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 48, 64)
+    dim = 0.3 * x + torch.tensor([-1.0, -0.5, 0.2]).view(1, 3, 1, 1)  # darker, less contrast, a colour cast
+    z = standardize_image(dim)
+    assert torch.allclose(z.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(z.pow(2).mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-2)
+    per_image = build_segmenter({**TINY, "input_norm": "image"}).eval()
+    assert torch.allclose(per_image(dim), per_image(x), atol=1e-2)
+    dataset = build_segmenter(TINY).eval()
+    assert not torch.allclose(dataset(dim), dataset(x), atol=0.1)
+    save_model(per_image, {**TINY, "input_norm": "image"}, str(tmp_path / "m"))  # a saved model keeps its input norm
+    assert torch.equal(load_model(str(tmp_path / "m"))(dim), per_image(dim))
+    with pytest.raises(ValueError, match=r"^unknown input_norm 'channel' \(dataset \| image\)$"):
+        build_segmenter({**TINY, "input_norm": "channel"})
 
 
 def test_save_load_roundtrip_gives_identical_predictions(model, tmp_path):

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
-                             "dropout": t.dropout, "drop_path": t.drop_path}, encoder_weights(cfg))
+                             "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm},
+                            encoder_weights(cfg))
     opt = make_optimizer(model, t.model_dump())
     sched = lr_scheduler(opt, t.steps, t.schedule, t.warmup_steps)
     losses, t0 = [], time.time()

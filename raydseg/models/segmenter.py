@@ -27,6 +27,7 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "drop_path": 0.1,  # encoder stochastic depth (released config: 0.1)
     "mean": list(IMAGENET_DEFAULT_MEAN),
     "std": list(IMAGENET_DEFAULT_STD),
+    "input_norm": "dataset",  # dataset (mean/std above only) | image (then each image standardised: standardize_image)
 }
 
 
@@ -105,8 +106,11 @@ class MaskTransformer(nn.Module):
 class Segmenter(nn.Module):
     """ViT encoder + decoder; `forward(images (B,3,H,W) normalised float) -> logits (B, n_cls, H, W)`."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, n_cls: int):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, n_cls: int, input_norm: str = "dataset"):
         super().__init__()
+        if input_norm not in ("dataset", "image"):
+            raise ValueError(f"unknown input_norm '{input_norm}' (dataset | image)")
+        self.per_image = input_norm == "image"
         self.encoder = encoder
         self.decoder = decoder
         self.n_cls = n_cls
@@ -122,6 +126,8 @@ class Segmenter(nn.Module):
 
     def forward(self, im: torch.Tensor) -> torch.Tensor:
         H, W = im.shape[2:]
+        if self.per_image:
+            im = standardize_image(im)
         p = self.patch_size
         im = F.pad(im, (0, (-W) % p, 0, (-H) % p))  # unconditional (a no-op at a patch multiple): exports trace it
         tokens, grid = self.forward_features(im)
@@ -144,7 +150,7 @@ def build_segmenter(model_cfg: dict[str, Any] | None = None, weights: str = "") 
         decoder = LinearDecoder(d_enc, cfg["n_cls"])
     else:
         raise ValueError(f"unknown decoder '{cfg['decoder']}' (mask | linear)")
-    return Segmenter(encoder, decoder, cfg["n_cls"])
+    return Segmenter(encoder, decoder, cfg["n_cls"], cfg["input_norm"])
 
 
 def normalize(images: torch.Tensor, mean: list[float] | tuple = IMAGENET_DEFAULT_MEAN,
@@ -156,6 +162,13 @@ def normalize(images: torch.Tensor, mean: list[float] | tuple = IMAGENET_DEFAULT
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def standardize_image(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """(B, 3, H, W) float -> each image with zero mean per channel and unit std over all its values: a dark or hazy
+    image's contrast scaled up to a clear one's, its colour cast removed; the relative colours of its pixels kept."""
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    return x / (x.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt() + eps)
 
 
 def count_flops_per_image(model: Segmenter, h: int, w: int) -> float:

@@ -28,7 +28,7 @@ def n_pseudo_classes(cfg: Config) -> int:
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
     t = cfg.teacher
     return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
-            "dropout": t.dropout, "drop_path": t.drop_path}
+            "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm}
 
 
 def encoder_weights(cfg: Config) -> str:
