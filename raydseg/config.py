@@ -325,6 +325,7 @@ class StudentConfig(TrainConfig):
     # its budget it cost the student on every condition and seed (docs/results.md); the paper's configs turn it on
     refine: bool = False
     refine_vote: Literal["majority", "mean"] = "majority"  # majority of the teacher's argmax (paper) | mean of its probs
+    mix: Literal["none", "classmix"] = "none"  # classmix: the student's images and targets mixed by teacher classes
     export: Literal["ema", "student"] = "ema"  # model saved to student/model: the EMA teacher (ema on) | student
 
 

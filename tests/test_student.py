@@ -199,7 +199,7 @@ def test_distillation_student_sees_the_degraded_view_and_teacher_the_clean_one()
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
     degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority"}
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": "none"}
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     step = DistillationStep(teacher, 4, cfg, mean, std)
     norm = lambda im: normalize(im, mean, std)  # noqa: E731
@@ -211,6 +211,46 @@ def test_distillation_student_sees_the_degraded_view_and_teacher_the_clean_one()
         plain, _ = step(student, {"image": clean}, 0)
     assert torch.allclose(loss, expect) and torch.allclose(plain, same_view)
     assert not torch.allclose(loss, plain)
+
+
+def test_classmix_pastes_half_of_each_images_teacher_classes_on_the_next_image_with_its_targets():
+    from raydseg.models.segmenter import normalize
+    from raydseg.train.steps import DistillationStep, classmix_masks, paste
+
+    labels = torch.zeros(3, 4, 4, dtype=torch.long)
+    labels[0] = torch.arange(4).repeat_interleave(4).view(4, 4)  # four classes, one per row
+    labels[1, :, 2:] = 5  # two classes
+    # image 2: one class
+    torch.manual_seed(3)
+    masks = classmix_masks(labels)
+    assert masks[0].sum() == 8 and all(masks[0][labels[0] == c].all() or not masks[0][labels[0] == c].any()
+                                       for c in range(4))  # 2 of 4 classes, each whole
+    assert masks[1].sum() == 8 and masks[2].all()  # 1 of 2 classes (whole); 1 of 1
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 4)  # image b holds the value b
+    pasted = paste(x, masks)
+    assert torch.equal(pasted[0], torch.where(masks[0], 0.0, 1.0).expand(2, 4, 4))
+    assert torch.equal(pasted[2], torch.full((2, 4, 4), 2.0))  # all of image 2's pixels are pasted onto image 0
+    assert torch.equal(paste(labels, masks)[1], torch.where(masks[1], labels[1], labels[2]))
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": "classmix"}
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    with torch.no_grad():
+        logits = teacher(normalize(clean, mean, std))  # the teacher sees each clean image whole
+        torch.manual_seed(7)
+        masks = classmix_masks(logits.argmax(1))
+        assert 0 < masks.float().mean() < 1
+        expect = soft_target_loss(student(paste(normalize(degraded, mean, std), masks)),
+                                  paste(torch.softmax(logits / 2.0, 1), masks), 2.0)
+        torch.manual_seed(7)  # as the training loop seeds each step
+        loss, _ = DistillationStep(teacher, 4, cfg, mean, std)(student, {"image": clean, "degraded": degraded}, 0)
+        unmixed, _ = DistillationStep(teacher, 4, {**cfg, "mix": "none"}, mean, std)(
+            student, {"image": clean, "degraded": degraded}, 0)
+    assert torch.allclose(loss, expect) and not torch.allclose(loss, unmixed)
 
 
 def test_segmentation_step_trains_on_the_degraded_view_when_the_batch_has_one():

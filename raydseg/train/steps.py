@@ -5,7 +5,8 @@
 - `DistillationStep` (student stage): targets from the (EMA) teacher on the clean view: soft probabilities with a
   temperature or hard argmax labels, optionally refined with the LiDAR segments. The student sees the same view, or
   its degraded copy (batch["degraded"], the `degrade` option): it must then predict in poor conditions what the
-  teacher sees in good ones.
+  teacher sees in good ones. With `mix: classmix` each student image is pasted with the teacher's classes of the
+  next image of the batch, and so are the targets (ClassMix, Olsson et al. 2021).
 No Ray here (torch only).
 """
 from __future__ import annotations
@@ -59,6 +60,23 @@ def student_targets(teacher: nn.Module, x: torch.Tensor, batch: dict[str, torch.
     return hard, probs
 
 
+def classmix_masks(labels: torch.Tensor) -> torch.Tensor:
+    """ClassMix masks (Olsson et al. 2021): hard labels (B, H, W) -> (B, H, W) bool, the pixels of a random half
+    (rounded up) of the classes each image holds. Draws from torch's global generator, which the training loop
+    seeds per step, so a resumed run draws the same masks."""
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    for b in range(labels.shape[0]):
+        classes = labels[b].unique()
+        out[b] = torch.isin(labels[b], classes[torch.randperm(len(classes))[:(len(classes) + 1) // 2]])
+    return out
+
+
+def paste(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Image b's pixels under masks[b] (B, H, W) pasted on image b + 1 (cyclically): x (B, H, W) or (B, C, H, W)."""
+    m = masks if x.dim() == 3 else masks.unsqueeze(1)
+    return torch.where(m, x, x.roll(-1, dims=0))
+
+
 class DistillationStep:
     """Student objective: the student's logits (on batch["degraded"] if present, else on the teacher's view) against
     the teacher's targets on the clean view (soft-target cross-entropy x T^2, or CE on the hard targets)."""
@@ -67,15 +85,20 @@ class DistillationStep:
                  std: Sequence[float] | None):
         self.teacher, self.n_cls = teacher, n_cls
         self.soft_targets, self.temperature, self.refine = cfg["soft_targets"], cfg["temperature"], cfg["refine"]
-        self.refine_vote = cfg["refine_vote"]
+        self.refine_vote, self.mix = cfg["refine_vote"], cfg["mix"]
         self.mean, self.std = mean, std
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         x = normalize(batch["image"], self.mean, self.std)
-        logits = model(normalize(batch["degraded"], self.mean, self.std) if "degraded" in batch else x)
+        view = normalize(batch["degraded"], self.mean, self.std) if "degraded" in batch else x
         hard, probs = student_targets(self.teacher, x, batch, self.n_cls, soft_targets=self.soft_targets,
                                       temperature=self.temperature, refine=self.refine,
                                       refine_vote=self.refine_vote)
+        if self.mix == "classmix" and x.shape[0] > 1:
+            masks = classmix_masks(hard)
+            view, hard = paste(view, masks), paste(hard, masks)
+            probs = paste(probs, masks) if probs is not None else None
+        logits = model(view)
         loss = soft_target_loss(logits, probs, self.temperature) if probs is not None else ce_loss(logits, hard)
         return loss, {}
