@@ -195,3 +195,17 @@ def test_a_local_cluster_serves_its_state_api_to_its_own_workers(tmp_path):
                           env={**env, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "state: ALIVE" in done.stdout
+
+
+def test_free_ports_skip_the_port_ray_keeps_for_its_dashboard_agent():
+    # the OS handed a ladder run's dashboard 52365, and ray.init failed (issue 15, eighteenth session)
+    from ray._private import ray_constants
+
+    from raydseg.ports import RAY_FIXED_PORTS, free_port
+
+    assert ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT in RAY_FIXED_PORTS
+    refused = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='local', dashboard_port=52365)"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "port number 52365 that is used by other components" in refused.stderr
+    draws = iter([52365, 52365, 41234])
+    assert free_port(draw=lambda host: next(draws)) == 41234

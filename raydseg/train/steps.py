@@ -5,8 +5,8 @@
 - `DistillationStep` (student stage): targets from the (EMA) teacher on the clean view: soft probabilities with a
   temperature or hard argmax labels, optionally refined with the LiDAR segments. The student sees the same view, or
   its degraded copy (batch["degraded"], the `degrade` option): it must then predict in poor conditions what the
-  teacher sees in good ones. With `mix: classmix` each student image is pasted with the teacher's classes of the
-  next image of the batch, and so are the targets (ClassMix, Olsson et al. 2021).
+  teacher sees in good ones. With `mix: classmix` the pixels of half of the teacher's classes in each image are
+  pasted onto the next image of the batch, in the student's view and in the targets (ClassMix, Olsson et al. 2021).
 No Ray here (torch only).
 """
 from __future__ import annotations
