@@ -46,4 +46,4 @@ test: venv-dev
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf outputs mlflow.db mlartifacts .pytest_cache
+	rm -rf outputs mlflow.db mlartifacts mlruns .pytest_cache  # mlruns: artifacts of stores made before they moved beside the db

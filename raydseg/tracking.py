@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 from raydseg.config import Config
@@ -71,12 +72,28 @@ def check_locality(uri: str) -> None:
         raise ConfigError(problem)
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: `mlartifacts/` beside the database file (MLflow's
+    own default is ./mlruns of whatever directory the client runs in, so two stores' runs shared one folder and a
+    store's artifacts were not where its database was). None for other stores (a server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(os.path.dirname(uri[len("sqlite:///"):]) or ".").absolute().joinpath("mlartifacts").as_uri()
+
+
 def setup(cfg: Config) -> str:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    name, root = cfg.tracking.experiment, artifact_root(uri)
+    if root and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=root)
+        except MlflowException:  # another process of the same store created it first
+            pass
+    mlflow.set_experiment(name)
     return uri
 
 

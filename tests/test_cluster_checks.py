@@ -76,6 +76,34 @@ def test_local_mlflow_stores_are_recognised():
     assert locality_problem("http://10.0.0.1:5000", 5) is None
 
 
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
+    # MLflow's default put them in ./mlruns of the working directory: the test suite's and every quality-ladder
+    # store's runs ended up in the checkout, in one folder
+    import mlflow
+
+    from raydseg import tracking
+    from raydseg.config import load_config
+
+    cwd, store = tmp_path / "cwd", tmp_path / "store"
+    cwd.mkdir()
+    store.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    try:
+        cfg = load_config(None, overrides=[f"tracking.uri=sqlite:///{store / 'm.db'}"])
+        tracking.setup(cfg)
+        tracking.setup(cfg)  # the experiment exists now
+        with mlflow.start_run() as run:
+            mlflow.log_text("x", "a.txt")
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert (store / "mlartifacts" / run.info.run_id / "artifacts" / "a.txt").read_text() == "x"
+    assert not list(cwd.iterdir())
+    assert tracking.artifact_root("sqlite:///m.db") == (cwd / "mlartifacts").as_uri()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_mlflow_store_on_two_nodes_stops_before_any_stage(ray_two_nodes, tmp_path, capsys, monkeypatch):
