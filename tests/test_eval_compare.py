@@ -14,8 +14,11 @@ def _two_ablation_runs(tmp_path) -> tuple[str, list[str]]:
     """Two parent runs (k=10, k=30) with nested evaluate runs in a sqlite store: (tracking uri, parent ids)."""
     import mlflow
 
+    from raydseg.tracking import artifact_root
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("ablation-k", artifact_location=artifact_root(uri))  # as the pipeline makes it
     mlflow.set_experiment("ablation-k")
     parents = []
     for k, miou in [(10, 0.21), (30, 0.35)]:
