@@ -188,19 +188,28 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
         str(tmp_path / "out" / "model")))
 
 
+DIST_MEAN, DIST_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _distillation_case(mix: str):
+    """A 1x1-conv student and teacher (4 classes), two clean and two degraded 8 x 8 images, and a step config."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": mix}
+    return student, teacher, clean, degraded, cfg
+
+
 def test_distillation_student_sees_the_degraded_view_and_teacher_the_clean_one():
     """With batch["degraded"], the loss is the student's logits on the degraded view against the teacher's
     softmax on the clean view; without it, both see the clean view."""
     from raydseg.models.segmenter import normalize
     from raydseg.train.steps import DistillationStep
 
-    torch.manual_seed(0)
-    student, teacher = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
-    g = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": "none"}
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    student, teacher, clean, degraded, cfg = _distillation_case("none")
+    mean, std = DIST_MEAN, DIST_STD
     step = DistillationStep(teacher, 4, cfg, mean, std)
     norm = lambda im: normalize(im, mean, std)  # noqa: E731
     with torch.no_grad():
@@ -232,13 +241,8 @@ def test_classmix_pastes_half_of_each_images_teacher_classes_on_the_next_image_w
     assert torch.equal(pasted[2], torch.full((2, 4, 4), 2.0))  # all of image 2's pixels are pasted onto image 0
     assert torch.equal(paste(labels, masks)[1], torch.where(masks[1], labels[1], labels[2]))
 
-    torch.manual_seed(0)
-    student, teacher = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
-    g = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": "classmix"}
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    student, teacher, clean, degraded, cfg = _distillation_case("classmix")
+    mean, std = DIST_MEAN, DIST_STD
     with torch.no_grad():
         logits = teacher(normalize(clean, mean, std))  # the teacher sees each clean image whole
         torch.manual_seed(7)
