@@ -305,9 +305,9 @@ class TeacherConfig(TrainConfig):
     dropout: Probability = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
     drop_path: Probability = 0.0  # encoder stochastic depth (released config: 0.1)
     class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0  # class weight n_c^-p over its batch pixels (0 = CE)
-    # image: each input image standardised inside the model (models.segmenter.standardize_image); it lifts the
-    # teacher's and the oracle's night, not the student's, whose degraded views do the same (docs/results.md)
-    input_norm: Literal["dataset", "image"] = "dataset"
+    # image: each input image standardised inside the model (models.segmenter.standardize_image); with the
+    # student's ClassMix it lifted night and fog over the dataset-normalised default, day unchanged (docs/results.md)
+    input_norm: Literal["dataset", "image"] = "image"
 
 
 class StudentConfig(TrainConfig):
@@ -325,7 +325,7 @@ class StudentConfig(TrainConfig):
     # its budget it cost the student on every condition and seed (docs/results.md); the paper's configs turn it on
     refine: bool = False
     refine_vote: Literal["majority", "mean"] = "majority"  # majority of the teacher's argmax (paper) | mean of its probs
-    mix: Literal["none", "classmix"] = "none"  # classmix: the student's images and targets mixed by teacher classes
+    mix: Literal["none", "classmix"] = "classmix"  # the student's images and targets mixed by teacher classes | none
     export: Literal["ema", "student"] = "ema"  # model saved to student/model: the EMA teacher (ema on) | student
 
 
