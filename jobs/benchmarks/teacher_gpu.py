@@ -116,8 +116,8 @@ def train_variant(data: dict, recipe: dict, device: torch.device, workers: int, 
     rows = [{"frame_id": r["frame_id"], "image": unpng(r["image"]), target: unpng(r[target])} for r in data["train"]
             if target == "gt" or not is_val(r["frame_id"], recipe["val_fraction"])]
     torch.manual_seed(seed)
-    model_cfg = resolve_model_cfg({"n_cls": n_cls, **{k: recipe[k] for k in
-                                                      ("backbone", "decoder", "n_layers", "dropout", "drop_path")}})
+    model_cfg = resolve_model_cfg({"n_cls": n_cls, **{k: recipe[k] for k in ("backbone", "decoder", "n_layers",
+                                                                              "dropout", "drop_path", "input_norm")}})
     model = build_segmenter(model_cfg, recipe["weights"]).to(device)
     opt = make_optimizer(model, recipe)
     sched = lr_scheduler(opt, recipe["steps"], recipe["schedule"], recipe["warmup_steps"])
