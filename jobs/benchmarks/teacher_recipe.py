@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.segmenter import build_segmenter, normalize
     from raydseg.train.data import augment_example, degraded_view, is_val
     from raydseg.train.engine import lr_scheduler, make_optimizer
-    from raydseg.train.teacher import encoder_weights
+    from raydseg.train.teacher import encoder_weights, model_cfg_from
 
     cfg = load_config(args.config, overrides=args.set)
     t = cfg.teacher
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, t.torch_threads))
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = build_segmenter({"backbone": t.backbone, "n_cls": n_cls, "decoder": t.decoder, "n_layers": t.n_layers,
-                             "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm},
-                            encoder_weights(cfg))
+    model = build_segmenter({**model_cfg_from(cfg), "n_cls": n_cls}, encoder_weights(cfg))
     opt = make_optimizer(model, t.model_dump())
     sched = lr_scheduler(opt, t.steps, t.schedule, t.warmup_steps)
     losses, t0 = [], time.time()
