@@ -57,3 +57,13 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     share = quality.job_threads(2)  # the rerun's student and evaluation on its share of the cores, the teacher as set
     assert (cfg.student.torch_threads, cfg.eval.torch_threads, cfg.teacher.torch_threads) == (share, share, 2)
     assert sorted(p.name for p in root.glob("mlflow_*.db")) == ["mlflow_q0.db", "mlflow_q0_no_ema.db"]
+    # a recipe candidate added to the finished seed: only its rerun runs, scored on the unseen world too
+    assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
+                         "--ablate", "ema", "--variant", "hard=student.soft_targets=false", *threads]) == 0
+    result = json.loads(out.read_text())
+    again = result["seeds"][0]
+    assert {k: again[k] for k in row} == row  # the finished row kept, nothing rerun
+    assert {f"hard_{c}" for c in ("day", "unseen_day", "unseen_night", "unseen_fog")} <= set(again)
+    assert "no_ema_unseen_day" not in again  # ablations are scored on the run's own eval scenes only
+    paired = result["paired"]["hard_minus_teacher_unseen_fog"]["mean"]
+    assert paired == again["hard_unseen_fog"] - row["teacher_unseen_fog"]

@@ -34,7 +34,7 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   student and evaluate outputs), so differences are paired: `no_` turns a part that the config has on off, `with_`
   turns an off part on (the embedded default has student.refine off, so its refinement row is `with_refine`);
 - `<NAME>_*` (each --variant NAME=student.key=value[;student.key=value]): the student rerun the same way with those
-  settings (a recipe candidate, paired like the ablations).
+  settings (a recipe candidate, paired like the ablations), also on the unseen world (`<NAME>_unseen_*`).
 A seed whose row is finished gets only the ablations / variants it lacks.
 Writes {"seeds": [per-seed rows], "summary": {metric: mean, std, se}, "paired": {...}} and prints a markdown
 table. All figures are mIoU / accuracy in points (0-100).
@@ -214,17 +214,22 @@ def oracle(run: str, seed: int, cli: list[str], eval_images: int, env: dict[str,
 
 
 def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int, cli: list[str],
-                env: dict[str, str]) -> dict[str, float]:
+                env: dict[str, str], unseen: bool = False) -> dict[str, float]:
     """The student rerun with `overrides` (student.key=value), from a copy of run `base` without its student /
     evaluate outputs: the same teacher, data and seed, so that the difference is paired. Only the student is scored
-    (`eval.models`): the teacher's figures are the base run's."""
+    (`eval.models`): the teacher's figures are the base run's. With `unseen` (a recipe candidate, whose goals must
+    hold on worlds the run never saw) also on the unseen world, as `unseen_<condition>`."""
     dst = os.path.join(root, f"{base}_{name}")
     if not os.path.exists(dst):
         shutil.copytree(os.path.join(root, base), dst, symlinks=True,  # stage links into the shared store
                         ignore=shutil.ignore_patterns("student", "evaluate"))
     sets = [*overrides, "eval.models=[student]"]
     run_pipeline(root, f"{base}_{name}", seed, cli + [a for o in sets for a in ("--set", o)], env)
-    return eval_miou(dst, "student")
+    scored = eval_miou(dst, "student")
+    if unseen:
+        scored.update({k.removeprefix("student_"): v
+                       for k, v in unseen_world_miou(dst, ["student"], UNSEEN + seed).items()})
+    return scored
 
 
 def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.load(f)
         jobs = {"oracle": functools.partial(oracle, run, seed, oracle_cli, eval_images, env)}  # each its own process
         for name, overrides in variants.items():
-            jobs[name] = functools.partial(variant_run, args.root, base, name, overrides, seed, variant_cli, env)
+            jobs[name] = functools.partial(variant_run, args.root, base, name, overrides, seed, variant_cli, env,
+                                           unseen=name in recipes)
         for name in label_oracles:
             jobs[name] = functools.partial(oracle, run, seed, oracle_cli, eval_images, env, name,
                                            *LABEL_ORACLES[name])
@@ -358,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
         for name in [n for n in variants if f"{n}_{c}" in rows[0]]:
             paired[f"student_minus_{name}_{c}"] = stats([r[f"student_{c}"] - r[f"{name}_{c}"] for r in rows])
+    for name, key in [(n, k) for n in recipes for c in CONDITIONS for k in (c, f"unseen_{c}") if f"{n}_{k}" in rows[0]]:
+        paired[f"{name}_minus_teacher_{key}"] = stats([r[f"{name}_{key}"] - r[f"teacher_{key}"] for r in rows])
     if "knn_pretrained" in rows[0]:
         paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])
     out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
