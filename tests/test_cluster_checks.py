@@ -76,7 +76,6 @@ def test_local_mlflow_stores_are_recognised():
     assert locality_problem("http://10.0.0.1:5000", 5) is None
 
 
-
 def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
     # MLflow's default put them in ./mlruns of the working directory: the test suite's and every quality-ladder
     # store's runs ended up in the checkout, in one folder
@@ -103,6 +102,7 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_its_database(tmp_path, monkey
     assert not list(cwd.iterdir())
     assert tracking.artifact_root("sqlite:///m.db") == (cwd / "mlartifacts").as_uri()
     assert tracking.artifact_root("http://127.0.0.1:5000") is None
+
 
 @pytest.mark.ray
 @pytest.mark.slow

@@ -83,11 +83,10 @@ def _start_head(ray_bin: str, env: dict[str, str], log: Path) -> tuple[subproces
 def _wait_for_head(head: subprocess.Popen, address: str, ray_bin: str, env: dict[str, str], log: Path) -> str:
     """Wait (at most 180 s) until the head has started ("Ray runtime started.") and its job API answers, or the
     head has exited; its log so far."""
-    deadline = time.time() + 180
+    deadline, listed = time.time() + 180, [ray_bin, "job", "list", "--address", address]
     while head.poll() is None:
-        listed = ["job", "list", "--address", address]
         if "Ray runtime started." in log.read_text() and subprocess.run(
-                [ray_bin, *listed], capture_output=True, env=env, timeout=60).returncode == 0:
+                listed, capture_output=True, env=env, timeout=60).returncode == 0:
             break
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(2)
