@@ -15,9 +15,9 @@ import quality  # noqa: E402
 
 
 def test_each_ablation_toggles_its_part_from_the_configured_value():
-    # the embedded default has refinement off, so its ablation turns it on; the paper's config has it on
+    # the embedded default has EMA and refinement off, so their ablations turn them on; the paper's config has them on
     embedded = quality.ablation_variants(["ema", "soft_targets", "refine", "degrade"], load_config(None).student)
-    assert embedded == {"no_ema": ["student.ema=false"], "no_soft_targets": ["student.soft_targets=false"],
+    assert embedded == {"with_ema": ["student.ema=true"], "no_soft_targets": ["student.soft_targets=false"],
                         "with_refine": ["student.refine=true"], "no_degrade": ["student.degrade=0"]}
     paper = load_config("configs/waymo.yaml", overrides=["student.degrade=0"]).student
     assert quality.ablation_variants(["refine", "degrade"], paper) == {
@@ -48,15 +48,16 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
                          "--ablate", "ema", "--jobs", "2", *threads]) == 0
     row = json.loads(out.read_text())["seeds"][0]
     for key in ("teacher_day", "teacher_night", "student_day", "student_night", "oracle_day", "oracle_fog",
-                "no_ema_day", "no_ema_night", "teacher_unseen_fog", "student_unseen_day", "knn_random", "pseudo_miou"):
+                "with_ema_day", "with_ema_night", "teacher_unseen_fog", "student_unseen_day", "knn_random",
+                "pseudo_miou"):
         assert 0 <= row[key] <= 100, key
     assert row["teacher_day_se_images"] >= 0 and row["student_night_se_scenes"] >= 0
-    base, rerun = (json.loads((root / r / "run.json").read_text())["stages"] for r in ("q0", "q0_no_ema"))
+    base, rerun = (json.loads((root / r / "run.json").read_text())["stages"] for r in ("q0", "q0_with_ema"))
     assert rerun["teacher"] == base["teacher"] and rerun["student"] != base["student"]  # the stored teacher reused
-    cfg = load_config(str(root / "q0_no_ema" / "config.yaml"))
+    cfg = load_config(str(root / "q0_with_ema" / "config.yaml"))
     share = quality.job_threads(2)  # the rerun's student and evaluation on its share of the cores, the teacher as set
     assert (cfg.student.torch_threads, cfg.eval.torch_threads, cfg.teacher.torch_threads) == (share, share, 2)
-    assert sorted(p.name for p in root.glob("mlflow_*.db")) == ["mlflow_q0.db", "mlflow_q0_no_ema.db"]
+    assert sorted(p.name for p in root.glob("mlflow_*.db")) == ["mlflow_q0.db", "mlflow_q0_with_ema.db"]
     # a recipe candidate added to the finished seed: only its rerun runs, scored on the unseen world too
     assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
                          "--ablate", "ema", "--variant", "hard=student.soft_targets=false", *threads]) == 0
@@ -64,6 +65,6 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     again = result["seeds"][0]
     assert {k: again[k] for k in row} == row  # the finished row kept, nothing rerun
     assert {f"hard_{c}" for c in ("day", "unseen_day", "unseen_night", "unseen_fog")} <= set(again)
-    assert "no_ema_unseen_day" not in again  # ablations are scored on the run's own eval scenes only
+    assert "with_ema_unseen_day" not in again  # ablations are scored on the run's own eval scenes only
     paired = result["paired"]["hard_minus_teacher_unseen_fog"]["mean"]
     assert paired == again["hard_unseen_fog"] - row["teacher_unseen_fog"]

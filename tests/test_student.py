@@ -164,8 +164,8 @@ def test_student_run_starts_from_teacher_and_exports_ema_checkpointed(ray_local,
     teacher = build_segmenter(TINY)
     save_model(teacher, TINY, str(tmp_path / "teacher"))
     sets = {"student.steps": 3, "student.torch_threads": 1, "student.batch_size": 2, "student.crop_size": 48,
-            "student.checkpoint_every": 1, "student.log_every": 1, "student.val_every": -1, "student.ema_momentum": 0.5,
-            "student.lr": 1e-3, "student.degrade": 0.5}
+            "student.checkpoint_every": 1, "student.log_every": 1, "student.val_every": -1, "student.ema": True,
+            "student.ema_momentum": 0.5, "student.lr": 1e-3, "student.degrade": 0.5}
     cfg = load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
     result = train(cfg, str(tmp_path / "pl"), str(tmp_path / "teacher"), str(tmp_path / "out"), name="student")
     assert result.metrics["step"] == 3
