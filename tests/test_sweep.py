@@ -22,7 +22,8 @@ def test_grid_crossed_with_variants_names_runs_and_pools_seeds_in_the_label():
     assert len(vs) == 4 * 2 * 2
     v = vs[3]
     assert (v.name, v.label) == ("base-k20-seed1", "base-k20")
-    assert v.overrides == ["cluster.k=20", "run.seed=1"] and v.values == {"cluster.k": "20", "run.seed": "1"}
+    assert v.overrides == ["student.ema=true", "student.refine=true", "cluster.k=20", "run.seed=1"]
+    assert v.values == {"cluster.k": "20", "run.seed": "1"}
     assert [x.name for x in variants(load_spec("k", _args()))] == ["k8", "k12", "k20"]
 
 
@@ -31,8 +32,12 @@ def test_shipped_sweeps_build_valid_configs_with_distinct_run_names():
 
     for name in ("k", "density", "distillation", "sources"):
         spec = load_spec(name, _args())
-        names = [cfg.run.name for _, cfg in build_configs(spec)]
+        configs = [cfg for _, cfg in build_configs(spec)]
+        names = [cfg.run.name for cfg in configs]
         assert len(set(names)) == len(names) > 1 and all(n.startswith(f"{spec.name}-") for n in names)
+        # no variant repeats another's config (a part "switched off" that the base already has off)
+        assert len({cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": ""})}).model_dump_json()
+                    for cfg in configs}) == len(configs), name
 
 
 def test_table_pools_seeds_into_mean_and_spread_and_plots_each_model():
