@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from raydseg.train.engine import (Task, load_train_state, read_extra_state, save_train_state, step_seed,
-                                  train_one_step)
+                                  train_one_step, use_bf16)
 from raydseg.train.feed import batch_split, rank_batches
 
 STATE = "state.pt"
@@ -107,10 +107,10 @@ def fit(config: dict[str, Any], build_task: Callable[[dict[str, Any], torch.devi
     from raydseg.stage_requests import AUGMENT_TASK_CPUS  # imports the config (pydantic): not at module level
 
     prefix = config.get("prefix", "")
+    use_amp = use_bf16(config["amp"], device.type)
     log = worker_mlflow(config, rank, {**config.get("params", {}), **task.params, "world_size": world,
-                                       "micro_batch_size": micro, "grad_accum": accum})
+                                       "micro_batch_size": micro, "grad_accum": accum, "autocast_bf16": use_amp})
     callbacks = config.get("callbacks") or []
-    use_amp = bool(config.get("amp")) and device.type == "cuda"
     batches = rank_batches(config["feed"], seed=config["seed"], start=start, steps=steps, micro=micro, world=world,
                            accum=accum, rank=rank, device=device, task_cpus=AUGMENT_TASK_CPUS)
     raw = getattr(model, "module", model)

@@ -328,7 +328,7 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
     task, step function, schedules and export as the stage, images cropped in `workers` loader processes.
     `config`: the `pretrain` section as a dict plus `seed` and `out_dir` (local); `images`: (H, W, 3) uint8 arrays
     or encoded bytes. Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
-    from raydseg.train.engine import train_one_step
+    from raydseg.train.engine import train_one_step, use_bf16
     from raydseg.train.loop import NO_MLFLOW
 
     dev = torch.device(device)
@@ -342,8 +342,8 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
     history = [{"step": 0, **task.validate(0, True)}] if probe is not None else []
     t0, seen = time.time(), 0.0
     for step in range(steps):
-        out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=bool(config["amp"]) and
-                             dev.type == "cuda", device_type=dev.type, before_update=task.before_update)
+        out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=use_bf16(config["amp"], dev.type),
+                             device_type=dev.type, before_update=task.before_update)
         scheduler.step()
         task.ema.update(model, task.ema_momentum(step))
         seen += out.pop("images")
