@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from raydseg.errors import ConfigError
 from raydseg.train.feed import batch_split
+from raydseg.train.precision import AmpMode, amp_mode
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: installed with the wheel
 DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
@@ -38,17 +39,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
 Probability = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
 Condition = Literal["day", "night", "fog"]
-
-
-def _amp_from_bool(v: Any) -> Any:
-    """`amp: true` / `false` (the former boolean) read as "gpu" / "none"."""
-    return {True: "gpu", False: "none"}.get(v, v) if isinstance(v, bool) else v
-
-
-# bf16 autocast of the training steps: none | gpu (CUDA only) | auto (CUDA, and CPUs with native bf16: AVX512-BF16 or
-# AMX; fp32 elsewhere) | all (every device, also where bf16 is emulated and slow). Not on/off: YAML reads those as
-# booleans.
-Amp = Annotated[Literal["none", "gpu", "auto", "all"], BeforeValidator(_amp_from_bool)]
+Amp = Annotated[AmpMode, BeforeValidator(amp_mode)]  # bf16 autocast of training steps (raydseg.train.precision)
 # run names become folder names under run.output_root: no separators, no '..'
 RunName = Annotated[str, BeforeValidator(_number_to_text), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
@@ -219,7 +210,7 @@ class PretrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: PosFloat = 1.0
     torch_threads: PosInt = 1  # intra-op threads per training worker
-    amp: Amp = "gpu"  # bf16 autocast of the steps (see Amp)
+    amp: Amp = "gpu"
     deterministic: bool = False  # forbid non-deterministic GPU kernels (bit-identical GPU runs; slower)
     checkpoint_every: PosInt = 50  # steps between Ray Train checkpoints
     log_every: PosInt = 10  # steps between metric reports / MLflow points
@@ -294,7 +285,7 @@ class TrainConfig(Section):
     weight_decay: NonNegFloat = 0.0001
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # poly (power 0.9, paper) | cosine | constant
     warmup_steps: NonNegInt = 5
-    amp: Amp = "auto"  # bf16 autocast of the steps (see Amp); docs/results.md
+    amp: Amp = "auto"  # docs/results.md
     deterministic: bool = False  # forbid non-deterministic GPU kernels (bit-identical GPU runs; slower)
     checkpoint_every: PosInt = 20  # steps between Ray Train checkpoints
     log_every: PosInt = 5  # steps between metric reports / MLflow points

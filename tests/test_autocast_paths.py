@@ -108,6 +108,57 @@ def test_train_step_under_bf16_autocast_keeps_fp32_weights_and_gradients(objecti
     assert float(low_loss) == pytest.approx(float(ref_loss), rel=0.05)
 
 
+@pytest.mark.parametrize("amp, cpu_bf16, on_cpu, on_cuda", [
+    ("none", True, False, False),
+    ("gpu", True, False, True),
+    ("auto", True, True, True),
+    ("auto", False, False, True),  # a CPU without native bf16 (emulated bf16 is slower than fp32) stays fp32
+    ("all", False, True, True),
+])
+def test_amp_setting_decides_autocast_per_device(monkeypatch, amp, cpu_bf16, on_cpu, on_cuda):
+    from raydseg.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: cpu_bf16)  # the CPU's instruction set cannot change here
+    assert precision.use_bf16(amp, "cpu") is on_cpu and precision.use_bf16(amp, "cuda") is on_cuda
+    # the GPU scripts read raw YAML, where the former boolean may still stand
+    assert [precision.use_bf16(v, d) for v in (True, False) for d in ("cpu", "cuda")] == [False, True, False, False]
+    with pytest.raises(ValueError, match=r"^unknown amp 'on' \(none \| gpu \| auto \| all\)$"):
+        precision.use_bf16("on", "cpu")
+
+
+def test_cpu_bf16_detection_matches_the_kernel_cpu_flags():
+    """`amp: auto` trains in bf16 exactly where /proc/cpuinfo lists AVX512-BF16 or AMX tiles."""
+    import pathlib
+
+    from raydseg.train.precision import cpu_has_bf16
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo (not Linux)")
+    flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    assert cpu_has_bf16() is bool(flags & {"avx512_bf16", "amx_tile"})
+
+
+def test_cpu_bf16_benchmark_times_both_precisions_and_they_train_alike(tmp_path):
+    """jobs/benchmarks/cpu_bf16.py at toy sizes: a row per stage with both timings, and after the same steps on the
+    same batches the bf16 loss is the fp32 loss up to bf16 rounding."""
+    import json
+    import subprocess
+    import sys
+
+    small = [f"{s}.{k}={v}" for s in ("teacher", "student") for k, v in (("crop_size", 32), ("batch_size", 2))]
+    p = subprocess.run([sys.executable, "jobs/benchmarks/cpu_bf16.py", "--out", str(tmp_path / "b.json"),
+                        "--threads", "1", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                        *[a for s in small for a in ("--set", s)]], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["baseline"] == "fp32" and [(r["stage"], r["threads"], r["crop_px"]) for r in out["rows"]] == [
+        ("teacher", 1, 32), ("student", 1, 32)]
+    for r in out["rows"]:
+        assert r["fp32_s_per_step"] > 0 and r["ratio_bf16_vs_fp32"] == r["bf16_s_per_step"] / r["fp32_s_per_step"]
+        assert r["bf16_loss"] == pytest.approx(r["fp32_loss"], rel=0.05)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 

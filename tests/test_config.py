@@ -15,6 +15,13 @@ def test_overrides_are_typed_and_applied():
     assert cfg.run.name == "abc"
 
 
+def test_amp_reads_the_former_boolean():
+    """`amp: true` meant bf16 on GPU only, `false` never: configs written then keep their meaning."""
+    cfg = load_config(overrides=["teacher.amp=true", "student.amp=false", "pretrain.amp=all"])
+    assert (cfg.teacher.amp, cfg.student.amp, cfg.pretrain.amp) == ("gpu", "none", "all")
+    assert Config().teacher.amp == Config().student.amp == "auto" and Config().pretrain.amp == "gpu"
+
+
 def test_string_fields_keep_numeric_looking_text():
     cfg = load_config(overrides=["run.name=0123"])
     assert cfg.run.name == "0123"
@@ -26,6 +33,7 @@ def test_string_fields_keep_numeric_looking_text():
     ("cluster.k=abc", "cluster.k: input should be a valid integer, got 'abc'"),
     ("cluster.k=1.5", "cluster.k: input should be a valid integer, got 1.5"),
     ("student.ema=maybe", "student.ema: input should be a valid boolean, got 'maybe'"),
+    ("teacher.amp=fast", "teacher.amp: input should be 'none', 'gpu', 'auto' or 'all', got 'fast'"),
     ("synthetic.conditions=day,rain", "synthetic.conditions[1]: input should be 'day', 'night' or 'fog', got 'rain'"),
     ("run.name=../up", "run.name: string should match pattern"),
     ("cluster.k", "not of the form section.key=value"),

@@ -78,6 +78,7 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(uninterrupted, blobs, 
     import mlflow
 
     from raydseg.predict import main as predict_main
+    from raydseg.train.precision import cpu_has_bf16
     from raydseg.train.teacher import train
 
     pl_dir, _ = blobs
@@ -102,6 +103,7 @@ def test_ddp_two_nodes_fault_tolerance_mlflow_and_predict(uninterrupted, blobs, 
     run = client.get_run(run_id)
     assert run.data.params["teacher.num_workers"] == "2" and run.data.params["world_size"] == "2"
     assert run.data.params["grad_accum"] == "1" and run.data.params["micro_batch_size"] == "2"
+    assert run.data.params["autocast_bf16"] == str(cpu_has_bf16())  # `amp: auto`, as the worker resolved it
     loss = {m.step: m.value for m in client.get_metric_history(run_id, "teacher/loss")}
     assert sorted(loss) == list(range(1, 7))
     # six steps on shuffled batches need not lower the loss (learning is tested on fixed data elsewhere): the

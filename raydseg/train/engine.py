@@ -59,21 +59,6 @@ class Task:
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params of the task
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast is faster."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
-
-
-def use_bf16(amp: str, device_type: str) -> bool:
-    """Whether the steps on `device_type` run under bf16 autocast, for the config's `amp` (raydseg.config.Amp)."""
-    if amp in ("none", "all"):
-        return amp == "all"
-    if amp not in ("gpu", "auto"):
-        raise ValueError(f"unknown amp {amp!r} (none | gpu | auto | all)")
-    return device_type == "cuda" or (amp == "auto" and device_type == "cpu" and cpu_has_bf16())
-
-
 def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over all parameters with one weight decay (`cfg`: optimizer, lr, momentum,
     weight_decay)."""

@@ -328,7 +328,8 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
     task, step function, schedules and export as the stage, images cropped in `workers` loader processes.
     `config`: the `pretrain` section as a dict plus `seed` and `out_dir` (local); `images`: (H, W, 3) uint8 arrays
     or encoded bytes. Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
-    from raydseg.train.engine import train_one_step, use_bf16
+    from raydseg.train.engine import train_one_step
+    from raydseg.train.precision import use_bf16
     from raydseg.train.loop import NO_MLFLOW
 
     dev = torch.device(device)
