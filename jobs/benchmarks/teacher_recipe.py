@@ -7,9 +7,9 @@ Trains a Segmenter on the run's camera images (`cluster/pseudolabels`): `--targe
 (frames of the validation hash held out, as in the teacher stage) or `--target gt` on the ground truth (the
 **oracle**: the same architecture and step budget on dense true labels, 19 classes) or `--target segment_gt` on
 the pseudo-labels that perfect descriptors and clustering would give (`segment_truth`: the same pixels, each segment
-its majority true class; the **clustering oracle**). With `--proposals`, the
-segment images are recomputed from `ingest/frames` with those proposals settings and painted with the run's
-k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the synthetic eval
+its majority true class; the **clustering oracle**), in the teacher stage's precision (`teacher.amp`). With
+`--proposals`, the segment images are recomputed from `ingest/frames` with those proposals settings and painted with
+the run's k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the synthetic eval
 splits (day, night, fog; `--eval-images` per condition, rendered with the eval seed stream) with the Hungarian
 mapping fitted on day, as the evaluate stage does. Writes one flat JSON object and prints it.
 """
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from raydseg.models.segmenter import build_segmenter, normalize
     from raydseg.train.data import augment_example, degraded_view, is_val
     from raydseg.train.engine import lr_scheduler, make_optimizer
+    from raydseg.train.precision import use_bf16
     from raydseg.train.teacher import encoder_weights, model_cfg_from
 
     cfg = load_config(args.config, overrides=args.set)
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_segmenter({**model_cfg_from(cfg), "n_cls": n_cls}, encoder_weights(cfg))
     opt = make_optimizer(model, t.model_dump())
     sched = lr_scheduler(opt, t.steps, t.schedule, t.warmup_steps)
+    bf16 = use_bf16(t.amp, "cpu")
     losses, t0 = [], time.time()
     model.train()
     for _ in range(t.steps):
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                                  (t.scale_min, t.scale_max), t.flip, t.jitter)
                  for i in rng.integers(0, len(rows), t.batch_size)]
         x = normalize(torch.from_numpy(np.stack([degraded_view(v[0], rng, t.degrade) for v in views])))
-        loss = ce_loss(model(x), torch.from_numpy(np.stack([v[1] for v in views])), balance=t.class_balance)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the teacher stage's precision
+            loss = ce_loss(model(x), torch.from_numpy(np.stack([v[1] for v in views])), balance=t.class_balance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         confs[name] = sum(confusion_matrix(predict_image(model, rgb), sem, n_cls, 19) for rgb, sem in ims)
     out: dict = {"target": args.target, "oracle_extras": args.oracle_extras, "proposals": args.proposals,
                  "overrides": " ".join(args.set),
-                 "steps": t.steps, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
+                 "steps": t.steps, "autocast_bf16": bf16, "train_s": train_s, "loss_first5": float(np.mean(losses[:5])),
                  "loss_last5": float(np.mean(losses[-5:])),
                  **target_quality(rows, args.target, n_cls), "label_coverage": float((labelled != 255).mean()),
                  "ground_share_of_labelled": float((labelled == 0).sum() / max((labelled != 255).sum(), 1))}
