@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from raydseg.config import load_config
+from raydseg.train.precision import use_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs" / "benchmarks"))
 import quality  # noqa: E402
@@ -58,6 +59,9 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     share = quality.job_threads(2)  # the rerun's student and evaluation on its share of the cores, the teacher as set
     assert (cfg.student.torch_threads, cfg.eval.torch_threads, cfg.teacher.torch_threads) == (share, share, 2)
     assert sorted(p.name for p in root.glob("mlflow_*.db")) == ["mlflow_q0.db", "mlflow_q0_with_ema.db"]
+    # the oracle trains in the teacher stage's precision (bf16 where `amp: auto` resolves to it on this CPU)
+    oracle_json = json.loads((root / "q0" / "oracle.json").read_text())
+    assert oracle_json["autocast_bf16"] is use_bf16(load_config("configs/smoke.yaml").teacher.amp, "cpu")
     # a recipe candidate added to the finished seed: only its rerun runs, scored on the unseen world too
     assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
                          "--ablate", "ema", "--variant", "hard=student.soft_targets=false", *threads]) == 0

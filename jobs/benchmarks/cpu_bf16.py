@@ -5,8 +5,9 @@ The embedded default's teacher and student steps as the stages run them (`Segmen
 with its frozen teacher, ClassMix and soft targets, `train_one_step`, AdamW) at the config's backbone, crop and
 batch, on fixed random batches; fp32 and bf16 alternate `--repeats` times per thread count so that drift of the
 machine hits both. Reports s/step (median of the repeats), the bf16 / fp32 time ratio, and the loss of both after
-the same steps (bf16 must train like fp32). `amp: auto` (raydseg.config.Amp) uses bf16 on CPUs where
-`raydseg.train.precision.cpu_has_bf16()`; this script runs bf16 anyway (it says whether the CPU has it).
+the same steps (a sanity check only: on random labels both stay near ln(n_cls); the quality ladder measures what
+bf16 does to the models). `amp: auto` (raydseg.train.precision) uses bf16 on CPUs where `cpu_has_bf16()`; this
+script runs bf16 anyway and says whether the CPU has it.
 """
 from __future__ import annotations
 
