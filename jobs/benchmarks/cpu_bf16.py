@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from raydseg.config import Config
+from raydseg.config import Config, load_config
 from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
 from raydseg.train.engine import train_one_step
 from raydseg.train.precision import cpu_has_bf16
@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="section.key=value",
                    help="config override (e.g. teacher.crop_size=32 for a quick check)")
     args = p.parse_args(argv)
-    from raydseg.config import load_config
-
     cfg = load_config(overrides=args.set)
     result: dict = {"baseline": "fp32", "cpu_has_bf16": cpu_has_bf16(), "backbone": cfg.teacher.backbone,
                     "steps": args.steps, "repeats": args.repeats, "rows": []}

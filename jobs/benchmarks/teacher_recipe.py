@@ -8,10 +8,10 @@ Trains a Segmenter on the run's camera images (`cluster/pseudolabels`): `--targe
 **oracle**: the same architecture and step budget on dense true labels, 19 classes) or `--target segment_gt` on
 the pseudo-labels that perfect descriptors and clustering would give (`segment_truth`: the same pixels, each segment
 its majority true class; the **clustering oracle**), in the teacher stage's precision (`teacher.amp`). With
-`--proposals`, the segment images are recomputed from `ingest/frames` with those proposals settings and painted with
-the run's k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the synthetic eval
-splits (day, night, fog; `--eval-images` per condition, rendered with the eval seed stream) with the Hungarian
-mapping fitted on day, as the evaluate stage does. Writes one flat JSON object and prints it.
+`--proposals`, the segment images are recomputed from `ingest/frames` with those proposals settings and painted
+with the run's k-means assignments (`cluster/assignments`), so only the masks change. The model is scored on the
+synthetic eval splits (day, night, fog; `--eval-images` per condition, rendered with the eval seed stream) with the
+Hungarian mapping fitted on day, as the evaluate stage does. Writes one flat JSON object and prints it.
 """
 from __future__ import annotations
 
