@@ -30,8 +30,8 @@ import torch
 
 from raydseg.train.engine import (Task, load_train_state, read_extra_state, save_train_state, step_seed,
                                   train_one_step)
-from raydseg.train.precision import use_bf16
 from raydseg.train.feed import batch_split, rank_batches
+from raydseg.train.precision import use_bf16
 
 STATE = "state.pt"
 

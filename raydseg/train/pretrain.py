@@ -329,8 +329,8 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
     `config`: the `pretrain` section as a dict plus `seed` and `out_dir` (local); `images`: (H, W, 3) uint8 arrays
     or encoded bytes. Returns the metric rows logged every `log_every` steps (step 0: the initial k-NN)."""
     from raydseg.train.engine import train_one_step
-    from raydseg.train.precision import use_bf16
     from raydseg.train.loop import NO_MLFLOW
+    from raydseg.train.precision import use_bf16
 
     dev = torch.device(device)
     torch.manual_seed(config["seed"])
