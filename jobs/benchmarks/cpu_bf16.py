@@ -21,11 +21,10 @@ import torch
 
 from raydseg.config import Config, load_config
 from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
-from raydseg.train.engine import train_one_step
+from raydseg.train.engine import make_optimizer, train_one_step
 from raydseg.train.precision import cpu_has_bf16
 from raydseg.train.steps import DistillationStep, SegmentationStep
-
-N_CLS = 14  # pseudo-classes of the embedded default's runs (cluster.k + painted ground and sky)
+from raydseg.train.teacher import model_cfg_from
 
 
 def fixed_batches(batch: int, size: int, n_cls: int, seed: int = 0):
@@ -41,19 +40,17 @@ def fixed_batches(batch: int, size: int, n_cls: int, seed: int = 0):
 def run(stage: str, bf16: bool, cfg: Config, steps: int, warmup: int) -> dict[str, float]:
     """s/step and the final loss of `steps` timed steps (after `warmup`) of the stage's objective."""
     t = cfg.teacher if stage == "teacher" else cfg.student
-    model_cfg = resolve_model_cfg({"backbone": cfg.teacher.backbone, "n_cls": N_CLS, "decoder": cfg.teacher.decoder,
-                                   "n_layers": cfg.teacher.n_layers, "input_norm": cfg.teacher.input_norm})
+    model_cfg = resolve_model_cfg(model_cfg_from(cfg))  # the teacher stage's model, which the student copies
+    n_cls = model_cfg["n_cls"]
     torch.manual_seed(0)
     model = build_segmenter(model_cfg).train()
     if stage == "teacher":
         step_fn = SegmentationStep(model_cfg["mean"], model_cfg["std"], cfg.teacher.class_balance)
-    else:
-        s = cfg.student
-        step_fn = DistillationStep(build_segmenter(model_cfg).eval(), N_CLS,
-                                   {"soft_targets": s.soft_targets, "temperature": s.temperature, "refine": False,
-                                    "refine_vote": s.refine_vote, "mix": s.mix}, model_cfg["mean"], model_cfg["std"])
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    batches = fixed_batches(t.batch_size, t.crop_size, N_CLS)
+    else:  # refinement needs the LiDAR segments, which random batches lack
+        step_fn = DistillationStep(build_segmenter(model_cfg).eval(), n_cls,
+                                   {**cfg.student.model_dump(), "refine": False}, model_cfg["mean"], model_cfg["std"])
+    opt = make_optimizer(model, t.model_dump())
+    batches = fixed_batches(t.batch_size, t.crop_size, n_cls)
     for k in range(warmup):
         train_one_step(model, opt, batches, step_fn, k, amp=bf16)
     t0 = time.perf_counter()
