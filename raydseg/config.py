@@ -279,6 +279,8 @@ class TrainConfig(Section):
     flip: bool = True
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2  # photometric jitter (factors 1 +- jitter)
     degrade: Annotated[float, Field(ge=0, le=1)] = 0.0  # degraded-view strength (gamma, contrast, blur, noise); 0 = off
+    # class weight n_c^-p over the batch's pixels (teacher: its pseudo-labels; student: its teacher's argmax); 0 = off
+    class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0
     optimizer: Literal["sgd", "adamw"] = "adamw"  # sgd (paper: momentum 0.9, lr 1e-3..1e-2) | adamw
     lr: PosFloat = 0.001
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -306,7 +308,6 @@ class TeacherConfig(TrainConfig):
     n_layers: PosInt = 1  # mask-transformer layers (released config: 1)
     dropout: Probability = 0.0  # decoder dropout (released config: 0.1; off for the embedded default's few steps)
     drop_path: Probability = 0.0  # encoder stochastic depth (released config: 0.1)
-    class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0  # class weight n_c^-p over its batch pixels (0 = CE)
     # image: each input image standardised inside the model (models.segmenter.standardize_image); with the
     # student's ClassMix it lifted night and fog over the dataset-normalised default, day unchanged (docs/results.md)
     input_norm: Literal["dataset", "image"] = "image"

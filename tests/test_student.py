@@ -15,6 +15,7 @@ from raydseg.refine import refine_numpy, refine_with_segments, segment_mean
 from raydseg.train.engine import load_train_state, lr_scheduler, save_train_state
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
+NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: the identity on 0..1 images
 
 
 def test_ema_update_is_m_teacher_plus_one_minus_m_student():
@@ -115,6 +116,30 @@ def test_mean_vote_follows_the_teacher_confidence_where_the_majority_does_not():
     assert torch.allclose(probs[0, :, 0], torch.tensor([[0.6267] * 3, [0.3733] * 3]), atol=1e-4)
     hard, probs = student_targets(teacher, x, batch, 2, refine_vote="mean", **{**kw, "soft_targets": False})
     assert hard.tolist() == [[[0, 0, 0]]] and probs is None
+
+
+def test_class_balanced_distillation_weighs_each_teacher_class_alike():
+    """The teacher paints class 0 on 15 of 16 pixels and class 1 on one. At class_balance 1 the student's soft loss
+    is the mean over those two classes of their pixels' mean loss; at 0 it is the plain pixel mean."""
+    from raydseg.train.steps import DistillationStep
+
+    torch.manual_seed(0)
+    t_logits = torch.randn(2, 3, 4, 4)
+    t_logits[:, 0] += 5.0
+    t_logits[:, 1, 0, 0] += 20.0  # pixel (0, 0) of each image: class 1
+    teacher = lambda x: t_logits  # noqa: E731
+    s_logits = torch.randn(2, 3, 4, 4)
+    cfg = dict(soft_targets=True, temperature=1.0, refine=False, refine_vote="majority", mix="none")
+    batch = {"image": torch.zeros(2, 4, 4, 3, dtype=torch.uint8)}
+    loss = lambda p: DistillationStep(teacher, 3, {**cfg, "class_balance": p}, *NORM)(  # noqa: E731
+        lambda x: s_logits, batch, 0)[0]
+    per_px = -(torch.softmax(t_logits, 1) * torch.log_softmax(s_logits, 1)).sum(1)
+    hard = t_logits.argmax(1)
+    assert torch.allclose(loss(0.0), per_px.mean())
+    assert torch.allclose(loss(1.0), torch.stack([per_px[hard == c].mean() for c in (0, 1)]).mean())
+    hard_cfg = {**cfg, "soft_targets": False, "class_balance": 1.0}  # hard targets: the class-balanced CE
+    assert torch.allclose(DistillationStep(teacher, 3, hard_cfg, *NORM)(lambda x: s_logits, batch, 0)[0],
+                          ce_loss(s_logits, hard, balance=1.0))
 
 
 def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raydseg.models.losses import ce_loss, soft_target_loss
+from raydseg.models.losses import ce_loss, class_weights, soft_target_loss
 from raydseg.models.segmenter import normalize
 from raydseg.refine import refine_with_segments, segment_mean
 
@@ -79,13 +79,15 @@ def paste(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 class DistillationStep:
     """Student objective: the student's logits (on batch["degraded"] if present, else on the teacher's view) against
-    the teacher's targets on the clean view (soft-target cross-entropy x T^2, or CE on the hard targets)."""
+    the teacher's targets on the clean view (soft-target cross-entropy x T^2, or CE on the hard targets), each pixel
+    weighted by its teacher class's batch count ^ -class_balance (`class_weights`; 0 = unweighted)."""
 
     def __init__(self, teacher: nn.Module, n_cls: int, cfg: dict[str, Any], mean: Sequence[float] | None,
                  std: Sequence[float] | None):
         self.teacher, self.n_cls = teacher, n_cls
         self.soft_targets, self.temperature, self.refine = cfg["soft_targets"], cfg["temperature"], cfg["refine"]
         self.refine_vote, self.mix = cfg["refine_vote"], cfg["mix"]
+        self.class_balance = cfg.get("class_balance", 0.0)
         self.mean, self.std = mean, std
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
@@ -100,5 +102,8 @@ class DistillationStep:
             view, hard = paste(view, masks), paste(hard, masks)
             probs = paste(probs, masks) if probs is not None else None
         logits = model(view)
-        loss = soft_target_loss(logits, probs, self.temperature) if probs is not None else ce_loss(logits, hard)
-        return loss, {}
+        if probs is None:
+            return ce_loss(logits, hard, balance=self.class_balance), {}
+        weight = (class_weights(hard, self.n_cls, self.class_balance, torch.ones_like(hard, dtype=torch.bool))
+                  if self.class_balance > 0 else None)
+        return soft_target_loss(logits, probs, self.temperature, weight=weight), {}

@@ -10,7 +10,8 @@ from raydseg import storage
 from raydseg.config import Config
 from raydseg.train.teacher import loop_config, run_trainer
 
-STUDENT_KEYS = ("ema", "ema_momentum", "soft_targets", "temperature", "refine", "refine_vote", "mix", "export")
+STUDENT_KEYS = ("ema", "ema_momentum", "soft_targets", "temperature", "refine", "refine_vote", "mix", "class_balance",
+                "export")
 
 
 def train(cfg: Config, pl_dir: str, teacher_model_dir: str, out_dir: str, *, tracking_uri: str = "",
