@@ -110,8 +110,8 @@ def test_shipped_configs_load():
         assert cfg.teacher.crop_size == cfg.student.crop_size == 512 and cfg.student.ema_momentum == 0.999
         assert (cfg.eval.size, cfg.eval.window, cfg.eval.stride) == (1024, 512, 128)
         # the paper's, not the embedded default's
-        assert (cfg.teacher.input_norm, cfg.student.mix, cfg.student.ema, cfg.student.refine) == ("dataset", "none",
-                                                                                                  True, True)
+        assert (cfg.teacher.input_norm, cfg.student.mix, cfg.student.ema, cfg.student.refine,
+                cfg.student.class_balance) == ("dataset", "none", True, True, 0.0)
     # the paper's Waymo selection (TOP LiDAR, FRONT camera, every 20th frame); the all-camera variant differs only there
     paper, every = load_config(configs / "waymo.yaml"), load_config(configs / "waymo_all_cameras.yaml")
     assert (paper.data.lidars, paper.data.cameras, paper.data.frame_stride) == (["TOP"], ["FRONT"], 20)

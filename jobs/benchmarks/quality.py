@@ -56,7 +56,7 @@ import numpy as np
 CONDITIONS = ("day", "night", "fog")
 # student part: its (off, on) values; on None = the strength StudentConfig defaults to
 ABLATIONS = {"ema": ("false", "true"), "soft_targets": ("false", "true"), "refine": ("false", "true"),
-             "degrade": ("0", None)}
+             "degrade": ("0", None), "class_balance": ("0", None)}
 PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
