@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     results["teacher"] = evaluate(os.path.join(work, "teacher", "model"), held_out, n_cls)
     client.log_metric(run.info.run_id, "heldout_miou", results["teacher"]["miou"])
     client.set_terminated(run.info.run_id)
-    # the paper's student (EMA teacher, soft targets, refinement), then each part off alone
+    # the paper's student (EMA teacher, soft targets, refinement, plain distillation), then each part off alone
     variants = {"student": [], "student_no_ema": ["ema=false"], "student_hard": ["soft_targets=false"],
                 "student_no_refine": ["refine=false"]}
     for name, extra in variants.items():
         over = [f"student.{k}={v}" for k, v in {**common, "steps": args.student_steps, "ema": "true",
-                                                "refine": "true"}.items()]
+                                                "refine": "true", "class_balance": 0}.items()]
         cfg = load_config(overrides=over + [f"student.{e}" for e in extra])
         run = client.create_run(exp, run_name=name)
         student.train(cfg, os.path.join(work, "pl"), os.path.join(work, "teacher", "model"),
