@@ -319,8 +319,8 @@ class StudentConfig(TrainConfig):
     steps: PosInt = 160
     lr: PosFloat = 0.0008
     warmup_steps: NonNegInt = 0
-    # every teacher class of a batch weighs the same: the student keeps the small classes (car, person, pole) that
-    # plain self-training erodes; with twice the lr it lifted day and fog on every seed (docs/results.md)
+    # every teacher class of a batch weighs the same: the student keeps the small classes (car, sidewalk) that plain
+    # self-training erodes; with twice the lr it lifted day on every seed and fog on the mean (docs/results.md)
     class_balance: Annotated[float, Field(ge=0, le=1)] = 1.0
     degrade: Annotated[float, Field(ge=0, le=1)] = 0.8  # the student's view is degraded, its teacher's is not
     # EMA teacher (paper). Off in the embedded default: its targets come from the frozen teacher-stage model, which

@@ -15,7 +15,6 @@ from raydseg.refine import refine_numpy, refine_with_segments, segment_mean
 from raydseg.train.engine import load_train_state, lr_scheduler, save_train_state
 
 TINY = {"backbone": "vit_tiny_patch16_224", "n_cls": 4, "drop_path": 0.0, "dropout": 0.0}
-NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std: the identity on 0..1 images
 
 
 def test_ema_update_is_m_teacher_plus_one_minus_m_student():
@@ -131,15 +130,15 @@ def test_class_balanced_distillation_weighs_each_teacher_class_alike():
     s_logits = torch.randn(2, 3, 4, 4)
     cfg = dict(soft_targets=True, temperature=1.0, refine=False, refine_vote="majority", mix="none")
     batch = {"image": torch.zeros(2, 4, 4, 3, dtype=torch.uint8)}
-    loss = lambda p: DistillationStep(teacher, 3, {**cfg, "class_balance": p}, *NORM)(  # noqa: E731
+    loss = lambda p: DistillationStep(teacher, 3, {**cfg, "class_balance": p}, DIST_MEAN, DIST_STD)(  # noqa: E731
         lambda x: s_logits, batch, 0)[0]
     per_px = -(torch.softmax(t_logits, 1) * torch.log_softmax(s_logits, 1)).sum(1)
     hard = t_logits.argmax(1)
     assert torch.allclose(loss(0.0), per_px.mean())
     assert torch.allclose(loss(1.0), torch.stack([per_px[hard == c].mean() for c in (0, 1)]).mean())
     hard_cfg = {**cfg, "soft_targets": False, "class_balance": 1.0}  # hard targets: the class-balanced CE
-    assert torch.allclose(DistillationStep(teacher, 3, hard_cfg, *NORM)(lambda x: s_logits, batch, 0)[0],
-                          ce_loss(s_logits, hard, balance=1.0))
+    hard_step = DistillationStep(teacher, 3, hard_cfg, DIST_MEAN, DIST_STD)
+    assert torch.allclose(hard_step(lambda x: s_logits, batch, 0)[0], ce_loss(s_logits, hard, balance=1.0))
 
 
 def test_checkpoint_resume_restores_ema_bit_for_bit(tmp_path):
@@ -223,7 +222,8 @@ def _distillation_case(mix: str):
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
     degraded = torch.randint(0, 256, (2, 8, 8, 3), generator=g, dtype=torch.uint8)
-    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": mix}
+    cfg = {"soft_targets": True, "temperature": 2.0, "refine": False, "refine_vote": "majority", "mix": mix,
+           "class_balance": 0.0}
     return student, teacher, clean, degraded, cfg
 
 

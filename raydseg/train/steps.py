@@ -87,7 +87,7 @@ class DistillationStep:
         self.teacher, self.n_cls = teacher, n_cls
         self.soft_targets, self.temperature, self.refine = cfg["soft_targets"], cfg["temperature"], cfg["refine"]
         self.refine_vote, self.mix = cfg["refine_vote"], cfg["mix"]
-        self.class_balance = cfg.get("class_balance", 0.0)
+        self.class_balance = cfg["class_balance"]
         self.mean, self.std = mean, std
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
