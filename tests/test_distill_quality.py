@@ -36,15 +36,16 @@ def test_student_is_not_worse_than_its_teacher_on_blobs(tmp_path, ray_local):
     teacher.train(tcfg, pl, str(tmp_path / "teacher"))
     # degrade 0: the blobs have no poor light or fog to be robust to, and degraded views cost the student about 3
     # points of blob mIoU in 40 steps (docs/results.md); this test is about the distillation itself, refinement
-    # included (the paper's student with its EMA teacher, at the lr the thresholds were measured with; both off /
-    # twice that in the embedded default)
+    # included (the paper's student: EMA teacher, plain distillation, at the lr the thresholds were measured with;
+    # the embedded default has EMA off, weighs the classes alike and trains at four times that lr)
     scfg = load_config(overrides=[f"student.{k}={v}" for k, v in {**COMMON, "steps": 40, "degrade": 0, "refine": True,
-                                                                   "ema": True, "lr": 0.0002}.items()])
+                                                                   "ema": True, "lr": 0.0002,
+                                                                   "class_balance": 0}.items()])
     student.train(scfg, pl, str(tmp_path / "teacher" / "model"), str(tmp_path / "student"))
     t = heldout_miou(str(tmp_path / "teacher" / "model"), held_out)
     s = heldout_miou(str(tmp_path / "student" / "model"), held_out)
     print(f"held-out mIoU: teacher {t:.3f}, student {s:.3f}")
     assert t > 0.5, "the teacher did not learn the blobs: the comparison would mean nothing"
-    # not lower, up to the run-to-run spread of CPU training: measured teacher 0.696 / 0.702,
-    # student 0.701 / 0.708 in two runs of the same seed
+    # not lower, up to the run-to-run spread of CPU training: measured teacher 0.696 / 0.702, student 0.701 / 0.708
+    # in two fp32 runs of the same seed; 0.716 / 0.722 in bf16 (`amp: auto` on a CPU with AVX512-BF16)
     assert s >= t - 0.01, (t, s)
