@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# pip keeps no copy of the wheels it downloads: the CUDA build of torch and its libraries are several GB, which a
+# cache would double on disk (a CI machine once ran out of space installing them)
+export PIP_NO_CACHE_DIR := 1
 # test processes (pytest-xdist), each test file in one of them (its module fixtures, e.g. a cluster, made once):
 # the waits of Ray / MLflow start-ups overlap; wall times in docs/results.md
 TEST_WORKERS ?= 2

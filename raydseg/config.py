@@ -279,6 +279,8 @@ class TrainConfig(Section):
     flip: bool = True
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2  # photometric jitter (factors 1 +- jitter)
     degrade: Annotated[float, Field(ge=0, le=1)] = 0.0  # degraded-view strength (gamma, contrast, blur, noise); 0 = off
+    # share of the degraded views that are simulated night shots (raydseg.train.data.low_light_view); 0 = none
+    lowlight: Annotated[float, Field(ge=0, le=1)] = 0.0
     # class weight n_c^-p over the batch's pixels (teacher: its pseudo-labels; student: its teacher's argmax); 0 = off
     class_balance: Annotated[float, Field(ge=0, le=1)] = 0.0
     optimizer: Literal["sgd", "adamw"] = "adamw"  # sgd (paper: momentum 0.9, lr 1e-3..1e-2) | adamw

@@ -285,3 +285,31 @@ def test_degraded_view_is_seeded_lowers_contrast_with_strength_and_leaves_the_cl
     both = make_views(rows, [0] * 4, [np.random.default_rng(i) for i in range(4)], degrade=0.8, **kw)
     assert "degraded" not in plain and both["degraded"].shape == both["image"].shape
     assert np.array_equal(plain["image"], both["image"]) and np.array_equal(plain["label"], both["label"])
+    night = make_views(rows, [0] * 4, [np.random.default_rng(i) for i in range(4)], degrade=0.8, lowlight=1.0, **kw)
+    assert np.array_equal(night["image"], both["image"]) and night["degraded"].mean() < 0.5 * both["image"].mean()
+
+
+def test_night_exposure_scales_linear_light_adds_light_pools_and_poisson_gaussian_noise():
+    """Known values: exposure alone is x -> (x^2.2 * e)^(1/2.2) per pixel; a pool adds its peak to the gain at its
+    centre; the noise's variance in linear light is shot * x + read."""
+    from raydseg.train.data import degraded_view, low_light_view, night_exposure
+
+    image = np.full((40, 60, 3), 200, np.uint8)
+    lin = (200 / 255) ** 2.2
+    dark = night_exposure(image, 0.01, [], 0.0, 0.0, None)
+    assert np.all(dark == int((lin * 0.01) ** (1 / 2.2) * 255 + 0.5))  # 25 of 200
+    lit = night_exposure(image, 0.01, [(20.0, 30.0, 5.0, 0.09)], 0.0, 0.0, None)
+    assert lit[20, 30, 0] == int((lin * 0.1) ** (1 / 2.2) * 255 + 0.5) and lit[0, 0, 0] == dark[0, 0, 0]
+    grey = np.full((200, 200, 3), 128, np.uint8)
+    noise = np.random.default_rng(0).standard_normal(grey.shape, dtype=np.float32)
+    x = ((128 / 255) ** 2.2) * 0.2  # far enough from 0 that the clip at black does not cut the noise
+    noisy = (night_exposure(grey, 0.2, [], 1e-3, 1e-5, noise).astype(np.float64) / 255) ** 2.2
+    assert abs(noisy.var() / (1e-3 * x + 1e-5) - 1) < 0.05
+
+    a, b = (low_light_view(grey, np.random.default_rng(3)) for _ in range(2))
+    assert np.array_equal(a, b) and a.dtype == np.uint8 and a.shape == grey.shape
+    means = [low_light_view(grey, np.random.default_rng(i)).mean() for i in range(20)]
+    assert max(means) < 128 and np.median(means) < 64  # darker, most views much darker
+    rng = np.random.default_rng(7)  # lowlight 1: one draw decides, then the low-light view
+    rng.random()
+    assert np.array_equal(degraded_view(grey, np.random.default_rng(7), 0.8, 1.0), low_light_view(grey, rng))

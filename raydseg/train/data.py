@@ -46,15 +46,50 @@ def photometric_jitter(image: Any, rng: np.random.Generator, strength: float) ->
     return image
 
 
-def degraded_view(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def night_exposure(image: np.ndarray, exposure: float, lights: list[tuple[float, float, float, float]],
+                   shot: float, read: float, noise: np.ndarray | None) -> np.ndarray:
+    """A uint8 (H, W, 3) view re-exposed in linear light (sRGB as gamma 2.2): scaled by `exposure`, plus light pools
+    (cy, cx, sigma px, peak): Gaussian gain fields of height `peak`, then Poisson-Gaussian sensor noise of variance
+    shot * x + read (x linear, 0..1), `noise` standard normals of the image's shape (None: noise-free)."""
+    h, w = image.shape[:2]
+    gain = np.full((h, w), exposure, np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for cy, cx, sigma, peak in lights:
+        gain += peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma * sigma))
+    lin = np.clip((image.astype(np.float32) / 255.0) ** 2.2 * gain[:, :, None], 0, 1)
+    if noise is not None:
+        lin = lin + noise * np.sqrt(shot * lin + read)
+    return (np.clip(lin, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
+
+
+def low_light_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 (H, W, 3) day view as a night shot (`night_exposure`): exposure log-uniform in [1/300, 1/10]; 0-4 light
+    pools (lamps, headlights) of peak gain log-uniform in [1/20, 1] and sigma 3-15 % of the image; the shot / read noise
+    ranges of Brooks et al. 2019 ("Unprocessing images"). A generic low-light model drawn from wide ranges, not the
+    renderer's night."""
+    h, w = image.shape[:2]
+    exposure = float(np.exp(rng.uniform(np.log(1 / 300), np.log(1 / 10))))
+    lights = [(rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.03, 0.15) * max(h, w),
+               float(np.exp(rng.uniform(np.log(1 / 20), 0)))) for _ in range(int(rng.integers(0, 5)))]
+    log_shot = rng.uniform(np.log(1e-4), np.log(1.2e-2))
+    read = float(np.exp(2.18 * log_shot + 1.20 + rng.normal(0, 0.26)))
+    return night_exposure(image, exposure, lights, float(np.exp(log_shot)), read,
+                          rng.standard_normal(image.shape, dtype=np.float32))
+
+
+def degraded_view(image: np.ndarray, rng: np.random.Generator, strength: float, lowlight: float = 0.0
+                  ) -> np.ndarray:
     """A photometrically degraded copy of a uint8 (H, W, 3) view, for training that must hold in poor light and
-    visibility. Each of these applies with probability 0.5, with a magnitude u drawn in [0, strength] (0..1):
+    visibility. With probability `lowlight` it is `low_light_view`; otherwise each of these applies with
+    probability 0.5, with a magnitude u drawn in [0, strength] (0..1):
     gamma 1 + 2u or 1 / (1 + 2u) (darker or brighter), brightness x (1 - 0.7u), contrast x (1 - 0.7u), a uniform
     haze (blend of weight 0.7u towards a grey level in [100, 230]), Gaussian blur (sigma 2u px) and sensor noise
     (sigma 15u grey levels). Generic degradations (torchvision v2 ops), not the renderer's night or fog model.
-    Parameters come from `rng`, so the view is seeded like the rest of the sample."""
+    Parameters come from `rng`, so the view is seeded like the rest of the sample (lowlight 0 draws nothing more)."""
     if strength <= 0:
         return image
+    if lowlight > 0 and rng.random() < lowlight:
+        return low_light_view(image, rng)
     import torch
     import torchvision.transforms.v2.functional as TF
 
@@ -115,11 +150,11 @@ def train_samples(index: Any, *, val_fraction: float) -> list[tuple[int, int]]:
 
 def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], *, crop: int,
                scale_min: float, scale_max: float, flip: bool, jitter: float, with_segments: bool,
-               degrade: float = 0.0) -> dict[str, np.ndarray]:
+               degrade: float = 0.0, lowlight: float = 0.0) -> dict[str, np.ndarray]:
     """Feed.make_batch: decode and augment each pseudo-label row with its own generator.
 
     Out: image (B, crop, crop, 3) uint8, label (B, crop, crop) uint8 [, segments (B, crop, crop) int32]
-    [, degraded (B, crop, crop, 3) uint8: `degraded_view` of image, when degrade > 0].
+    [, degraded (B, crop, crop, 3) uint8: `degraded_view(image, degrade, lowlight)`, when degrade > 0].
     """
     from raydseg.data.schema import decode_image  # pyarrow: imported where rows are decoded, so that the
     # augmentation above imports on a machine with torch alone (the device checks)
@@ -136,7 +171,7 @@ def make_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random
         labels.append(lb)
         segs.append(sg)
         if degrade > 0:
-            degraded.append(degraded_view(im, rng, degrade))
+            degraded.append(degraded_view(im, rng, degrade, lowlight))
     out = {"image": np.stack(images), "label": np.stack(labels)}
     if degraded:
         out["degraded"] = np.stack(degraded)
@@ -152,7 +187,8 @@ def train_feed(pl_dir: str, t: Any, with_segments: bool = False) -> Feed:
                 list_samples=partial(train_samples, val_fraction=t.val_fraction),
                 columns=("image", "label") + (("segment_ids",) if with_segments else ()), make_batch=make_views,
                 kwargs=dict(crop=t.crop_size, scale_min=t.scale_min, scale_max=t.scale_max, flip=t.flip,
-                            jitter=t.jitter, with_segments=with_segments, degrade=t.degrade))
+                            jitter=t.jitter, with_segments=with_segments, degrade=t.degrade,
+                            lowlight=t.lowlight))
 
 
 def load_val_rows(pl_dir: str, val_fraction: float, max_images: int) -> list[dict[str, Any]]:
