@@ -17,15 +17,15 @@ import quality  # noqa: E402
 
 def test_each_ablation_toggles_its_part_from_the_configured_value():
     # the embedded default has EMA and refinement off, so their ablations turn them on; the paper's config has them on
-    embedded = quality.ablation_variants(["ema", "soft_targets", "refine", "degrade", "class_balance"],
+    embedded = quality.ablation_variants(["ema", "soft_targets", "refine", "degrade", "class_balance", "lowlight"],
                                          load_config(None).student)
     assert embedded == {"with_ema": ["student.ema=true"], "no_soft_targets": ["student.soft_targets=false"],
                         "with_refine": ["student.refine=true"], "no_degrade": ["student.degrade=0"],
-                        "no_class_balance": ["student.class_balance=0"]}
-    paper = load_config("configs/waymo.yaml", overrides=["student.degrade=0"]).student
-    assert quality.ablation_variants(["refine", "degrade", "class_balance"], paper) == {
+                        "no_class_balance": ["student.class_balance=0"], "no_lowlight": ["student.lowlight=0"]}
+    paper = load_config("configs/waymo.yaml", overrides=["student.degrade=0", "student.lowlight=0"]).student
+    assert quality.ablation_variants(["refine", "degrade", "class_balance", "lowlight"], paper) == {
         "no_refine": ["student.refine=false"], "with_degrade": ["student.degrade=0.8"],
-        "with_class_balance": ["student.class_balance=1.0"]}
+        "with_class_balance": ["student.class_balance=1.0"], "with_lowlight": ["student.lowlight=0.15"]}
 
 
 def test_an_unknown_part_is_refused_in_one_line(capsys):
@@ -33,7 +33,8 @@ def test_an_unknown_part_is_refused_in_one_line(capsys):
         quality.main(["--out", "/tmp/never.json", "--ablate", "ema,dropout"])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's program name
-        ": error: --ablate: unknown student part(s) dropout (known: ema, soft_targets, refine, degrade, class_balance)")
+        ": error: --ablate: unknown student part(s) dropout (known: ema, soft_targets, refine, degrade, class_balance,"
+        " lowlight)")
 
 
 def test_jobs_below_one_are_refused_in_one_line(capsys):

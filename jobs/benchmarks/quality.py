@@ -2,7 +2,7 @@
 student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
-[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade]]
+[--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade,class_balance,lowlight]]
 [--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle] [--jobs 2]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused. Seeds run in sequence; within a seed,
@@ -29,7 +29,8 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   ground,sky`: the ground's true road / sidewalk / terrain, and true sky within the LiDAR's field of view); with
   `oracle_*` and `teacher_*` they split the gap between the teacher and the oracle into clustering, label space and
   the rest;
-- `no_<part>_*` / `with_<part>_*` (each part named by --ablate: ema, soft_targets, refine, degrade): the student
+- `no_<part>_*` / `with_<part>_*` (each part named by --ablate: ema, soft_targets, refine, degrade, class_balance,
+  lowlight): the student
   rerun with that part toggled from the config, from the same teacher, data and seed (a copy of q<S> without its
   student and evaluate outputs), so differences are paired: `no_` turns a part that the config has on off, `with_`
   turns an off part on (the embedded default has student.refine off, so its refinement row is `with_refine`);
@@ -56,7 +57,7 @@ import numpy as np
 CONDITIONS = ("day", "night", "fog")
 # student part: its (off, on) values; on None = the strength StudentConfig defaults to
 ABLATIONS = {"ema": ("false", "true"), "soft_targets": ("false", "true"), "refine": ("false", "true"),
-             "degrade": ("0", None), "class_balance": ("0", None)}
+             "degrade": ("0", None), "class_balance": ("0", None), "lowlight": ("0", None)}
 PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
@@ -234,7 +235,7 @@ def variant_run(root: str, base: str, name: str, overrides: list[str], seed: int
 
 def ablation_variants(parts: list[str], student) -> dict[str, list[str]]:
     """{variant name: overrides} toggling each student part from its configured value: `no_<part>` when it is on,
-    `with_<part>` when it is off (degrade: on = any strength > 0)."""
+    `with_<part>` when it is off (degrade, class_balance, lowlight: on = any value > 0)."""
     out = {}
     for part in parts:
         off, on = ABLATIONS[part]

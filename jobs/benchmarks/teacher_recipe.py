@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         views = [augment_example(rows[i]["image"], rows[i][args.target], None, rng, t.crop_size,
                                  (t.scale_min, t.scale_max), t.flip, t.jitter)
                  for i in rng.integers(0, len(rows), t.batch_size)]
-        x = normalize(torch.from_numpy(np.stack([degraded_view(v[0], rng, t.degrade) for v in views])))
+        x = normalize(torch.from_numpy(np.stack([degraded_view(v[0], rng, t.degrade, t.lowlight) for v in views])))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the teacher stage's precision
             loss = ce_loss(model(x), torch.from_numpy(np.stack([v[1] for v in views])), balance=t.class_balance)
         opt.zero_grad(set_to_none=True)
