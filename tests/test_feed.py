@@ -118,4 +118,4 @@ def _section(**kw):
     from types import SimpleNamespace
 
     return SimpleNamespace(**{"crop_size": 32, "scale_min": 0.3, "scale_max": 1.0, "flip": True, "jitter": 0.2,
-                              "degrade": 0.0, "val_fraction": 0.2, **kw})
+                              "degrade": 0.0, "lowlight": 0.0, "val_fraction": 0.2, **kw})
