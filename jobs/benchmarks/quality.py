@@ -30,10 +30,10 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   `oracle_*` and `teacher_*` they split the gap between the teacher and the oracle into clustering, label space and
   the rest;
 - `no_<part>_*` / `with_<part>_*` (each part named by --ablate: ema, soft_targets, refine, degrade, class_balance,
-  lowlight): the student
-  rerun with that part toggled from the config, from the same teacher, data and seed (a copy of q<S> without its
-  student and evaluate outputs), so differences are paired: `no_` turns a part that the config has on off, `with_`
-  turns an off part on (the embedded default has student.refine off, so its refinement row is `with_refine`);
+  lowlight): the student rerun with that part toggled from the config, from the same teacher, data and seed (a copy
+  of q<S> without its student and evaluate outputs), so differences are paired: `no_` turns a part that the config
+  has on off, `with_` turns an off part on (the embedded default has student.refine off, so its refinement row is
+  `with_refine`);
 - `<NAME>_*` (each --variant NAME=student.key=value[;student.key=value]): the student rerun the same way with those
   settings (a recipe candidate, paired like the ablations), also on the unseen world (`<NAME>_unseen_*`).
 A seed whose row is finished gets only the ablations / variants it lacks.
