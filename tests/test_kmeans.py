@@ -99,34 +99,43 @@ def test_distributed_matches_faiss_and_is_actor_count_invariant(ray_local):
     np.testing.assert_allclose(runs[1].centroids, ref.centroids, atol=1e-5)
 
 
-def _sigkill_one_shard_actor() -> int:
-    """SIGKILL the process of one live k-means shard actor of this test process's own Ray cluster (a descendant
-    of it: another test's cluster may run shards at the same time); Ray titles it `ray::Shard...`. Returns the pid."""
+def _shard_pids() -> set[int]:
+    """Pids of the k-means shard actors' processes of this test process's own Ray cluster (its descendants: another
+    test's cluster may run shards at the same time); Ray titles them `ray::Shard...`."""
+    import psutil
+
+    pids = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if (p.cmdline() or [""])[0].startswith("ray::Shard"):
+                pids.add(p.pid)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return pids
+
+
+def _sigkill_one_shard_actor(earlier: set[int]) -> int:
+    """SIGKILL one live shard actor of the running k-means, not one of the `earlier` pids (an earlier run's actors,
+    whose processes may outlive it on a loaded machine). Returns the pid."""
     import os
     import signal
 
-    import psutil
-
-    for p in psutil.Process().children(recursive=True):
-        try:
-            title = (p.cmdline() or [""])[0]
-        except psutil.Error:  # exited meanwhile
-            continue
-        if title.startswith("ray::Shard"):
-            os.kill(p.pid, signal.SIGKILL)
-            return p.pid
-    raise AssertionError("no ray::Shard process of this test's Ray cluster found")
+    pids = sorted(_shard_pids() - earlier)
+    if not pids:
+        raise AssertionError("no ray::Shard process of this test's running k-means found")
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
 
 
 @pytest.mark.ray
 def test_killed_actor_is_recreated_and_result_unchanged(ray_local):
     x, _, _ = planted(n=2000, k=5, seed=6)
     ref = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5)
-    killed = []
+    killed, earlier = [], _shard_pids()
 
     def kill_mid_run(restart, it, inertia):
         if it == 3 and not killed:
-            killed.append(_sigkill_one_shard_actor())
+            killed.append(_sigkill_one_shard_actor(earlier))
 
     res = kmeans_distributed(x, 5, n_actors=2, n_iter=8, seed=1, num_cpus=0.5, on_iteration=kill_mid_run)
     assert killed and res.n_actor_restarts == 1
@@ -171,11 +180,11 @@ def test_actors_read_their_own_parquet_parts_with_the_in_memory_result(ray_local
     files = _write_parts(x, [700, 0, 300, 900, 500], tmp_path)
     ref = kmeans_distributed(x, 5, n_actors=1, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
                              seed_sample=1000, nearest=3)
-    killed = []
+    killed, earlier = [], _shard_pids()
 
     def kill_mid_run(restart, it, inertia):
         if restart == 1 and it == 2 and not killed:
-            killed.append(_sigkill_one_shard_actor())
+            killed.append(_sigkill_one_shard_actor(earlier))
 
     res = kmeans_distributed(files, 5, n_actors=3, n_iter=10, n_restarts=2, seed=2, num_cpus=0.5, pca_dim=8,
                          seed_sample=1000, nearest=3, on_iteration=kill_mid_run)
