@@ -84,7 +84,7 @@ def test_teacher_gpu_views_do_not_depend_on_the_number_of_loader_workers(tmp_pat
     data = _blob_data(tmp_path / "data")
     rows = [{"frame_id": r["frame_id"], "image": unpng(r["image"]), "gt": unpng(r["gt"])} for r in data["train"]]
     recipe = {"steps": 3, "batch_size": 4, "crop_size": 32, "scale_min": 0.3, "scale_max": 1.0, "flip": True,
-              "jitter": 0.2, "degrade": 0.5}
+              "jitter": 0.2, "degrade": 0.5, "lowlight": 0.5}
     views = Views(rows, "gt", recipe, seed=3)
     batches = {w: list(torch.utils.data.DataLoader(views, batch_size=4, num_workers=w)) for w in (0, 2)}
     assert len(batches[0]) == 3 and set(batches[0][0]) == {"image", "label", "degraded"}

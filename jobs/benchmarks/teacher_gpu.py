@@ -98,7 +98,7 @@ class Views(torch.utils.data.Dataset):
                                     (r["scale_min"], r["scale_max"]), r["flip"], r["jitter"])
         out = {"image": torch.from_numpy(im), "label": torch.from_numpy(lb)}
         if r["degrade"] > 0:
-            out["degraded"] = torch.from_numpy(degraded_view(im, rng, r["degrade"], r.get("lowlight", 0.0)))
+            out["degraded"] = torch.from_numpy(degraded_view(im, rng, r["degrade"], r["lowlight"]))
         return out
 
 
