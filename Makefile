@@ -38,8 +38,9 @@ venv-dev: sysdeps-test $(VENV)/.installed-dev
 run: venv
 	$(PY) jobs/full_run.py $(ARGS)
 
-# DINO-pretrain the ViT on the embedded default's camera images (stages ingest + pretrain); prints the path of the
+# Pretrain the ViT on unlabelled camera images (stages ingest + pretrain; DINO by default); prints the path of the
 # timm-layout backbone checkpoint to pass as --set features.weights=PATH --set teacher.weights=PATH.
+# The shipped checkpoint (weights/) came from: make pretrain ARGS="--config configs/pretrain_mae.yaml"
 pretrain: venv
 	$(PY) jobs/pretrain.py $(ARGS)
 

@@ -69,7 +69,9 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
         sec = getattr(cfg, section)
         out.append(_backbone_problem(f"{section}.backbone", sec.backbone, sec.weights))
         if sec.weights and sec.weights != _hub():
-            out.append(_probe(f"{section}.weights", sec.weights))
+            from raydseg.features.backbone import resolve_weights_path
+
+            out.append(_probe(f"{section}.weights", resolve_weights_path(sec.weights)))
     if "evaluate" in stages and not cfg.eval.sets.strip() and cfg.data.source != "synthetic":
         out.append(f"eval.sets: required for data.source={cfg.data.source} (NAME:FORMAT:PATH,...); "
                    "only the synthetic source brings its own eval splits")

@@ -166,13 +166,21 @@ class ProposalsConfig(Section):
 
 
 class PretrainConfig(Section):
-    """DINO self-distillation of the ViT on unlabelled camera images (stage `pretrain`; Caron et al. 2021).
+    """Self-supervised pretraining of the ViT on unlabelled camera images (stage `pretrain`): DINO self-distillation
+    (Caron et al. 2021) or a masked autoencoder (He et al. 2021; `objective: mae`).
 
     Off by default: enable it here or name it in run.stages. Its output `<run>/pretrain/backbone.safetensors` is
     used through features.weights / teacher.weights. Steps replace the paper's epochs.
     """
 
     enabled: bool = False  # add `pretrain` to the default stage list (run.stages names it explicitly otherwise)
+    # dino | mae: the masked autoencoder reads the two global crops only (set local_crops 0) and ignores the DINO
+    # head / teacher / centering keys; its recipe is configs/pretrain_mae.yaml
+    objective: Literal["dino", "mae"] = "dino"
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75  # mae: share of the patches hidden from the encoder
+    decoder_dim: PosInt = 128  # mae: decoder width (paper: 512 for ViT-L; a light decoder suits ViT-Tiny)
+    decoder_depth: PosInt = 2  # mae: decoder blocks (paper: 8)
+    norm_pix_loss: bool = True  # mae: standardise each target patch by its own mean / variance (paper's default)
     backbone: NonEmpty = "vit_tiny_patch16_224"  # timm ViT; paper: vit_small_patch16_224 (ViT-S/16)
     weights: Text = ""  # init: "" random | hub | local file | s3:// URL
     drop_path: Probability = 0.1  # student stochastic depth (paper: 0.1)
@@ -219,17 +227,21 @@ class PretrainConfig(Section):
     knn_frames: PosInt = 16  # frames with ground truth whose LiDAR segments form the k-NN probe
     knn_k: PosInt = 5
     knn_crop_size: PosInt = 112  # masked-crop side of the probe descriptors (features.crop_size)
+    knn_descriptor: Literal["crop_cls", "crop_mean"] = "crop_cls"  # the probe's descriptor (features.descriptor)
 
 
 class FeaturesConfig(Section):
     """Self-supervised ViT descriptors pooled per projected segment."""
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
-    weights: Text = ""  # "" random init | hub | local file | s3:// URL
-    descriptor: Literal["crop_cls", "mask_pool"] = "crop_cls"  # crop_cls (paper) | mask_pool
+    # "" random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights). The default:
+    # the masked autoencoder that configs/pretrain_mae.yaml pretrained on the synthetic world (docs/results.md)
+    weights: Text = "weights/vit_tiny_mae_synthetic.safetensors"
+    # crop_cls (paper) | crop_mean (the masked crop's patch tokens averaged: a masked autoencoder's) | mask_pool
+    descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_cls"
     num_gpus: NonNegFloat = 0.0  # GPUs per feature actor (bf16 autocast on GPU)
-    crop_size: PosInt = 112  # crop_cls: side of the resized masked crop, a patch multiple (paper: 224)
-    crop_pad: NonNegInt = 0  # crop_cls: px of context around the tight box (paper: 0)
+    crop_size: PosInt = 112  # crop_cls / crop_mean: side of the resized masked crop, a patch multiple (paper: 224)
+    crop_pad: NonNegInt = 0  # crop_cls / crop_mean: px of context around the tight box (paper: 0)
     image_size: NonNegInt = 0  # mask_pool: shorter input side in px (0 = native), rounded to patch multiples
     min_pixels: PosInt = 16  # segments (and ground patches) with fewer pixels get no descriptor (stay unlabelled)
     # also describe the ground: one patch token per token-grid cell of a whole-image pass (at image_size) that holds

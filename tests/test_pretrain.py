@@ -351,7 +351,8 @@ def test_model_and_step_code_import_without_ray():
     """The GPU machine has torch + timm + numpy only: no Ray, pyarrow, MLflow or pydantic may come in with these
     modules."""
     code = ("import sys; import raydseg.train.engine, raydseg.train.steps, raydseg.train.dino, "
-            "raydseg.models.dino_head, raydseg.train.pretrain, raydseg.train.segmentation, raydseg.train.loop; "
+            "raydseg.models.dino_head, raydseg.models.mae, raydseg.train.mae, raydseg.train.pretrain, "
+            "raydseg.train.segmentation, raydseg.train.loop; "
             "bad = [m for m in ('ray', 'pyarrow', 'mlflow', 'pydantic') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -184,6 +184,7 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
     from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
     from raydseg.features.backbone import create_backbone
+    from raydseg.features.pooling import CROP_DESCRIPTORS
     from raydseg.train.pretrain import build_knn_probe, probe_descriptors, probe_knn_accuracy, probe_knn_scores
 
     cfg = load_config(os.path.join(run, "config.yaml"))
@@ -195,7 +196,8 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
             continue
         torch.manual_seed(seed)
         net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0)
-        acc = probe_knn_accuracy(net, probe, k, cfg.features.crop_size)
+        acc = probe_knn_accuracy(net, probe, k, cfg.features.crop_size,
+                                 pool=CROP_DESCRIPTORS.get(cfg.features.descriptor, "cls"))
         out[key] = 100 * acc["knn_acc"]
     return out
 

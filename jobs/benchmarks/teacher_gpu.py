@@ -153,7 +153,10 @@ def train(args: argparse.Namespace) -> int:
     import yaml
 
     with open(os.path.join(REPO, "raydseg", "configs", "default.yaml")) as f:
-        base = {**yaml.safe_load(f)["teacher"], "target": "label"}
+        default = yaml.safe_load(f)
+    base = {**default["teacher"], "target": "label"}
+    if not base["weights"] and default["features"]["backbone"] == base["backbone"]:  # raydseg.train.teacher's rule
+        base["weights"] = default["features"]["weights"]
     base.update(TINY if args.tiny else {})
     base.update(pairs(args.set))
     variants = dict(v.partition("=")[::2] for v in args.variant) or {"default": ""}
@@ -166,7 +169,7 @@ def train(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     for name, keys in variants.items():
         recipe = {**base, **pairs([kv for kv in keys.split(",") if kv])}
-        if recipe["weights"] and not os.path.isabs(recipe["weights"]):
+        if recipe["weights"] and os.path.isfile(os.path.join(args.data, recipe["weights"])):  # a file carried in DIR
             recipe["weights"] = os.path.join(args.data, recipe["weights"])
         entry = train_variant(data, recipe, device, args.workers, args.seed)
         try:

@@ -15,6 +15,18 @@ from torch import nn
 
 
 HUB = "hub"  # weights value: timm's pretrained tag of the backbone name (the only path that downloads)
+PACKAGED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # package data
+
+
+def resolve_weights_path(path: str) -> str:
+    """The weights file `path` names: as given when it exists, is absolute or s3://; else a shipped checkpoint by
+    its name (`weights/<file>` or `<file>`, under raydseg/weights), so that the default config's
+    `weights/vit_tiny_mae_synthetic.safetensors` works from any directory and from a wheel install."""
+    if not path or path.startswith("s3://") or os.path.isabs(path) or os.path.exists(path):
+        return path
+    parts = path.replace("\\", "/").split("/")
+    shipped = os.path.join(PACKAGED_WEIGHTS, *(parts[1:] if parts[0] == "weights" else parts))
+    return shipped if os.path.isfile(shipped) else path
 
 class UnsafeCheckpointError(ValueError):
     """The weights file holds a pickled payload that is not a plain tensor state_dict."""
@@ -26,6 +38,7 @@ PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The raw mapping stored in a local / s3:// weights file (.safetensors, or torch.save of tensors only)."""
+    path = resolve_weights_path(path)
     if path.startswith("s3://"):  # storage needs pyarrow, which a machine with torch alone (the device) lacks
         from raydseg import storage
 

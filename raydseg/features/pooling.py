@@ -46,11 +46,15 @@ def masked_crops(x: torch.Tensor, segment_ids: np.ndarray, ids: np.ndarray, crop
     return torch.stack(crops) if crops else x.new_zeros((0, 3, crop_size, crop_size))
 
 
+CROP_DESCRIPTORS = {"crop_cls": "cls", "crop_mean": "mean"}  # masked-crop descriptors: descriptor -> token pooling
+
+
 @torch.no_grad()
 def crop_cls_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray, *,
                          crop_size: int = 224, batch_size: int = 32, device: str = "cpu",
-                         dtype: torch.dtype | None = None, pad: int = 0) -> np.ndarray:
-    """Paper descriptor: the [CLS] token (after the final norm) of every masked tight crop.
+                         dtype: torch.dtype | None = None, pad: int = 0, pool: str = "cls") -> np.ndarray:
+    """Paper descriptor: the [CLS] token (after the final norm) of every masked tight crop; `pool="mean"`: the mean
+    of the crop's patch tokens instead (for backbones whose [CLS] no loss trained, e.g. a masked autoencoder's).
     image (H, W, 3) uint8, segment_ids (H, W), ids (S,) -> (S, D) float32, L2-normalised."""
     x = normalize_image(image, model)
     crops = masked_crops(x, segment_ids, np.asarray(ids), crop_size, pad)
@@ -59,7 +63,7 @@ def crop_cls_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.nd
         b = crops[s:s + batch_size].to(device)
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             tokens = model.forward_features(b)  # (B, prefix + patches, D)
-        out.append(tokens[:, 0].float().cpu())
+        out.append((tokens[:, 0] if pool == "cls" else tokens[:, model.num_prefix_tokens:].mean(1)).float().cpu())
     if not out:
         return np.zeros((0, model.num_features), np.float32)
     return F.normalize(torch.cat(out), dim=1).numpy().astype(np.float32)
@@ -114,9 +118,10 @@ def ground_descriptors(model: nn.Module, image: np.ndarray, cells: np.ndarray, i
 
 def segment_descriptors(model: nn.Module, image: np.ndarray, segment_ids: np.ndarray, ids: np.ndarray,
                         descriptor: str = "crop_cls", **kw: object) -> np.ndarray:
-    """Dispatch on `descriptor`: crop_cls (paper) | mask_pool. Returns (S, D) float32 L2-normalised."""
-    if descriptor == "crop_cls":
-        return crop_cls_descriptors(model, image, segment_ids, ids, **kw)  # type: ignore[arg-type]
+    """Dispatch on `descriptor`: crop_cls (paper) | crop_mean | mask_pool. Returns (S, D) float32 L2-normalised."""
+    if descriptor in CROP_DESCRIPTORS:
+        return crop_cls_descriptors(model, image, segment_ids, ids, pool=CROP_DESCRIPTORS[descriptor],
+                                    **kw)  # type: ignore[arg-type]
     if descriptor == "mask_pool":
         return mask_pool_descriptors(model, image, segment_ids, ids, **kw)  # type: ignore[arg-type]
-    raise ValueError(f"unknown descriptor '{descriptor}' (crop_cls | mask_pool)")
+    raise ValueError(f"unknown descriptor '{descriptor}' (crop_cls | crop_mean | mask_pool)")

@@ -48,7 +48,7 @@ class FeatureExtractor:
         self.frames_dir, self.index = frames_dir, index
 
     def __call__(self, table: pa.Table) -> tuple[dict[str, pa.Table], list[dict]]:
-        from raydseg.features.pooling import ground_descriptors, segment_descriptors
+        from raydseg.features.pooling import CROP_DESCRIPTORS, ground_descriptors, segment_descriptors
 
         t0 = time.perf_counter()
         cams = camera_records(self.frames_dir, self.index, table["frame_id"].to_pylist())
@@ -76,7 +76,7 @@ class FeatureExtractor:
                 continue
             image = decode_image(rec["image"])
             if len(ids):
-                if self.cfg.descriptor == "crop_cls":
+                if self.cfg.descriptor in CROP_DESCRIPTORS:
                     how = dict(crop_size=self.cfg.crop_size, batch_size=self.cfg.batch_size, pad=self.cfg.crop_pad)
                 else:
                     how = dict(size=self.cfg.image_size)

@@ -183,29 +183,31 @@ class MultiCrop:
 
     __call__(image (3, H, W) uint8 tensor) -> [global_1, global_2, local_1, ...], uint8 (3, size, size) tensors.
     Scales are fractions of the image area (torchvision's RandomResizedCrop); the torch global RNG drives them.
-    `photometric=False` drops the colour jitter, grayscale and solarisation (crops, flips and blur stay).
+    `photometric=False` drops the colour jitter, grayscale and solarisation (crops, flips and blur stay);
+    `blur=False` drops the blur (a masked autoencoder's crops: resized crop and flip only).
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
                  global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-                 photometric: bool = True):
+                 photometric: bool = True, blur: bool = True):
         from torchvision.transforms import v2
 
         def flip_jitter():
             colour = [v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P), v2.RandomGrayscale(p=GRAYSCALE_P)]
             return [v2.RandomHorizontalFlip(p=0.5)] + (colour if photometric else [])
 
-        def blur(size: int, p: float):
-            return v2.RandomApply([v2.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))], p=p)
+        def blur_(size: int, p: float) -> list:
+            return [v2.RandomApply([v2.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))], p=p)] \
+                if blur else []
 
         def rrc(size: int, scale: tuple[float, float]):
             return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
         self.n_local = n_local
-        self.global_1 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 1.0)])
-        self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), blur(global_size, 0.1)]
+        self.global_1 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), *blur_(global_size, 1.0)])
+        self.global_2 = v2.Compose([rrc(global_size, global_scale), *flip_jitter(), *blur_(global_size, 0.1)]
                                    + ([v2.RandomSolarize(threshold=128, p=SOLARIZE_P)] if photometric else []))
-        self.local = v2.Compose([rrc(local_size, local_scale), *flip_jitter(), blur(local_size, 0.5)])
+        self.local = v2.Compose([rrc(local_size, local_scale), *flip_jitter(), *blur_(local_size, 0.5)])
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [self.global_1(image), self.global_2(image)] + [self.local(image) for _ in range(self.n_local)]

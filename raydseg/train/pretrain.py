@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from raydseg.features.pooling import CROP_DESCRIPTORS
 from raydseg.models.dino_head import build_dino_model
 from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
@@ -42,14 +43,15 @@ def camera_samples(index: Any) -> list[tuple[int, int]]:
 
 
 MULTICROP_KEYS = ("global_crop_size", "local_crop_size", "local_crops", "global_crop_scale_min",
-                  "local_crop_scale_min", "local_crop_scale_max", "photometric", "photometric_device")
+                  "local_crop_scale_min", "local_crop_scale_max", "photometric", "photometric_device", "objective")
 
 
 def make_multicrop(p: dict[str, Any]) -> MultiCrop:
-    """The MultiCrop of the `pretrain` section `p` (a dict holding at least MULTICROP_KEYS)."""
+    """The MultiCrop of the `pretrain` section `p` (a dict holding at least MULTICROP_KEYS; without `objective`:
+    DINO's, with its blur; a masked autoencoder's crops are not blurred)."""
     return MultiCrop(p["global_crop_size"], p["local_crop_size"], p["local_crops"], (p["global_crop_scale_min"], 1.0),
                      (p["local_crop_scale_min"], p["local_crop_scale_max"]),
-                     p["photometric"] and not p["photometric_device"])
+                     p["photometric"] and not p["photometric_device"], blur=p.get("objective", "dino") == "dino")
 
 
 def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
@@ -148,24 +150,25 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
 
 
 def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
-                       device: str = "cpu") -> dict[str, float]:
-    """k-NN accuracy of the probe's segment descriptors (masked-crop [CLS] of `backbone`) against their majority
-    ground-truth class; train / test split by drive (`scene_split`), as the evaluate stage does."""
+                       device: str = "cpu", pool: str = "cls") -> dict[str, float]:
+    """k-NN accuracy of the probe's segment descriptors (masked crops of `backbone`, [CLS] or mean-pooled: the
+    features stage's crop_cls / crop_mean) against their majority ground-truth class; train / test split by drive
+    (`scene_split`), as the evaluate stage does."""
     if len(probe["seg_id"]) == 0 or len(set(probe["frame_ids"])) < 2:
         return {}
-    return probe_knn_scores(probe, probe_cls_descriptors(backbone, probe, crop_size, device), k)
+    return probe_knn_scores(probe, probe_cls_descriptors(backbone, probe, crop_size, device, pool), k)
 
 
 def probe_cls_descriptors(backbone: torch.nn.Module, probe: dict[str, Any], crop_size: int = 112,
-                          device: str = "cpu") -> np.ndarray:
-    """(S, D) float32 masked-crop [CLS] descriptors of the probe's segments (the features stage's descriptor), the
-    backbone in eval mode for the pass and then back in its former mode."""
+                          device: str = "cpu", pool: str = "cls") -> np.ndarray:
+    """(S, D) float32 masked-crop descriptors of the probe's segments (the features stage's crop_cls, or with
+    `pool="mean"` its crop_mean), the backbone in eval mode for the pass and then back in its former mode."""
     from raydseg.features.pooling import crop_cls_descriptors
 
     was_training = backbone.training
     backbone.eval()
     x = probe_descriptors(probe, lambda image, seg, ids: crop_cls_descriptors(
-        backbone, image, seg, ids, crop_size=crop_size, device=device), backbone.num_features)
+        backbone, image, seg, ids, crop_size=crop_size, device=device, pool=pool), backbone.num_features)
     backbone.train(was_training)
     return x
 
@@ -223,10 +226,55 @@ def save_backbone(model: torch.nn.Module, path: str, metadata: dict[str, str] | 
     os.replace(tmp, path)
 
 
+def _probe(config: dict[str, Any], rank: int, probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The k-NN probe on rank 0: `probe`, else the file config["knn_probe"] when set; None elsewhere or when off."""
+    if rank != 0 or config["knn_every"] < 0:
+        return None
+    if probe is None and config.get("knn_probe"):
+        from raydseg import storage
+
+        probe = torch.load(io.BytesIO(storage.read_bytes(config["knn_probe"])), map_location="cpu",
+                           weights_only=True)
+    return probe
+
+
+def _probe_and_export(config: dict[str, Any], backbone_of: torch.nn.Module, device: torch.device,
+                      probe: dict[str, Any] | None) -> tuple[Any, Any]:
+    """Task.validate (the k-NN probe every `knn_every` steps and at the end) and Task.export (the backbone of
+    `backbone_of`, a module with a `.backbone`, as CHECKPOINT under out_dir and as an MLflow artifact)."""
+    steps = int(config["steps"])
+    pool = CROP_DESCRIPTORS[config["knn_descriptor"]]
+
+    def validate(done: int, final: bool) -> dict[str, float]:
+        every = config["knn_every"]
+        if probe is None or not ((every > 0 and done % every == 0) or final):
+            return {}
+        out = probe_knn_accuracy(backbone_of.backbone, probe, config["knn_k"], config["knn_crop_size"], str(device),
+                                 pool)
+        return {k: v for k, v in out.items() if k != "knn_n_segments"}
+
+    def export(log: Any, last_loss: float) -> None:
+        path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
+        meta = {"backbone": config["backbone"], "format": "timm", "source": f"raydseg pretrain {config['objective']}",
+                "steps": str(steps)}
+        save_backbone(backbone_of, path, meta)
+        if log.active_run() is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_backbone(backbone_of, os.path.join(tmp, CHECKPOINT), meta)
+                log.log_artifacts(tmp, "backbone")
+            log.log_metric(f"{config['prefix']}final_loss", last_loss, step=steps)
+
+    return validate, export
+
+
 def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
                   ) -> Task:
-    """Student (ViT + DINO head), EMA teacher, DINO loss and schedules from the `pretrain` section (plain dict).
-    The k-NN probe (rank 0): `probe`, else the file config["knn_probe"] when set."""
+    """The `pretrain` section's objective (plain dict): `dino_task` or `mae_task`."""
+    return (mae_task if config["objective"] == "mae" else dino_task)(config, device, _probe(config, rank, probe))
+
+
+def dino_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any] | None) -> Task:
+    """Student (ViT + DINO head), EMA teacher, DINO loss and schedules; the probe and export use the teacher."""
     steps = int(config["steps"])
     student = build_dino_model(config["backbone"], **_model_kwargs(config))
     ema = EMA(student)  # the teacher: same init, no gradient, eval mode (no drop-path)
@@ -249,31 +297,7 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
         cancel_last_layer_gradients(model, step, config["freeze_last_layer_steps"])
         return {"grad_norm": grad_norm, "weight_decay": float(wd[step]), "momentum": float(momentum[step])}
 
-    if rank != 0 or config["knn_every"] < 0:
-        probe = None
-    elif probe is None and config.get("knn_probe"):
-        from raydseg import storage
-
-        probe = torch.load(io.BytesIO(storage.read_bytes(config["knn_probe"])), map_location="cpu",
-                           weights_only=True)
-
-    def validate(done: int, final: bool) -> dict[str, float]:
-        every = config["knn_every"]
-        if probe is None or not ((every > 0 and done % every == 0) or final):
-            return {}
-        out = probe_knn_accuracy(teacher.backbone, probe, config["knn_k"], config["knn_crop_size"], str(device))
-        return {k: v for k, v in out.items() if k != "knn_n_segments"}
-
-    def export(log: Any, last_loss: float) -> None:
-        path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
-        meta = {"backbone": config["backbone"], "format": "timm", "source": "raydseg pretrain", "steps": str(steps)}
-        save_backbone(teacher, path, meta)
-        if log.active_run() is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_backbone(teacher, os.path.join(tmp, CHECKPOINT), meta)
-                log.log_artifacts(tmp, "backbone")
-            log.log_metric(f"{config['prefix']}final_loss", last_loss, step=steps)
-
+    validate, export = _probe_and_export(config, teacher, device, probe)
     step_fn = DinoStep(teacher, loss, config["local_crops"],
                        photometric_on_device=config["photometric"] and config["photometric_device"])
     return Task(model=student, step_fn=step_fn,
@@ -285,6 +309,36 @@ def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe
                 ema_momentum=lambda s: float(momentum[min(s, steps - 1)]), before_update=before_update,
                 validate=validate, export=export, extra_state=lambda: {"center": loss.center.detach().cpu()},
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
+
+
+def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any] | None) -> Task:
+    """Masked autoencoder (raydseg.models.mae) on both global crops of each image: AdamW with betas (0.9, 0.95) as
+    the paper, lr cosine with linear warmup, weight decay cosine weight_decay -> weight_decay_end, gradient clip;
+    no EMA. The probe and export use the encoder (the timm backbone) being trained."""
+    from raydseg.features.backbone import create_backbone
+    from raydseg.models.mae import MaskedAutoencoder
+    from raydseg.train.mae import MaeStep
+
+    steps = int(config["steps"])
+    backbone = create_backbone(config["backbone"], config["weights"], dynamic_img_size=True, num_classes=0,
+                               drop_path_rate=config["drop_path"])
+    model = MaskedAutoencoder(backbone, config["mask_ratio"], config["decoder_dim"], config["decoder_depth"],
+                              norm_pix=config["norm_pix_loss"]).train()
+    lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
+    wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
+    base_lr = float(config["lr"]) or 1.0
+
+    def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        optimizer.param_groups[0]["weight_decay"] = float(wd[step])
+        return {"grad_norm": clip_gradients(model, config["clip_grad"]), "weight_decay": float(wd[step])}
+
+    validate, export = _probe_and_export(config, model, device, probe)
+    return Task(model=model, step_fn=MaeStep(),
+                make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"], betas=(0.9, 0.95),
+                                                           weight_decay=config["weight_decay"]),
+                make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr),
+                before_update=before_update, validate=validate, export=export)
 
 
 class ImageCrops(torch.utils.data.Dataset):
@@ -346,7 +400,8 @@ def pretrain_local(config: dict[str, Any], images: Sequence[np.ndarray | bytes],
         out = train_one_step(model, optimizer, batches, task.step_fn, step, amp=use_bf16(config["amp"], dev.type),
                              device_type=dev.type, before_update=task.before_update)
         scheduler.step()
-        task.ema.update(model, task.ema_momentum(step))
+        if task.ema is not None:
+            task.ema.update(model, task.ema_momentum(step))
         seen += out.pop("images")
         done = step + 1
         knn_due = config["knn_every"] > 0 and done % config["knn_every"] == 0
@@ -390,8 +445,8 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
             storage.write_bytes(config["knn_probe"], buf.getvalue())
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.run.seed)  # the same initial backbone as the workers build
-                init = build_dino_model(p.backbone, **_model_kwargs(config)).backbone
-            before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size)
+                init = build_dino_model(p.backbone, **_model_kwargs(config)).backbone  # MAE's encoder: the same
+            before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size, pool=CROP_DESCRIPTORS[p.knn_descriptor])
             if mlflow_run_id:
                 client = mlflow.MlflowClient(tracking_uri=tracking_uri or None)
                 for k, v in before.items():

@@ -1,0 +1,164 @@
+"""Masked-autoencoder pretraining (raydseg.models.mae) of the features stage's ViT without Ray, scored on a larger
+segment k-NN probe than the pretrain stage's: does it beat the random-init ViT where DINO does not?
+
+`THREADS=1 python jobs/benchmarks/mae_recipe.py --images DIR --out OUT [--steps N --batch B --mask 0.75
+--norm-pix 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT]`:
+- DIR from `dino_images.py` (images.npy or images.bin): unlabelled images of train-stream sequences the default
+  run never uses;
+- the probe: one LiDAR frame of each of `--probe-drives` drives per world (world W's train stream, as a run with
+  `run.seed=W`, `synthetic.n_sequences=D`, `frames_per_sequence=1` ingests), its segments' majority ground-truth
+  class, split by drive (every other drive tests: 24 against 24 with two worlds, not the ladder's 2 against 2);
+- descriptors: crop_cls, mask_pool and crop_mean (raydseg.features.pooling), and the 64-bin colour histogram, k = 5;
+- model: ViT-Tiny/16 on 112 px random resized crops (0.2-1) + flips, MAE's augmentation, `--batch` images per
+  step; AdamW lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05, cosine with 5 % warmup;
+- `--eval-only CHECKPOINT`: score a backbone file (`random`: the seed's random init) on the probe and stop.
+Writes OUT/history.json (loss and k-NN per probe step) and OUT/backbone.safetensors (timm layout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def probe_frames(worlds: list[int], drives: int) -> list[dict]:
+    """One LiDAR frame (with ground truth) of each of `drives` train-stream drives of each world."""
+    from raydseg.config import load_config
+    from raydseg.data.sources import synthetic as S
+
+    rows = []
+    for w in worlds:
+        cfg = load_config("configs/default.yaml", [f"synthetic.n_sequences={drives}", "synthetic.frames_per_sequence=1"])
+        for shard in S.list_shards(cfg.synthetic, w):
+            for r in S.generate_sequence(shard, cfg.synthetic):
+                r["sequence"], r["frame_id"] = f"w{w}-{r['sequence']}", f"w{w}-{r['frame_id']}"
+                rows.append(r)
+    return rows
+
+
+def build_probe(out: str, worlds: list[int], drives: int) -> dict:
+    import pyarrow.parquet as pq
+
+    from raydseg.config import load_config
+    from raydseg.data.schema import frames_to_table
+    from raydseg.train.pretrain import build_knn_probe
+
+    rows = probe_frames(worlds, drives)
+    os.makedirs(f"{out}/probe_frames", exist_ok=True)
+    pq.write_table(frames_to_table(rows), f"{out}/probe_frames/part-00000.parquet")
+    return build_knn_probe(f"{out}/probe_frames", load_config("configs/default.yaml").proposals, len(rows), 0)
+
+
+def probe_scores(backbone: nn.Module, probe: dict) -> dict[str, float]:
+    """k-NN accuracy (points) of the probe's segments under three descriptors of `backbone` (eval mode)."""
+    from raydseg.features.pooling import segment_descriptors
+    from raydseg.train.pretrain import probe_descriptors, probe_knn_scores
+
+    was = backbone.training
+    backbone.eval()
+    out = {}
+    with torch.no_grad():
+        for name in ("crop_cls", "mask_pool", "crop_mean"):
+            kw = {} if name == "mask_pool" else {"crop_size": 112}
+            x = probe_descriptors(probe, lambda i, s, ids: segment_descriptors(backbone, i, s, ids, name, **kw),
+                                  backbone.num_features)
+            out[name] = 100 * probe_knn_scores(probe, x)["knn_acc"]
+    backbone.train(was)
+    return out
+
+
+def load_images(folder: str) -> list[np.ndarray]:
+    if os.path.exists(f"{folder}/images.npy"):
+        return list(np.load(f"{folder}/images.npy"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dino_images import read_images
+    from raydseg.train.pretrain import as_rgb
+
+    return [as_rgb(b) for b in read_images(folder)]
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--mask", type=float, default=0.75)
+    ap.add_argument("--norm-pix", type=int, default=0)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--lr", type=float, default=0.0)
+    ap.add_argument("--probe-drives", type=int, default=24)
+    ap.add_argument("--probe-worlds", default="0")
+    ap.add_argument("--knn-every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", default="", help="a backbone checkpoint (or `random`): score it and stop")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    os.makedirs(a.out, exist_ok=True)
+    from torchvision.transforms import v2
+
+    from raydseg.eval.knn import colour_histogram
+    from raydseg.features.backbone import create_backbone
+    from raydseg.models.mae import MaskedAutoencoder
+    from raydseg.train.dino import cosine_schedule
+    from raydseg.train.pretrain import probe_descriptors, probe_knn_scores, save_backbone
+
+    t0 = time.time()
+    probe = build_probe(a.out, [int(w) for w in a.probe_worlds.split(",")], a.probe_drives)
+    hist = probe_knn_scores(probe, probe_descriptors(probe, colour_histogram, 64))
+    print(f"probe {len(probe['seg_id'])} segments, {len(set(probe['sequences'].values()))} drives, "
+          f"colour histogram {100 * hist['knn_acc']:.1f} ({time.time() - t0:.0f} s)", flush=True)
+    torch.manual_seed(a.seed)
+    backbone = create_backbone("vit_tiny_patch16_224", "" if a.eval_only == "random" else a.eval_only, num_classes=0)
+    if a.eval_only:
+        print({"weights": a.eval_only, **probe_scores(backbone, probe)}, flush=True)
+        return
+    images = load_images(a.images)
+    model = MaskedAutoencoder(backbone, a.mask, norm_pix=bool(a.norm_pix))
+    lr = a.lr or 1.5e-4 * a.batch / 256
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    sched = cosine_schedule(lr, 0.0, a.steps, max(1, a.steps // 20))
+    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    mean = torch.tensor(backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    rng = np.random.default_rng(a.seed)
+
+    def knn(step: int) -> dict:
+        return {"step": step, **probe_scores(backbone, probe)}
+
+    history = [{**knn(0), "colour_histogram": 100 * hist["knn_acc"], "segments": len(probe["seg_id"])}]
+    print(history[-1], flush=True)
+    t1, losses = time.time(), []
+    model.train()
+    for step in range(a.steps):
+        for g in opt.param_groups:
+            g["lr"] = float(sched[step])
+        idx = rng.integers(len(images), size=a.batch)
+        batch = torch.stack([aug(torch.from_numpy(images[i]).permute(2, 0, 1)) for i in idx]).float() / 255
+        loss, _ = model((batch - mean) / std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % a.knn_every == 0 or step + 1 == a.steps:
+            row = {**knn(step + 1), "loss": float(np.mean(losses[-50:])),
+                   "images_per_s": (step + 1) * a.batch / (time.time() - t1)}
+            history.append(row)
+            print(row, flush=True)
+            with open(f"{a.out}/history.json", "w") as f:
+                json.dump({"args": vars(a), "history": history}, f, indent=1)
+    save_backbone(nn.ModuleDict({"backbone": backbone}), f"{a.out}/backbone.safetensors",
+                  {"backbone": "vit_tiny_patch16_224", "format": "timm", "source": "raydseg mae_recipe"})
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
