@@ -6,4 +6,5 @@ from raydseg.cli import guarded, run_stages
 
 if __name__ == "__main__":
     sys.exit(guarded(run_stages)(sys.argv[1:], ["ingest", "pretrain"], "jobs/pretrain.py",
-                        "DINO-pretrain the ViT backbone on the camera images of the ingest stage."))
+                        "Pretrain the ViT backbone (DINO or a masked autoencoder: pretrain.objective) on the camera "
+                        "images of the ingest stage."))

@@ -1,4 +1,5 @@
-"""Stage `pretrain`: DINO self-distillation of the ViT on the ingest stage's camera images (Ray Train DDP)
+"""Stage `pretrain`: DINO self-distillation or a masked autoencoder (`pretrain.objective`) of the ViT on the ingest
+stage's camera images (Ray Train DDP)
 -> `pretrain/backbone.safetensors` (timm layout; use it with --set features.weights=PATH teacher.weights=PATH).
 
 Off in the default stage list (pretrain.enabled, or name it in run.stages).

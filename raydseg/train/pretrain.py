@@ -1,15 +1,18 @@
-"""DINO pretraining of the ViT backbone on Ray Train (the `pretrain` stage): data, task, k-NN probe, export.
+"""Self-supervised pretraining of the ViT backbone on Ray Train (the `pretrain` stage): data, tasks, k-NN probe,
+export.
 
 - Data: every camera image of the ingest stage's frames (no labels), a raydseg.train.feed.Feed decoded and
   multi-cropped (raydseg.train.dino.MultiCrop) in Ray Data tasks in a seeded order, never on the driver.
-- Task (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit): the student is a timm ViT + DINO
-  head (raydseg.models.dino_head); the teacher is its EMA (momentum cosine-scheduled to 1); the step function is
-  `raydseg.train.dino.DinoStep`; per step the weight decay follows its cosine schedule, gradients are clipped and
-  the head's last layer stays frozen for `freeze_last_layer_steps`.
+- Tasks (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit), by `objective`:
+  - `dino_task`: the student is a timm ViT + DINO head (raydseg.models.dino_head); the teacher is its EMA (momentum
+    cosine-scheduled to 1); the step function is `raydseg.train.dino.DinoStep`; per step the weight decay follows
+    its cosine schedule, gradients are clipped and the head's last layer stays frozen for `freeze_last_layer_steps`;
+  - `mae_task`: a masked autoencoder (raydseg.models.mae) on both global crops, step `raydseg.train.mae.MaeStep`.
 - k-NN probe: LiDAR segments (the proposals stage's pure functions) of a few frames with ground truth, their
-  majority class; every `knn_every` steps rank 0 describes them with the teacher backbone (masked-crop [CLS], the
-  features stage's descriptor) and logs the k-NN accuracy (raydseg.eval.knn, train / test split by drive).
-- Export: the teacher backbone as a timm-layout safetensors file `<out_dir>/backbone.safetensors`, loadable by
+  majority class; every `knn_every` steps rank 0 describes them with the backbone being trained (DINO's teacher,
+  MAE's encoder; masked crops, `knn_descriptor`: the features stage's descriptor) and logs the k-NN accuracy
+  (raydseg.eval.knn, train / test split by drive).
+- Export: that backbone as a timm-layout safetensors file `<out_dir>/backbone.safetensors`, loadable by
   `features.weights` / `teacher.weights` (raydseg.features.backbone) and by
   `timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`.
 """
