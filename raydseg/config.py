@@ -234,9 +234,10 @@ class FeaturesConfig(Section):
     """Self-supervised ViT descriptors pooled per projected segment."""
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
-    # "" random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights). The default:
-    # the masked autoencoder that configs/pretrain_mae.yaml pretrained on the synthetic world (docs/results.md)
-    weights: Text = "weights/vit_tiny_mae_synthetic.safetensors"
+    # "" random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
+    # weights/vit_tiny_mae_synthetic.safetensors, the masked autoencoder of configs/pretrain_mae.yaml: not the
+    # default, it costs the student night mIoU on five paired seeds (docs/results.md)
+    weights: Text = ""
     # crop_cls (paper) | crop_mean (the masked crop's patch tokens averaged: a masked autoencoder's) | mask_pool
     descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_cls"
     num_gpus: NonNegFloat = 0.0  # GPUs per feature actor (bf16 autocast on GPU)
