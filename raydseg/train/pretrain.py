@@ -270,6 +270,16 @@ def _probe_and_export(config: dict[str, Any], backbone_of: torch.nn.Module, devi
     return validate, export
 
 
+def _lr_and_wd(config: dict[str, Any]) -> tuple[Any, np.ndarray]:
+    """Both objectives' schedules: (make_scheduler: optimiser -> LambdaLR following the cosine lr array with linear
+    warmup, wd: (steps,) cosine weight decay weight_decay -> weight_decay_end, set per step in before_update)."""
+    steps = int(config["steps"])
+    lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
+    wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
+    base_lr = float(config["lr"]) or 1.0
+    return (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr)), wd
+
+
 def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
                   ) -> Task:
     """The `pretrain` section's objective (plain dict): `dino_task` or `mae_task`."""
@@ -285,14 +295,12 @@ def dino_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any
     for m in teacher.head.modules():  # the teacher's head normalises with its own batch, as the official code
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
-    lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
-    wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
+    make_scheduler, wd = _lr_and_wd(config)
     momentum = cosine_schedule(config["momentum_teacher"], 1.0, steps)
     temps = teacher_temp_schedule(config["warmup_teacher_temp"], config["teacher_temp"], steps,
                                   config["teacher_temp_warmup_steps"])
     loss = DINOLoss(config["out_dim"], 2 + config["local_crops"], temps, config["student_temp"],
                     config["center_momentum"], centering=config["centering"]).to(device)
-    base_lr = float(config["lr"]) or 1.0
 
     def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         optimizer.param_groups[0]["weight_decay"] = float(wd[step])
@@ -306,9 +314,7 @@ def dino_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any
     return Task(model=student, step_fn=step_fn,
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
                                                            weight_decay=config["weight_decay"]),
-                make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(  # DINO's schedule array (lr and wd)
-                    opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr),
-                ema=ema,
+                make_scheduler=make_scheduler, ema=ema,
                 ema_momentum=lambda s: float(momentum[min(s, steps - 1)]), before_update=before_update,
                 validate=validate, export=export, extra_state=lambda: {"center": loss.center.detach().cpu()},
                 load_extra_state=lambda s: loss.center.copy_(s["center"]) if "center" in s else None)
@@ -322,14 +328,11 @@ def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any]
     from raydseg.models.mae import MaskedAutoencoder
     from raydseg.train.mae import MaeStep
 
-    steps = int(config["steps"])
     backbone = create_backbone(config["backbone"], config["weights"], dynamic_img_size=True, num_classes=0,
                                drop_path_rate=config["drop_path"])
     model = MaskedAutoencoder(backbone, config["mask_ratio"], config["decoder_dim"], config["decoder_depth"],
                               norm_pix=config["norm_pix_loss"]).train()
-    lr = cosine_schedule(config["lr"], config["min_lr"], steps, config["warmup_steps"])
-    wd = cosine_schedule(config["weight_decay"], config["weight_decay_end"], steps)
-    base_lr = float(config["lr"]) or 1.0
+    make_scheduler, wd = _lr_and_wd(config)
 
     def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         optimizer.param_groups[0]["weight_decay"] = float(wd[step])
@@ -339,9 +342,7 @@ def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any]
     return Task(model=model, step_fn=MaeStep(),
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"], betas=(0.9, 0.95),
                                                            weight_decay=config["weight_decay"]),
-                make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr),
-                before_update=before_update, validate=validate, export=export)
+                make_scheduler=make_scheduler, before_update=before_update, validate=validate, export=export)
 
 
 class ImageCrops(torch.utils.data.Dataset):
