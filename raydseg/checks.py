@@ -22,19 +22,14 @@ def _probe(key: str, path: str) -> str | None:
     return f"{key}: {path} does not exist"
 
 
-def _hub() -> str:
-    """The weights value that means timm's pretrained tag (imported late: the backbone module imports torch)."""
-    from raydseg.features.backbone import HUB
-
-    return HUB
-
-
 def _backbone_problem(key: str, name: str, weights: str) -> str | None:
     import timm
 
+    from raydseg.features.backbone import HUB  # imported late, as timm: the backbone module imports torch
+
     if not timm.is_model(name):
         return f"{key}: '{name}' is not a timm model (e.g. vit_small_patch16_224.dino; see timm.list_models('vit_*'))"
-    if weights == _hub() and name not in timm.list_pretrained(name):
+    if weights == HUB and name not in timm.list_pretrained(name):
         return f"{key}: timm has no pretrained weights named '{name}' (weights: hub)"
     return None
 
@@ -68,9 +63,9 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
             continue
         sec = getattr(cfg, section)
         out.append(_backbone_problem(f"{section}.backbone", sec.backbone, sec.weights))
-        if sec.weights and sec.weights != _hub():
-            from raydseg.features.backbone import resolve_weights_path
+        from raydseg.features.backbone import HUB, RANDOM, resolve_weights_path
 
+        if sec.weights not in ("", HUB, RANDOM):  # the values that name no file
             out.append(_probe(f"{section}.weights", resolve_weights_path(sec.weights)))
     if "evaluate" in stages and not cfg.eval.sets.strip() and cfg.data.source != "synthetic":
         out.append(f"eval.sets: required for data.source={cfg.data.source} (NAME:FORMAT:PATH,...); "

@@ -182,7 +182,7 @@ class PretrainConfig(Section):
     decoder_depth: PosInt = 2  # mae: decoder blocks (paper: 8)
     norm_pix_loss: bool = True  # mae: standardise each target patch by its own mean / variance (paper's default)
     backbone: NonEmpty = "vit_tiny_patch16_224"  # timm ViT; paper: vit_small_patch16_224 (ViT-S/16)
-    weights: Text = ""  # init: "" random | hub | local file | s3:// URL
+    weights: Text = ""  # init: "" or random | hub | local file | s3:// URL
     drop_path: Probability = 0.1  # student stochastic depth (paper: 0.1)
     out_dim: PosInt = 4096  # prototypes K of the DINO head (paper: 65536)
     hidden_dim: PosInt = 2048  # head MLP width (paper: 2048)
@@ -234,7 +234,7 @@ class FeaturesConfig(Section):
     """Self-supervised ViT descriptors pooled per projected segment."""
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
-    # "" random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
+    # "" or random: random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
     # weights/vit_tiny_mae_synthetic.safetensors, the masked autoencoder of configs/pretrain_mae.yaml: not the
     # default, it costs the student night mIoU on five paired seeds (docs/results.md)
     weights: Text = ""
@@ -317,7 +317,7 @@ class TeacherConfig(TrainConfig):
     """Segmenter trained on the sparse pseudo-labels (Ray Train)."""
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # paper: vit_small_patch16_224.dino (DINO ViT-S/16)
-    weights: Text = ""  # encoder init ("" = features.weights when the backbones match, else random)
+    weights: Text = ""  # encoder init as features.weights; "" = features.weights when the backbones match, else random
     n_cls: NonNegInt = 0  # output pseudo-classes (0 = config.painted_classes: k + ground + sky; paper: 31)
     decoder: Literal["mask", "linear"] = "linear"  # mask (mask transformer, paper) | linear (faster to learn here)
     n_layers: PosInt = 1  # mask-transformer layers (released config: 1)

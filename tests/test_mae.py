@@ -166,3 +166,25 @@ def test_the_shipped_checkpoint_loads_by_its_weights_name_from_any_directory(tmp
     random = create_backbone(cfg.features.backbone, "", seed=0)
     x = torch.randn(1, 3, 32, 32)
     assert shipped(x).shape == (1, 192) and not torch.allclose(shipped(x), random(x))
+
+
+def test_teacher_weights_random_keeps_the_teacher_at_random_init_beside_a_checkpoint_for_the_features(tmp_path):
+    """`teacher.weights: random` states random init, so the features stage can use the checkpoint while the teacher
+    (and the oracle, through the same encoder_weights) starts from random: "" would inherit features.weights."""
+    from raydseg.checks import input_problems
+    from raydseg.config import load_config
+    from raydseg.features.backbone import RANDOM
+    from raydseg.models.segmenter import create_encoder
+    from raydseg.train.teacher import encoder_weights
+
+    cfg = load_config(overrides=["features.weights=weights/vit_tiny_mae_synthetic.safetensors",
+                                 "teacher.weights=random", f"run.output_root={tmp_path}/o"])
+    assert encoder_weights(cfg) == RANDOM
+    assert input_problems(cfg, ["features", "teacher"]) == []
+    x = torch.randn(1, 3, 32, 32)
+    stated, blank = (create_backbone(cfg.teacher.backbone, w, seed=0) for w in (RANDOM, ""))
+    assert torch.equal(stated(x), blank(x))
+    torch.manual_seed(0)
+    enc = create_encoder(cfg.teacher.backbone, encoder_weights(cfg)).eval()
+    shipped = create_backbone(cfg.features.backbone, cfg.features.weights)
+    assert not torch.allclose(enc(x), shipped(x))

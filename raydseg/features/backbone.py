@@ -15,6 +15,7 @@ from torch import nn
 
 
 HUB = "hub"  # weights value: timm's pretrained tag of the backbone name (the only path that downloads)
+RANDOM = "random"  # weights value: random init, stated (unlike "", a teacher with it does not inherit features.weights)
 PACKAGED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # package data
 
 
@@ -120,7 +121,7 @@ def load_state_dict(weights: str, model: nn.Module | None = None) -> dict[str, t
 def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw: Any) -> nn.Module:
     """timm model `name` without a classifier head (num_classes=0), eval mode.
 
-    weights: "" random init; "hub" timm's pretrained tag of `name` (downloads: only when asked explicitly);
+    weights: "" or "random" random init; "hub" timm's pretrained tag of `name` (downloads: only when asked explicitly);
     otherwise a local path or s3:// URL (timm or DINO layout). Missing keys other than the head are an error.
     `dynamic_img_size=True` by default so that whole images of any patch-multiple size can be fed.
     seed: random init from this torch seed (the global RNG is left as it was), so that every actor of a stage and
@@ -139,7 +140,7 @@ def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **kw)
-    if weights:
+    if weights and weights != RANDOM:
         sd = load_state_dict(weights, model)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [m for m in missing if not m.startswith(("head.", "fc_norm."))]

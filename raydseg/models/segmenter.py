@@ -44,7 +44,7 @@ def resolve_model_cfg(model_cfg: dict[str, Any] | None) -> dict[str, Any]:
 def create_encoder(name: str, weights: str = "", drop_path: float = 0.0) -> nn.Module:
     """A timm ViT with `dynamic_img_size=True` and no head, initialised like the features stage's backbone.
 
-    `weights`: "" = random init, "hub" = timm's pretrained tag, else a local file or s3:// URL; loaded by
+    `weights`: "" or "random" = random init, "hub" = timm's pretrained tag, else a local file or s3:// URL; loaded by
     `raydseg.features.backbone.create_backbone` (the features stage's loader).
     """
     from raydseg.features.backbone import create_backbone
