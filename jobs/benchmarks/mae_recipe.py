@@ -2,7 +2,7 @@
 segment k-NN probe than the pretrain stage's: does it beat the random-init ViT where DINO does not?
 
 `THREADS=1 python jobs/benchmarks/mae_recipe.py --images DIR --out OUT [--steps N --batch B --mask 0.75
---norm-pix 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT]`:
+--norm-pix 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT [--blocks 4,8,12]]`:
 - DIR from `dino_images.py` (images.npy or images.bin): unlabelled images of train-stream sequences the default
   run never uses;
 - the probe: one LiDAR frame of each of `--probe-drives` drives per world (world W's train stream, as a run with
@@ -11,7 +11,8 @@ segment k-NN probe than the pretrain stage's: does it beat the random-init ViT w
 - descriptors: crop_cls, mask_pool and crop_mean (raydseg.features.pooling), and the 64-bin colour histogram, k = 5;
 - model: ViT-Tiny/16 on 112 px random resized crops (0.2-1) + flips, MAE's augmentation, `--batch` images per
   step; AdamW lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05, cosine with 5 % warmup;
-- `--eval-only CHECKPOINT`: score a backbone file (`random`: the seed's random init) on the probe and stop.
+- `--eval-only CHECKPOINT`: score a backbone file (`random`: the seed's random init) on the probe and stop;
+  `--blocks`: also the descriptors of its first n blocks (then its final norm), for each n.
 Writes OUT/history.json (loss and k-NN per probe step) and OUT/backbone.safetensors (timm layout).
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--knn-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-only", default="", help="a backbone checkpoint (or `random`): score it and stop")
+    ap.add_argument("--blocks", default="", help="with --eval-only: block counts n to score the first n blocks of")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     os.makedirs(a.out, exist_ok=True)
@@ -117,7 +119,10 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(a.seed)
     backbone = create_backbone("vit_tiny_patch16_224", "" if a.eval_only == "random" else a.eval_only, num_classes=0)
     if a.eval_only:
-        print({"weights": a.eval_only, **probe_scores(backbone, probe)}, flush=True)
+        blocks = backbone.blocks
+        for n in [int(b) for b in a.blocks.split(",") if b] or [len(blocks)]:
+            backbone.blocks = blocks[:n]
+            print({"weights": a.eval_only, "blocks": n, **probe_scores(backbone, probe)}, flush=True)
         return
     images = load_images(a.images)
     model = MaskedAutoencoder(backbone, a.mask, norm_pix=bool(a.norm_pix))
