@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
     print(f"probe {len(probe['seg_id'])} segments, {len(set(probe['sequences'].values()))} drives, "
           f"colour histogram {100 * hist['knn_acc']:.1f} ({time.time() - t0:.0f} s)", flush=True)
     torch.manual_seed(a.seed)
-    backbone = create_backbone("vit_tiny_patch16_224", "" if a.eval_only == "random" else a.eval_only, num_classes=0)
+    backbone = create_backbone("vit_tiny_patch16_224", a.eval_only, num_classes=0)  # "random": random init
     if a.eval_only:
         blocks = backbone.blocks
         for n in [int(b) for b in a.blocks.split(",") if b] or [len(blocks)]:
