@@ -86,7 +86,7 @@ def load_images(folder: str) -> list[np.ndarray]:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", required=True)
+    ap.add_argument("--images", default="", help="training images (not needed with --eval-only)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64)
@@ -101,6 +101,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--eval-only", default="", help="a backbone checkpoint (or `random`): score it and stop")
     ap.add_argument("--blocks", default="", help="with --eval-only: block counts n to score the first n blocks of")
     a = ap.parse_args(argv)
+    if not (a.images or a.eval_only):
+        ap.error("--images: required unless --eval-only")
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     os.makedirs(a.out, exist_ok=True)
     from torchvision.transforms import v2
