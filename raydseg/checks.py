@@ -63,9 +63,9 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
             continue
         sec = getattr(cfg, section)
         out.append(_backbone_problem(f"{section}.backbone", sec.backbone, sec.weights))
-        from raydseg.features.backbone import HUB, RANDOM, resolve_weights_path
+        from raydseg.features.backbone import HUB, is_random_init, resolve_weights_path
 
-        if sec.weights not in ("", HUB, RANDOM):  # the values that name no file
+        if not is_random_init(sec.weights) and sec.weights != HUB:  # the values that name no file
             out.append(_probe(f"{section}.weights", resolve_weights_path(sec.weights)))
     if "evaluate" in stages and not cfg.eval.sets.strip() and cfg.data.source != "synthetic":
         out.append(f"eval.sets: required for data.source={cfg.data.source} (NAME:FORMAT:PATH,...); "

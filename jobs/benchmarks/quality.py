@@ -183,7 +183,7 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
 
     from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
-    from raydseg.features.backbone import RANDOM, create_backbone
+    from raydseg.features.backbone import create_backbone, is_random_init
     from raydseg.features.pooling import CROP_DESCRIPTORS
     from raydseg.train.pretrain import build_knn_probe, probe_descriptors, probe_knn_accuracy, probe_knn_scores
 
@@ -192,7 +192,7 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
     hist = probe_descriptors(probe, colour_histogram, 64)
     out = {"knn_colour": 100 * probe_knn_scores(probe, hist, k)["knn_acc"]}
     for key, w in (("knn_random", ""), ("knn_pretrained", weights)):
-        if key == "knn_pretrained" and w in ("", RANDOM):
+        if key == "knn_pretrained" and is_random_init(w):
             continue
         torch.manual_seed(seed)
         net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0)

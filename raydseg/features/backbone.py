@@ -19,6 +19,11 @@ RANDOM = "random"  # weights value: random init, stated (unlike "", a teacher wi
 PACKAGED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # package data
 
 
+def is_random_init(weights: str) -> bool:
+    """Whether a weights value means random init ("" or "random"): no file, no download."""
+    return weights in ("", RANDOM)
+
+
 def resolve_weights_path(path: str) -> str:
     """The weights file `path` names: as given when it exists, is absolute or s3://; else a shipped checkpoint by
     its name (`weights/<file>` or `<file>`, under raydseg/weights), so that the default config's
@@ -140,7 +145,7 @@ def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **kw)
-    if weights and weights != RANDOM:
+    if not is_random_init(weights):
         sd = load_state_dict(weights, model)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [m for m in missing if not m.startswith(("head.", "fc_norm."))]
