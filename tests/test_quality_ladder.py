@@ -44,6 +44,32 @@ def test_jobs_below_one_are_refused_in_one_line(capsys):
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --jobs: expected at least 1, got 0")
 
 
+def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from raydseg.eval.knn import scene_split
+    from raydseg.features.backbone import create_backbone
+    from raydseg.train.pretrain import build_knn_probe
+
+    monkeypatch.setattr(quality, "PROBE_DRIVES", 2)
+    cfg = load_config(None)
+    torch.manual_seed(3)  # the random-init ViT that drive_knn builds for seed 3, saved as a checkpoint
+    same = tmp_path / "same.safetensors"
+    save_file(create_backbone(cfg.features.backbone, "", dynamic_img_size=True, num_classes=0).state_dict(), str(same))
+    out = quality.drive_knn(str(tmp_path), cfg, str(same), cfg.eval.knn_k, 3)
+    assert set(out) == {"drive_knn_colour", "drive_knn_random", "drive_knn_pretrained", "drive_knn_segments"}
+    assert out["drive_knn_pretrained"] == out["drive_knn_random"]  # the same weights score the same
+    assert all(0 <= out[k] <= 100 for k in out if k != "drive_knn_segments")
+    probe = build_knn_probe(str(tmp_path / "probe3"), cfg.proposals, 100)  # the frames drive_knn wrote
+    assert out["drive_knn_segments"] == len(probe["seg_id"]) > 0
+    drives = {f: probe["sequences"][f] for f in probe["frame_ids"]}
+    assert sorted(set(drives.values())) == ["w1003-seq0000_day", "w1003-seq0001_day", "w3-seq0000_day",
+                                            "w3-seq0001_day"]  # one frame of each of 2 drives of worlds 3 and 1003
+    tests = scene_split(list(drives), drives)
+    assert sorted({drives[f] for f, t in zip(drives, tests) if t}) == ["w1003-seq0001_day", "w3-seq0001_day"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_the_stored_teacher(tmp_path):
@@ -54,7 +80,7 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     row = json.loads(out.read_text())["seeds"][0]
     for key in ("teacher_day", "teacher_night", "student_day", "student_night", "oracle_day", "oracle_fog",
                 "with_ema_day", "with_ema_night", "teacher_unseen_fog", "student_unseen_day", "knn_random",
-                "pseudo_miou"):
+                "drive_knn_random", "drive_knn_colour", "pseudo_miou"):
         assert 0 <= row[key] <= 100, key
     assert row["teacher_day_se_images"] >= 0 and row["student_night_se_scenes"] >= 0
     base, rerun = (json.loads((root / r / "run.json").read_text())["stages"] for r in ("q0", "q0_with_ema"))

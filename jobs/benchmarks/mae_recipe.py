@@ -28,34 +28,6 @@ import torch
 import torch.nn as nn
 
 
-def probe_frames(worlds: list[int], drives: int) -> list[dict]:
-    """One LiDAR frame (with ground truth) of each of `drives` train-stream drives of each world."""
-    from raydseg.config import load_config
-    from raydseg.data.sources import synthetic as S
-
-    rows = []
-    for w in worlds:
-        cfg = load_config("configs/default.yaml", [f"synthetic.n_sequences={drives}", "synthetic.frames_per_sequence=1"])
-        for shard in S.list_shards(cfg.synthetic, w):
-            for r in S.generate_sequence(shard, cfg.synthetic):
-                r["sequence"], r["frame_id"] = f"w{w}-{r['sequence']}", f"w{w}-{r['frame_id']}"
-                rows.append(r)
-    return rows
-
-
-def build_probe(out: str, worlds: list[int], drives: int) -> dict:
-    import pyarrow.parquet as pq
-
-    from raydseg.config import load_config
-    from raydseg.data.schema import frames_to_table
-    from raydseg.train.pretrain import build_knn_probe
-
-    rows = probe_frames(worlds, drives)
-    os.makedirs(f"{out}/probe_frames", exist_ok=True)
-    pq.write_table(frames_to_table(rows), f"{out}/probe_frames/part-00000.parquet")
-    return build_knn_probe(f"{out}/probe_frames", load_config("configs/default.yaml").proposals, len(rows), 0)
-
-
 def probe_scores(backbone: nn.Module, probe: dict) -> dict[str, float]:
     """k-NN accuracy (points) of the probe's segments under three descriptors of `backbone` (eval mode)."""
     from raydseg.features.pooling import segment_descriptors
@@ -111,10 +83,12 @@ def main(argv: list[str]) -> None:
     from raydseg.features.backbone import create_backbone
     from raydseg.models.mae import MaskedAutoencoder
     from raydseg.train.dino import cosine_schedule
-    from raydseg.train.pretrain import probe_descriptors, probe_knn_scores, save_backbone
+    from raydseg.config import load_config
+    from raydseg.train.pretrain import probe_descriptors, probe_knn_scores, save_backbone, synthetic_drive_probe
 
     t0 = time.time()
-    probe = build_probe(a.out, [int(w) for w in a.probe_worlds.split(",")], a.probe_drives)
+    probe = synthetic_drive_probe(load_config("configs/default.yaml"), [int(w) for w in a.probe_worlds.split(",")],
+                                  a.probe_drives, f"{a.out}/probe_frames")
     hist = probe_knn_scores(probe, probe_descriptors(probe, colour_histogram, 64))
     print(f"probe {len(probe['seg_id'])} segments, {len(set(probe['sequences'].values()))} drives, "
           f"colour histogram {100 * hist['knn_acc']:.1f} ({time.time() - t0:.0f} s)", flush=True)

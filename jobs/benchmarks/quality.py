@@ -18,6 +18,9 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   LiDAR segments against their majority ground-truth class (the pretrain stage's probe): masked-crop [CLS] of a
   random-init ViT and of the checkpoint --pretrained (default: the config's features.weights when set), and the
   hand-made baseline of a 64-bin colour histogram of the segment's pixels;
+- `drive_knn_*`: the same three on a probe large enough to read a gain of a few points: one LiDAR frame of each of
+  24 drives of world S and 24 of world 1000 + S, 24 drives against 24 (`drive_knn_segments`: its size; the probe
+  above tests 2 drives against 2); added to a finished seed's row when missing;
 - `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
 - `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
@@ -61,6 +64,7 @@ ABLATIONS = {"ema": ("false", "true"), "soft_targets": ("false", "true"), "refin
 PAPER_ABLATIONS = ("ema", "soft_targets", "refine")  # the journal version's distillation parts: the default --ablate
 LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": ("segment_gt", "ground,sky")}
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
+PROBE_DRIVES = 24  # per world, of the drive k-NN probe (worlds S and UNSEEN + S)
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -177,18 +181,35 @@ def pseudo_label_miou(run: str) -> dict[str, float]:
 
 
 def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float]:
-    """k-NN accuracy (points) of the colour-histogram baseline, a random-init ViT and `weights` on the run's probe
-    segments."""
+    """`probe_knn` on 16 frames of the run's own ingest (the pretrain stage's probe: 2 drives against 2)."""
+    from raydseg.config import load_config
+    from raydseg.train.pretrain import build_knn_probe
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    return probe_knn(build_knn_probe(os.path.join(run, "ingest", "frames"), cfg.proposals, 16, seed), cfg, weights,
+                     k, seed)
+
+
+def drive_knn(root: str, cfg, weights: str, k: int, seed: int) -> dict[str, float]:
+    """`probe_knn` as `drive_knn_*` on `PROBE_DRIVES` drives of world `seed` and as many of world UNSEEN + seed, split
+    by drive (raydseg.train.pretrain.synthetic_drive_probe), with `drive_knn_segments`: the probe's size."""
+    from raydseg.train.pretrain import synthetic_drive_probe
+
+    probe = synthetic_drive_probe(cfg, [seed, UNSEEN + seed], PROBE_DRIVES, os.path.join(root, f"probe{seed}"))
+    out = {f"drive_{key}": v for key, v in probe_knn(probe, cfg, weights, k, seed).items()}
+    return {**out, "drive_knn_segments": float(len(probe["seg_id"]))}
+
+
+def probe_knn(probe: dict, cfg, weights: str, k: int, seed: int) -> dict[str, float]:
+    """k-NN accuracy (points) of the colour-histogram baseline, a random-init ViT (seeded by `seed`) and `weights` on
+    the probe's segments, with the config's features descriptor and crop size."""
     import torch
 
-    from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
     from raydseg.features.backbone import create_backbone, is_random_init
     from raydseg.features.pooling import CROP_DESCRIPTORS
-    from raydseg.train.pretrain import build_knn_probe, probe_descriptors, probe_knn_accuracy, probe_knn_scores
+    from raydseg.train.pretrain import probe_descriptors, probe_knn_accuracy, probe_knn_scores
 
-    cfg = load_config(os.path.join(run, "config.yaml"))
-    probe = build_knn_probe(os.path.join(run, "ingest", "frames"), cfg.proposals, 16, seed)
     hist = probe_descriptors(probe, colour_histogram, 64)
     out = {"knn_colour": 100 * probe_knn_scores(probe, hist, k)["knn_acc"]}
     for key, w in (("knn_random", ""), ("knn_pretrained", weights)):
@@ -351,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                     row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
                     row.update({f"{model}_{k}": v for k, v in bootstrap_se(run, model).items()})
                 row.update(unseen_world_miou(run, ["teacher", "student"], UNSEEN + seed))
+            if "drive_knn_random" not in row:  # independent of the run: also added to a finished seed
+                row.update(drive_knn(args.root, cfg, pretrained, cfg.eval.knn_k, seed))
             for name, future in started.items():
                 scored, wall = future.result()
                 row.update({f"{name}_{c}": v for c, v in scored.items()})
@@ -371,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         paired[f"{name}_minus_teacher_{key}"] = stats([r[f"{name}_{key}"] - r[f"teacher_{key}"] for r in rows])
     if "knn_pretrained" in rows[0]:
         paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])
+    if "drive_knn_pretrained" in rows[0]:
+        paired["drive_knn_pretrained_minus_random"] = stats([r["drive_knn_pretrained"] - r["drive_knn_random"]
+                                                             for r in rows])
     out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
            "pretrained": pretrained}
     with open(args.out, "w") as f:

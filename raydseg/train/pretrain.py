@@ -152,6 +152,28 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
     return probe
 
 
+def synthetic_drive_probe(cfg: Any, worlds: Sequence[int], drives: int, frames_dir: str) -> dict[str, Any]:
+    """The probe (`build_knn_probe`) of one LiDAR frame of each of `drives` train-stream drives of each synthetic
+    world W in `worlds` (what a run with run.seed W, synthetic.n_sequences `drives` and frames_per_sequence 1
+    ingests), written as frames to `frames_dir`. Split by drive, two worlds of 24 drives test 24 drives against 24,
+    where a run's own 16 frames give 2 against 2. `cfg`: a whole config (its synthetic and proposals sections)."""
+    import pyarrow.parquet as pq
+
+    from raydseg.data.schema import frames_to_table
+    from raydseg.data.sources import synthetic
+
+    syn = cfg.synthetic.model_copy(update={"n_sequences": drives, "frames_per_sequence": 1})
+    rows = []
+    for w in worlds:
+        for shard in synthetic.list_shards(syn, w):
+            for r in synthetic.generate_sequence(shard, syn):
+                r["sequence"], r["frame_id"] = f"w{w}-{r['sequence']}", f"w{w}-{r['frame_id']}"
+                rows.append(r)
+    os.makedirs(frames_dir, exist_ok=True)
+    pq.write_table(frames_to_table(rows), os.path.join(frames_dir, "part-00000.parquet"))
+    return build_knn_probe(frames_dir, cfg.proposals, len(rows))
+
+
 def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
                        device: str = "cpu", pool: str = "cls") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked crops of `backbone`, [CLS] or mean-pooled: the
