@@ -477,3 +477,20 @@ def test_ema_builds_an_fp32_frozen_copy_with_a_timm_that_has_no_dtype_argument(m
         student.weight.add_(1.0)
     ema.update(student, 0.75)
     assert torch.allclose(ema.module.weight, 0.75 * before + 0.25 * student.weight)
+
+
+def test_the_probes_step_0_backbone_is_the_init_of_both_objectives():
+    # the driver scores initial_backbone before the workers train; it must be the network either task starts from
+    from raydseg.config import PretrainConfig
+    from raydseg.train.pretrain import dino_task, initial_backbone, mae_task
+
+    config = {**PretrainConfig().model_dump(), "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "steps": 3}
+    torch.manual_seed(5)
+    init = initial_backbone(config).state_dict()
+    for task in (dino_task, mae_task):
+        torch.manual_seed(5)
+        model = task({**config, "objective": task.__name__[:-5]}, torch.device("cpu"), None).model
+        start = model.backbone.state_dict()
+        assert start.keys() == init.keys() and all(torch.equal(start[k], init[k]) for k in init), task.__name__
+    torch.manual_seed(6)
+    assert not torch.equal(initial_backbone(config).state_dict()["pos_embed"], init["pos_embed"])

@@ -302,6 +302,15 @@ def _lr_and_wd(config: dict[str, Any]) -> tuple[Any, np.ndarray]:
     return (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr)), wd
 
 
+def initial_backbone(config: dict[str, Any]) -> torch.nn.Module:
+    """The ViT both objectives start from under torch's current seed (`pretrain` section as a dict: backbone,
+    weights, drop_path), as `build_dino_model` builds it before its head: the probe's step 0."""
+    from raydseg.features.backbone import create_backbone
+
+    return create_backbone(config["backbone"], config["weights"], dynamic_img_size=True, num_classes=0,
+                           drop_path_rate=config["drop_path"])
+
+
 def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
                   ) -> Task:
     """The `pretrain` section's objective (plain dict): `dino_task` or `mae_task`."""
@@ -346,14 +355,11 @@ def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any]
     """Masked autoencoder (raydseg.models.mae) on both global crops of each image: AdamW with betas (0.9, 0.95) as
     the paper, lr cosine with linear warmup, weight decay cosine weight_decay -> weight_decay_end, gradient clip;
     no EMA. The probe and export use the encoder (the timm backbone) being trained."""
-    from raydseg.features.backbone import create_backbone
     from raydseg.models.mae import MaskedAutoencoder
     from raydseg.train.mae import MaeStep
 
-    backbone = create_backbone(config["backbone"], config["weights"], dynamic_img_size=True, num_classes=0,
-                               drop_path_rate=config["drop_path"])
-    model = MaskedAutoencoder(backbone, config["mask_ratio"], config["decoder_dim"], config["decoder_depth"],
-                              norm_pix=config["norm_pix_loss"]).train()
+    model = MaskedAutoencoder(initial_backbone(config), config["mask_ratio"], config["decoder_dim"],
+                              config["decoder_depth"], norm_pix=config["norm_pix_loss"]).train()
     make_scheduler, wd = _lr_and_wd(config)
 
     def before_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
@@ -471,7 +477,7 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
             storage.write_bytes(config["knn_probe"], buf.getvalue())
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.run.seed)  # the same initial backbone as the workers build
-                init = build_dino_model(p.backbone, **_model_kwargs(config)).backbone  # MAE's encoder: the same
+                init = initial_backbone(config)  # the workers' init, without DINO's head
             before = probe_knn_accuracy(init, probe, p.knn_k, p.knn_crop_size, pool=CROP_DESCRIPTORS[p.knn_descriptor])
             if mlflow_run_id:
                 client = mlflow.MlflowClient(tracking_uri=tracking_uri or None)
