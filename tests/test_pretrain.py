@@ -494,3 +494,19 @@ def test_the_probes_step_0_backbone_is_the_init_of_both_objectives():
         assert start.keys() == init.keys() and all(torch.equal(start[k], init[k]) for k in init), task.__name__
     torch.manual_seed(6)
     assert not torch.equal(initial_backbone(config).state_dict()["pos_embed"], init["pos_embed"])
+
+
+def test_standardised_probe_scores_read_a_small_scale_class_signal_under_a_large_scale_nuisance():
+    # 4 dimensions carry the class at scale 0.01, 4 carry noise at scale 10: cosine k-NN sees the noise; each
+    # dimension scaled by the train side's std sees the class
+    from raydseg.train.pretrain import probe_knn_scores
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 2, n)
+    x = np.concatenate([np.repeat((2 * y[:, None] - 1) * 0.01, 4, axis=1), 10 * rng.normal(size=(n, 4))], 1)
+    frames = [f"f{i}" for i in range(n)]
+    probe = {"seg_class": torch.tensor(y), "seg_image": torch.arange(n), "frame_ids": frames,
+             "sequences": {f: f"drive{i % 20}" for i, f in enumerate(frames)}}
+    assert probe_knn_scores(probe, x.astype(np.float32))["knn_acc"] < 0.65
+    assert probe_knn_scores(probe, x.astype(np.float32), standardise=True)["knn_acc"] > 0.95

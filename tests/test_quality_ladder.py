@@ -58,8 +58,10 @@ def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_
     same = tmp_path / "same.safetensors"
     save_file(create_backbone(cfg.features.backbone, "", dynamic_img_size=True, num_classes=0).state_dict(), str(same))
     out = quality.drive_knn(str(tmp_path), cfg, str(same), cfg.eval.knn_k, 3)
-    assert set(out) == {"drive_knn_colour", "drive_knn_random", "drive_knn_pretrained", "drive_knn_segments"}
+    assert set(out) == {"drive_knn_colour", "drive_knn_random", "drive_knn_pretrained", "drive_knn_std_random",
+                        "drive_knn_std_pretrained", "drive_knn_segments"}
     assert out["drive_knn_pretrained"] == out["drive_knn_random"]  # the same weights score the same
+    assert out["drive_knn_std_pretrained"] == out["drive_knn_std_random"]
     assert all(0 <= out[k] <= 100 for k in out if k != "drive_knn_segments")
     probe = build_knn_probe(str(tmp_path / "probe3"), cfg.proposals, 100)  # the frames drive_knn wrote
     assert out["drive_knn_segments"] == len(probe["seg_id"]) > 0

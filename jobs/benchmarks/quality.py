@@ -20,7 +20,9 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   hand-made baseline of a 64-bin colour histogram of the segment's pixels;
 - `drive_knn_*`: the same three on a probe large enough to read a gain of a few points: one LiDAR frame of each of
   24 drives of world S and 24 of world 1000 + S, 24 drives against 24 (`drive_knn_segments`: its size; the probe
-  above tests 2 drives against 2); added to a finished seed's row when missing;
+  above tests 2 drives against 2), and `drive_knn_std_random` / `drive_knn_std_pretrained` on descriptors
+  standardised per dimension by the train side's statistics (as MAE's linear probe); added to a finished seed's row
+  when missing;
 - `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
 - `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
@@ -192,23 +194,25 @@ def descriptor_knn(run: str, weights: str, k: int, seed: int) -> dict[str, float
 
 def drive_knn(root: str, cfg, weights: str, k: int, seed: int) -> dict[str, float]:
     """`probe_knn` as `drive_knn_*` on `PROBE_DRIVES` drives of world `seed` and as many of world UNSEEN + seed, split
-    by drive (raydseg.train.pretrain.synthetic_drive_probe), with `drive_knn_segments`: the probe's size."""
+    by drive (raydseg.train.pretrain.synthetic_drive_probe), also on standardised descriptors (`drive_knn_std_*`), with
+    `drive_knn_segments`: the probe's size."""
     from raydseg.train.pretrain import synthetic_drive_probe
 
     probe = synthetic_drive_probe(cfg, [seed, UNSEEN + seed], PROBE_DRIVES, os.path.join(root, f"probe{seed}"))
-    out = {f"drive_{key}": v for key, v in probe_knn(probe, cfg, weights, k, seed).items()}
+    out = {f"drive_{key}": v for key, v in probe_knn(probe, cfg, weights, k, seed, standardised=True).items()}
     return {**out, "drive_knn_segments": float(len(probe["seg_id"]))}
 
 
-def probe_knn(probe: dict, cfg, weights: str, k: int, seed: int) -> dict[str, float]:
+def probe_knn(probe: dict, cfg, weights: str, k: int, seed: int, standardised: bool = False) -> dict[str, float]:
     """k-NN accuracy (points) of the colour-histogram baseline, a random-init ViT (seeded by `seed`) and `weights` on
-    the probe's segments, with the config's features descriptor and crop size."""
+    the probe's segments, with the config's features descriptor and crop size; with `standardised` also the ViTs'
+    on descriptors standardised per dimension (`knn_std_random`, `knn_std_pretrained`)."""
     import torch
 
     from raydseg.eval.knn import colour_histogram
     from raydseg.features.backbone import create_backbone, is_random_init
     from raydseg.features.pooling import CROP_DESCRIPTORS
-    from raydseg.train.pretrain import probe_descriptors, probe_knn_accuracy, probe_knn_scores
+    from raydseg.train.pretrain import probe_cls_descriptors, probe_descriptors, probe_knn_scores
 
     hist = probe_descriptors(probe, colour_histogram, 64)
     out = {"knn_colour": 100 * probe_knn_scores(probe, hist, k)["knn_acc"]}
@@ -217,9 +221,11 @@ def probe_knn(probe: dict, cfg, weights: str, k: int, seed: int) -> dict[str, fl
             continue
         torch.manual_seed(seed)
         net = create_backbone(cfg.features.backbone, w, dynamic_img_size=True, num_classes=0)
-        acc = probe_knn_accuracy(net, probe, k, cfg.features.crop_size,
-                                 pool=CROP_DESCRIPTORS.get(cfg.features.descriptor, "cls"))
-        out[key] = 100 * acc["knn_acc"]
+        x = probe_cls_descriptors(net, probe, cfg.features.crop_size,
+                                  pool=CROP_DESCRIPTORS.get(cfg.features.descriptor, "cls"))
+        out[key] = 100 * probe_knn_scores(probe, x, k)["knn_acc"]
+        if standardised:
+            out[key.replace("knn_", "knn_std_")] = 100 * probe_knn_scores(probe, x, k, standardise=True)["knn_acc"]
     return out
 
 
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
                     row.update({f"{model}_{k}": v for k, v in bootstrap_se(run, model).items()})
                 row.update(unseen_world_miou(run, ["teacher", "student"], UNSEEN + seed))
-            if "drive_knn_random" not in row:  # independent of the run: also added to a finished seed
+            if "drive_knn_std_random" not in row:  # independent of the run: also added to a finished seed
                 row.update(drive_knn(args.root, cfg, pretrained, cfg.eval.knn_k, seed))
             for name, future in started.items():
                 scored, wall = future.result()
@@ -392,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             paired[f"student_minus_{name}_{c}"] = stats([r[f"student_{c}"] - r[f"{name}_{c}"] for r in rows])
     for name, key in [(n, k) for n in recipes for c in CONDITIONS for k in (c, f"unseen_{c}") if f"{n}_{k}" in rows[0]]:
         paired[f"{name}_minus_teacher_{key}"] = stats([r[f"{name}_{key}"] - r[f"teacher_{key}"] for r in rows])
-    if "knn_pretrained" in rows[0]:
-        paired["knn_pretrained_minus_random"] = stats([r["knn_pretrained"] - r["knn_random"] for r in rows])
-    if "drive_knn_pretrained" in rows[0]:
-        paired["drive_knn_pretrained_minus_random"] = stats([r["drive_knn_pretrained"] - r["drive_knn_random"]
-                                                             for r in rows])
+    for knn in [k for k in ("knn", "drive_knn", "drive_knn_std") if f"{k}_pretrained" in rows[0]]:
+        paired[f"{knn}_pretrained_minus_random"] = stats([r[f"{knn}_pretrained"] - r[f"{knn}_random"] for r in rows])
     out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
            "pretrained": pretrained}
     with open(args.out, "w") as f:

@@ -209,13 +209,17 @@ def probe_descriptors(probe: dict[str, Any], describe: Any, dim: int) -> np.ndar
     return x
 
 
-def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5) -> dict[str, float]:
+def probe_knn_scores(probe: dict[str, Any], x: np.ndarray, k: int = 5, standardise: bool = False
+                     ) -> dict[str, float]:
     """k-NN accuracy of descriptors x (S, D) of the probe's segments against their majority class, split by drive
-    (`scene_split`, as the evaluate stage)."""
+    (`scene_split`, as the evaluate stage). `standardise`: each dimension first shifted and scaled by the train
+    side's mean and std (MAE's linear probe normalises its features so, with a BatchNorm without affine)."""
     from raydseg.eval.knn import knn_accuracy, scene_split
 
     y = probe["seg_class"].numpy()
     is_test = scene_split([probe["frame_ids"][i] for i in probe["seg_image"].numpy()], probe.get("sequences"))
+    if standardise:
+        x = (x - x[~is_test].mean(0)) / (x[~is_test].std(0) + 1e-6)
     out = knn_accuracy(x[~is_test], y[~is_test], x[is_test], y[is_test], k)
     out["knn_n_segments"] = float(len(y))
     return out
