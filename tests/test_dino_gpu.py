@@ -20,8 +20,7 @@ def test_dino_gpu_runs_two_variants_and_writes_loadable_fp16_backbones(tmp_path)
     from safetensors.torch import load_file
 
     from raydseg.features.backbone import create_backbone
-    from raydseg.models.dino_head import build_dino_model
-    from raydseg.train.pretrain import _model_kwargs, probe_knn_accuracy
+    from raydseg.train.pretrain import initial_backbone, probe_knn_accuracy
 
     images, probe = _blob_probe()
     data = tmp_path / "data"
@@ -50,7 +49,7 @@ def test_dino_gpu_runs_two_variants_and_writes_loadable_fp16_backbones(tmp_path)
     assert [h["step"] for h in a["history"] if "knn_acc" in h] == [0, 3]  # the random init, then the end
     assert np.isfinite(b["history"][-1]["loss"]) and b["history"][-1]["loss"] > 0
     torch.manual_seed(0)  # step 0's k-NN is that of the random-init backbone the variant starts from
-    init = build_dino_model(a["config"]["backbone"], **_model_kwargs(a["config"])).backbone
+    init = initial_backbone(a["config"])
     assert a["history"][0]["knn_acc"] == probe_knn_accuracy(init, probe, a["config"]["knn_k"],
                                                             a["config"]["knn_crop_size"])["knn_acc"]
     half = load_file(out / "a.safetensors")

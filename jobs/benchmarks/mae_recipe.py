@@ -79,11 +79,11 @@ def main(argv: list[str]) -> None:
     os.makedirs(a.out, exist_ok=True)
     from torchvision.transforms import v2
 
+    from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
     from raydseg.features.backbone import create_backbone
     from raydseg.models.mae import MaskedAutoencoder
     from raydseg.train.dino import cosine_schedule
-    from raydseg.config import load_config
     from raydseg.train.pretrain import probe_descriptors, probe_knn_scores, save_backbone, synthetic_drive_probe
 
     t0 = time.time()
