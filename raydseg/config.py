@@ -225,6 +225,10 @@ class PretrainConfig(Section):
     max_failures: NonNegInt = 2  # Ray Train FailureConfig: restarts from the last checkpoint
     knn_every: Annotated[int, Field(ge=-1)] = 50  # steps between k-NN probes (0 = at the end; -1 = never)
     knn_frames: PosInt = 16  # frames with ground truth whose LiDAR segments form the k-NN probe
+    # > 0 (data.source synthetic): instead, one frame of each of this many drives of worlds run.seed and run.seed + 1,
+    # split by drive (raydseg.train.pretrain.synthetic_drive_probe; 24: 24 drives against 24, where 16 frames of the
+    # ingest can give 2 against 2)
+    knn_drives: NonNegInt = 0
     knn_k: PosInt = 5
     knn_crop_size: PosInt = 112  # masked-crop side of the probe descriptors (features.crop_size)
     knn_descriptor: Literal["crop_cls", "crop_mean"] = "crop_cls"  # the probe's descriptor (features.descriptor)
@@ -489,6 +493,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.eval.window and cfg.eval.stride > cfg.eval.window:
         out.append(f"eval.stride: {cfg.eval.stride} is larger than eval.window ({cfg.eval.window}): pixels unseen")
     pt = cfg.pretrain
+    if pt.knn_drives and cfg.data.source != "synthetic":
+        out.append(f"pretrain.knn_drives: {pt.knn_drives} needs data.source synthetic (got {cfg.data.source}); "
+                   "0 = the probe of pretrain.knn_frames ingest frames")
     if pt.local_crop_scale_min > pt.local_crop_scale_max:
         out.append(f"pretrain.local_crop_scale_min: {pt.local_crop_scale_min} is above pretrain.local_crop_scale_max "
                    f"({pt.local_crop_scale_max})")

@@ -510,3 +510,41 @@ def test_standardised_probe_scores_read_a_small_scale_class_signal_under_a_large
              "sequences": {f: f"drive{i % 20}" for i, f in enumerate(frames)}}
     assert probe_knn_scores(probe, x.astype(np.float32))["knn_acc"] < 0.65
     assert probe_knn_scores(probe, x.astype(np.float32), standardise=True)["knn_acc"] > 0.95
+
+
+def test_the_stage_probe_of_knn_drives_takes_drives_of_two_worlds_and_needs_the_synthetic_source(tmp_path):
+    from raydseg.config import load_config
+    from raydseg.errors import ConfigError
+    from raydseg.train.pretrain import knn_probe
+
+    cfg = load_config(overrides=["pretrain.knn_drives=2", "run.seed=7"])
+    probe = knn_probe(cfg, str(tmp_path / "no_ingest"))  # the drive probe reads no ingest frames
+    assert sorted(set(probe["sequences"].values())) == ["w7-seq0000_day", "w7-seq0001_day", "w8-seq0000_day",
+                                                        "w8-seq0001_day"]
+    assert len(probe["seg_id"]) > 0 and list(tmp_path.iterdir()) == []  # its frames were written to a temp dir
+    with pytest.raises(FileNotFoundError, match="no_ingest"):  # knn_drives 0: the ingest's frames
+        knn_probe(load_config(overrides=["pretrain.knn_drives=0"]), str(tmp_path / "no_ingest"))
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["data.source=kitti", f"data.root={tmp_path}", "pretrain.knn_drives=24"])
+    assert str(e.value) == ("pretrain.knn_drives: 24 needs data.source synthetic (got kitti); 0 = the probe of "
+                            "pretrain.knn_frames ingest frames")
+
+
+def test_an_exported_backbone_is_byte_identical_whatever_order_its_metadata_came_in(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from raydseg.models.dino_head import build_dino_model
+    from raydseg.train.pretrain import save_backbone
+
+    model = build_dino_model("vit_tiny_patch16_224", out_dim=8, hidden_dim=8, bottleneck_dim=8, depth=1)
+    meta = {f"key{i}": str(i) for i in range(12)}
+    save_backbone(model, str(tmp_path / "a.safetensors"), meta)
+    save_backbone(model, str(tmp_path / "b.safetensors"), dict(reversed(meta.items())))
+    a = (tmp_path / "a.safetensors").read_bytes()
+    assert a == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+    loaded = load_file(str(tmp_path / "a.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in model.backbone.state_dict().items())
+    assert (8 + int.from_bytes(a[:8], "little")) % 8 == 0  # tensor data 8-byte aligned

@@ -174,6 +174,16 @@ def synthetic_drive_probe(cfg: Any, worlds: Sequence[int], drives: int, frames_d
     return build_knn_probe(frames_dir, cfg.proposals, len(rows))
 
 
+def knn_probe(cfg: Any, frames_dir: str) -> dict[str, Any]:
+    """The pretrain stage's probe: `synthetic_drive_probe` of pretrain.knn_drives drives of worlds run.seed and
+    run.seed + 1 when set, else `build_knn_probe` of pretrain.knn_frames frames of the ingest's `frames_dir`."""
+    p = cfg.pretrain
+    if not p.knn_drives:
+        return build_knn_probe(frames_dir, cfg.proposals, p.knn_frames, cfg.run.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        return synthetic_drive_probe(cfg, [cfg.run.seed, cfg.run.seed + 1], p.knn_drives, tmp)
+
+
 def probe_knn_accuracy(backbone: torch.nn.Module, probe: dict[str, Any], k: int = 5, crop_size: int = 112,
                        device: str = "cpu", pool: str = "cls") -> dict[str, float]:
     """k-NN accuracy of the probe's segment descriptors (masked crops of `backbone`, [CLS] or mean-pooled: the
@@ -238,11 +248,22 @@ def backbone_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its JSON header's keys sorted: safetensors writes the metadata in hash-map
+    order, which changes from process to process, so equal tensors and metadata gave files of different sha256."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
 def save_backbone(model: torch.nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write the backbone of a DINO model as safetensors (local or s3:// path)."""
+    """Write the backbone of a DINO model as safetensors (local or s3:// path), byte-identical for equal weights."""
     from safetensors.torch import save
 
-    data = save(backbone_state_dict(model), metadata=metadata or {})
+    data = canonical_safetensors(save(backbone_state_dict(model), metadata=metadata or {}))
     if path.startswith("s3://"):
         from raydseg import storage
 
@@ -472,8 +493,8 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
                   params={f"pretrain.{k}": v for k, v in p.model_dump().items()}, callbacks=callbacks or [],
                   prefix="pretrain/", knn_probe="")
     before: dict[str, float] = {}
-    if p.knn_every >= 0 and p.knn_frames > 0:
-        probe = build_knn_probe(frames_dir, cfg.proposals, p.knn_frames, cfg.run.seed)
+    if p.knn_every >= 0:
+        probe = knn_probe(cfg, frames_dir)
         if len(probe["seg_id"]):
             buf = io.BytesIO()
             torch.save(probe, buf)
