@@ -225,9 +225,9 @@ class PretrainConfig(Section):
     max_failures: NonNegInt = 2  # Ray Train FailureConfig: restarts from the last checkpoint
     knn_every: Annotated[int, Field(ge=-1)] = 50  # steps between k-NN probes (0 = at the end; -1 = never)
     knn_frames: PosInt = 16  # frames with ground truth whose LiDAR segments form the k-NN probe
-    # > 0 (data.source synthetic): instead, one frame of each of this many drives of worlds run.seed and run.seed + 1,
-    # split by drive (raydseg.train.pretrain.synthetic_drive_probe; 24: 24 drives against 24, where 16 frames of the
-    # ingest can give 2 against 2)
+    # > 0 (data.source synthetic): instead, one frame of each of this many day drives of worlds run.seed and
+    # run.seed + 1, split by drive (raydseg.train.pretrain.synthetic_drive_probe; 24: 24 drives against 24, where 16
+    # frames of the ingest can give 2 against 2)
     knn_drives: NonNegInt = 0
     knn_k: PosInt = 5
     knn_crop_size: PosInt = 112  # masked-crop side of the probe descriptors (features.crop_size)

@@ -517,10 +517,10 @@ def test_the_stage_probe_of_knn_drives_takes_drives_of_two_worlds_and_needs_the_
     from raydseg.errors import ConfigError
     from raydseg.train.pretrain import knn_probe
 
-    cfg = load_config(overrides=["pretrain.knn_drives=2", "run.seed=7"])
+    cfg = load_config(overrides=["pretrain.knn_drives=2", "run.seed=7", "synthetic.conditions=[night,fog]"])
     probe = knn_probe(cfg, str(tmp_path / "no_ingest"))  # the drive probe reads no ingest frames
     assert sorted(set(probe["sequences"].values())) == ["w7-seq0000_day", "w7-seq0001_day", "w8-seq0000_day",
-                                                        "w8-seq0001_day"]
+                                                        "w8-seq0001_day"]  # day drives, as the features stage describes
     assert len(probe["seg_id"]) > 0 and list(tmp_path.iterdir()) == []  # its frames were written to a temp dir
     with pytest.raises(FileNotFoundError, match="no_ingest"):  # knn_drives 0: the ingest's frames
         knn_probe(load_config(overrides=["pretrain.knn_drives=0"]), str(tmp_path / "no_ingest"))

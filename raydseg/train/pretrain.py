@@ -153,16 +153,17 @@ def build_knn_probe(frames_dir: str, proposals_cfg: Any, n_frames: int, seed: in
 
 
 def synthetic_drive_probe(cfg: Any, worlds: Sequence[int], drives: int, frames_dir: str) -> dict[str, Any]:
-    """The probe (`build_knn_probe`) of one LiDAR frame of each of `drives` train-stream drives of each synthetic
-    world W in `worlds` (what a run with run.seed W, synthetic.n_sequences `drives` and frames_per_sequence 1
-    ingests), written as frames to `frames_dir`. Split by drive, two worlds of 24 drives test 24 drives against 24,
-    where a run's own 16 frames give 2 against 2. `cfg`: a whole config (its synthetic and proposals sections)."""
+    """The probe (`build_knn_probe`) of one LiDAR frame of each of `drives` train-stream day drives of each synthetic
+    world W in `worlds` (what a run with run.seed W, synthetic.n_sequences `drives`, frames_per_sequence 1 and
+    conditions [day] ingests: the features stage describes day drives), written as frames to `frames_dir`. Split by
+    drive, two worlds of 24 drives test 24 drives against 24, where a run's own 16 frames give 2 against 2. `cfg`: a
+    whole config (its synthetic and proposals sections)."""
     import pyarrow.parquet as pq
 
     from raydseg.data.schema import frames_to_table
     from raydseg.data.sources import synthetic
 
-    syn = cfg.synthetic.model_copy(update={"n_sequences": drives, "frames_per_sequence": 1})
+    syn = cfg.synthetic.model_copy(update={"n_sequences": drives, "frames_per_sequence": 1, "conditions": ["day"]})
     rows = []
     for w in worlds:
         for shard in synthetic.list_shards(syn, w):
