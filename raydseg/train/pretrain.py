@@ -9,8 +9,9 @@ export.
     its cosine schedule, gradients are clipped and the head's last layer stays frozen for `freeze_last_layer_steps`;
   - `mae_task`: a masked autoencoder (raydseg.models.mae) on both global crops, step `raydseg.train.mae.MaeStep`.
 - k-NN probe: LiDAR segments (the proposals stage's pure functions) of a few frames with ground truth, their
-  majority class (`knn_probe`: ingest frames, or with `knn_drives` one frame of each of many synthetic drives); every `knn_every` steps rank 0 describes them with the backbone being trained (DINO's teacher,
-  MAE's encoder; masked crops, `knn_descriptor`: the features stage's descriptor) and logs the k-NN accuracy
+  majority class (`knn_probe`: ingest frames, or with `knn_drives` one frame of each of many synthetic drives);
+  every `knn_every` steps rank 0 describes them with the backbone being trained (DINO's teacher, MAE's encoder;
+  masked crops, `knn_descriptor`: the features stage's descriptor) and logs the k-NN accuracy
   (raydseg.eval.knn, train / test split by drive).
 - Export: that backbone as a timm-layout safetensors file `<out_dir>/backbone.safetensors`, loadable by
   `features.weights` / `teacher.weights` (raydseg.features.backbone) and by
