@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 from dino_images import read_images  # noqa: E402
 from gpu_check import NOT_ON_DEVICE  # noqa: E402
 
-from raydseg.train.pretrain import CHECKPOINT, ImageCrops, canonical_safetensors, pretrain_local  # noqa: E402
+from raydseg.train.pretrain import CHECKPOINT, ImageCrops, pretrain_local, save_safetensors  # noqa: E402
 
 TINY = {"backbone": "vit_tiny_patch16_224", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
         "global_crop_size": 32, "local_crop_size": 16, "local_crops": 2, "batch_size": 4, "knn_crop_size": 32}
@@ -75,7 +75,7 @@ def crops_per_s(images: list[bytes], config: dict[str, object], n: int) -> float
 
 def run_one(args: argparse.Namespace) -> int:
     """One variant (a child process): pretrain, write the history and the fp16 backbone."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
 
     config = json.loads(args.one)
     images = read_images(args.data)
@@ -86,11 +86,9 @@ def run_one(args: argparse.Namespace) -> int:
                              log=lambda s: print(f"[{name}] {s}", flush=True))
     wall = time.time() - t0
     weights = load_file(os.path.join(config["out_dir"], CHECKPOINT))
-    half = save({k: v.half() for k, v in weights.items()},
-                metadata={"backbone": config["backbone"], "format": "timm", "steps": str(config["steps"]),
-                          "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)", "dtype": "float16"})
-    with open(os.path.join(args.out, f"{name}.safetensors"), "wb") as f:
-        f.write(canonical_safetensors(half))
+    save_safetensors({k: v.half() for k, v in weights.items()}, os.path.join(args.out, f"{name}.safetensors"),
+                     metadata={"backbone": config["backbone"], "format": "timm", "steps": str(config["steps"]),
+                               "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)", "dtype": "float16"})
     with open(os.path.join(config["out_dir"], "history.json"), "w") as f:
         json.dump({"wall_s": wall, "history": history,
                    "imported_not_on_device": ",".join(m for m in NOT_ON_DEVICE if m in sys.modules)}, f, default=float)

@@ -262,10 +262,16 @@ def canonical_safetensors(data: bytes) -> bytes:
 
 
 def save_backbone(model: torch.nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write the backbone of a DINO model as safetensors (local or s3:// path), byte-identical for equal weights."""
+    """Write the backbone of a DINO model as safetensors (`save_safetensors`)."""
+    save_safetensors(backbone_state_dict(model), path, metadata)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as safetensors (local or s3:// path), byte-identical for equal tensors and metadata; a local
+    file by temp name + rename, without raydseg.storage (pyarrow), so that it runs on a torch + timm machine."""
     from safetensors.torch import save
 
-    data = canonical_safetensors(save(backbone_state_dict(model), metadata=metadata or {}))
+    data = canonical_safetensors(save(tensors, metadata=metadata or {}))
     if path.startswith("s3://"):
         from raydseg import storage
 
