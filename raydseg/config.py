@@ -177,6 +177,11 @@ class PretrainConfig(Section):
     # dino | mae: the masked autoencoder reads the two global crops only (set local_crops 0) and ignores the DINO
     # head / teacher / centering keys; its recipe is configs/pretrain_mae.yaml
     objective: Literal["dino", "mae"] = "dino"
+    # images: every camera image of the ingest | segment_crops: what the features stage shows the ViT, the masked
+    # crop (global_crop_size px, outside the mask the ImageNet mean colour) of every LiDAR segment of >=
+    # segment_min_pixels pixels (the proposals section's segments), written once to <stage>/segment_crops/
+    inputs: Literal["images", "segment_crops"] = "images"
+    segment_min_pixels: PosInt = 64
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75  # mae: share of the patches hidden from the encoder
     decoder_dim: PosInt = 128  # mae: decoder width (paper: 512 for ViT-L; a light decoder suits ViT-Tiny)
     decoder_depth: PosInt = 2  # mae: decoder blocks (paper: 8)

@@ -548,3 +548,95 @@ def test_an_exported_backbone_is_byte_identical_whatever_order_its_metadata_came
     loaded = load_file(str(tmp_path / "a.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in model.backbone.state_dict().items())
     assert (8 + int.from_bytes(a[:8], "little")) % 8 == 0  # tensor data 8-byte aligned
+
+
+def test_segment_crops_are_the_masked_tight_crops_of_the_segments_that_are_large_enough():
+    """Segment 1 fills its box (the crop is its colour), segment 2 is an L (its box's corner outside the mask is the
+    ImageNet mean colour), segment 3 is below min_pixels (no crop)."""
+    from raydseg.train.pretrain import segment_crops
+
+    image = np.zeros((20, 30, 3), np.uint8)
+    seg = np.zeros((20, 30), np.uint16)
+    image[2:10, 2:10], seg[2:10, 2:10] = (200, 10, 10), 1
+    image[12:20, 12:20], seg[12:20, 12:16], seg[16:20, 12:20] = (10, 200, 10), 2, 2  # the top-right corner is not 2
+    image[0, 25:28], seg[0, 25:28] = (10, 10, 200), 3
+    ids, crops = segment_crops(image, seg, 8, min_pixels=4)
+    assert ids.tolist() == [1, 2] and crops.shape == (2, 8, 8, 3) and crops.dtype == np.uint8
+    assert (crops[0] == (200, 10, 10)).all()
+    assert (crops[1, 6:, :] == (10, 200, 10)).all() and (crops[1, :, :3] == (10, 200, 10)).all()
+    assert (crops[1, :3, 5:] == (124, 116, 104)).all()  # round(255 x ImageNet mean)
+    none_ids, none = segment_crops(image, np.zeros_like(seg), 8, min_pixels=4)
+    assert len(none_ids) == 0 and none.shape == (0, 8, 8, 3)
+
+
+def test_segment_crop_part_crops_every_large_lidar_segment_and_rejects_a_broken_frame_without_stopping():
+    """One crop per segment of >= min_pixels of the proposals stage's own segment images, equal to `segment_crops` of
+    the camera image; a frame whose points cannot be read is a reject with its reason, and the part goes on."""
+    from raydseg.config import load_config
+    from raydseg.data.schema import decode_image, frames_to_table
+    from raydseg.data.sources import synthetic
+    from raydseg.geometry.proposals import frame_outputs
+    from raydseg.train.pretrain import SEGMENT_CROPS, as_rgb, segment_crop_part, segment_crops
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    frames = synthetic.generate_sequence(synthetic.list_shards(cfg.synthetic, 3)[0], cfg.synthetic)[:2]
+    broken = {**frames[1], "frame_id": "broken", "points": np.asarray(frames[1]["points"], np.float32).ravel()[:-1]}
+    out, rejects = segment_crop_part(frames_to_table([frames[0], broken, frames[1]]),
+                                     cfg.to_dict()["proposals"], 16, 20, seed=3)
+    table = out[SEGMENT_CROPS]
+    assert [r["id"] for r in rejects] == ["broken"] and rejects[0]["reason"].startswith("proposals failed: ")
+    expected = []
+    for frame in frames:
+        images = {c["name"]: c["image"] for c in frame["cameras"]}
+        for row in frame_outputs(frame, cfg.proposals, 3)[0]:
+            ids, crops = segment_crops(as_rgb(images[row["camera"]]), decode_image(row["segment_ids"]), 16, 20)
+            sizes = np.bincount(decode_image(row["segment_ids"]).ravel())
+            assert (sizes[ids] >= 20).all() and ((sizes >= 20).sum() - (sizes[0] >= 20)) == len(ids)
+            expected += [(frame["frame_id"], row["camera"], int(i), c) for i, c in zip(ids, crops)]
+    assert len(expected) > 10 and table.num_rows == len(expected)
+    for got, (fid, cam, sid, crop) in zip(table.to_pylist(), expected):
+        assert (got["frame_id"], got["camera"], got["seg_id"]) == (fid, cam, sid)
+        assert np.array_equal(decode_image(got["crop"]), crop)  # PNG: lossless
+
+
+def test_pretraining_on_segment_crops_needs_the_crops_folder(tmp_path):
+    """`inputs: segment_crops` trains on the crops folder, not on the frames: an empty one is named before any work."""
+    from raydseg.config import load_config
+    from raydseg.train.pretrain import train
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["pretrain.inputs=segment_crops", "pretrain.knn_every=-1"])
+    (tmp_path / "crops").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"^no part-\\*.parquet segment crop files in {tmp_path / 'crops'}$"):
+        train(cfg, str(tmp_path / "frames"), str(tmp_path / "out"), crops_dir=str(tmp_path / "crops"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_pretrain_stage_on_segment_crops_writes_them_part_by_part_and_trains_a_masked_autoencoder_on_them(
+        ray_local, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import pyarrow.parquet as pq
+
+    from raydseg.config import load_config
+    from raydseg.data.schema import decode_image
+    from raydseg.features.backbone import create_backbone
+    from raydseg.parts import map_parts
+    from raydseg.pipeline import run_pipeline
+    from raydseg.train.pretrain import SEGMENT_CROPS
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml",
+                      [f"run.output_root={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       "synthetic.n_sequences=2", "synthetic.frames_per_sequence=2", "pretrain.objective=mae",
+                       "pretrain.local_crops=0", "pretrain.inputs=segment_crops", "pretrain.segment_min_pixels=16"])
+    result = run_pipeline(cfg, stages=["ingest", "pretrain"])
+    report = {r.name: r for r in result.reports}["pretrain"]
+    stage = Path(result.run_root) / "pretrain"
+    parts = sorted((stage / SEGMENT_CROPS).glob("part-*.parquet"))
+    table = pq.read_table(parts)
+    assert len(parts) == 2 and report.counts["segment_crops"] == table.num_rows > 0  # one part per ingest part
+    assert decode_image(table["crop"][0].as_py()).shape == (32, 32, 3)  # pretrain.global_crop_size
+    assert report.status == "ran" and report.counts["steps"] == cfg.pretrain.steps
+    backbone = create_backbone(cfg.pretrain.backbone, str(stage / "backbone.safetensors"))
+    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, backbone.num_features)
+    again = map_parts(str(Path(result.stage_dirs["ingest"]) / "frames"), str(stage), lambda t: 1 / 0)
+    assert again.counts["parts_resumed"] == 2  # written once: a rerun does not crop again

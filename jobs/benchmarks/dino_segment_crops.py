@@ -13,26 +13,12 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from raydseg.config import load_config
 from raydseg.data.schema import decode_image, frames_to_table
 from raydseg.data.sources import synthetic as S
-from raydseg.features.pooling import masked_crops, normalize_image
 from raydseg.geometry.proposals import camera_segments, frame_seed, sweep_segments
-
-
-def segment_crops(image: np.ndarray, seg: np.ndarray, size: int, min_pixels: int) -> np.ndarray:
-    """(H, W, 3) uint8 image, (H, W) segment ids (0 = none) -> (S, size, size, 3) uint8: the features stage's
-    masked crops (`masked_crops`, zero outside the mask after normalisation) of the segments of >= min_pixels,
-    mapped back to uint8, so the background is the ImageNet mean colour."""
-    sizes = np.bincount(seg.ravel())
-    ids = np.nonzero(sizes >= min_pixels)[0]
-    crops = masked_crops(normalize_image(image), seg, ids[ids > 0], size)
-    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None]
-                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return (255 * (crops * std + mean)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+from raydseg.train.pretrain import segment_crops
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +39,7 @@ def main(argv: list[str]) -> None:
             for cam in frame["cameras"]:
                 seg = camera_segments(pts[:, :3], sw, cam["K"], cam["T_cam_lidar"], int(cam["width"]),
                                       int(cam["height"]), cfg.proposals)["segment_ids"]
-                crops += list(segment_crops(decode_image(cam["image"]), seg, size, min_pixels))
+                crops += list(segment_crops(decode_image(cam["image"]), seg, size, min_pixels)[1])
         print("sequence", i, "crops", len(crops), f"{time.time() - t0:.0f} s", flush=True)
     np.save(f"{out}/images.npy", np.stack(crops))
     rows = []

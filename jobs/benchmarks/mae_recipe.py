@@ -4,12 +4,12 @@ segment k-NN probe than the pretrain stage's: does it beat the random-init ViT w
 `THREADS=1 python jobs/benchmarks/mae_recipe.py --images DIR --out OUT [--steps N --batch B --mask 0.75
 --norm-pix 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT [--blocks 4,8,12]]`:
 - DIR from `dino_images.py` (images.npy or images.bin): unlabelled images of train-stream sequences the default
-  run never uses;
+  run never uses, or `dino_segment_crops.py`'s masked segment crops; `DIR1,DIR2` trains on both;
 - the probe: one LiDAR frame of each of `--probe-drives` drives per world (world W's train stream, as a run with
   `run.seed=W`, `synthetic.n_sequences=D`, `frames_per_sequence=1` ingests), its segments' majority ground-truth
   class, split by drive (every other drive tests: 24 against 24 with two worlds, not the ladder's 2 against 2);
 - descriptors: crop_cls, mask_pool and crop_mean (raydseg.features.pooling), and the 64-bin colour histogram, k = 5;
-- model: ViT-Tiny/16 on 112 px random resized crops (0.2-1) + flips, MAE's augmentation, `--batch` images per
+- model: ViT-Tiny/16 on 112 px random resized crops (`--scale-min`, default 0.2, to 1) + flips, MAE's augmentation, `--batch` images per
   step; AdamW lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05, cosine with 5 % warmup;
 - `--eval-only CHECKPOINT`: score a backbone file (`random`: the seed's random init) on the probe and stop;
   `--blocks`: also the descriptors of its first n blocks (then its final norm), for each n.
@@ -46,7 +46,11 @@ def probe_scores(backbone: nn.Module, probe: dict) -> dict[str, float]:
     return out
 
 
-def load_images(folder: str) -> list[np.ndarray]:
+def load_images(folders: str) -> list[np.ndarray]:
+    """The images of one folder, or of several joined by commas (e.g. street images and segment crops)."""
+    if "," in folders:
+        return [im for f in folders.split(",") for im in load_images(f)]
+    folder = folders
     if os.path.exists(f"{folder}/images.npy"):
         return list(np.load(f"{folder}/images.npy"))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +69,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--mask", type=float, default=0.75)
     ap.add_argument("--norm-pix", type=int, default=0)
     ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--scale-min", type=float, default=0.2, help="random resized crop scale (min, 1)")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--probe-drives", type=int, default=24)
     ap.add_argument("--probe-worlds", default="0")
@@ -108,7 +113,7 @@ def main(argv: list[str]) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     sched = cosine_schedule(lr, 0.0, a.steps, max(1, a.steps // 20))
-    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip()])
     mean = torch.tensor(backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
     rng = np.random.default_rng(a.seed)

@@ -1,8 +1,10 @@
 """Self-supervised pretraining of the ViT backbone on Ray Train (the `pretrain` stage): data, tasks, k-NN probe,
 export.
 
-- Data: every camera image of the ingest stage's frames (no labels), a raydseg.train.feed.Feed decoded and
-  multi-cropped (raydseg.train.dino.MultiCrop) in Ray Data tasks in a seeded order, never on the driver.
+- Data: every camera image of the ingest stage's frames (no labels), or (`inputs: segment_crops`) the masked crop
+  of every LiDAR segment, what the features stage shows the ViT (`segment_crop_part`, written once by the stage);
+  a raydseg.train.feed.Feed decoded and multi-cropped (raydseg.train.dino.MultiCrop) in Ray Data tasks in a seeded
+  order, never on the driver.
 - Tasks (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit), by `objective`:
   - `dino_task`: the student is a timm ViT + DINO head (raydseg.models.dino_head); the teacher is its EMA (momentum
     cosine-scheduled to 1); the step function is `raydseg.train.dino.DinoStep`; per step the weight decay follows
@@ -76,20 +78,94 @@ def seeded_views(crop: MultiCrop, image: np.ndarray, seed: int) -> dict[str, tor
     return dict(zip(crop_names(crop.n_local), views))
 
 
+def _stacked_views(images: list[np.ndarray | bytes], rngs: list[np.random.Generator], crop_kw: dict[str, Any]
+                   ) -> dict[str, np.ndarray]:
+    crop = make_multicrop(crop_kw)
+    views = [seeded_views(crop, as_rgb(image), int(rng.integers(2 ** 63))) for image, rng in zip(images, rngs)]
+    return {k: torch.stack([v[k] for v in views]).numpy() for k in views[0]}
+
+
 def multicrop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator],
                     **crop_kw: Any) -> dict[str, np.ndarray]:
     """Feed.make_batch: camera `sub` of each frame row -> its multi-crop views {global_0, global_1, local_0, ...:
     (B, 3, s, s) uint8}, each image's crops drawn from torch seeded by its own generator. `crop_kw`: MULTICROP_KEYS."""
-    crop = make_multicrop(crop_kw)
-    views = [seeded_views(crop, as_rgb(row["cameras"][sub]["image"]), int(rng.integers(2 ** 63)))
-             for row, sub, rng in zip(rows, subs, rngs)]
-    return {k: torch.stack([v[k] for v in views]).numpy() for k in views[0]}
+    return _stacked_views([row["cameras"][sub]["image"] for row, sub in zip(rows, subs)], rngs, crop_kw)
 
 
 def pretrain_feed(frames_dir: str, p: dict[str, Any]) -> Feed:
     """Every camera image of the frames of `frames_dir`, multi-cropped (the `pretrain` section `p` as a dict)."""
     return Feed(paths=tuple(part_files(frames_dir, "frame")), index_columns=("cameras.list.element.name",),
                 list_samples=camera_samples, columns=("cameras",), make_batch=multicrop_views,
+                kwargs={k: p[k] for k in MULTICROP_KEYS})
+
+
+SEGMENT_CROPS = "segment_crops"  # the folder of `inputs: segment_crops` under the stage's out_dir
+
+
+def segment_crops(image: np.ndarray, segment_ids: np.ndarray, size: int, min_pixels: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 image, (H, W) segment ids (0 = none) -> (ids (S,), crops (S, size, size, 3) uint8): the
+    features stage's masked crops (raydseg.features.pooling.masked_crops) of the segments of >= min_pixels pixels, in
+    id order, mapped back to uint8, so that outside the mask is the ImageNet mean colour (zero after normalisation)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from raydseg.features.pooling import masked_crops, normalize_image
+
+    ids = np.nonzero(np.bincount(segment_ids.ravel()) >= min_pixels)[0]
+    ids = ids[ids > 0]
+    if not len(ids):
+        return ids, np.zeros((0, size, size, 3), np.uint8)
+    crops = masked_crops(normalize_image(image), segment_ids, ids, size)
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None]
+                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return ids, (255 * (crops * std + mean)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def segment_crop_part(table: Any, proposals: dict[str, Any], size: int, min_pixels: int, seed: int = 0
+                      ) -> tuple[dict[str, Any], list[dict]]:
+    """raydseg.parts.map_parts fn: one frames part -> {SEGMENT_CROPS: (frame_id, camera, seg_id, crop PNG) rows}, with
+    the proposals stage's segments (`frame_outputs`; its rejects, and a frame that raises, are rejects)."""
+    import pyarrow as pa
+
+    from raydseg.config import config_from_dict
+    from raydseg.data.schema import decode_image, encode_png, table_to_frames
+    from raydseg.geometry.proposals import frame_outputs
+
+    cfg = config_from_dict({"proposals": proposals}).proposals
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict] = []
+    for frame in table_to_frames(table):
+        try:
+            seg_rows, _, _, rej = frame_outputs(frame, cfg, seed)
+        except Exception as e:  # noqa: BLE001 - one broken sweep is a reject, as in the proposals stage
+            rejects.append({"id": frame["frame_id"], "reason": f"proposals failed: {type(e).__name__}: {e}"})
+            continue
+        rejects += rej
+        images = {cam["name"]: cam["image"] for cam in frame["cameras"]}
+        for r in seg_rows:
+            ids, crops = segment_crops(as_rgb(images[r["camera"]]), decode_image(r["segment_ids"]), size, min_pixels)
+            rows += [{"frame_id": frame["frame_id"], "camera": r["camera"], "seg_id": int(i), "crop": encode_png(c)}
+                     for i, c in zip(ids, crops)]
+    schema = pa.schema([("frame_id", pa.string()), ("camera", pa.string()), ("seg_id", pa.int32()),
+                        ("crop", pa.binary())])
+    return {SEGMENT_CROPS: pa.Table.from_pylist(rows, schema=schema)}, rejects
+
+
+def row_samples(index: Any) -> list[tuple[int, int]]:
+    """Feed.list_samples: every row of a part."""
+    return [(i, 0) for i in range(index.num_rows)]
+
+
+def crop_views(rows: list[dict[str, Any]], subs: list[int], rngs: list[np.random.Generator], **crop_kw: Any
+               ) -> dict[str, np.ndarray]:
+    """Feed.make_batch: each segment-crop row -> the multi-crop views of its crop (as `multicrop_views`)."""
+    return _stacked_views([row["crop"] for row in rows], rngs, crop_kw)
+
+
+def segment_crop_feed(crops_dir: str, p: dict[str, Any]) -> Feed:
+    """Every segment crop of `crops_dir` (`segment_crop_part`'s parts), multi-cropped (the `pretrain` section `p`)."""
+    return Feed(paths=tuple(part_files(crops_dir, "segment crop")), index_columns=("seg_id",),
+                list_samples=row_samples, columns=("crop",), make_batch=crop_views,
                 kwargs={k: p[k] for k in MULTICROP_KEYS})
 
 
@@ -487,10 +563,12 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
-def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", mlflow_run_id: str = "",
-          name: str = "pretrain", callbacks: list | None = None, timeout_s: int = 1800) -> tuple[Any, dict[str, float]]:
-    """DINO-pretrain `cfg.pretrain.backbone` on the camera images of `frames_dir`; writes
-    `<out_dir>/backbone.safetensors`. Returns (ray.train.Result, k-NN metrics of the initial backbone)."""
+def train(cfg: Any, frames_dir: str, out_dir: str, *, crops_dir: str = "", tracking_uri: str = "",
+          mlflow_run_id: str = "", name: str = "pretrain", callbacks: list | None = None, timeout_s: int = 1800
+          ) -> tuple[Any, dict[str, float]]:
+    """Pretrain `cfg.pretrain.backbone` on the camera images of `frames_dir`, or with `inputs: segment_crops` on the
+    crops of `crops_dir` (`segment_crop_part`'s parts); writes `<out_dir>/backbone.safetensors`. Returns
+    (ray.train.Result, k-NN metrics of the initial backbone)."""
     from raydseg import storage
     import mlflow
     from raydseg.train.teacher import run_trainer
@@ -517,6 +595,7 @@ def train(cfg: Any, frames_dir: str, out_dir: str, *, tracking_uri: str = "", ml
                 for k, v in before.items():
                     if k != "knn_n_segments":
                         client.log_metric(mlflow_run_id, f"pretrain/{k}", float(v), step=0)
-    config["feed"] = pretrain_feed(frames_dir, config)
+    config["feed"] = (segment_crop_feed(crops_dir, config) if p.inputs == "segment_crops"
+                      else pretrain_feed(frames_dir, config))
     result = run_trainer(p, config, out_dir, name, timeout_s, loop=pretrain_loop_per_worker)
     return result, before
