@@ -104,3 +104,19 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     assert "with_ema_unseen_day" not in again  # ablations are scored on the run's own eval scenes only
     paired = result["paired"]["hard_minus_teacher_unseen_fog"]["mean"]
     assert paired == again["hard_unseen_fog"] - row["teacher_unseen_fog"]
+    # another checkpoint: the finished seed's probes are rescored with it, and nothing else runs again
+    import torch
+    from safetensors.torch import save_file
+
+    from raydseg.features.backbone import create_backbone
+
+    torch.manual_seed(0)  # the random-init ViT that the probes build for seed 0, saved as a checkpoint
+    same = tmp_path / "same.safetensors"
+    save_file(create_backbone(load_config("configs/smoke.yaml").features.backbone, "", dynamic_img_size=True,
+                              num_classes=0).state_dict(), str(same))
+    assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
+                         "--ablate", "ema", "--pretrained", str(same), *threads]) == 0
+    third = json.loads(out.read_text())["seeds"][0]
+    assert "knn_pretrained" not in again and third["knn_probe_of"]["pretrained"] == str(same)
+    assert third["knn_pretrained"] == third["knn_random"] and third["drive_knn_pretrained"] == third["drive_knn_random"]
+    assert {k: third[k] for k in row if "knn" not in k} == {k: row[k] for k in row if "knn" not in k}

@@ -21,8 +21,8 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
 - `drive_knn_*`: the same three on a probe large enough to read a gain of a few points: one LiDAR frame of each of
   24 drives of world S and 24 of world 1000 + S, 24 drives against 24 (`drive_knn_segments`: its size; the probe
   above tests 2 drives against 2), and `drive_knn_std_random` / `drive_knn_std_pretrained` on descriptors
-  standardised per dimension by the train side's statistics (as MAE's linear probe); added to a finished seed's row
-  when missing;
+  standardised per dimension by the train side's statistics (as MAE's linear probe). Both probes are rescored on a
+  finished seed when the checkpoint or features.descriptor / crop_size differ from its row's (`knn_probe_of`);
 - `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
 - `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
@@ -337,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {**ablation_variants(ablate, cfg.student), **recipes}
     passed = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     pretrained = args.pretrained or cfg.features.weights
+    # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
+    probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))
@@ -371,15 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         jobs = {name: job for name, job in jobs.items() if f"{name}_day" not in row}
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             started = {name: pool.submit(timed, job) for name, job in jobs.items()}
+            if row.get("knn_probe_of") != probe_of:  # the probes score this checkpoint and descriptor
+                row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed), knn_probe_of=probe_of)
+                row.update(drive_knn(args.root, cfg, pretrained, cfg.eval.knn_k, seed))
             if fresh:  # this process scores the run meanwhile
-                row.update(descriptor_knn(run, pretrained, cfg.eval.knn_k, seed))
                 row.update(pseudo_label_miou(run))
                 for model in ("teacher", "student"):
                     row.update({f"{model}_{c}": v for c, v in eval_miou(run, model).items()})
                     row.update({f"{model}_{k}": v for k, v in bootstrap_se(run, model).items()})
                 row.update(unseen_world_miou(run, ["teacher", "student"], UNSEEN + seed))
-            if "drive_knn_std_random" not in row:  # independent of the run: also added to a finished seed
-                row.update(drive_knn(args.root, cfg, pretrained, cfg.eval.knn_k, seed))
             for name, future in started.items():
                 scored, wall = future.result()
                 row.update({f"{name}_{c}": v for c, v in scored.items()})
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(done, "w") as f:
             json.dump(row, f)
         print(json.dumps(row), flush=True)
-    metrics = [k for k in rows[0] if k != "seed" and not k.endswith("_s")]
+    metrics = [k for k in rows[0] if k not in ("seed", "knn_probe_of") and not k.endswith("_s")]
     summary = {k: stats([r[k] for r in rows if k in r]) for k in metrics}
     paired = {}
     for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
