@@ -186,6 +186,7 @@ class PretrainConfig(Section):
     decoder_dim: PosInt = 128  # mae: decoder width (paper: 512 for ViT-L; a light decoder suits ViT-Tiny)
     decoder_depth: PosInt = 2  # mae: decoder blocks (paper: 8)
     norm_pix_loss: bool = True  # mae: standardise each target patch by its own mean / variance (paper's default)
+    mae_views: Annotated[int, Field(ge=1, le=2)] = 2  # mae: global crops of each image it reconstructs per step
     backbone: NonEmpty = "vit_tiny_patch16_224"  # timm ViT; paper: vit_small_patch16_224 (ViT-S/16)
     weights: Text = ""  # init: "" or random | hub | local file | s3:// URL
     drop_path: Probability = 0.1  # student stochastic depth (paper: 0.1)

@@ -52,6 +52,20 @@ def test_encoder_sees_cls_and_a_quarter_of_the_patches_and_the_loss_counts_maske
     assert loss.item() != pytest.approx(target.mean().item(), rel=1e-3)  # the visible patches are left out
 
 
+def test_the_mae_step_reconstructs_mae_views_global_crops_of_each_image():
+    """views 2: both global crops as one batch of 2B; views 1: global_0 only (B distinct images per B samples)."""
+    from raydseg.train.mae import MaeStep
+
+    seen = []
+    m = _mae(mask_ratio=0.75, norm_pix=True)
+    m.backbone.patch_embed.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    g0, g1 = (torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8) for _ in range(2))
+    for views in (2, 1):
+        MaeStep(views=views)(m, {"global_0": g0, "global_1": g1, "local_0": g1[:, :, :16, :16]}, 0)
+    assert [x.shape[0] for x in seen] == [6, 3]
+    assert torch.equal(seen[1], seen[0][:3])  # views 1 is the first crop of each image, normalised alike
+
+
 def test_norm_pix_targets_are_each_patch_standardised():
     m = _mae(mask_ratio=0.5, norm_pix=True)
     with torch.no_grad():

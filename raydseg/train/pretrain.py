@@ -9,7 +9,8 @@ export.
   - `dino_task`: the student is a timm ViT + DINO head (raydseg.models.dino_head); the teacher is its EMA (momentum
     cosine-scheduled to 1); the step function is `raydseg.train.dino.DinoStep`; per step the weight decay follows
     its cosine schedule, gradients are clipped and the head's last layer stays frozen for `freeze_last_layer_steps`;
-  - `mae_task`: a masked autoencoder (raydseg.models.mae) on both global crops, step `raydseg.train.mae.MaeStep`.
+  - `mae_task`: a masked autoencoder (raydseg.models.mae) on `mae_views` global crops of each image, step
+    `raydseg.train.mae.MaeStep`.
 - k-NN probe: LiDAR segments (the proposals stage's pure functions) of a few frames with ground truth, their
   majority class (`knn_probe`: ingest frames, or with `knn_drives` one frame of each of many synthetic drives);
   every `knn_every` steps rank 0 describes them with the backbone being trained (DINO's teacher, MAE's encoder;
@@ -476,7 +477,7 @@ def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any]
         return {"grad_norm": clip_gradients(model, config["clip_grad"]), "weight_decay": float(wd[step])}
 
     validate, export = _probe_and_export(config, model, device, probe)
-    return Task(model=model, step_fn=MaeStep(),
+    return Task(model=model, step_fn=MaeStep(views=config["mae_views"]),
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"], betas=(0.9, 0.95),
                                                            weight_decay=config["weight_decay"]),
                 make_scheduler=make_scheduler, before_update=before_update, validate=validate, export=export)
