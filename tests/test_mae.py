@@ -139,9 +139,8 @@ def test_shipped_mae_recipe_config():
 
     cfg = load_config("configs/pretrain_mae.yaml")
     p = cfg.pretrain
-    assert (p.enabled, p.objective, p.inputs, p.local_crops, p.photometric, p.knn_descriptor, p.knn_drives) == (
-        True, "mae", "segment_crops", 0, False, "crop_mean", 24)
-    assert cfg.synthetic.conditions == ["day"]  # the features stage describes day drives
+    assert (p.enabled, p.objective, p.inputs, p.mae_views, p.local_crops, p.photometric, p.knn_descriptor,
+            p.knn_drives) == (True, "mae", "images", 2, 0, False, "crop_mean", 24)
     assert p.lr == pytest.approx(1.5e-4 * 2 * p.batch_size / 256)  # MAE's rule, two crops per image
 
 
