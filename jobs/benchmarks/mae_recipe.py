@@ -9,8 +9,9 @@ segment k-NN probe than the pretrain stage's: does it beat the random-init ViT w
   `run.seed=W`, `synthetic.n_sequences=D`, `frames_per_sequence=1` ingests), its segments' majority ground-truth
   class, split by drive (every other drive tests: 24 against 24 with two worlds, not the ladder's 2 against 2);
 - descriptors: crop_cls, mask_pool and crop_mean (raydseg.features.pooling), and the 64-bin colour histogram, k = 5;
-- model: ViT-Tiny/16 on 112 px random resized crops (`--scale-min`, default 0.2, to 1) + flips, MAE's augmentation, `--batch` images per
-  step; AdamW lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05, cosine with 5 % warmup;
+- model: ViT-Tiny/16 on 112 px random resized crops (scale `--scale-min`, default 0.2, to 1) + flips, MAE's
+  augmentation, `--batch` images per step; AdamW lr 1.5e-4 x batch / 256, betas (0.9, 0.95), weight decay 0.05,
+  cosine with 5 % warmup;
 - `--eval-only CHECKPOINT`: score a backbone file (`random`: the seed's random init) on the probe and stop;
   `--blocks`: also the descriptors of its first n blocks (then its final norm), for each n.
 Writes OUT/history.json (loss and k-NN per probe step) and OUT/backbone.safetensors (timm layout).
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     sched = cosine_schedule(lr, 0.0, a.steps, max(1, a.steps // 20))
-    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), antialias=True),
+                      v2.RandomHorizontalFlip()])
     mean = torch.tensor(backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
     rng = np.random.default_rng(a.seed)
