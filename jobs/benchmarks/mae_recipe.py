@@ -2,7 +2,7 @@
 segment k-NN probe than the pretrain stage's: does it beat the random-init ViT where DINO does not?
 
 `THREADS=1 python jobs/benchmarks/mae_recipe.py --images DIR --out OUT [--steps N --batch B --mask 0.75
---norm-pix 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT [--blocks 4,8,12]]`:
+--norm-pix 0|1 --scale-min 0.2 --bicubic 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT [--blocks 4,8,12]]`:
 - DIR from `dino_images.py` (images.npy or images.bin): unlabelled images of train-stream sequences the default
   run never uses, or `dino_segment_crops.py`'s masked segment crops; `DIR1,DIR2` trains on both;
 - the probe: one LiDAR frame of each of `--probe-drives` drives per world (world W's train stream, as a run with
@@ -71,6 +71,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--norm-pix", type=int, default=0)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--scale-min", type=float, default=0.2, help="random resized crop scale (min, 1)")
+    ap.add_argument("--bicubic", type=int, default=0, help="1: resize crops bicubically, as the stage's MultiCrop")
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--probe-drives", type=int, default=24)
     ap.add_argument("--probe-worlds", default="0")
@@ -114,7 +115,8 @@ def main(argv: list[str]) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     sched = cosine_schedule(lr, 0.0, a.steps, max(1, a.steps // 20))
-    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), antialias=True),
+    interp = v2.InterpolationMode.BICUBIC if a.bicubic else v2.InterpolationMode.BILINEAR
+    aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), interpolation=interp, antialias=True),
                       v2.RandomHorizontalFlip()])
     mean = torch.tensor(backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
