@@ -2,7 +2,8 @@
 segment k-NN probe than the pretrain stage's: does it beat the random-init ViT where DINO does not?
 
 `THREADS=1 python jobs/benchmarks/mae_recipe.py --images DIR --out OUT [--steps N --batch B --mask 0.75
---norm-pix 0|1 --scale-min 0.2 --bicubic 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N] [--eval-only CHECKPOINT [--blocks 4,8,12]]`:
+--norm-pix 0|1 --scale-min 0.2 --bicubic 0|1 --probe-drives 24 --probe-worlds 0,1 --knn-every N]
+[--eval-only CHECKPOINT [--blocks 4,8,12]]`:
 - DIR from `dino_images.py` (images.npy or images.bin): unlabelled images of train-stream sequences the default
   run never uses, or `dino_segment_crops.py`'s masked segment crops; `DIR1,DIR2` trains on both;
 - the probe: one LiDAR frame of each of `--probe-drives` drives per world (world W's train stream, as a run with
