@@ -44,19 +44,25 @@ def test_jobs_below_one_are_refused_in_one_line(capsys):
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --jobs: expected at least 1, got 0")
 
 
-def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
+def _random_init_checkpoint(path: Path, backbone: str, seed: int) -> Path:
+    """The random-init ViT that the probes build for `seed`, saved as a checkpoint (it must score as random)."""
     import torch
     from safetensors.torch import save_file
 
-    from raydseg.eval.knn import scene_split
     from raydseg.features.backbone import create_backbone
+
+    torch.manual_seed(seed)
+    save_file(create_backbone(backbone, "", dynamic_img_size=True, num_classes=0).state_dict(), str(path))
+    return path
+
+
+def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
+    from raydseg.eval.knn import scene_split
     from raydseg.train.pretrain import build_knn_probe
 
     monkeypatch.setattr(quality, "PROBE_DRIVES", 2)
     cfg = load_config(None)
-    torch.manual_seed(3)  # the random-init ViT that drive_knn builds for seed 3, saved as a checkpoint
-    same = tmp_path / "same.safetensors"
-    save_file(create_backbone(cfg.features.backbone, "", dynamic_img_size=True, num_classes=0).state_dict(), str(same))
+    same = _random_init_checkpoint(tmp_path / "same.safetensors", cfg.features.backbone, 3)
     out = quality.drive_knn(str(tmp_path), cfg, str(same), cfg.eval.knn_k, 3)
     assert set(out) == {"drive_knn_colour", "drive_knn_random", "drive_knn_pretrained", "drive_knn_std_random",
                         "drive_knn_std_pretrained", "drive_knn_segments"}
@@ -105,15 +111,8 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     paired = result["paired"]["hard_minus_teacher_unseen_fog"]["mean"]
     assert paired == again["hard_unseen_fog"] - row["teacher_unseen_fog"]
     # another checkpoint: the finished seed's probes are rescored with it, and nothing else runs again
-    import torch
-    from safetensors.torch import save_file
-
-    from raydseg.features.backbone import create_backbone
-
-    torch.manual_seed(0)  # the random-init ViT that the probes build for seed 0, saved as a checkpoint
-    same = tmp_path / "same.safetensors"
-    save_file(create_backbone(load_config("configs/smoke.yaml").features.backbone, "", dynamic_img_size=True,
-                              num_classes=0).state_dict(), str(same))
+    smoke = load_config("configs/smoke.yaml")
+    same = _random_init_checkpoint(tmp_path / "same.safetensors", smoke.features.backbone, 0)
     assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
                          "--ablate", "ema", "--pretrained", str(same), *threads]) == 0
     third = json.loads(out.read_text())["seeds"][0]
