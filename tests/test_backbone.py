@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from raydseg.features.backbone import UnsafeCheckpointError, create_backbone, load_state_dict
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from raydseg.features.backbone import UnsafeCheckpointError, create_backbone, load_state_dict, set_input_stats
 from raydseg.features.pooling import crop_cls_descriptors, mask_pool_descriptors, masked_crops, normalize_image
 
 NAME = "vit_tiny_patch16_224"
@@ -33,6 +35,7 @@ def test_timm_and_dino_layouts_give_same_features(tmp_path):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
     img, seg, ids = _scene()
+    set_input_stats(src, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # a file without metadata: ImageNet's
     ref = crop_cls_descriptors(src, img, seg, ids, crop_size=32)
     for f in ("timm.pth", "dino.pth", "w.safetensors"):
         m = create_backbone(NAME, str(tmp_path / f))
@@ -134,3 +137,32 @@ def test_ground_cells_follow_the_token_grid_and_take_the_token_under_them():
     assert d.shape == (6, 192)
     np.testing.assert_allclose(d, mask_pool_descriptors(m, img, cells, ids), atol=1e-5)
     assert ground_descriptors(m, img, cells, ids[:0]).shape == (0, 192)
+
+
+def test_a_weights_file_brings_the_input_mean_and_std_it_was_trained_with(tmp_path):
+    """Its safetensors metadata's `mean` / `std`; ImageNet's for a file without them (DINO's and MAE's own); random
+    init keeps timm's default for the architecture. The features stage and the teacher normalise with them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from raydseg.config import load_config
+    from raydseg.features.backbone import file_input_stats, input_stats
+    from raydseg.train.teacher import model_cfg_from
+
+    sd = {k: v.contiguous() for k, v in create_backbone(NAME, seed=0).state_dict().items()}
+    save_file(sd, str(tmp_path / "stamped.safetensors"),
+              {"mean": json.dumps([0.1, 0.2, 0.3]), "std": json.dumps([0.4, 0.5, 0.6])})
+    save_file(sd, str(tmp_path / "plain.safetensors"))
+    torch.save(sd, tmp_path / "plain.pth")
+    assert file_input_stats(str(tmp_path / "stamped.safetensors")) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    stamped = create_backbone(NAME, str(tmp_path / "stamped.safetensors"))
+    assert input_stats(stamped) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    white = normalize_image(np.full((2, 2, 3), 255, np.uint8), stamped)[:, 0, 0]
+    torch.testing.assert_close(white, torch.tensor([0.9 / 0.4, 0.8 / 0.5, 0.7 / 0.6]))
+    for f in ("plain.safetensors", "plain.pth"):
+        assert input_stats(create_backbone(NAME, str(tmp_path / f))) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert input_stats(create_backbone(NAME)) == ([0.5] * 3, [0.5] * 3)
+    teacher = model_cfg_from(load_config(overrides=[f"teacher.weights={tmp_path}/stamped.safetensors"]))
+    assert (teacher["mean"], teacher["std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert "mean" not in model_cfg_from(load_config(overrides=["teacher.weights=random"]))

@@ -640,3 +640,38 @@ def test_the_pretrain_stage_on_segment_crops_writes_them_part_by_part_and_trains
     assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, backbone.num_features)
     again = map_parts(str(Path(result.stage_dirs["ingest"]) / "frames"), str(stage), lambda t: 1 / 0)
     assert again.counts["parts_resumed"] == 2  # written once: a rerun does not crop again
+
+
+def test_pretraining_normalises_its_inputs_as_the_features_stage_reads_its_checkpoint_back(tmp_path):
+    """timm's default mean / std for vit_tiny_patch16_224 (0.5) describe its hub weights. A random-init ViT is
+    pretrained on ImageNet-normalised inputs (DINO, MAE); the export records them and the features stage's loader
+    reads them back, so a crop is normalised the same way in both. A start from a file keeps the file's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from raydseg.config import PretrainConfig
+    from raydseg.features.backbone import create_backbone, file_input_stats, input_stats, input_stats_metadata
+    from raydseg.features.pooling import normalize_image
+    from raydseg.train.loop import NO_MLFLOW
+    from raydseg.train.pretrain import CHECKPOINT, dino_task, mae_task, save_safetensors
+
+    imagenet = (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+    assert input_stats(create_backbone("vit_tiny_patch16_224")) == ([0.5] * 3, [0.5] * 3)
+    config = {**PretrainConfig().model_dump(), "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "steps": 3,
+              "knn_every": -1, "prefix": "pretrain/"}
+    image = np.full((16, 16, 3), 255, np.uint8)
+    for task in (dino_task, mae_task):
+        out = tmp_path / task.__name__
+        t = task({**config, "objective": task.__name__[:-5], "out_dir": str(out)}, torch.device("cpu"), None)
+        assert (t.step_fn.mean, t.step_fn.std) == imagenet, task.__name__
+        t.export(NO_MLFLOW, 0.0)
+        assert file_input_stats(str(out / CHECKPOINT)) == imagenet
+        loaded = create_backbone("vit_tiny_patch16_224", str(out / CHECKPOINT))
+        stepped = normalize(torch.from_numpy(image)[None], t.step_fn.mean, t.step_fn.std)[0]
+        torch.testing.assert_close(normalize_image(image, loaded), stepped)
+        assert normalize_image(image, loaded)[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229)
+    halves = tmp_path / "halves.safetensors"  # a file trained on 0.5 / 0.5 inputs, as mae_recipe.py's
+    random_vit = create_backbone("vit_tiny_patch16_224")
+    save_safetensors(random_vit.state_dict(), str(halves), input_stats_metadata(random_vit))
+    t = mae_task({**config, "objective": "mae", "weights": str(halves), "out_dir": str(tmp_path)},
+                 torch.device("cpu"), None)
+    assert (t.step_fn.mean, t.step_fn.std) == ([0.5] * 3, [0.5] * 3)

@@ -45,14 +45,16 @@ def test_jobs_below_one_are_refused_in_one_line(capsys):
 
 
 def _random_init_checkpoint(path: Path, backbone: str, seed: int) -> Path:
-    """The random-init ViT that the probes build for `seed`, saved as a checkpoint (it must score as random)."""
+    """The random-init ViT that the probes build for `seed`, saved as a checkpoint with the input statistics it is
+    used with (timm's for the architecture), so it must score as random."""
     import torch
     from safetensors.torch import save_file
 
-    from raydseg.features.backbone import create_backbone
+    from raydseg.features.backbone import create_backbone, input_stats_metadata
 
     torch.manual_seed(seed)
-    save_file(create_backbone(backbone, "", dynamic_img_size=True, num_classes=0).state_dict(), str(path))
+    vit = create_backbone(backbone, "", dynamic_img_size=True, num_classes=0)
+    save_file(vit.state_dict(), str(path), input_stats_metadata(vit))
     return path
 
 

@@ -75,6 +75,7 @@ def crops_per_s(images: list[bytes], config: dict[str, object], n: int) -> float
 
 def run_one(args: argparse.Namespace) -> int:
     """One variant (a child process): pretrain, write the history and the fp16 backbone."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     config = json.loads(args.one)
@@ -85,10 +86,12 @@ def run_one(args: argparse.Namespace) -> int:
     history = pretrain_local(config, images, args.device, probe=probe, workers=config.pop("loader_workers"),
                              log=lambda s: print(f"[{name}] {s}", flush=True))
     wall = time.time() - t0
-    weights = load_file(os.path.join(config["out_dir"], CHECKPOINT))
-    save_safetensors({k: v.half() for k, v in weights.items()}, os.path.join(args.out, f"{name}.safetensors"),
-                     metadata={"backbone": config["backbone"], "format": "timm", "steps": str(config["steps"]),
-                               "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)", "dtype": "float16"})
+    exported = os.path.join(config["out_dir"], CHECKPOINT)
+    with safe_open(exported, "pt") as f:
+        metadata = f.metadata()
+    save_safetensors({k: v.half() for k, v in load_file(exported).items()},
+                     os.path.join(args.out, f"{name}.safetensors"),
+                     metadata={**metadata, "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)", "dtype": "float16"})
     with open(os.path.join(config["out_dir"], "history.json"), "w") as f:
         json.dump({"wall_s": wall, "history": history,
                    "imported_not_on_device": ",".join(m for m in NOT_ON_DEVICE if m in sys.modules)}, f, default=float)

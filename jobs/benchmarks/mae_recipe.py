@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
 
     from raydseg.config import load_config
     from raydseg.eval.knn import colour_histogram
-    from raydseg.features.backbone import create_backbone
+    from raydseg.features.backbone import create_backbone, input_stats, input_stats_metadata
     from raydseg.models.mae import MaskedAutoencoder
     from raydseg.train.dino import cosine_schedule
     from raydseg.train.pretrain import probe_descriptors, probe_knn_scores, save_backbone, synthetic_drive_probe
@@ -119,8 +119,7 @@ def main(argv: list[str]) -> None:
     interp = v2.InterpolationMode.BICUBIC if a.bicubic else v2.InterpolationMode.BILINEAR
     aug = v2.Compose([v2.RandomResizedCrop(a.size, scale=(a.scale_min, 1.0), interpolation=interp, antialias=True),
                       v2.RandomHorizontalFlip()])
-    mean = torch.tensor(backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in input_stats(backbone))
     rng = np.random.default_rng(a.seed)
 
     def knn(step: int) -> dict:
@@ -148,7 +147,8 @@ def main(argv: list[str]) -> None:
             with open(f"{a.out}/history.json", "w") as f:
                 json.dump({"args": vars(a), "history": history}, f, indent=1)
     save_backbone(nn.ModuleDict({"backbone": backbone}), f"{a.out}/backbone.safetensors",
-                  {"backbone": "vit_tiny_patch16_224", "format": "timm", "source": "raydseg mae_recipe"})
+                  {"backbone": "vit_tiny_patch16_224", "format": "timm", "source": "raydseg mae_recipe",
+                   **input_stats_metadata(backbone)})
 
 
 if __name__ == "__main__":

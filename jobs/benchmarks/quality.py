@@ -22,7 +22,8 @@ Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval 
   24 drives of world S and 24 of world 1000 + S, 24 drives against 24 (`drive_knn_segments`: its size; the probe
   above tests 2 drives against 2), and `drive_knn_std_random` / `drive_knn_std_pretrained` on descriptors
   standardised per dimension by the train side's statistics (as MAE's linear probe). Both probes are rescored on a
-  finished seed when the checkpoint or features.descriptor / crop_size differ from its row's (`knn_probe_of`);
+  finished seed when the checkpoint, its input mean / std or features.descriptor / crop_size differ from its row's
+  (`knn_probe_of`);
 - `pseudo_miou`: Hungarian mIoU of the run's pseudo-labels on the pixels they cover, against the ground truth;
 - `teacher_*` / `student_*`: the evaluate stage's mIoU on day / night / fog (Hungarian mapping fitted on day);
   `*_unseen_*`: the same models and mapping on eval scenes of world 1000 + S, which the run never rendered;
@@ -332,13 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--label-oracles: unknown {', '.join(unknown)} (known: {', '.join(LABEL_ORACLES)})")
 
     from raydseg.config import load_config
+    from raydseg.features.backbone import HUB, file_input_stats, is_random_init
 
     cfg = load_config(args.config, overrides=args.set)
     variants = {**ablation_variants(ablate, cfg.student), **recipes}
     passed = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     pretrained = args.pretrained or cfg.features.weights
     # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
-    probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size}
+    probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
+                "input_stats": None if is_random_init(pretrained) or pretrained == HUB else file_input_stats(pretrained)}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))

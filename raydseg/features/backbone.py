@@ -7,8 +7,9 @@ prefixes) are converted to timm's layout; a `pos_embed` of another grid size is 
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +43,8 @@ WRAPPER_KEYS = ("teacher", "student", "state_dict", "model", "module", "backbone
 PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """The raw mapping stored in a local / s3:// weights file (.safetensors, or torch.save of tensors only)."""
+def _local_file(path: str) -> str:
+    """The local file holding the weights `path` names (an s3:// object is downloaded once)."""
     path = resolve_weights_path(path)
     if path.startswith("s3://"):  # storage needs pyarrow, which a machine with torch alone (the device) lacks
         from raydseg import storage
@@ -53,6 +54,51 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         local = os.path.abspath(path)
     if not os.path.exists(local):
         raise FileNotFoundError(f"weights file {path} does not exist")
+    return local
+
+
+def file_input_stats(path: str) -> tuple[list[float], list[float]]:
+    """The RGB mean / std (0..1 scale) the network in a weights file was trained on: its safetensors metadata's
+    `mean` / `std` (JSON lists, as `input_stats_metadata` writes them), else ImageNet's (DINO's, MAE's, and this
+    project's pretraining before the metadata existed). Not timm's default for the architecture: that describes
+    timm's own hub weights (e.g. 0.5 / 0.5 for vit_tiny_patch16_224), not a file's."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    local = _local_file(path)
+    meta: dict[str, str] = {}
+    if local.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(local, "pt") as f:
+            meta = f.metadata() or {}
+    if "mean" in meta and "std" in meta:
+        return [float(v) for v in json.loads(meta["mean"])], [float(v) for v in json.loads(meta["std"])]
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+
+
+def input_stats(model: nn.Module) -> tuple[list[float], list[float]]:
+    """The RGB mean / std (0..1 scale) `model` expects: its timm `pretrained_cfg`'s (ImageNet's when it has none)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), list(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
+def set_input_stats(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """`model` with `pretrained_cfg` mean / std set, which everything that normalises its inputs reads."""
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": tuple(mean), "std": tuple(std)}
+    return model
+
+
+def input_stats_metadata(model: nn.Module) -> dict[str, str]:
+    """Safetensors metadata recording the mean / std `model` was trained with (read back by `file_input_stats`)."""
+    mean, std = input_stats(model)
+    return {"mean": json.dumps(mean), "std": json.dumps(std)}
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The raw mapping stored in a local / s3:// weights file (.safetensors, or torch.save of tensors only)."""
+    local = _local_file(path)
     if local.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -129,6 +175,8 @@ def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw:
     weights: "" or "random" random init; "hub" timm's pretrained tag of `name` (downloads: only when asked explicitly);
     otherwise a local path or s3:// URL (timm or DINO layout). Missing keys other than the head are an error.
     `dynamic_img_size=True` by default so that whole images of any patch-multiple size can be fed.
+    A file's weights bring the input mean / std they were trained with (`file_input_stats`, set as `pretrained_cfg`);
+    random init and the hub keep timm's for `name`.
     seed: random init from this torch seed (the global RNG is left as it was), so that every actor of a stage and
     every rerun builds the same model; None = the caller's RNG state.
     """
@@ -151,4 +199,5 @@ def create_backbone(name: str, weights: str = "", seed: int | None = None, **kw:
         missing = [m for m in missing if not m.startswith(("head.", "fc_norm."))]
         if missing or unexpected:
             raise ValueError(f"weights {weights} do not fit {name}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        set_input_stats(model, *file_input_stats(weights))
     return model.eval()

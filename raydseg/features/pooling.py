@@ -1,7 +1,7 @@
 """Segment descriptors from a ViT: the paper's masked-crop [CLS] and the faster patch features pooled under the mask.
 
 Both return L2-normalised (S, D) float32 descriptors for the segments of one image. Images are (H, W, 3) uint8,
-segment-id images (H, W) integer (0 = no segment); normalisation uses the backbone's mean / std (ImageNet).
+segment-id images (H, W) integer (0 = no segment); normalisation uses the backbone's mean / std (`input_stats`).
 """
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+from raydseg.features.backbone import input_stats
 from raydseg.features.ground import patch_grid_size
 
 
 def normalize_image(image: np.ndarray, model: nn.Module | None = None) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - mean) / std with the model's pretrained_cfg statistics."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32)[:, None, None]
+    """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - mean) / std with the model's statistics (`input_stats`)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in input_stats(model))
     x = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / 255.0  # a copy: inputs may be read-only
     return (x - mean) / std
 

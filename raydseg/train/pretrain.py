@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from raydseg.features.backbone import input_stats, input_stats_metadata, is_random_init, set_input_stats
 from raydseg.features.pooling import CROP_DESCRIPTORS
 from raydseg.models.dino_head import build_dino_model
 from raydseg.models.ema import EMA
@@ -391,7 +392,7 @@ def _probe_and_export(config: dict[str, Any], backbone_of: torch.nn.Module, devi
     def export(log: Any, last_loss: float) -> None:
         path = config["out_dir"].rstrip("/") + "/" + CHECKPOINT
         meta = {"backbone": config["backbone"], "format": "timm", "source": f"raydseg pretrain {config['objective']}",
-                "steps": str(steps)}
+                "steps": str(steps), **input_stats_metadata(backbone_of.backbone)}
         save_backbone(backbone_of, path, meta)
         if log.active_run() is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -412,13 +413,24 @@ def _lr_and_wd(config: dict[str, Any]) -> tuple[Any, np.ndarray]:
     return (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr[min(s, steps - 1)]) / base_lr)), wd
 
 
+def with_pretraining_stats(backbone: torch.nn.Module, weights: str) -> torch.nn.Module:
+    """`backbone` with the input mean / std it is pretrained on: ImageNet's from random init, as DINO and MAE (timm's
+    default for the architecture describes timm's hub weights); a file's or the hub's own otherwise. The steps
+    normalise with them, the probe and the features stage read them back (the export writes them to the file)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return set_input_stats(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if is_random_init(weights) \
+        else backbone
+
+
 def initial_backbone(config: dict[str, Any]) -> torch.nn.Module:
     """The ViT both objectives start from under torch's current seed (`pretrain` section as a dict: backbone,
     weights, drop_path), as `build_dino_model` builds it before its head: the probe's step 0."""
     from raydseg.features.backbone import create_backbone
 
-    return create_backbone(config["backbone"], config["weights"], dynamic_img_size=True, num_classes=0,
-                           drop_path_rate=config["drop_path"])
+    return with_pretraining_stats(create_backbone(config["backbone"], config["weights"], dynamic_img_size=True,
+                                                  num_classes=0, drop_path_rate=config["drop_path"]),
+                                  config["weights"])
 
 
 def pretrain_task(config: dict[str, Any], device: torch.device, rank: int, probe: dict[str, Any] | None = None
@@ -431,6 +443,7 @@ def dino_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any
     """Student (ViT + DINO head), EMA teacher, DINO loss and schedules; the probe and export use the teacher."""
     steps = int(config["steps"])
     student = build_dino_model(config["backbone"], **_model_kwargs(config))
+    with_pretraining_stats(student.backbone, config["weights"])
     ema = EMA(student)  # the teacher: same init, no gradient, eval mode (no drop-path)
     teacher = ema.module.to(device)
     for m in teacher.head.modules():  # the teacher's head normalises with its own batch, as the official code
@@ -450,7 +463,8 @@ def dino_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any
         return {"grad_norm": grad_norm, "weight_decay": float(wd[step]), "momentum": float(momentum[step])}
 
     validate, export = _probe_and_export(config, teacher, device, probe)
-    step_fn = DinoStep(teacher, loss, config["local_crops"],
+    mean, std = input_stats(student.backbone)
+    step_fn = DinoStep(teacher, loss, config["local_crops"], mean, std,
                        photometric_on_device=config["photometric"] and config["photometric_device"])
     return Task(model=student, step_fn=step_fn,
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"],
@@ -477,7 +491,7 @@ def mae_task(config: dict[str, Any], device: torch.device, probe: dict[str, Any]
         return {"grad_norm": clip_gradients(model, config["clip_grad"]), "weight_decay": float(wd[step])}
 
     validate, export = _probe_and_export(config, model, device, probe)
-    return Task(model=model, step_fn=MaeStep(views=config["mae_views"]),
+    return Task(model=model, step_fn=MaeStep(*input_stats(model.backbone), views=config["mae_views"]),
                 make_optimizer=lambda m: torch.optim.AdamW(param_groups(m), lr=config["lr"], betas=(0.9, 0.95),
                                                            weight_decay=config["weight_decay"]),
                 make_scheduler=make_scheduler, before_update=before_update, validate=validate, export=export)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from raydseg import storage
 from raydseg.config import Config
+from raydseg.features.backbone import HUB, file_input_stats, is_random_init
 from raydseg.stage_requests import train_worker_for
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
@@ -26,9 +27,11 @@ def n_pseudo_classes(cfg: Config) -> int:
 
 
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
-    t = cfg.teacher
+    """The teacher's Segmenter config; an encoder from a weights file normalises with the file's mean / std."""
+    t, weights = cfg.teacher, encoder_weights(cfg)
+    stats = {} if is_random_init(weights) or weights == HUB else dict(zip(("mean", "std"), file_input_stats(weights)))
     return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
-            "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm}
+            "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm, **stats}
 
 
 def encoder_weights(cfg: Config) -> str:
