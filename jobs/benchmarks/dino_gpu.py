@@ -91,7 +91,8 @@ def run_one(args: argparse.Namespace) -> int:
         metadata = f.metadata()
     save_safetensors({k: v.half() for k, v in load_file(exported).items()},
                      os.path.join(args.out, f"{name}.safetensors"),
-                     metadata={**metadata, "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)", "dtype": "float16"})
+                     metadata={**metadata, "source": "raydseg pretrain (jobs/benchmarks/dino_gpu.py)",
+                               "dtype": "float16"})
     with open(os.path.join(config["out_dir"], "history.json"), "w") as f:
         json.dump({"wall_s": wall, "history": history,
                    "imported_not_on_device": ",".join(m for m in NOT_ON_DEVICE if m in sys.modules)}, f, default=float)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from raydseg.features.backbone import input_stats
 from raydseg.features.ground import patch_grid_size
 
