@@ -26,6 +26,7 @@ from raydseg.pipeline import StageContext, StageResult
 NAME = "features"
 INPUTS: tuple[str, ...] = ("proposals", "ingest")
 CONFIG_SECTIONS = ("features",)
+OUTPUT_VERSION = 1  # 1: a weights file's inputs are normalised with its own mean / std (backbone.file_input_stats)
 
 STATS_SCHEMA = pa.schema([("seconds", pa.float64()), ("images", pa.int64()), ("segments", pa.int64()),
                           ("ground_patches", pa.int64())])
