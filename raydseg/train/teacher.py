@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from raydseg import storage
 from raydseg.config import Config
-from raydseg.features.backbone import HUB, file_input_stats, is_random_init
 from raydseg.stage_requests import train_worker_for
 
 TRAIN_KEYS = ("steps", "batch_size", "micro_batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
@@ -28,6 +27,8 @@ def n_pseudo_classes(cfg: Config) -> int:
 
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
     """The teacher's Segmenter config; an encoder from a weights file normalises with the file's mean / std."""
+    from raydseg.features.backbone import HUB, file_input_stats, is_random_init  # torch: not at this module's import
+
     t, weights = cfg.teacher, encoder_weights(cfg)
     stats = {} if is_random_init(weights) or weights == HUB else dict(zip(("mean", "std"), file_input_stats(weights)))
     return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
