@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--label-oracles: unknown {', '.join(unknown)} (known: {', '.join(LABEL_ORACLES)})")
 
     from raydseg.config import load_config
-    from raydseg.features.backbone import HUB, file_input_stats, is_random_init
+    from raydseg.features.backbone import weights_input_stats
 
     cfg = load_config(args.config, overrides=args.set)
     variants = {**ablation_variants(ablate, cfg.student), **recipes}
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = args.pretrained or cfg.features.weights
     # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
     probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
-                "input_stats": None if is_random_init(pretrained) or pretrained == HUB else file_input_stats(pretrained)}
+                "input_stats": weights_input_stats(pretrained)}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))

@@ -105,6 +105,7 @@ class Views(torch.utils.data.Dataset):
 def train_variant(data: dict, recipe: dict, device: torch.device, workers: int, seed: int) -> dict:
     """Train one recipe and return its losses, speed and per-condition confusion matrices (lists)."""
     from raydseg.eval.metrics import confusion_matrix
+    from raydseg.features.backbone import weights_input_stats
     from raydseg.models.infer import predict_image
     from raydseg.models.segmenter import build_segmenter, resolve_model_cfg
     from raydseg.train.data import is_val
@@ -117,7 +118,8 @@ def train_variant(data: dict, recipe: dict, device: torch.device, workers: int, 
             if target == "gt" or not is_val(r["frame_id"], recipe["val_fraction"])]
     torch.manual_seed(seed)
     model_cfg = resolve_model_cfg({"n_cls": n_cls, **{k: recipe[k] for k in ("backbone", "decoder", "n_layers",
-                                                                              "dropout", "drop_path", "input_norm")}})
+                                                                              "dropout", "drop_path", "input_norm")},
+                                   **weights_input_stats(recipe["weights"])})
     model = build_segmenter(model_cfg, recipe["weights"]).to(device)
     opt = make_optimizer(model, recipe)
     sched = lr_scheduler(opt, recipe["steps"], recipe["schedule"], recipe["warmup_steps"])

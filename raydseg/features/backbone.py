@@ -76,6 +76,12 @@ def file_input_stats(path: str) -> tuple[list[float], list[float]]:
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
+def weights_input_stats(weights: str) -> dict[str, list[float]]:
+    """{"mean", "std"} of a weights file (`file_input_stats`), for a model config; {} for random init and the hub,
+    whose models keep their own defaults."""
+    return {} if is_random_init(weights) or weights == HUB else dict(zip(("mean", "std"), file_input_stats(weights)))
+
+
 def input_stats(model: nn.Module) -> tuple[list[float], list[float]]:
     """The RGB mean / std (0..1 scale) `model` expects: its timm `pretrained_cfg`'s (ImageNet's when it has none)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

@@ -27,12 +27,12 @@ def n_pseudo_classes(cfg: Config) -> int:
 
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
     """The teacher's Segmenter config; an encoder from a weights file normalises with the file's mean / std."""
-    from raydseg.features.backbone import HUB, file_input_stats, is_random_init  # torch: not at this module's import
+    from raydseg.features.backbone import weights_input_stats  # torch: not at this module's import
 
-    t, weights = cfg.teacher, encoder_weights(cfg)
-    stats = {} if is_random_init(weights) or weights == HUB else dict(zip(("mean", "std"), file_input_stats(weights)))
+    t = cfg.teacher
     return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
-            "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm, **stats}
+            "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm,
+            **weights_input_stats(encoder_weights(cfg))}
 
 
 def encoder_weights(cfg: Config) -> str:
