@@ -56,5 +56,5 @@ def test_dino_gpu_runs_two_variants_and_writes_loadable_fp16_backbones(tmp_path)
     full = load_file(work / "a" / "backbone.safetensors")
     assert all(v.dtype == torch.float16 and torch.equal(v, full[k].half()) for k, v in half.items())
     backbone = create_backbone("vit_tiny_patch16_224", str(out / "a.safetensors"))
-    assert input_stats(backbone) == input_stats(init) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # trained on
+    assert input_stats(backbone) == input_stats(init) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # ImageNet's
     assert torch.equal(backbone.state_dict()["cls_token"], full["cls_token"].half().float())

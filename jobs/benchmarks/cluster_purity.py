@@ -1,7 +1,7 @@
 """Do better segment descriptors make purer clusters? k-means of the quality ladder's 48-drive probe, random ViT vs a
 checkpoint, under the cluster stage's pre-processing options.
 
-`python jobs/benchmarks/cluster_purity.py --out OUT.json --weights CKPT [--root ROOT --seeds 0,1,2 --k 12]`: for
+`python jobs/benchmarks/cluster_purity.py --out OUT.json --weights CKPT [--root ROOT --seeds 0,1,2]`: for
 each seed the probe of `quality.drive_knn` (one LiDAR frame of each of 24 drives of world S and of world 1000 + S,
 cached under ROOT/probe<S>), crop_cls descriptors (`features.descriptor` of the default config) of the seeded
 random-init ViT (the baseline) and of CKPT, clustered by the cluster stage's `kmeans_local` (faiss, `cluster.k`,

@@ -109,8 +109,6 @@ def segment_crops(image: np.ndarray, segment_ids: np.ndarray, size: int, min_pix
     """(H, W, 3) uint8 image, (H, W) segment ids (0 = none) -> (ids (S,), crops (S, size, size, 3) uint8): the
     features stage's masked crops (raydseg.features.pooling.masked_crops) of the segments of >= min_pixels pixels, in
     id order, mapped back to uint8, so that outside the mask is the ImageNet mean colour (zero after normalisation)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     from raydseg.features.pooling import masked_crops, normalize_image
 
     ids = np.nonzero(np.bincount(segment_ids.ravel()) >= min_pixels)[0]
@@ -118,8 +116,7 @@ def segment_crops(image: np.ndarray, segment_ids: np.ndarray, size: int, min_pix
     if not len(ids):
         return ids, np.zeros((0, size, size, 3), np.uint8)
     crops = masked_crops(normalize_image(image), segment_ids, ids, size)
-    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None]
-                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in input_stats(None))  # normalize_image's
     return ids, (255 * (crops * std + mean)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
