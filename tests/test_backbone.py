@@ -166,3 +166,17 @@ def test_a_weights_file_brings_the_input_mean_and_std_it_was_trained_with(tmp_pa
     teacher = model_cfg_from(load_config(overrides=[f"teacher.weights={tmp_path}/stamped.safetensors"]))
     assert (teacher["mean"], teacher["std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
     assert "mean" not in model_cfg_from(load_config(overrides=["teacher.weights=random"]))
+
+
+def test_hub_weights_bring_the_input_mean_and_std_of_their_timm_tag():
+    """The teacher's Segmenter from `hub` weights normalises as `create_backbone` loads them, with timm's
+    `pretrained_cfg` of that tag (AugReg ViT-Tiny: 0.5; DINO ViT-S/16: ImageNet's), read without a download."""
+    from raydseg.config import load_config
+    from raydseg.train.teacher import model_cfg_from
+
+    def stats(backbone: str) -> tuple[list[float], list[float]]:
+        m = model_cfg_from(load_config(overrides=["teacher.weights=hub", f"teacher.backbone={backbone}"]))
+        return m["mean"], m["std"]
+
+    assert stats("vit_tiny_patch16_224") == ([0.5] * 3, [0.5] * 3)
+    assert stats("vit_small_patch16_224.dino") == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = args.pretrained or cfg.features.weights
     # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
     probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
-                "input_stats": weights_input_stats(pretrained)}
+                "input_stats": weights_input_stats(pretrained, cfg.features.backbone)}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))

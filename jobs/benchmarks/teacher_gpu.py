@@ -119,7 +119,7 @@ def train_variant(data: dict, recipe: dict, device: torch.device, workers: int, 
     torch.manual_seed(seed)
     model_cfg = resolve_model_cfg({"n_cls": n_cls, **{k: recipe[k] for k in ("backbone", "decoder", "n_layers",
                                                                               "dropout", "drop_path", "input_norm")},
-                                   **weights_input_stats(recipe["weights"])})
+                                   **weights_input_stats(recipe["weights"], recipe["backbone"])})
     model = build_segmenter(model_cfg, recipe["weights"]).to(device)
     opt = make_optimizer(model, recipe)
     sched = lr_scheduler(opt, recipe["steps"], recipe["schedule"], recipe["warmup_steps"])

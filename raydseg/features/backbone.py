@@ -76,10 +76,18 @@ def file_input_stats(path: str) -> tuple[list[float], list[float]]:
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
-def weights_input_stats(weights: str) -> dict[str, list[float]]:
-    """{"mean", "std"} of a weights file (`file_input_stats`), for a model config; {} for random init and the hub,
-    whose models keep their own defaults."""
-    return {} if is_random_init(weights) or weights == HUB else dict(zip(("mean", "std"), file_input_stats(weights)))
+def weights_input_stats(weights: str, name: str) -> dict[str, list[float]]:
+    """{"mean", "std"} that model `name` started from `weights` expects, for a model config: a weights file's
+    (`file_input_stats`), or for the hub timm's for that tag (what `create_backbone` loads; read without a download);
+    {} for random init, which keeps the model config's own."""
+    if is_random_init(weights):
+        return {}
+    if weights == HUB:
+        from timm.models import get_pretrained_cfg
+
+        tag = get_pretrained_cfg(name)
+        return {"mean": list(tag.mean), "std": list(tag.std)} if tag else {}
+    return dict(zip(("mean", "std"), file_input_stats(weights)))
 
 
 def input_stats(model: nn.Module) -> tuple[list[float], list[float]]:

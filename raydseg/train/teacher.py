@@ -26,13 +26,14 @@ def n_pseudo_classes(cfg: Config) -> int:
 
 
 def model_cfg_from(cfg: Config) -> dict[str, Any]:
-    """The teacher's Segmenter config; an encoder from a weights file normalises with the file's mean / std."""
+    """The teacher's Segmenter config; an encoder from a weights file or the hub normalises with the mean / std its
+    weights were trained with."""
     from raydseg.features.backbone import weights_input_stats  # torch: not at this module's import
 
     t = cfg.teacher
     return {"backbone": t.backbone, "n_cls": n_pseudo_classes(cfg), "decoder": t.decoder, "n_layers": t.n_layers,
             "dropout": t.dropout, "drop_path": t.drop_path, "input_norm": t.input_norm,
-            **weights_input_stats(encoder_weights(cfg))}
+            **weights_input_stats(encoder_weights(cfg), t.backbone)}
 
 
 def encoder_weights(cfg: Config) -> str:
