@@ -131,6 +131,13 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """`length` bytes of `path` from byte `offset` (on S3 a ranged read: the object is not downloaded)."""
+    fs, p = filesystem(path)
+    with _failing(path, "read"), fs.open_input_file(p) as f:
+        return f.read_at(length, offset)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write atomically: local files via a temp name in the same folder + rename; S3 as one PUT."""
     fs, p = filesystem(path)

@@ -180,3 +180,36 @@ def test_hub_weights_bring_the_input_mean_and_std_of_their_timm_tag():
 
     assert stats("vit_tiny_patch16_224") == ([0.5] * 3, [0.5] * 3)
     assert stats("vit_small_patch16_224.dino") == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_an_s3_weights_file_brings_its_statistics_from_its_header_without_a_download(tmp_path, monkeypatch,
+                                                                                     s3_bucket):
+    """The driver reads an s3:// file's mean / std for the teacher's model config with ranged reads of its header
+    (moto's S3 server); only loading the weights downloads the file, once, into the cache."""
+    import io
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save, save_file
+
+    from raydseg import storage
+    from raydseg.config import load_config
+    from raydseg.features.backbone import file_input_stats, input_stats
+    from raydseg.train.teacher import model_cfg_from
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # storage.local_copy's cache: tmp_path/raydseg-cache
+    sd = {k: v.contiguous() for k, v in create_backbone(NAME, seed=0).state_dict().items()}
+    stamped, plain = f"s3://{s3_bucket}/w/stamped.safetensors", f"s3://{s3_bucket}/w/plain.pth"
+    storage.write_bytes(stamped, save(sd, {"mean": json.dumps([0.1, 0.2, 0.3]), "std": json.dumps([0.4, 0.5, 0.6])}))
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    storage.write_bytes(plain, buf.getvalue())
+    teacher = model_cfg_from(load_config(overrides=[f"teacher.weights={stamped}"]))
+    assert (teacher["mean"], teacher["std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert file_input_stats(plain) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # no header: ImageNet's
+    assert not (tmp_path / "raydseg-cache").exists()
+    assert input_stats(create_backbone(NAME, stamped)) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert len(os.listdir(tmp_path / "raydseg-cache")) == 1
+    save_file(sd, str(tmp_path / "local.safetensors"), {"mean": "[1, 2, 3]", "std": "[4, 5, 6]"})
+    assert file_input_stats(str(tmp_path / "local.safetensors")) == ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])

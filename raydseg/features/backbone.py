@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Any, Sequence
 
 import torch
@@ -35,6 +36,7 @@ def resolve_weights_path(path: str) -> str:
     shipped = os.path.join(PACKAGED_WEIGHTS, *(parts[1:] if parts[0] == "weights" else parts))
     return shipped if os.path.isfile(shipped) else path
 
+
 class UnsafeCheckpointError(ValueError):
     """The weights file holds a pickled payload that is not a plain tensor state_dict."""
 
@@ -57,6 +59,29 @@ def _local_file(path: str) -> str:
     return local
 
 
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a .safetensors weights file ({} for other formats), read from its header alone: the
+    header's 8-byte little-endian length, then its JSON. An s3:// file is read with two ranged reads, not downloaded
+    (the driver reads it for the teacher's model config; the workers download it)."""
+    path = resolve_weights_path(path)
+    if path.startswith("s3://"):
+        from raydseg import storage
+
+        def read(offset: int, n: int) -> bytes:
+            return storage.read_range(path, offset, n)
+    else:
+        local = _local_file(path)
+
+        def read(offset: int, n: int) -> bytes:
+            with open(local, "rb") as f:
+                f.seek(offset)
+                return f.read(n)
+    if not path.endswith(".safetensors"):
+        return {}
+    (n,) = struct.unpack("<Q", read(0, 8))
+    return json.loads(read(8, n)).get("__metadata__") or {}
+
+
 def file_input_stats(path: str) -> tuple[list[float], list[float]]:
     """The RGB mean / std (0..1 scale) the network in a weights file was trained on: its safetensors metadata's
     `mean` / `std` (JSON lists, as `input_stats_metadata` writes them), else ImageNet's (DINO's, MAE's, and this
@@ -64,13 +89,7 @@ def file_input_stats(path: str) -> tuple[list[float], list[float]]:
     timm's own hub weights (e.g. 0.5 / 0.5 for vit_tiny_patch16_224), not a file's."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    local = _local_file(path)
-    meta: dict[str, str] = {}
-    if local.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(local, "pt") as f:
-            meta = f.metadata() or {}
+    meta = safetensors_metadata(path)
     if "mean" in meta and "std" in meta:
         return [float(v) for v in json.loads(meta["mean"])], [float(v) for v in json.loads(meta["std"])]
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
