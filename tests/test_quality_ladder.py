@@ -121,3 +121,23 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     assert "knn_pretrained" not in again and third["knn_probe_of"]["pretrained"] == str(same)
     assert third["knn_pretrained"] == third["knn_random"] and third["drive_knn_pretrained"] == third["drive_knn_random"]
     assert {k: third[k] for k in row if "knn" not in k} == {k: row[k] for k in row if "knn" not in k}
+
+
+def test_the_drive_knn_benchmark_pairs_each_checkpoint_with_the_seeds_random_vit(tmp_path, monkeypatch):
+    """jobs/benchmarks/drive_knn.py: a checkpoint holding a seed's own random init gains exactly 0 on every seed,
+    with both descriptors, plain and standardised."""
+    import drive_knn
+
+    monkeypatch.setattr(quality, "PROBE_DRIVES", 2)
+    cfg = load_config(None)
+    same = _random_init_checkpoint(tmp_path / "same.safetensors", cfg.features.backbone, 3)
+    out_json = tmp_path / "out.json"
+    assert drive_knn.main(["--out", str(out_json), "--weights", f"same={same}", "--root", str(tmp_path),
+                           "--seeds", "3,3"]) == 0
+    out = json.loads(out_json.read_text())
+    assert out["seeds"] == [3, 3] and list(out["checkpoints"]) == ["same"]
+    for desc in ("crop_cls", "crop_mean"):
+        got = out["checkpoints"]["same"][desc]
+        for key in ("drive_knn_gain", "drive_knn_std_gain"):
+            assert got[key] == {"mean": 0.0, "se": 0.0, "per_seed": [0.0, 0.0]}
+        assert got["rows"][0] == got["rows"][1] and got["rows"][0]["drive_knn_segments"] > 0
