@@ -64,22 +64,18 @@ def safetensors_metadata(path: str) -> dict[str, str]:
     header's 8-byte little-endian length, then its JSON. An s3:// file is read with two ranged reads, not downloaded
     (the driver reads it for the teacher's model config; the workers download it)."""
     path = resolve_weights_path(path)
-    if path.startswith("s3://"):
-        from raydseg import storage
-
-        def read(offset: int, n: int) -> bytes:
-            return storage.read_range(path, offset, n)
-    else:
-        local = _local_file(path)
-
-        def read(offset: int, n: int) -> bytes:
-            with open(local, "rb") as f:
-                f.seek(offset)
-                return f.read(n)
+    s3 = path.startswith("s3://")
+    local = "" if s3 else _local_file(path)  # a missing local file is an error in any format
     if not path.endswith(".safetensors"):
         return {}
-    (n,) = struct.unpack("<Q", read(0, 8))
-    return json.loads(read(8, n)).get("__metadata__") or {}
+    if s3:
+        from raydseg import storage
+
+        header = storage.read_range(path, 8, struct.unpack("<Q", storage.read_range(path, 0, 8))[0])
+    else:
+        with open(local, "rb") as f:
+            header = f.read(struct.unpack("<Q", f.read(8))[0])
+    return json.loads(header).get("__metadata__") or {}
 
 
 def file_input_stats(path: str) -> tuple[list[float], list[float]]:
