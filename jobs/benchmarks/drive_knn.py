@@ -15,14 +15,15 @@ import json
 import os
 import sys
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quality  # noqa: E402
 
 
 def paired_gain(rows: list[dict[str, float]], key: str) -> dict:
-    """Mean, standard error (ddof 1) and per-seed values of rows' `<key>_pretrained - <key>_random`."""
-    d = np.array([r[f"{key}_pretrained"] - r[f"{key}_random"] for r in rows])
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "se": se, "per_seed": d.tolist()}
+    """Mean, standard error (`quality.stats`) and per-seed values of rows' `<key>_pretrained - <key>_random`."""
+    d = [r[f"{key}_pretrained"] - r[f"{key}_random"] for r in rows]
+    s = quality.stats(d)
+    return {"mean": s["mean"], "se": s["se"], "per_seed": d}
 
 
 def main(argv: list[str]) -> int:
@@ -33,9 +34,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--descriptors", default="crop_cls,crop_mean", help="features.descriptor values")
     a = ap.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import quality
-
     from raydseg.config import load_config
 
     seeds = [int(s) for s in a.seeds.split(",") if s]
