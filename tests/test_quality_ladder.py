@@ -125,19 +125,41 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
 
 def test_the_drive_knn_benchmark_pairs_each_checkpoint_with_the_seeds_random_vit(tmp_path, monkeypatch):
     """jobs/benchmarks/drive_knn.py: a checkpoint holding a seed's own random init gains exactly 0 on every seed,
-    with both descriptors, plain and standardised."""
+    with both descriptors, plain and standardised; paired `--against` another checkpoint, it differs from it by
+    minus that one's gain."""
     import drive_knn
 
     monkeypatch.setattr(quality, "PROBE_DRIVES", 2)
     cfg = load_config(None)
     same = _random_init_checkpoint(tmp_path / "same.safetensors", cfg.features.backbone, 3)
+    other = _random_init_checkpoint(tmp_path / "other.safetensors", cfg.features.backbone, 4)
     out_json = tmp_path / "out.json"
-    assert drive_knn.main(["--out", str(out_json), "--weights", f"same={same}", "--root", str(tmp_path),
-                           "--seeds", "3,3"]) == 0
+    assert drive_knn.main(["--out", str(out_json), "--weights", f"same={same}", "--weights", f"other={other}",
+                           "--root", str(tmp_path), "--seeds", "3,3", "--against", "other"]) == 0
     out = json.loads(out_json.read_text())
-    assert out["seeds"] == [3, 3] and list(out["checkpoints"]) == ["same"]
+    assert out["seeds"] == [3, 3] and list(out["checkpoints"]) == ["same", "other"]
+    assert "vs_other" not in out["checkpoints"]["other"]["crop_cls"]
+    moved = 0.0
     for desc in ("crop_cls", "crop_mean"):
         got = out["checkpoints"]["same"][desc]
         for key in ("drive_knn_gain", "drive_knn_std_gain"):
             assert got[key] == {"mean": 0.0, "se": 0.0, "per_seed": [0.0, 0.0]}
+            gain = out["checkpoints"]["other"][desc][key]
+            assert got["vs_other"][key] == {"mean": -gain["mean"], "se": gain["se"],
+                                            "per_seed": [-g for g in gain["per_seed"]]}
+            moved += abs(gain["mean"])
         assert got["rows"][0] == got["rows"][1] and got["rows"][0]["drive_knn_segments"] > 0
+    assert moved > 0  # another init scores differently somewhere, so the signs above are tested
+
+
+def test_the_drive_knn_benchmark_refuses_an_unknown_against_name_before_any_work(tmp_path, capsys):
+    """--against must name one of the --weights checkpoints; the error names it and the names there are."""
+    import drive_knn
+
+    with pytest.raises(SystemExit) as e:
+        drive_knn.main(["--out", str(tmp_path / "o.json"), "--weights", "a=x.safetensors", "--weights", "y.safetensors",
+                        "--against", "b", "--root", str(tmp_path)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "drive_knn.py: error: --against b: not among the --weights names ['a', 'y.safetensors']")
+    assert list(tmp_path.iterdir()) == []
