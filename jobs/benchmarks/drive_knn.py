@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--descriptors", default="crop_cls,crop_mean", help="features.descriptor values")
     ap.add_argument("--against", default="", help="NAME of a --weights checkpoint to pair the others with")
     a = ap.parse_args(argv)
-    names = [spec.rpartition("=")[0] or spec for spec in a.weights]
+    checkpoints = [(name or path, path) for name, _, path in (spec.rpartition("=") for spec in a.weights)]
+    names = [name for name, _ in checkpoints]
     if a.against and a.against not in names:
         ap.error(f"--against {a.against}: not among the --weights names {names}")
     from raydseg.config import load_config
@@ -53,8 +54,7 @@ def main(argv: list[str]) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s]
     out: dict = {"seeds": seeds, "checkpoints": {}}
     descriptors = a.descriptors.split(",")
-    for name, spec in zip(names, a.weights):
-        path = spec.rpartition("=")[2]
+    for name, path in checkpoints:
         ckpt = out["checkpoints"][name] = {"weights": path}
         for desc in descriptors:
             cfg = load_config(None, [f"features.descriptor={desc}"])
