@@ -52,6 +52,22 @@ def test_encoder_sees_cls_and_a_quarter_of_the_patches_and_the_loss_counts_maske
     assert loss.item() != pytest.approx(target.mean().item(), rel=1e-3)  # the visible patches are left out
 
 
+def test_the_masked_autoencoder_trains_under_bf16_autocast_as_on_a_gpu_with_amp():
+    """`amp: gpu` (the pretrain default) runs the step under bf16 autocast: the decoder's input must take the
+    encoder's dtype (it raised "scatter(): Expected self.dtype to be equal to src.dtype" before)."""
+    m = _mae(mask_ratio=0.75, norm_pix=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    full, _ = m(x)
+    torch.manual_seed(1)  # the same mask
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, mask = m(x)
+    loss.backward()
+    assert loss.dtype == torch.float32 and mask.sum().item() == 2 * 3
+    assert loss.item() == pytest.approx(full.item(), rel=0.05)  # bf16 rounding only
+    assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
+
+
 def test_the_mae_step_reconstructs_mae_views_global_crops_of_each_image():
     """views 2: both global crops as one batch of 2B; views 1: global_0 only (B distinct images per B samples)."""
     from raydseg.train.mae import MaeStep

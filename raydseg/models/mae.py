@@ -60,7 +60,7 @@ class MaskedAutoencoder(nn.Module):
         visible = torch.rand(b, n, device=x.device).argsort(1)[:, :keep]  # (B, keep) patch indices
         tokens = torch.cat([t[:, :pre], t[:, pre:].gather(1, visible[..., None].expand(-1, -1, t.shape[-1]))], 1)
         z = self.decoder_embed(m.norm(m.blocks(m.norm_pre(tokens))))
-        full = self.mask_token.expand(b, n, -1).clone()
+        full = self.mask_token.to(z.dtype).expand(b, n, -1).clone()  # z is bf16 under autocast
         full = full.scatter(1, visible[..., None].expand(-1, -1, z.shape[-1]), z[:, pre:])
         full = full + sincos_2d(z.shape[-1], gh, gw).to(full)[None]
         pred = self.decoder_pred(self.decoder_norm(self.decoder_blocks(torch.cat([z[:, :pre], full], 1))))[:, pre:]
