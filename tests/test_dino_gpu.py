@@ -1,5 +1,5 @@
 """jobs/benchmarks/dino_gpu.py, the DINO run for a lent GPU machine (torch + timm only): every path here on CPU at
-toy sizes: two variants side by side, their histories with the k-NN probe, the fp16 timm-layout backbones that the
+toy sizes: DINO variants and a masked autoencoder under bf16 autocast side by side, their histories with the k-NN probe, the fp16 timm-layout backbones that the
 project's loader reads, and nothing imported that the device machine lacks."""
 import io
 import json
@@ -36,7 +36,8 @@ def test_dino_gpu_runs_two_variants_and_writes_loadable_fp16_backbones(tmp_path)
     out, work = tmp_path / "out", tmp_path / "work"
     p = subprocess.run([sys.executable, "jobs/benchmarks/dino_gpu.py", "--tiny", "--device", "cpu", "--data", str(data),
                         "--out", str(out), "--work", str(work), "--variant", "a=steps=3,knn_every=3",
-                        "--variant", "b=steps=2,photometric_device=true,centering=sinkhorn"],
+                        "--variant", "b=steps=2,photometric_device=true,centering=sinkhorn",
+                        "--variant", "mae=objective=mae,local_crops=0,photometric=false,amp=all,steps=2"],
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -48,6 +49,9 @@ def test_dino_gpu_runs_two_variants_and_writes_loadable_fp16_backbones(tmp_path)
     assert b["config"]["photometric_device"] is True and b["config"]["centering"] == "sinkhorn"
     assert [h["step"] for h in a["history"] if "knn_acc" in h] == [0, 3]  # the random init, then the end
     assert np.isfinite(b["history"][-1]["loss"]) and b["history"][-1]["loss"] > 0
+    mae = r["variants"]["mae"]  # the masked autoencoder under bf16 autocast, as `amp: gpu` runs it on the device
+    assert mae["returncode"] == 0 and mae["config"]["amp"] == "all" and mae["history"][-1]["step"] == 2
+    assert mae["history"][-1]["mask_ratio"] == 0.75 and np.isfinite(mae["history"][-1]["loss"])
     torch.manual_seed(0)  # step 0's k-NN is that of the random-init backbone the variant starts from
     init = initial_backbone(a["config"])
     assert a["history"][0]["knn_acc"] == probe_knn_accuracy(init, probe, a["config"]["knn_k"],
