@@ -34,6 +34,15 @@ def _backbone_problem(key: str, name: str, weights: str) -> str | None:
     return None
 
 
+def weights_problem(key: str, weights: str) -> str | None:
+    """None when the weights value names no file (random init, hub) or a file that exists; else why not."""
+    from raydseg.features.backbone import HUB, is_random_init, resolve_weights_path
+
+    if is_random_init(weights) or weights == HUB:
+        return None
+    return _probe(key, resolve_weights_path(weights))
+
+
 def _writable_problem(root: str) -> str | None:
     """None when a file can be created under `root` (made if missing); the probe file is removed again."""
     probe = storage.join(root, f".raydseg-write-probe-{uuid.uuid4().hex}")
@@ -63,10 +72,7 @@ def input_problems(cfg: Config, stages: list[str]) -> list[str]:
             continue
         sec = getattr(cfg, section)
         out.append(_backbone_problem(f"{section}.backbone", sec.backbone, sec.weights))
-        from raydseg.features.backbone import HUB, is_random_init, resolve_weights_path
-
-        if not is_random_init(sec.weights) and sec.weights != HUB:  # the values that name no file
-            out.append(_probe(f"{section}.weights", resolve_weights_path(sec.weights)))
+        out.append(weights_problem(f"{section}.weights", sec.weights))
     if "evaluate" in stages and not cfg.eval.sets.strip() and cfg.data.source != "synthetic":
         out.append(f"eval.sets: required for data.source={cfg.data.source} (NAME:FORMAT:PATH,...); "
                    "only the synthetic source brings its own eval splits")

@@ -163,3 +163,20 @@ def test_the_drive_knn_benchmark_refuses_an_unknown_against_name_before_any_work
     assert capsys.readouterr().err.splitlines()[-1] == (
         "drive_knn.py: error: --against b: not among the --weights names ['a', 'y.safetensors']")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("weights, message", [
+    (["a=random", "a=random"], "--weights: each checkpoint needs its own NAME, ['a', 'a'] repeats one"),
+    (["a=random", "b={tmp}/missing.safetensors"], "--weights b: {tmp}/missing.safetensors does not exist")])
+def test_the_drive_knn_benchmark_refuses_a_repeated_name_or_a_missing_file_before_any_work(tmp_path, capsys, weights,
+                                                                                           message):
+    """Two checkpoints under one NAME would overwrite each other in the JSON; a missing file would fail only after
+    the probes were rendered."""
+    import drive_knn
+
+    with pytest.raises(SystemExit) as e:
+        drive_knn.main(["--out", str(tmp_path / "o.json"), "--root", str(tmp_path)]
+                       + [x for w in weights for x in ("--weights", w.format(tmp=tmp_path))])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "drive_knn.py: error: " + message.format(tmp=tmp_path)
+    assert list(tmp_path.iterdir()) == []

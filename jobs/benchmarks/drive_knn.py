@@ -47,8 +47,14 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     checkpoints = [(name or path, path) for name, _, path in (spec.rpartition("=") for spec in a.weights)]
     names = [name for name, _ in checkpoints]
+    if len(set(names)) < len(names):
+        ap.error(f"--weights: each checkpoint needs its own NAME, {names} repeats one")
     if a.against and a.against not in names:
         ap.error(f"--against {a.against}: not among the --weights names {names}")
+    from raydseg.checks import weights_problem
+
+    for problem in filter(None, (weights_problem(f"--weights {name}", path) for name, path in checkpoints)):
+        ap.error(problem)
     from raydseg.config import load_config
 
     seeds = [int(s) for s in a.seeds.split(",") if s]
