@@ -87,22 +87,27 @@ def test_pseudo_label_feed_is_reproducible_per_sample_and_leaves_out_held_out_fr
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(a[4:], resumed) for k in x)
 
 
-def test_pretrain_feed_lists_every_camera_and_crops_reproducibly(tmp_path):
+def _camera_part(path: str, n_cams: list[int], seed: int = 0) -> None:
+    """A frames part of len(n_cams) frames, frame i with n_cams[i] 80 x 60 random camera images."""
     import pyarrow as pa
 
     from raydseg import storage
-    from raydseg.config import load_config
     from raydseg.data.schema import CAMERA_TYPE, encode_png
-    from raydseg.train.feed import sample_index
-    from raydseg.train.pretrain import pretrain_feed
 
-    rng = np.random.default_rng(0)
-    n_cams = [2, 0, 3]  # a frame without cameras has no sample
+    rng = np.random.default_rng(seed)
     cams = [[{"name": f"c{j}", "image": encode_png(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)),
               "K": [0.0] * 9, "T_cam_lidar": [0.0] * 16}
              for j in range(n)] for n in n_cams]
-    storage.write_table(pa.table({"frame_id": ["a", "b", "c"], "cameras": pa.array(cams, pa.list_(CAMERA_TYPE))}),
-                        str(tmp_path / "frames" / "part-00000.parquet"))
+    ids = [f"{seed}-{i}" for i in range(len(n_cams))]
+    storage.write_table(pa.table({"frame_id": ids, "cameras": pa.array(cams, pa.list_(CAMERA_TYPE))}), path)
+
+
+def test_pretrain_feed_lists_every_camera_and_crops_reproducibly(tmp_path):
+    from raydseg.config import load_config
+    from raydseg.train.feed import sample_index
+    from raydseg.train.pretrain import pretrain_feed
+
+    _camera_part(str(tmp_path / "frames" / "part-00000.parquet"), [2, 0, 3])  # a frame without cameras: no sample
     p = load_config().pretrain.model_dump()
     feed = pretrain_feed(str(tmp_path / "frames"), p)
     assert sample_index(feed).tolist() == [[0, 0, 0], [0, 0, 1], [0, 2, 0], [0, 2, 1], [0, 2, 2]]
@@ -119,3 +124,53 @@ def _section(**kw):
 
     return SimpleNamespace(**{"crop_size": 32, "scale_min": 0.3, "scale_max": 1.0, "flip": True, "jitter": 0.2,
                               "degrade": 0.0, "lowlight": 0.0, "val_fraction": 0.2, **kw})
+
+
+def test_the_part_cache_reads_each_part_once_within_its_byte_budget_and_the_batches_do_not_change(tmp_path,
+                                                                                                   monkeypatch):
+    """The samples of a step come from random parts: parts that fit PART_CACHE_BYTES are read once per process; with
+    no budget only the newest part stays and nearly every sample re-reads its part. The bytes are the same."""
+    from raydseg.train import feed as F
+    from raydseg.train.data import train_feed
+    from raydseg.train.synthetic import write_blob_parts
+
+    write_blob_parts(str(tmp_path / "pl"), n_images=24, h=48, w=64, n_parts=6, n_cls=4, seed=0)
+    feed = train_feed(str(tmp_path / "pl"), _section(val_fraction=0.0), with_segments=True)
+    reads = []
+    real = F._parquet
+    monkeypatch.setattr(F, "_parquet", lambda path: reads.append(path) or real(path))
+
+    def stream(budget: int) -> list[dict]:
+        monkeypatch.setattr(F, "PART_CACHE_BYTES", budget)
+        F._PARTS.clear()
+        reads.clear()
+        return list(local_batches(feed, seed=3, start=0, steps=12, micro=4))  # 48 samples, two epochs
+
+    cached = stream(256 << 20)
+    assert sorted(reads) == sorted(feed.paths * 2)  # each part once for the sample index, once for its rows
+    assert len(F._PARTS) == 6
+    uncached = stream(0)
+    assert len(reads) > 6 + 30 and len(F._PARTS) == 1  # 6 parts, 48 samples in random order: most change part
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(cached, uncached) for k in x)
+
+
+def test_the_feed_cache_benchmark_reads_each_part_once_and_gives_the_same_batches(tmp_path):
+    """jobs/benchmarks/feed_cache.py on three parts: cached, only the sample index reads a part in the timed steps;
+    with one part cached they are re-read; the batches are byte-equal."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for i in range(3):
+        _camera_part(str(tmp_path / "frames" / f"part-{i:05d}.parquet"), [1, 1], seed=i)
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "jobs/benchmarks/feed_cache.py", "--frames", str(tmp_path / "frames"),
+                        "--out", str(tmp_path / "o.json"), "--steps", "4", "--batch", "2"], cwd=repo,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "o.json").read_text())
+    assert r["parts"] == 3 and r["same_batches"] is True
+    assert r["part_reads_cached"] == 3 < r["part_reads_one_part"]  # 8 samples from 3 parts, in random order
+    assert r["cached_over_one_part"] > 0 and r["cpu_generator_seed_us"] > 0
