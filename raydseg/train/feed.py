@@ -99,8 +99,8 @@ def rank_schedule(n: int, *, seed: int, start: int, steps: int, micro: int, worl
 
 
 # Per-process LRU cache of the parts' columns last read: {key: (columns as lists, arrow bytes)}. The samples of a
-# step come from random parts, so a cache of a few parts re-reads a part for nearly every sample (12 ms for a
-# synthetic frames part's cameras, against 6 ms to decode and crop its image); up to PART_CACHE_BYTES of them stay.
+# step come from random parts, so a cache of a few parts re-reads a part for nearly every sample; up to
+# PART_CACHE_BYTES of them stay (jobs/benchmarks/feed_cache.py).
 PART_CACHE_BYTES = 256 << 20
 _PARTS: OrderedDict[str, tuple[dict[str, list], int]] = OrderedDict()
 
