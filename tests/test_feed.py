@@ -154,6 +154,31 @@ def test_the_part_cache_reads_each_part_once_within_its_byte_budget_and_the_batc
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(cached, uncached) for k in x)
 
 
+def test_decoded_images_are_cached_per_encoded_image_within_their_byte_budget(monkeypatch):
+    """The pretrain feed decodes an image once per process while encoded + decoded sizes fit the budget; beyond it
+    the oldest go first, and the newest always stays. The pixels are the decoder's."""
+    from raydseg.data.schema import encode_png
+    from raydseg.train import pretrain as P
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8) for _ in range(3)]
+    blobs = [encode_png(im) for im in images]
+    calls = []
+    real = P.as_rgb
+    monkeypatch.setattr(P, "as_rgb", lambda b: calls.append(b) or real(b))
+    monkeypatch.setattr(P, "_DECODED", type(P._DECODED)())
+    first = [P.decoded_rgb(b) for b in blobs]
+    again = [P.decoded_rgb(bytes(b)) for b in blobs]  # equal bytes, other objects: still cached
+    assert len(calls) == 3 and all(x is y for x, y in zip(first, again))
+    assert all(np.array_equal(x, im) for x, im in zip(first, images))
+    monkeypatch.setattr(P, "DECODED_CACHE_BYTES", 2 * (60 * 80 * 3 + max(map(len, blobs))))  # two images fit
+    P._DECODED.clear()
+    calls.clear()
+    for b in blobs + [blobs[0], blobs[2]]:  # the third evicts the first, which is decoded again; the third is a hit
+        P.decoded_rgb(b)
+    assert calls == [blobs[0], blobs[1], blobs[2], blobs[0]] and list(P._DECODED) == [blobs[0], blobs[2]]
+    assert P.decoded_rgb(images[0]) is images[0]  # arrays pass through, uncached
+
 def test_the_feed_cache_benchmark_reads_each_part_once_and_gives_the_same_batches(tmp_path):
     """jobs/benchmarks/feed_cache.py on three parts: cached, only the sample index reads a part in the timed steps;
     with one part cached they are re-read; the batches are byte-equal."""
@@ -173,4 +198,4 @@ def test_the_feed_cache_benchmark_reads_each_part_once_and_gives_the_same_batche
     r = json.loads((tmp_path / "o.json").read_text())
     assert r["parts"] == 3 and r["same_batches"] is True
     assert r["part_reads_cached"] == 3 < r["part_reads_one_part"]  # 8 samples from 3 parts, in random order
-    assert r["cached_over_one_part"] > 0 and r["cpu_generator_seed_us"] > 0
+    assert r["cached_over_one_part"] > 0 and r["cached_parts_over_one_part"] > 0 and r["cpu_generator_seed_us"] > 0

@@ -1,17 +1,20 @@
-"""Benchmark: the training feed's part cache (`raydseg.train.feed.PART_CACHE_BYTES`) on the pretrain stage's feed,
-against a cache of the newest part only (the baseline: the former code kept two), in one process without Ray.
+"""Benchmark: the training feed's part cache (`raydseg.train.feed.PART_CACHE_BYTES`) and the pretrain feed's cache
+of decoded images (`raydseg.train.pretrain.DECODED_CACHE_BYTES`) on the pretrain stage's feed, against a cache of the
+newest part only and no decoded images (the baseline, `one_part`: the former code kept two parts), in one process
+without Ray.
 
 `python jobs/benchmarks/feed_cache.py --frames DIR --out feed_cache.json [--steps 20] [--batch 32]`
 
 DIR: an ingest's frames folder, e.g. `make pretrain ARGS="--config configs/pretrain_mae.yaml"`'s
 `outputs/pretrain_mae/ingest/frames` (100 parts of 4 frames, one 640 x 320 camera each). The pretrain feed of
 configs/pretrain_mae.yaml reads `--steps` batches of `--batch` images (decode, two 112 px crops each; one torch
-thread) under each budget, twice, alternating, each after one untimed epoch (a long run's steady state: the cache
-filled). The samples of a step come from random parts. Keys: `<variant>_images_per_s` (best of the two passes),
-`part_reads_<variant>` (in the timed steps, the sample index's one read per part included), `cached_over_one_part`
-(speed ratio, > 1 is faster) and `same_batches` (the two variants' timed batches are byte-equal); and the cost of
-seeding each image's crops, `seeded_views`' CPU generator against `torch.manual_seed` (the baseline, which also
-queues a CUDA seed with its stack trace): `<name>_us` per call and their ratio (< 1 is faster).
+thread) under each variant (`one_part`, `cached_parts`, `cached`: both caches), twice, alternating, each after one
+untimed epoch (a long run's steady state: the caches filled). The samples of a step come from random parts.
+Keys: `<variant>_images_per_s` (best of the two passes), `part_reads_<variant>` (in the timed steps, the sample
+index's one read per part included), `<variant>_over_one_part` (speed ratio, > 1 is faster), `same_batches` (every
+variant's timed batches are byte-equal to the baseline's); and the cost of seeding each image's crops,
+`seeded_views`' CPU generator against `torch.manual_seed` (the baseline, which also queues a CUDA seed with its
+stack trace): `<name>_us` per call and their ratio (< 1 is faster).
 """
 from __future__ import annotations
 
@@ -37,18 +40,20 @@ def main() -> None:
     from raydseg.config import load_config
     from raydseg.procstats import write_figures
     from raydseg.train import feed as F
-    from raydseg.train.pretrain import pretrain_feed
+    from raydseg.train import pretrain as P
 
     torch.set_num_threads(1)
     cfg = load_config(os.path.join(REPO, "configs", "pretrain_mae.yaml"), [])
-    feed = pretrain_feed(a.frames, cfg.pretrain.model_dump())
-    budgets = {"one_part": 0, "cached": F.PART_CACHE_BYTES}
+    feed = P.pretrain_feed(a.frames, cfg.pretrain.model_dump())
+    budgets = {"one_part": (0, 0), "cached_parts": (F.PART_CACHE_BYTES, 0),  # (parts, decoded images)
+               "cached": (F.PART_CACHE_BYTES, P.DECODED_CACHE_BYTES)}
     reads = {name: 0 for name in budgets}
     real = F._parquet
 
     def run(name: str) -> tuple[float, list]:
-        F.PART_CACHE_BYTES = budgets[name]
+        F.PART_CACHE_BYTES, P.DECODED_CACHE_BYTES = budgets[name]
         F._PARTS.clear()
+        P._DECODED.clear()
 
         def counted(path: str):
             reads[name] += 1
@@ -72,8 +77,10 @@ def main() -> None:
     F._parquet = real
     out: dict[str, float | int | bool] = {f"{k}_images_per_s": v for k, v in best.items()}
     out.update({f"part_reads_{k}": v for k, v in reads.items()})
-    out["cached_over_one_part"] = best["cached"] / best["one_part"]
-    out["same_batches"] = all(np.array_equal(x[k], y[k]) for x, y in zip(kept["cached"], kept["one_part"]) for k in x)
+    for name in ("cached_parts", "cached"):
+        out[f"{name}_over_one_part"] = best[name] / best["one_part"]
+    out["same_batches"] = all(np.array_equal(x[k], y[k]) for name in ("cached_parts", "cached")
+                              for x, y in zip(kept[name], kept["one_part"]) for k in x)
     out["parts"] = len(feed.paths)
     seeders = {"torch_manual_seed": torch.manual_seed, "cpu_generator_seed": torch.default_generator.manual_seed}
     for name, seed in seeders.items():

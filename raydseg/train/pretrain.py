@@ -26,6 +26,7 @@ import io
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -71,6 +72,25 @@ def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
     return image
 
 
+# Per-process LRU cache of decoded images, keyed by their encoded bytes (bytes objects keep their hash): an image is
+# decoded once per loader process, not once per epoch, while the encoded and decoded sizes fit DECODED_CACHE_BYTES.
+DECODED_CACHE_BYTES = 512 << 20
+_DECODED: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+
+def decoded_rgb(image: np.ndarray | bytes) -> np.ndarray:
+    """`as_rgb(image)`, from the cache for encoded bytes seen before in this process (callers must not write to it)."""
+    if not isinstance(image, bytes):
+        return as_rgb(image)
+    rgb = _DECODED.get(image)
+    if rgb is None:
+        rgb = _DECODED[image] = as_rgb(image)
+        while len(_DECODED) > 1 and sum(len(k) + v.nbytes for k, v in _DECODED.items()) > DECODED_CACHE_BYTES:
+            _DECODED.popitem(last=False)
+    _DECODED.move_to_end(image)
+    return rgb
+
+
 def seeded_views(crop: MultiCrop, image: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
     """The multi-crop views {global_0, global_1, local_0, ...: (3, s, s) uint8} of one (H, W, 3) uint8 image, drawn
     from torch seeded by `seed` (torchvision's v2 transforms draw from torch's RNG), the caller's RNG untouched."""
@@ -83,7 +103,7 @@ def seeded_views(crop: MultiCrop, image: np.ndarray, seed: int) -> dict[str, tor
 def _stacked_views(images: list[np.ndarray | bytes], rngs: list[np.random.Generator], crop_kw: dict[str, Any]
                    ) -> dict[str, np.ndarray]:
     crop = make_multicrop(crop_kw)
-    views = [seeded_views(crop, as_rgb(image), int(rng.integers(2 ** 63))) for image, rng in zip(images, rngs)]
+    views = [seeded_views(crop, decoded_rgb(image), int(rng.integers(2 ** 63))) for image, rng in zip(images, rngs)]
     return {k: torch.stack([v[k] for v in views]).numpy() for k in views[0]}
 
 
@@ -514,7 +534,7 @@ class ImageCrops(torch.utils.data.Dataset):
         epoch, i = divmod(int(position), len(self.images))
         if epoch != self._epoch:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        return seeded_views(self.crop, as_rgb(self.images[self._order[i]]),
+        return seeded_views(self.crop, decoded_rgb(self.images[self._order[i]]),
                             int(np.random.default_rng([self.seed, int(position)]).integers(2 ** 63)))
 
 
