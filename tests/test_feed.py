@@ -168,16 +168,17 @@ def test_decoded_images_are_cached_per_encoded_image_within_their_byte_budget(mo
     monkeypatch.setattr(P, "as_rgb", lambda b: calls.append(b) or real(b))
     monkeypatch.setattr(P, "_DECODED", type(P._DECODED)())
     first = [P.decoded_rgb(b) for b in blobs]
-    again = [P.decoded_rgb(bytes(b)) for b in blobs]  # equal bytes, other objects: still cached
+    again = [P.decoded_rgb(bytes(bytearray(b))) for b in blobs]  # equal bytes, other objects: still cached
     assert len(calls) == 3 and all(x is y for x, y in zip(first, again))
     assert all(np.array_equal(x, im) for x, im in zip(first, images))
     monkeypatch.setattr(P, "DECODED_CACHE_BYTES", 2 * (60 * 80 * 3 + max(map(len, blobs))))  # two images fit
     P._DECODED.clear()
     calls.clear()
-    for b in blobs + [blobs[0], blobs[2]]:  # the third evicts the first, which is decoded again; the third is a hit
+    for b in blobs + [blobs[0], blobs[2]]:  # the third evicts the first; the first again evicts the second; a hit
         P.decoded_rgb(b)
     assert calls == [blobs[0], blobs[1], blobs[2], blobs[0]] and list(P._DECODED) == [blobs[0], blobs[2]]
     assert P.decoded_rgb(images[0]) is images[0]  # arrays pass through, uncached
+
 
 def test_the_feed_cache_benchmark_reads_each_part_once_and_gives_the_same_batches(tmp_path):
     """jobs/benchmarks/feed_cache.py on three parts: cached, only the sample index reads a part in the timed steps;
