@@ -141,16 +141,16 @@ def test_the_part_cache_reads_each_part_once_within_its_byte_budget_and_the_batc
     monkeypatch.setattr(F, "_parquet", lambda path: reads.append(path) or real(path))
 
     def stream(budget: int) -> list[dict]:
-        monkeypatch.setattr(F, "PART_CACHE_BYTES", budget)
+        monkeypatch.setattr(F._PARTS, "budget", budget)
         F._PARTS.clear()
         reads.clear()
         return list(local_batches(feed, seed=3, start=0, steps=12, micro=4))  # 48 samples, two epochs
 
     cached = stream(256 << 20)
     assert sorted(reads) == sorted(feed.paths * 2)  # each part once for the sample index, once for its rows
-    assert len(F._PARTS) == 6
+    assert len(F._PARTS.keys()) == 6
     uncached = stream(0)
-    assert len(reads) > 6 + 30 and len(F._PARTS) == 1  # 6 parts, 48 samples in random order: most change part
+    assert len(reads) > 6 + 30 and len(F._PARTS.keys()) == 1  # 6 parts, 48 samples in random order: most change part
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(cached, uncached) for k in x)
 
 
@@ -166,17 +166,17 @@ def test_decoded_images_are_cached_per_encoded_image_within_their_byte_budget(mo
     calls = []
     real = P.as_rgb
     monkeypatch.setattr(P, "as_rgb", lambda b: calls.append(b) or real(b))
-    monkeypatch.setattr(P, "_DECODED", type(P._DECODED)())
+    monkeypatch.setattr(P, "_DECODED", type(P._DECODED)(P.DECODED_CACHE_BYTES))
     first = [P.decoded_rgb(b) for b in blobs]
     again = [P.decoded_rgb(bytes(bytearray(b))) for b in blobs]  # equal bytes, other objects: still cached
     assert len(calls) == 3 and all(x is y for x, y in zip(first, again))
     assert all(np.array_equal(x, im) for x, im in zip(first, images))
-    monkeypatch.setattr(P, "DECODED_CACHE_BYTES", 2 * (60 * 80 * 3 + max(map(len, blobs))))  # two images fit
+    monkeypatch.setattr(P._DECODED, "budget", 2 * (60 * 80 * 3 + max(map(len, blobs))))  # two images fit
     P._DECODED.clear()
     calls.clear()
     for b in blobs + [blobs[0], blobs[2]]:  # the third evicts the first; the first again evicts the second; a hit
         P.decoded_rgb(b)
-    assert calls == [blobs[0], blobs[1], blobs[2], blobs[0]] and list(P._DECODED) == [blobs[0], blobs[2]]
+    assert calls == [blobs[0], blobs[1], blobs[2], blobs[0]] and P._DECODED.keys() == [blobs[0], blobs[2]]
     assert P.decoded_rgb(images[0]) is images[0]  # arrays pass through, uncached
 
 

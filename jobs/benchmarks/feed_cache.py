@@ -51,7 +51,7 @@ def main() -> None:
     real = F._parquet
 
     def run(name: str) -> tuple[float, list]:
-        F.PART_CACHE_BYTES, P.DECODED_CACHE_BYTES = budgets[name]
+        F._PARTS.budget, P._DECODED.budget = budgets[name]
         F._PARTS.clear()
         P._DECODED.clear()
 

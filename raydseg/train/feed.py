@@ -98,23 +98,47 @@ def rank_schedule(n: int, *, seed: int, start: int, steps: int, micro: int, worl
     return sample, epoch
 
 
-# Per-process LRU cache of the parts' columns last read: {key: (columns as lists, arrow bytes)}. The samples of a
-# step come from random parts, so a cache of a few parts re-reads a part for nearly every sample; up to
-# PART_CACHE_BYTES of them stay (jobs/benchmarks/feed_cache.py).
+class ByteLRU:
+    """A per-process LRU map that keeps its values while their sizes sum to at most `budget` bytes (the newest entry
+    always stays): the training feed's parts, the pretrain feed's decoded images."""
+
+    def __init__(self, budget: int):
+        self.budget, self.nbytes = budget, 0
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        """The value of `key`; on a miss `make()` -> (value, its size in bytes), and the oldest entries leave."""
+        if key not in self._items:
+            self._items[key] = item = make()
+            self.nbytes += item[1]
+            while len(self._items) > 1 and self.nbytes > self.budget:
+                self.nbytes -= self._items.popitem(last=False)[1][1]
+        self._items.move_to_end(key)
+        return self._items[key][0]
+
+    def keys(self) -> list:
+        """The keys, oldest first."""
+        return list(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+# The samples of a step come from random parts, so a cache of a few parts re-reads a part for nearly every sample;
+# up to PART_CACHE_BYTES of them stay (jobs/benchmarks/feed_cache.py).
 PART_CACHE_BYTES = 256 << 20
-_PARTS: OrderedDict[str, tuple[dict[str, list], int]] = OrderedDict()
+_PARTS = ByteLRU(PART_CACHE_BYTES)  # {path|columns: the columns as Python lists}, sized by their arrow bytes
+
+
+def _table_lists(path: str, columns: tuple[str, ...]) -> tuple[dict[str, list], int]:
+    table = _parquet(path).read(columns=list(columns))
+    return table.to_pydict(), table.nbytes
 
 
 def _rows(path: str, columns: tuple[str, ...]) -> dict[str, list]:
     """The `columns` of part `path` as Python lists, from the cache when there."""
-    key = f"{path}|{','.join(columns)}"
-    if key not in _PARTS:
-        table = _parquet(path).read(columns=list(columns))
-        _PARTS[key] = table.to_pydict(), table.nbytes
-        while len(_PARTS) > 1 and sum(n for _, n in _PARTS.values()) > PART_CACHE_BYTES:  # the newest part always stays
-            _PARTS.popitem(last=False)
-    _PARTS.move_to_end(key)
-    return _PARTS[key][0]
+    return _PARTS.get(f"{path}|{','.join(columns)}", lambda: _table_lists(path, columns))
 
 
 def read_samples(batch: dict[str, np.ndarray], *, feed: Feed, seed: int) -> dict[str, np.ndarray]:

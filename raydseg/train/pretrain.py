@@ -26,7 +26,6 @@ import io
 import os
 import tempfile
 import time
-from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -39,7 +38,7 @@ from raydseg.models.ema import EMA
 from raydseg.train.dino import (DINOLoss, DinoStep, MultiCrop, cancel_last_layer_gradients, clip_gradients,
                                 cosine_schedule, crop_names, param_groups, teacher_temp_schedule)
 from raydseg.train.engine import Task
-from raydseg.train.feed import Feed, part_files
+from raydseg.train.feed import ByteLRU, Feed, part_files
 
 CHECKPOINT = "backbone.safetensors"
 PROBE = "knn_probe.pt"
@@ -72,23 +71,22 @@ def as_rgb(image: np.ndarray | bytes) -> np.ndarray:
     return image
 
 
-# Per-process LRU cache of decoded images, keyed by their encoded bytes (bytes objects keep their hash): an image is
-# decoded once per loader process, not once per epoch, while the encoded and decoded sizes fit DECODED_CACHE_BYTES.
+# An image is decoded once per loader process, not once per epoch, while the encoded and decoded sizes fit
+# DECODED_CACHE_BYTES; keyed by its encoded bytes (bytes objects keep their hash).
 DECODED_CACHE_BYTES = 512 << 20
-_DECODED: OrderedDict[bytes, np.ndarray] = OrderedDict()
+_DECODED = ByteLRU(DECODED_CACHE_BYTES)
 
 
 def decoded_rgb(image: np.ndarray | bytes) -> np.ndarray:
     """`as_rgb(image)`, from the cache for encoded bytes seen before in this process (callers must not write to it)."""
     if not isinstance(image, bytes):
         return as_rgb(image)
-    rgb = _DECODED.get(image)
-    if rgb is None:
-        rgb = _DECODED[image] = as_rgb(image)
-        while len(_DECODED) > 1 and sum(len(k) + v.nbytes for k, v in _DECODED.items()) > DECODED_CACHE_BYTES:
-            _DECODED.popitem(last=False)
-    _DECODED.move_to_end(image)
-    return rgb
+
+    def decode() -> tuple[np.ndarray, int]:
+        rgb = as_rgb(image)
+        return rgb, len(image) + rgb.nbytes
+
+    return _DECODED.get(image, decode)
 
 
 def seeded_views(crop: MultiCrop, image: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
