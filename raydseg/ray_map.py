@@ -1,6 +1,7 @@
-"""Plain Ray tasks or a Ray actor pool over a list of calls, results streamed back as they finish.
+"""Plain Ray tasks or a Ray actor pool over a list of calls, results streamed back as they finish (or in order).
 
-The stages' part-wise maps (raydseg.parts), ingest's shards and evaluation's inference batches run here. Ray's own
+The stages' part-wise maps (raydseg.parts), ingest's shards, evaluation's inference batches and the training feed's
+micro-batches (raydseg.train.feed) run here. Ray's own
 retries cover a lost worker or node: a task is retried up to `RETRIES` times (`max_retries`), a dead actor is
 restarted (`max_restarts`) and its call retried (`max_task_retries`). An exception raised by the called code is not
 retried: it ends the map, and the calls still running are stopped before it propagates, so that nothing is written
@@ -49,6 +50,25 @@ def map_tasks(fn: Callable, calls: Iterable[tuple], options: dict[str, Any],
             yield ray.get(done[0])
     finally:  # an error or the caller stopped early: end what still runs
         _reap(running, cancel=True)
+
+
+def map_tasks_ordered(fn: Callable, calls: Iterable[tuple], options: dict[str, Any],
+                      max_in_flight: int) -> Iterator[Any]:
+    """`map_tasks` with the results yielded in the order of `calls`, at most `max_in_flight` calls ahead of the
+    reader: a stream read in order (a training feed), its results held in the object store bounded."""
+    import ray
+
+    task = ray.remote(fn).options(max_retries=RETRIES, **options)
+    queue = iter(calls)
+    running: collections.deque = collections.deque()
+    try:
+        while True:
+            running.extend(task.remote(*args) for args in itertools.islice(queue, max_in_flight - len(running)))
+            if not running:
+                return
+            yield ray.get(running.popleft())
+    finally:  # an error or the reader stopped early: end what still runs
+        _reap(list(running), cancel=True)
 
 
 class _Host:

@@ -16,7 +16,7 @@ from raydseg.resources import ENV_FLAG, for_gpus, node_resources
 GEOMETRY_TASK_CPUS = 1.0  # ingest / proposals / pseudo-label tasks: single-threaded numba + open3d kernels
 KMEANS_ACTOR_CPUS = 1.0  # one k-means shard actor (faiss search, one-hot sums)
 EVAL_ACTOR_CPUS = 1.0  # one evaluation actor (image decoding beside the forward)
-AUGMENT_TASK_CPUS = 1.0  # a Ray Data task decoding + augmenting training views (raydseg/train/data.py)
+AUGMENT_TASK_CPUS = 1.0  # a Ray task decoding + augmenting a micro-batch of training views (raydseg/train/data.py)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def train_worker_for(t: Any, stage: str, use_node_resources: bool | None = None)
 
 
 def augment_task(cfg: Config, stage: str) -> WorkerRequest:
-    """A Ray Data task that decodes and augments the training views of `stage` (any node with a CPU)."""
+    """A Ray task that decodes and augments a micro-batch of the training views of `stage` (any node with a CPU)."""
     return WorkerRequest(stage, "augmentation task", {"CPU": AUGMENT_TASK_CPUS})
 
 

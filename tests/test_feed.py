@@ -1,5 +1,6 @@
-"""The deterministic training feed (raydseg.train.feed) without Ray: which samples each rank reads at each step,
-the exact global batch, resume = suffix, per-sample augmentation seeds, and the pretrain / pseudo-label feeds."""
+"""The deterministic training feed (raydseg.train.feed): which samples each rank reads at each step, the exact global
+batch, resume = suffix, per-sample augmentation seeds, the pretrain / pseudo-label feeds, and (on a local Ray) a
+rank's feed in Ray tasks giving the same batches."""
 from __future__ import annotations
 
 import numpy as np
@@ -85,6 +86,28 @@ def test_pseudo_label_feed_is_reproducible_per_sample_and_leaves_out_held_out_fr
     assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
     resumed = list(local_batches(feed, seed=5, start=4, steps=6, micro=2))  # a resume at step 4 reads steps 4, 5
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(a[4:], resumed) for k in x)
+
+
+@pytest.mark.ray
+def test_ray_tasks_feed_a_rank_the_local_batches_in_order_as_tensors(ray_local, tmp_path):
+    """rank_batches on Ray (one task per micro-batch, more micro-batches than FEED_IN_FLIGHT) gives rank 1 of 2 the
+    bytes local_batches reads, in order, from the start and from a resume."""
+    import torch
+
+    from raydseg.train.data import train_feed
+    from raydseg.train.feed import FEED_IN_FLIGHT, rank_batches
+    from raydseg.train.synthetic import write_blob_parts
+
+    write_blob_parts(str(tmp_path / "pl"), n_images=20, h=48, w=64, n_parts=3, n_cls=4, seed=0)
+    feed = train_feed(str(tmp_path / "pl"), _section(), with_segments=True)
+    kw = dict(seed=5, steps=10, micro=2, world=2, accum=2, rank=1)
+    want = list(local_batches(feed, start=0, **kw))
+    assert len(want) == 20 > FEED_IN_FLIGHT
+    for start in (0, 7):
+        got = list(rank_batches(feed, start=start, device="cpu", task_cpus=1.0, **kw))
+        assert len(got) == len(want) - 2 * start
+        assert all(isinstance(g[k], torch.Tensor) and np.array_equal(g[k].numpy(), w[k])
+                   for g, w in zip(got, want[2 * start:]) for k in w)
 
 
 def _camera_part(path: str, n_cams: list[int], seed: int = 0) -> None:
@@ -200,3 +223,25 @@ def test_the_feed_cache_benchmark_reads_each_part_once_and_gives_the_same_batche
     assert r["parts"] == 3 and r["same_batches"] is True
     assert r["part_reads_cached"] == 3 < r["part_reads_one_part"]  # 8 samples from 3 parts, in random order
     assert r["cached_over_one_part"] > 0 and r["cached_parts_over_one_part"] > 0 and r["cpu_generator_seed_us"] > 0
+
+
+def test_the_train_feed_benchmark_gives_the_same_batches_from_ray_tasks_and_ray_data(tmp_path):
+    """jobs/benchmarks/train_feed.py on three tiny parts: both feeds' timed batches are byte-equal, every rate is
+    measured."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for i in range(3):
+        _camera_part(str(tmp_path / "frames" / f"part-{i:05d}.parquet"), [1, 1], seed=i)
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "jobs/benchmarks/train_feed.py", "--frames", str(tmp_path / "frames"),
+                        "--out", str(tmp_path / "o.json"), "--steps", "2", "--warm", "1", "--schedule", "20",
+                        "--object-store-mb", "100"], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "o.json").read_text())
+    assert r["same_batches"] is True and r["timed_steps"] == 2 and r["schedule_steps"] == 20
+    assert r["tasks_steps_per_s"] > 0 and r["ray_data_steps_per_s"] > 0 and r["tasks_over_ray_data"] > 0

@@ -1,11 +1,11 @@
-"""raydseg.ray_map on a real local Ray cluster (2 CPUs): the in-flight bound, stopping what runs when a call fails,
-an actor pool's size and its constructor's error."""
+"""raydseg.ray_map on a real local Ray cluster (2 CPUs): the in-flight bound, results in call order for a feed,
+stopping what runs when a call fails, an actor pool's size and its constructor's error."""
 import os
 import time
 
 import pytest
 
-from raydseg.ray_map import map_actors, map_tasks
+from raydseg.ray_map import map_actors, map_tasks, map_tasks_ordered
 
 pytestmark = pytest.mark.ray
 
@@ -34,6 +34,23 @@ def test_tasks_stay_within_the_in_flight_bound_and_every_result_comes_back(ray_l
         time.sleep(0.1)
     assert len(os.listdir(tmp_path / "free")) >= 2
     assert len(list(gen)) == 2
+
+
+def _record_later_first(log_dir, i):
+    """Call i finishes (5 - i) x 0.2 s after it starts: the later calls finish first."""
+    time.sleep((5 - i) * 0.2)
+    return _record(log_dir, i)
+
+
+def test_ordered_tasks_come_back_in_call_order_at_most_the_bound_ahead_of_the_reader(ray_local, tmp_path):
+    """Results in the order of the calls although later calls finish first; while the reader holds the first
+    result, only the calls within the bound (0, 1) have run; the rest run as the reader goes on."""
+    gen = map_tasks_ordered(_record_later_first, [(str(tmp_path), i) for i in range(5)], {"num_cpus": 1},
+                            max_in_flight=2)
+    assert next(gen) == 0
+    time.sleep(2)
+    assert sorted(os.listdir(tmp_path)) == ["0", "1"]
+    assert list(gen) == [1, 2, 3, 4]
 
 
 def _slow_or_failing(log_dir, i):

@@ -7,9 +7,10 @@ s*B + (k*world + r)*micro. A sample's augmentation draws from `np.random.default
 So what a rank trains on is a pure function of (seed, step, rank): a run resumed at step s reads exactly what an
 uninterrupted run reads from step s on, and the same seed gives bit-identical batches.
 
-Each rank runs its own remaining schedule through Ray Data (`from_items` -> `map_batches` reading + augmenting the
-samples in CPU tasks, `preserve_order`), so decoding stays off the training process with Ray Data's backpressure,
-and nothing of it lives on the driver. `local_batches` is the same schedule without Ray (tests, one process).
+Each rank reads its own remaining schedule as Ray tasks, one per micro-batch, reading + augmenting the samples on
+CPUs (`raydseg.ray_map.map_tasks_ordered`: in order, `FEED_IN_FLIGHT` ahead of the step), so decoding stays off the
+training process and nothing of it lives on the driver. `local_batches` is the same schedule without Ray (tests,
+one process).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 Sample = tuple[int, int]  # (row in its part, sub-item of the row)
+FEED_IN_FLIGHT = 16  # micro-batches a rank's feed has submitted ahead of the one its step reads
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,8 @@ def _rows(path: str, columns: tuple[str, ...]) -> dict[str, list]:
     return _PARTS.get(f"{path}|{','.join(columns)}", lambda: _table_lists(path, columns))
 
 
-def read_samples(batch: dict[str, np.ndarray], *, feed: Feed, seed: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn (numpy): rows {part, row, sub, sample, epoch} -> feed.make_batch's arrays."""
+def read_samples(batch: dict[str, np.ndarray], feed: Feed, seed: int) -> dict[str, np.ndarray]:
+    """One micro-batch's schedule, columns {part, row, sub, sample, epoch} -> feed.make_batch's arrays."""
     rows, subs, rngs = [], [], []
     for part, row, sub, sample, epoch in zip(batch["part"], batch["row"], batch["sub"], batch["sample"],
                                              batch["epoch"]):
@@ -161,19 +163,20 @@ def _schedule_columns(feed: Feed, index: np.ndarray, seed: int, **kw: int) -> di
 
 def rank_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, world: int, accum: int, rank: int,
                  device: Any, task_cpus: float) -> Iterator[dict[str, Any]]:
-    """This rank's micro-batches (torch tensors on `device`) from step `start` to `steps`, through Ray Data."""
-    import ray.data
+    """This rank's micro-batches (torch tensors on `device`) from step `start` to `steps`, made in Ray tasks."""
+    import ray
+    import torch
+
+    from raydseg.ray_map import map_tasks_ordered
 
     cols = _schedule_columns(feed, sample_index(feed), seed, start=start, steps=steps, micro=micro, world=world,
                              accum=accum, rank=rank)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # one bar per rank, redrawn into the driver's log; the loop logs its own metrics
-    ds = ray.data.from_items([{k: int(v[i]) for k, v in cols.items()} for i in range(len(cols["part"]))],
-                             override_num_blocks=max(1, len(cols["part"]) // (micro * 8)))
-    ds = ds.map_batches(read_samples, batch_format="numpy", batch_size=micro, num_cpus=task_cpus,
-                        fn_kwargs={"feed": feed, "seed": seed})
-    yield from ds.iter_torch_batches(batch_size=micro, device=device)
+    feed_ref = ray.put(feed)  # serialised once, not once per micro-batch
+    calls = (({k: v[i:i + micro] for k, v in cols.items()}, feed_ref, seed)
+             for i in range(0, len(cols["part"]), micro))
+    for arrays in map_tasks_ordered(read_samples, calls, {"num_cpus": task_cpus}, FEED_IN_FLIGHT):
+        # the object store's arrays are read-only: copied once, into tensors the step may write
+        yield {k: torch.from_numpy(np.require(v, requirements="W")).to(device) for k, v in arrays.items()}
 
 
 def local_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, world: int = 1, accum: int = 1,

@@ -3,7 +3,7 @@ export.
 
 - Data: every camera image of the ingest stage's frames (no labels), or (`inputs: segment_crops`) the masked crop
   of every LiDAR segment, what the features stage shows the ViT (`segment_crop_part`, written once by the stage);
-  a raydseg.train.feed.Feed decoded and multi-cropped (raydseg.train.dino.MultiCrop) in Ray Data tasks in a seeded
+  a raydseg.train.feed.Feed decoded and multi-cropped (raydseg.train.dino.MultiCrop) in Ray tasks in a seeded
   order, never on the driver.
 - Tasks (raydseg.train.engine.Task for the shared loop raydseg.train.loop.fit), by `objective`:
   - `dino_task`: the student is a timm ViT + DINO head (raydseg.models.dino_head); the teacher is its EMA (momentum
