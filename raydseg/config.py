@@ -246,8 +246,8 @@ class FeaturesConfig(Section):
     backbone: NonEmpty = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
     # "" or random: random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
     # weights/vit_tiny_mae_synthetic.safetensors, the masked autoencoder of configs/pretrain_mae.yaml: not the
-    # default, its pseudo-labels cost the student night mIoU on five paired seeds, with the teacher from it or from
-    # random (docs/results.md)
+    # default, the pseudo-labels of the 2000-step one before it cost the student night mIoU on five paired seeds, with
+    # the teacher from it or from random; the 8000-step one is not yet measured in the pipeline (docs/results.md)
     weights: Text = ""
     # crop_cls (paper) | crop_mean (the masked crop's patch tokens averaged: a masked autoencoder's) | mask_pool
     descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_cls"

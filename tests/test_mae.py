@@ -157,7 +157,8 @@ def test_shipped_mae_recipe_config():
     p = cfg.pretrain
     assert (p.enabled, p.objective, p.inputs, p.mae_views, p.local_crops, p.photometric, p.knn_descriptor,
             p.knn_drives) == (True, "mae", "images", 2, 0, False, "crop_mean", 24)
-    assert p.lr == pytest.approx(1.5e-4 * 2 * p.batch_size / 256)  # MAE's rule, two crops per image
+    assert p.lr == pytest.approx(8 * 1.5e-4 * 2 * p.batch_size / 256)  # 8x MAE's rule, two crops per image
+    assert p.steps == 8000
 
 
 def test_weights_resolve_to_the_shipped_file_from_any_directory(tmp_path, monkeypatch):

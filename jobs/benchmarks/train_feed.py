@@ -5,17 +5,16 @@ through `raydseg.ray_map.map_tasks_ordered`) against the former Ray Data path (t
 `python jobs/benchmarks/train_feed.py --frames DIR --out train_feed.json [--steps 40] [--schedule 6000]
 [--warm 10] [--object-store-mb 256]`
 
-DIR: an ingest's frames folder, as for feed_cache.py. A local Ray with one CPU for the feed's tasks (what the training
-worker leaves on 2 cores); this process reads the micro-batches
-of configs/pretrain_mae.yaml's feed (32 images, two 112 px crops each) as a training worker does, and runs a fixed
-step of torch work on 2 threads per batch (`step_only`: that step alone, no feed, is the ceiling). The rank's
-schedule is `--schedule` steps long, as in a long run, of which `--steps` are timed after `--warm` untimed ones (the feed's
-start-up, and its results filling the object store); two
-untimed epochs first fill the task workers' caches. The feed's tasks make batches faster than the step reads them,
-so in a long run the results fill their share of the object store and wait; a small store (`--object-store-mb`)
-reaches that state within the warm-up steps instead of after minutes. Variants alternate, twice each; the best pass counts.
-Keys: `<variant>_steps_per_s`, `<variant>_cpu_s_per_step` (this process's CPU seconds per step, the step's own
-included), `tasks_over_ray_data` (speed ratio, > 1 is faster), `<variant>_over_step_only`, `same_batches` (both
+DIR: an ingest's frames folder, as for feed_cache.py. On a local Ray with 2 CPUs, a Ray task holding one of them (as
+a training worker does; the other is the feed's) reads the micro-batches of configs/pretrain_mae.yaml's feed (32
+images, two 112 px crops each) and runs a fixed step of torch work on 2 threads per batch (`step_only`: that step
+alone, no feed, is the ceiling). The rank's schedule is `--schedule` steps long, as in a long run, of which `--steps`
+are timed after `--warm` untimed ones (the feed's start-up, and its results filling the object store); two untimed
+epochs first fill the task workers' caches. The feed's tasks make batches faster than the step reads them, so in a
+long run their results fill their share of the object store and wait; a small store (`--object-store-mb`) reaches
+that state within the warm-up steps instead of after minutes. Variants alternate, twice each; the best pass counts.
+Keys: `<variant>_steps_per_s`, `<variant>_cpu_s_per_step` (the reading process's CPU seconds per step, the step's
+own included), `tasks_over_ray_data` (speed ratio, > 1 is faster), `<variant>_over_step_only`, `same_batches` (both
 feeds' timed batches are byte-equal).
 """
 from __future__ import annotations
@@ -47,6 +46,48 @@ def ray_data_batches(feed: Any, *, seed: int, steps: int, micro: int) -> Iterato
     yield from ds.iter_torch_batches(batch_size=micro, device="cpu")
 
 
+def pretrain_feed(frames: str) -> tuple[Any, int]:
+    """configs/pretrain_mae.yaml's feed of `frames` and its batch size."""
+    from raydseg.config import load_config
+    from raydseg.train import pretrain as P
+
+    cfg = load_config(os.path.join(REPO, "configs", "pretrain_mae.yaml"), [])
+    return P.pretrain_feed(frames, cfg.pretrain.model_dump()), cfg.pretrain.batch_size
+
+
+def timed_pass(name: str, frames: str, schedule: int, warm: int, steps: int) -> tuple[float, float, list[str]]:
+    """Steps/s and CPU s per step of this process reading feed `name` under the fixed step, and the batches'
+    digests."""
+    import torch
+
+    from raydseg.stage_requests import AUGMENT_TASK_CPUS
+    from raydseg.train import feed as F
+
+    feed, micro = pretrain_feed(frames)
+    torch.set_num_threads(2)
+    w = torch.randn(768, 768)
+    if name == "ray_data":
+        it = ray_data_batches(feed, seed=0, steps=schedule, micro=micro)
+    elif name == "tasks":
+        it = F.rank_batches(feed, seed=0, start=0, steps=schedule, micro=micro, world=1, accum=1, rank=0,
+                            device="cpu", task_cpus=AUGMENT_TASK_CPUS)
+    else:  # step_only: no feed
+        it = iter(lambda: None, 0)
+    digests = []
+    for i in range(warm + steps):
+        if i == warm:
+            t, c = time.perf_counter(), time.process_time()
+        batch = next(it)
+        x = torch.randn(4096, 768)
+        for _ in range(10):  # a fixed step of 2-thread work (about a MAE step here), the same for every variant
+            x = torch.tanh(x @ w)
+        if batch is not None and i >= warm:
+            digests.append(hashlib.sha256(b"".join(v.numpy().tobytes() for v in batch.values())).hexdigest())
+    t, c = time.perf_counter() - t, time.process_time() - c
+    getattr(it, "close", lambda: None)()
+    return steps / t, c / steps, digests
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", required=True)
@@ -58,59 +99,24 @@ def main() -> None:
     a = ap.parse_args()
 
     import ray
-    import torch
 
-    from raydseg.config import load_config
     from raydseg.procstats import write_figures
     from raydseg.stage_requests import AUGMENT_TASK_CPUS
     from raydseg.train import feed as F
-    from raydseg.train import pretrain as P
 
-    cfg = load_config(os.path.join(REPO, "configs", "pretrain_mae.yaml"), [])
-    feed = P.pretrain_feed(a.frames, cfg.pretrain.model_dump())
-    micro = cfg.pretrain.batch_size
-    torch.set_num_threads(2)
-    w = torch.randn(768, 768)
-
-    def step() -> None:
-        x = torch.randn(4096, 768)
-        for _ in range(10):  # a fixed step of 2-thread work (about a MAE step here), the same for every variant
-            x = torch.tanh(x @ w)
-
-    def feeds(name: str, steps: int) -> Iterator[dict[str, Any]]:
-        if name == "ray_data":
-            return ray_data_batches(feed, seed=0, steps=steps, micro=micro)
-        if name == "tasks":
-            return F.rank_batches(feed, seed=0, start=0, steps=steps, micro=micro, world=1, accum=1, rank=0,
-                                  device="cpu", task_cpus=AUGMENT_TASK_CPUS)
-        return iter(lambda: None, 0)  # step_only: no feed
-
-    def run(name: str) -> tuple[float, float, list[str]]:
-        it, digests = feeds(name, a.schedule), []
-        for _ in range(a.warm):
-            next(it)
-            step()
-        t, c = time.perf_counter(), time.process_time()
-        for _ in range(a.steps):
-            batch = next(it)
-            step()
-            if batch is not None:
-                digests.append(hashlib.sha256(b"".join(v.numpy().tobytes() for v in batch.values())).hexdigest())
-        t, c = time.perf_counter() - t, time.process_time() - c
-        getattr(it, "close", lambda: None)()
-        return a.steps / t, c / a.steps, digests
-
-    ray.init(num_cpus=1, object_store_memory=a.object_store_mb << 20, include_dashboard=False, log_to_driver=False)
+    feed, micro = pretrain_feed(a.frames)
+    ray.init(num_cpus=2, object_store_memory=a.object_store_mb << 20, include_dashboard=False, log_to_driver=False)
     try:
         epoch = -(-len(F.sample_index(feed)) // micro)
         for _ in F.rank_batches(feed, seed=1, start=0, steps=2 * epoch, micro=micro, world=1, accum=1, rank=0,
                                 device="cpu", task_cpus=AUGMENT_TASK_CPUS):
             pass  # every image decoded in the task workers, as after a long run's first epochs
+        reader = ray.remote(num_cpus=1)(timed_pass)  # a worker process holding one CPU, as a Ray Train worker does
         best: dict[str, tuple[float, float]] = {}
         kept: dict[str, list[str]] = {}
         for _ in range(2):
             for name in ("ray_data", "tasks", "step_only"):
-                rate, cpu, kept[name] = run(name)
+                rate, cpu, kept[name] = ray.get(reader.remote(name, a.frames, a.schedule, a.warm, a.steps))
                 if rate > best.get(name, (0.0, 0.0))[0]:
                     best[name] = (rate, cpu)
     finally:
