@@ -1,11 +1,10 @@
 """Plain Ray tasks or a Ray actor pool over a list of calls, results streamed back as they finish (or in order).
 
 The stages' part-wise maps (raydseg.parts), ingest's shards, evaluation's inference batches and the training feed's
-micro-batches (raydseg.train.feed) run here. Ray's own
-retries cover a lost worker or node: a task is retried up to `RETRIES` times (`max_retries`), a dead actor is
-restarted (`max_restarts`) and its call retried (`max_task_retries`). An exception raised by the called code is not
-retried: it ends the map, and the calls still running are stopped before it propagates, so that nothing is written
-after the map has returned.
+micro-batches (raydseg.train.feed) run here. Ray's own retries cover a lost worker or node: a task is retried up to
+`RETRIES` times (`max_retries`), a dead actor is restarted (`max_restarts`) and its call retried
+(`max_task_retries`). An exception raised by the called code is not retried: it ends the map, and the calls still
+running are stopped before it propagates, so that nothing is written after the map has returned.
 """
 from __future__ import annotations
 
