@@ -247,7 +247,7 @@ class FeaturesConfig(Section):
     # "" or random: random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
     # weights/vit_tiny_mae_synthetic.safetensors, the masked autoencoder of configs/pretrain_mae.yaml: not the
     # default, the pseudo-labels of the 2000-step one before it cost the student night mIoU on five paired seeds, with
-    # the teacher from it or from random; the 8000-step one is not yet measured in the pipeline (docs/results.md)
+    # the teacher from it or from random; the 8000-step one has three paired seeds so far (docs/results.md)
     weights: Text = ""
     # crop_cls (paper) | crop_mean (the masked crop's patch tokens averaged: a masked autoencoder's) | mask_pool
     descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_cls"
