@@ -31,10 +31,12 @@ def _reap(refs: list, cancel: bool) -> None:
             pass
 
 
-def map_tasks(fn: Callable, calls: Iterable[tuple], options: dict[str, Any],
-              max_in_flight: int = MAX_IN_FLIGHT) -> Iterator[Any]:
+def map_tasks(fn: Callable, calls: Iterable[tuple], options: dict[str, Any], max_in_flight: int = MAX_IN_FLIGHT,
+              ordered: bool = False) -> Iterator[Any]:
     """Run `fn(*args)` for each `args` of `calls` as a Ray task with `options` (num_cpus, num_gpus, memory,
-    resources), at most `max_in_flight` submitted at once; yields the results in the order they finish."""
+    resources), at most `max_in_flight` submitted at once; yields the results in the order they finish, or with
+    `ordered` in the order of `calls` (a stream read in order, a training feed: at most `max_in_flight` calls ahead of
+    the reader, which bounds the results held in the object store)."""
     import ray
 
     task = ray.remote(fn).options(max_retries=RETRIES, **options)
@@ -45,29 +47,13 @@ def map_tasks(fn: Callable, calls: Iterable[tuple], options: dict[str, Any],
             running += [task.remote(*args) for args in itertools.islice(queue, max_in_flight - len(running))]
             if not running:
                 return
-            done, running = ray.wait(running, num_returns=1)
-            yield ray.get(done[0])
+            if ordered:
+                done = running.pop(0)
+            else:
+                [done], running = ray.wait(running, num_returns=1)
+            yield ray.get(done)
     finally:  # an error or the caller stopped early: end what still runs
         _reap(running, cancel=True)
-
-
-def map_tasks_ordered(fn: Callable, calls: Iterable[tuple], options: dict[str, Any],
-                      max_in_flight: int) -> Iterator[Any]:
-    """`map_tasks` with the results yielded in the order of `calls`, at most `max_in_flight` calls ahead of the
-    reader: a stream read in order (a training feed), its results held in the object store bounded."""
-    import ray
-
-    task = ray.remote(fn).options(max_retries=RETRIES, **options)
-    queue = iter(calls)
-    running: collections.deque = collections.deque()
-    try:
-        while True:
-            running.extend(task.remote(*args) for args in itertools.islice(queue, max_in_flight - len(running)))
-            if not running:
-                return
-            yield ray.get(running.popleft())
-    finally:  # an error or the reader stopped early: end what still runs
-        _reap(list(running), cancel=True)
 
 
 class _Host:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from raydseg.ray_map import map_actors, map_tasks, map_tasks_ordered
+from raydseg.ray_map import map_actors, map_tasks
 
 pytestmark = pytest.mark.ray
 
@@ -45,8 +45,8 @@ def _record_later_first(log_dir, i):
 def test_ordered_tasks_come_back_in_call_order_at_most_the_bound_ahead_of_the_reader(ray_local, tmp_path):
     """Results in the order of the calls although later calls finish first; while the reader holds the first
     result, only the calls within the bound (0, 1) have run; the rest run as the reader goes on."""
-    gen = map_tasks_ordered(_record_later_first, [(str(tmp_path), i) for i in range(5)], {"num_cpus": 1},
-                            max_in_flight=2)
+    gen = map_tasks(_record_later_first, [(str(tmp_path), i) for i in range(5)], {"num_cpus": 1}, max_in_flight=2,
+                    ordered=True)
     assert next(gen) == 0
     time.sleep(2)
     assert sorted(os.listdir(tmp_path)) == ["0", "1"]

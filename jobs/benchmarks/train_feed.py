@@ -1,5 +1,5 @@
 """Benchmark: what the training feed costs the training process, made in Ray tasks (`raydseg.train.feed.rank_batches`,
-through `raydseg.ray_map.map_tasks_ordered`) against the former Ray Data path (the baseline, `ray_data`:
+through `raydseg.ray_map.map_tasks`, ordered) against the former Ray Data path (the baseline, `ray_data`:
 `from_items` -> `map_batches(read_samples)` -> `iter_torch_batches`, `preserve_order`), on the pretrain stage's feed.
 
 `python jobs/benchmarks/train_feed.py --frames DIR --out train_feed.json [--steps 40] [--schedule 6000]

@@ -8,7 +8,7 @@ So what a rank trains on is a pure function of (seed, step, rank): a run resumed
 uninterrupted run reads from step s on, and the same seed gives bit-identical batches.
 
 Each rank reads its own remaining schedule as Ray tasks, one per micro-batch, reading + augmenting the samples on
-CPUs (`raydseg.ray_map.map_tasks_ordered`: in order, `FEED_IN_FLIGHT` ahead of the step), so decoding stays off the
+CPUs (`raydseg.ray_map.map_tasks` with `ordered`: `FEED_IN_FLIGHT` ahead of the step), so decoding stays off the
 training process and nothing of it lives on the driver. `local_batches` is the same schedule without Ray (tests,
 one process).
 """
@@ -167,14 +167,14 @@ def rank_batches(feed: Feed, *, seed: int, start: int, steps: int, micro: int, w
     import ray
     import torch
 
-    from raydseg.ray_map import map_tasks_ordered
+    from raydseg.ray_map import map_tasks
 
     cols = _schedule_columns(feed, sample_index(feed), seed, start=start, steps=steps, micro=micro, world=world,
                              accum=accum, rank=rank)
     feed_ref = ray.put(feed)  # serialised once, not once per micro-batch
     calls = (({k: v[i:i + micro] for k, v in cols.items()}, feed_ref, seed)
              for i in range(0, len(cols["part"]), micro))
-    for arrays in map_tasks_ordered(read_samples, calls, {"num_cpus": task_cpus}, FEED_IN_FLIGHT):
+    for arrays in map_tasks(read_samples, calls, {"num_cpus": task_cpus}, FEED_IN_FLIGHT, ordered=True):
         # the object store's arrays are read-only: copied once, into tensors the step may write
         yield {k: torch.from_numpy(np.require(v, requirements="W")).to(device) for k, v in arrays.items()}
 
