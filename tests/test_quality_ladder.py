@@ -44,6 +44,21 @@ def test_jobs_below_one_are_refused_in_one_line(capsys):
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: --jobs: expected at least 1, got 0")
 
 
+@pytest.mark.parametrize("ran,words", [(["--set", "teacher.steps=60"], "--set teacher.steps=60"),
+                                       (None, "unrecorded arguments")])
+def test_a_seed_finished_under_other_arguments_is_refused_before_any_work(tmp_path, capsys, ran, words):
+    """A root's finished seed is another config's result: reusing it would pair two recipes as if they were one."""
+    (tmp_path / "q1").mkdir()
+    row = {"seed": 1, "wall_s": 1.0} if ran is None else {"seed": 1, "cli": ran, "wall_s": 1.0}
+    (tmp_path / "q1" / "quality_row.json").write_text(json.dumps(row))
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--out", str(tmp_path / "q.json"), "--root", str(tmp_path), "--seeds", "0,1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": error: --root {tmp_path}: seed 1 finished there with {words}, not no --config / --set; give another --root")
+    assert not (tmp_path / "q0").exists() and not (tmp_path / "q.json").exists()  # nothing started
+
+
 def _random_init_checkpoint(path: Path, backbone: str, seed: int) -> Path:
     """The random-init ViT that the probes build for `seed`, saved as a checkpoint with the input statistics it is
     used with (timm's for the architecture), so it must score as random."""
@@ -88,6 +103,7 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
                          "--ablate", "ema", "--jobs", "2", *threads]) == 0
     row = json.loads(out.read_text())["seeds"][0]
+    assert row["cli"] == ["--config", "configs/smoke.yaml", *threads]  # what a resume must match
     for key in ("teacher_day", "teacher_night", "student_day", "student_night", "oracle_day", "oracle_fog",
                 "with_ema_day", "with_ema_night", "teacher_unseen_fog", "student_unseen_day", "knn_random",
                 "drive_knn_random", "drive_knn_colour", "pseudo_miou"):

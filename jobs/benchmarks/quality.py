@@ -5,12 +5,13 @@ student, oracle, and the paired distillation ablation.
 [--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade,class_balance,lowlight]]
 [--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle] [--jobs 2]`
 
-A finished seed's row is kept in <root>/q<S>/quality_row.json and reused. Seeds run in sequence; within a seed,
-after its pipeline run, the oracles and the student reruns are independent processes and run `--jobs` at a time,
-each on cores // jobs torch threads (teacher, student and eval `torch_threads`: on 2 cores, two one-thread jobs
-side by side finish sooner than one two-thread job after the other, whose Ray start-up, data loading and scoring
-leave a core idle), while this process scores the run itself. `--jobs 1`: one after the other, on the configured
-threads. Every run has its own sqlite MLflow (<root>/mlflow_<run>.db), as sqlite takes one writer at a time.
+A finished seed's row is kept in <root>/q<S>/quality_row.json and reused by a call with the same --config / --set
+(another fails at once: give another --root). Seeds run in sequence; within a seed, after its pipeline run, the
+oracles and the student reruns are independent processes and run `--jobs` at a time, each on cores // jobs torch
+threads (teacher, student and eval `torch_threads`: on 2 cores, two one-thread jobs side by side finish sooner than
+one two-thread job after the other, whose Ray start-up, data loading and scoring leave a core idle), while this
+process scores the run itself. `--jobs 1`: one after the other, on the configured threads. Every run has its own
+sqlite MLflow (<root>/mlflow_<run>.db), as sqlite takes one writer at a time.
 
 Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval scenes), under --root:
 - `q<S>`: `jobs/full_run.py` of the embedded default plus --set;
@@ -69,6 +70,16 @@ LABEL_ORACLES = {"clustering_oracle": ("segment_gt", ""), "label_space_oracle": 
 UNSEEN = 1000  # seed S's models are also scored on eval scenes of world UNSEEN + S
 PROBE_DRIVES = 24  # per world, of the drive k-NN probe (worlds S and UNSEEN + S)
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def done_row(root: str, seed: int) -> str:
+    """Where seed `seed`'s finished row is kept under `root`, with the --config / --set it ran under (`cli`)."""
+    return os.path.join(root, f"q{seed}", "quality_row.json")
+
+
+def cli_words(cli: list[str] | None) -> str:
+    """A row's --config / --set arguments as the one-line error names them."""
+    return "unrecorded arguments" if cli is None else " ".join(cli) or "no --config / --set"
 
 
 def run_pipeline(root: str, name: str, seed: int, cli: list[str], env: dict[str, str]) -> float:
@@ -343,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
                 "input_stats": weights_input_stats(pretrained, cfg.features.backbone)}
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    for seed in seeds:  # a finished seed is reused only under the same --config / --set
+        if os.path.exists(done_row(args.root, seed)):
+            with open(done_row(args.root, seed)) as f:
+                ran = json.load(f).get("cli")
+            if ran != passed:
+                p.error(f"--root {args.root}: seed {seed} finished there with {cli_words(ran)}, not "
+                        f"{cli_words(passed)}; give another --root")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(os.path.join(JOBS, "..")),
                                                        os.environ.get("PYTHONPATH", "")]))
     os.makedirs(args.root, exist_ok=True)
@@ -358,11 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in seeds:
         base = f"q{seed}"
-        run = os.path.join(args.root, base)
-        done = os.path.join(run, "quality_row.json")  # a finished seed
+        run, done = os.path.join(args.root, base), done_row(args.root, seed)
         fresh = not os.path.exists(done)
         if fresh:
-            row = {"seed": seed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
+            row = {"seed": seed, "cli": passed, "wall_s": run_pipeline(args.root, base, seed, passed, env)}
         else:
             with open(done) as f:
                 row = json.load(f)
@@ -393,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(done, "w") as f:
             json.dump(row, f)
         print(json.dumps(row), flush=True)
-    metrics = [k for k in rows[0] if k not in ("seed", "knn_probe_of") and not k.endswith("_s")]
+    metrics = [k for k in rows[0] if k not in ("seed", "cli", "knn_probe_of") and not k.endswith("_s")]
     summary = {k: stats([r[k] for r in rows if k in r]) for k in metrics}
     paired = {}
     for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
