@@ -73,6 +73,41 @@ def _random_init_checkpoint(path: Path, backbone: str, seed: int) -> Path:
     return path
 
 
+def _ladder(path: Path, rows: list[dict], overrides: list[str]) -> str:
+    path.write_text(json.dumps({"seeds": rows, "config": None, "overrides": overrides, "pretrained": ""}))
+    return str(path)
+
+
+def test_ladders_run_in_pieces_merge_into_one_with_paired_differences_over_all_their_seeds(tmp_path):
+    rows = [{"seed": s, "teacher_day": t, "student_day": t + d, "oracle_day": 20.0}
+            for s, t, d in ((3, 10.0, 1.0), (1, 12.0, 2.0), (2, 14.0, 3.0))]
+    pieces = [_ladder(tmp_path / "a.json", rows[:1], ["student.steps=80"]),
+              _ladder(tmp_path / "b.json", rows[1:], ["student.steps=80"])]
+    out = tmp_path / "all.json"
+    assert quality.main(["--out", str(out), "--set", "student.steps=80", "--ablate", "", "--merge", pieces[0],
+                         "--merge", pieces[1]]) == 0
+    ladder = json.loads(out.read_text())
+    assert [r["seed"] for r in ladder["seeds"]] == [3, 1, 2] and ladder["overrides"] == ["student.steps=80"]
+    assert ladder["summary"]["teacher_day"] == quality.stats([10.0, 12.0, 14.0])
+    assert ladder["paired"]["student_minus_teacher_day"] == {"mean": 2.0, "std": 1.0, "se": 1.0 / 3 ** 0.5, "n": 3}
+    assert ladder["paired"]["student_over_oracle_day"]["mean"] == pytest.approx((11 + 14 + 17) / 3 / 20)
+
+
+@pytest.mark.parametrize("second_sets,second_seed,message", [
+    (["student.steps=40"], 2, "--merge {b}: ran with --config None --set ['student.steps=40'] and checkpoint '', not "
+                              "--config None --set ['student.steps=80'] and ''"),
+    (["student.steps=80"], 1, "--merge {b}: seed 1 is already in an earlier file")])
+def test_a_merge_of_other_arguments_or_a_repeated_seed_is_refused_in_one_line(tmp_path, capsys, second_sets,
+                                                                             second_seed, message):
+    row = {"teacher_day": 10.0, "student_day": 11.0, "oracle_day": 20.0}
+    a = _ladder(tmp_path / "a.json", [{"seed": 1, **row}], ["student.steps=80"])
+    b = _ladder(tmp_path / "b.json", [{"seed": second_seed, **row}], second_sets)
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--out", str(tmp_path / "all.json"), "--set", "student.steps=80", "--merge", a, "--merge", b])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: " + message.format(b=b))
+    assert not (tmp_path / "all.json").exists()
+
 def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
     from raydseg.eval.knn import scene_split
     from raydseg.train.pretrain import build_knn_probe

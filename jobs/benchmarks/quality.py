@@ -3,7 +3,8 @@ student, oracle, and the paired distillation ablation.
 
 `python jobs/benchmarks/quality.py --out quality.json [--seeds 0,1,2] [--root /tmp/quality] [--config FILE]
 [--pretrained FILE] [--set section.key=value ...] [--ablate ema,soft_targets,refine[,degrade,class_balance,lowlight]]
-[--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle] [--jobs 2]`
+[--variant NAME=student.key=value ...] [--label-oracles clustering_oracle,label_space_oracle] [--jobs 2]
+[--merge LADDER.json ...]`
 
 A finished seed's row is kept in <root>/q<S>/quality_row.json and reused by a call with the same --config / --set
 (another fails at once: give another --root). Seeds run in sequence; within a seed, after its pipeline run, the
@@ -12,6 +13,8 @@ threads (teacher, student and eval `torch_threads`: on 2 cores, two one-thread j
 one two-thread job after the other, whose Ray start-up, data loading and scoring leave a core idle), while this
 process scores the run itself. `--jobs 1`: one after the other, on the configured threads. Every run has its own
 sqlite MLflow (<root>/mlflow_<run>.db), as sqlite takes one writer at a time.
+`--merge` writes the seeds of ladders run in pieces (their --out files, under the same --config / --set) as one
+ladder, with its means and paired differences, and runs nothing.
 
 Per seed S (`run.seed` S: its own synthetic world, proposals, clusters and eval scenes), under --root:
 - `q<S>`: `jobs/full_run.py` of the embedded default plus --set;
@@ -310,6 +313,47 @@ def stats(values: list[float]) -> dict[str, float]:
             "n": len(v)}
 
 
+def write_ladder(out: str, rows: list[dict], variants: dict, recipes: dict, config: str | None, overrides: list[str],
+                 pretrained: str) -> None:
+    """The seeds' rows, their mean ± std per metric and the paired differences, as JSON to `out` and a table."""
+    metrics = [k for k in rows[0] if k not in ("seed", "cli", "knn_probe_of") and not k.endswith("_s")]
+    summary = {k: stats([r[k] for r in rows if k in r]) for k in metrics}
+    paired = {}
+    for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
+        paired[f"student_minus_teacher_{c}"] = stats([r[f"student_{c}"] - r[f"teacher_{c}"] for r in rows])
+        paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
+        for name in [n for n in variants if f"{n}_{c}" in rows[0]]:
+            paired[f"student_minus_{name}_{c}"] = stats([r[f"student_{c}"] - r[f"{name}_{c}"] for r in rows])
+    for name, key in [(n, k) for n in recipes for c in CONDITIONS for k in (c, f"unseen_{c}") if f"{n}_{k}" in rows[0]]:
+        paired[f"{name}_minus_teacher_{key}"] = stats([r[f"{name}_{key}"] - r[f"teacher_{key}"] for r in rows])
+    for knn in [k for k in ("knn", "drive_knn", "drive_knn_std") if f"{k}_pretrained" in rows[0]]:
+        paired[f"{knn}_pretrained_minus_random"] = stats([r[f"{knn}_pretrained"] - r[f"{knn}_random"] for r in rows])
+    with open(out, "w") as f:
+        json.dump({"seeds": rows, "summary": summary, "paired": paired, "config": config, "overrides": overrides,
+                   "pretrained": pretrained}, f, indent=1)
+    print("| metric | mean ± std (n) |\n|---|---|")
+    for k, s in {**summary, **paired}.items():
+        print(f"| {k} | {s['mean']:.2f} ± {s['std']:.2f} ({s['n']}) |")
+
+
+def merged_rows(p: argparse.ArgumentParser, files: list[str], config: str | None, overrides: list[str],
+                pretrained: str) -> list[dict]:
+    """The rows of finished ladders (their --out files), in file order; each file must have run this call's
+    --config / --set / checkpoint, and each seed must come from one file only (else a one-line error)."""
+    rows = []
+    for path in files:
+        with open(path) as f:
+            ladder = json.load(f)
+        if (ladder["config"], ladder["overrides"], ladder["pretrained"]) != (config, overrides, pretrained):
+            p.error(f"--merge {path}: ran with --config {ladder['config']} --set {ladder['overrides']} and checkpoint "
+                    f"{ladder['pretrained']!r}, not --config {config} --set {overrides} and {pretrained!r}")
+        again = sorted({r["seed"] for r in ladder["seeds"]} & {r["seed"] for r in rows})
+        if again:
+            p.error(f"--merge {path}: seed {again[0]} is already in an earlier file")
+        rows += ladder["seeds"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -324,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="NAME=student.key=value[;student.key=value]: a paired student recipe candidate")
     p.add_argument("--label-oracles", default="", help=f"comma list of {', '.join(LABEL_ORACLES)}")
     p.add_argument("--jobs", type=int, default=2, help="a seed's oracles and student reruns side by side")
+    p.add_argument("--merge", action="append", default=[],
+                   help="a finished ladder's --out file: merge their seeds into --out without running anything")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs: expected at least 1, got {args.jobs}")
@@ -353,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
     probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
                 "input_stats": weights_input_stats(pretrained, cfg.features.backbone)}
+    if args.merge:
+        rows = merged_rows(p, args.merge, args.config, args.set, pretrained)
+        write_ladder(args.out, rows, variants, recipes, args.config, args.set, pretrained)
+        return 0
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for seed in seeds:  # a finished seed is reused only under the same --config / --set
         if os.path.exists(done_row(args.root, seed)):
@@ -410,25 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(done, "w") as f:
             json.dump(row, f)
         print(json.dumps(row), flush=True)
-    metrics = [k for k in rows[0] if k not in ("seed", "cli", "knn_probe_of") and not k.endswith("_s")]
-    summary = {k: stats([r[k] for r in rows if k in r]) for k in metrics}
-    paired = {}
-    for c in [c for c in CONDITIONS if f"student_{c}" in rows[0]]:
-        paired[f"student_minus_teacher_{c}"] = stats([r[f"student_{c}"] - r[f"teacher_{c}"] for r in rows])
-        paired[f"student_over_oracle_{c}"] = stats([r[f"student_{c}"] / max(r[f"oracle_{c}"], 1e-9) for r in rows])
-        for name in [n for n in variants if f"{n}_{c}" in rows[0]]:
-            paired[f"student_minus_{name}_{c}"] = stats([r[f"student_{c}"] - r[f"{name}_{c}"] for r in rows])
-    for name, key in [(n, k) for n in recipes for c in CONDITIONS for k in (c, f"unseen_{c}") if f"{n}_{k}" in rows[0]]:
-        paired[f"{name}_minus_teacher_{key}"] = stats([r[f"{name}_{key}"] - r[f"teacher_{key}"] for r in rows])
-    for knn in [k for k in ("knn", "drive_knn", "drive_knn_std") if f"{k}_pretrained" in rows[0]]:
-        paired[f"{knn}_pretrained_minus_random"] = stats([r[f"{knn}_pretrained"] - r[f"{knn}_random"] for r in rows])
-    out = {"seeds": rows, "summary": summary, "paired": paired, "config": args.config, "overrides": args.set,
-           "pretrained": pretrained}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print("| metric | mean ± std (n) |\n|---|---|")
-    for k, s in {**summary, **paired}.items():
-        print(f"| {k} | {s['mean']:.2f} ± {s['std']:.2f} ({s['n']}) |")
+    write_ladder(args.out, rows, variants, recipes, args.config, args.set, pretrained)
     return 0
 
 
