@@ -244,13 +244,12 @@ class FeaturesConfig(Section):
     """Self-supervised ViT descriptors pooled per projected segment."""
 
     backbone: NonEmpty = "vit_tiny_patch16_224"  # real runs: vit_small_patch16_224.dino
-    # "" or random: random init | hub | local file | s3:// URL | a shipped file (weights/<file>: raydseg/weights), e.g.
-    # weights/vit_tiny_mae_synthetic.safetensors, the masked autoencoder of configs/pretrain_mae.yaml: not the
-    # default, the pseudo-labels of the 2000-step one before it cost the student night mIoU on five paired seeds, with
-    # the teacher from it or from random; the 8000-step one has three paired seeds so far (docs/results.md)
-    weights: Text = ""
+    # "" or random: random init (the control) | hub | local file | s3:// URL | a shipped file (weights/<file>:
+    # raydseg/weights). The default: the masked autoencoder that configs/pretrain_mae.yaml pretrained on the synthetic
+    # world, which the teacher inherits (docs/results.md)
+    weights: Text = "weights/vit_tiny_mae_synthetic.safetensors"
     # crop_cls (paper) | crop_mean (the masked crop's patch tokens averaged: a masked autoencoder's) | mask_pool
-    descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_cls"
+    descriptor: Literal["crop_cls", "crop_mean", "mask_pool"] = "crop_mean"
     num_gpus: NonNegFloat = 0.0  # GPUs per feature actor (bf16 autocast on GPU)
     crop_size: PosInt = 112  # crop_cls / crop_mean: side of the resized masked crop, a patch multiple (paper: 224)
     crop_pad: NonNegInt = 0  # crop_cls / crop_mean: px of context around the tight box (paper: 0)

@@ -183,20 +183,24 @@ def test_weights_resolve_to_the_shipped_file_from_any_directory(tmp_path, monkey
     assert os.path.isfile(os.path.join(PACKAGED_WEIGHTS, "vit_tiny_mae_synthetic.safetensors"))  # package data
 
 
-def test_the_shipped_checkpoint_loads_by_its_weights_name_from_any_directory(tmp_path, monkeypatch):
-    """`--set features.weights=weights/vit_tiny_mae_synthetic.safetensors` needs no download and works wherever the
-    job runs: a plain timm ViT-Tiny/16 that the teacher inherits; the default stays random init."""
+def test_the_default_config_starts_from_the_shipped_checkpoint_from_any_directory(tmp_path, monkeypatch):
+    """`make run` needs no download: features.weights (and the teacher, which inherits it) is the committed masked
+    autoencoder, a plain timm ViT-Tiny/16 that loads wherever the job runs; random init stays one override away."""
     from raydseg.config import load_config
+    from raydseg.features.backbone import RANDOM
     from raydseg.train.teacher import encoder_weights
 
     monkeypatch.chdir(tmp_path)
-    assert load_config().features.weights == ""
-    cfg = load_config(overrides=["features.weights=weights/vit_tiny_mae_synthetic.safetensors"])
+    cfg = load_config()
+    assert (cfg.features.weights, cfg.features.descriptor, cfg.teacher.weights) == (
+        "weights/vit_tiny_mae_synthetic.safetensors", "crop_mean", "")
     assert encoder_weights(cfg) == cfg.features.weights
     shipped = create_backbone(cfg.features.backbone, cfg.features.weights)
     random = create_backbone(cfg.features.backbone, "", seed=0)
     x = torch.randn(1, 3, 32, 32)
     assert shipped(x).shape == (1, 192) and not torch.allclose(shipped(x), random(x))
+    control = load_config(overrides=["features.weights=random"])  # the control: random init for both stages
+    assert encoder_weights(control) == RANDOM
 
 
 def test_teacher_weights_random_keeps_the_teacher_at_random_init_beside_a_checkpoint_for_the_features(tmp_path):
