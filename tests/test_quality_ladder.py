@@ -74,7 +74,9 @@ def _random_init_checkpoint(path: Path, backbone: str, seed: int) -> Path:
 
 
 def _ladder(path: Path, rows: list[dict], overrides: list[str]) -> str:
-    path.write_text(json.dumps({"seeds": rows, "config": None, "overrides": overrides, "pretrained": ""}))
+    """A finished ladder's --out file, of the embedded default's checkpoint."""
+    path.write_text(json.dumps({"seeds": rows, "config": None, "overrides": overrides,
+                                "pretrained": load_config(None).features.weights}))
     return str(path)
 
 
@@ -94,8 +96,8 @@ def test_ladders_run_in_pieces_merge_into_one_with_paired_differences_over_all_t
 
 
 @pytest.mark.parametrize("second_sets,second_seed,message", [
-    (["student.steps=40"], 2, "--merge {b}: ran with --config None --set ['student.steps=40'] and checkpoint '', not "
-                              "--config None --set ['student.steps=80'] and ''"),
+    (["student.steps=40"], 2, "--merge {b}: ran with --config None --set ['student.steps=40'] and checkpoint {w!r}, "
+                              "not --config None --set ['student.steps=80'] and {w!r}"),
     (["student.steps=80"], 1, "--merge {b}: seed 1 is already in an earlier file")])
 def test_a_merge_of_other_arguments_or_a_repeated_seed_is_refused_in_one_line(tmp_path, capsys, second_sets,
                                                                              second_seed, message):
@@ -105,7 +107,8 @@ def test_a_merge_of_other_arguments_or_a_repeated_seed_is_refused_in_one_line(tm
     with pytest.raises(SystemExit) as e:
         quality.main(["--out", str(tmp_path / "all.json"), "--set", "student.steps=80", "--merge", a, "--merge", b])
     assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: " + message.format(b=b))
+    weights = load_config(None).features.weights
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: " + message.format(b=b, w=weights))
     assert not (tmp_path / "all.json").exists()
 
 def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
@@ -169,7 +172,8 @@ def test_a_seed_of_the_smoke_ladder_runs_its_oracle_and_rerun_side_by_side_from_
     assert quality.main(["--out", str(out), "--root", str(root), "--seeds", "0", "--config", "configs/smoke.yaml",
                          "--ablate", "ema", "--pretrained", str(same), *threads]) == 0
     third = json.loads(out.read_text())["seeds"][0]
-    assert "knn_pretrained" not in again and third["knn_probe_of"]["pretrained"] == str(same)
+    assert again["knn_probe_of"]["pretrained"] == smoke.features.weights  # the config's checkpoint, then `same`
+    assert third["knn_probe_of"]["pretrained"] == str(same)
     assert third["knn_pretrained"] == third["knn_random"] and third["drive_knn_pretrained"] == third["drive_knn_random"]
     assert {k: third[k] for k in row if "knn" not in k} == {k: row[k] for k in row if "knn" not in k}
 
