@@ -111,6 +111,7 @@ def test_a_merge_of_other_arguments_or_a_repeated_seed_is_refused_in_one_line(tm
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: " + message.format(b=b, w=weights))
     assert not (tmp_path / "all.json").exists()
 
+
 def test_the_drive_probe_splits_two_worlds_by_drive_and_scores_the_same_weights_alike(tmp_path, monkeypatch):
     from raydseg.eval.knn import scene_split
     from raydseg.train.pretrain import build_knn_probe

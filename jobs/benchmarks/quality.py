@@ -396,13 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = {**ablation_variants(ablate, cfg.student), **recipes}
     passed = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]
     pretrained = args.pretrained or cfg.features.weights
-    # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
-    probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
-                "input_stats": weights_input_stats(pretrained, cfg.features.backbone)}
     if args.merge:
         rows = merged_rows(p, args.merge, args.config, args.set, pretrained)
         write_ladder(args.out, rows, variants, recipes, args.config, args.set, pretrained)
         return 0
+    # a finished seed's probes are rescored when the checkpoint or the descriptor changed (they do not need its run)
+    probe_of = {"pretrained": pretrained, "descriptor": cfg.features.descriptor, "crop_size": cfg.features.crop_size,
+                "input_stats": weights_input_stats(pretrained, cfg.features.backbone)}
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for seed in seeds:  # a finished seed is reused only under the same --config / --set
         if os.path.exists(done_row(args.root, seed)):
